@@ -1,0 +1,113 @@
+"""The ASGI application.
+
+``POST /v1/...`` goes straight to the forwarding pipeline (pure ASGI, nothing buffered, no
+middleware stack); the few cold endpoints (``/health``, ``/v1/models``) use Starlette's
+router. The lifespan opens the upstream connection pools and closes them again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route, Router
+
+from proxy import errors, forward
+from proxy.config import Config, load_config
+from proxy.errors import ProxyError
+from proxy.forward import Message, Receive, Scope, Send
+from proxy.headers import REQUEST_ID, header_value
+from proxy.runtime import Runtime, build_runtime
+
+log = logging.getLogger("proxy")
+
+CONFIG_ENV = "PROXY_CONFIG"  # how `proxy serve --workers N` hands the config path to workers
+
+
+class ProxyApp:
+    def __init__(self, config: Config) -> None:
+        self.runtime: Runtime = build_runtime(config)
+        self.cold = Router(
+            routes=[
+                Route("/health", self.health, methods=["GET", "HEAD"]),
+                Route("/v1/models", self.list_models, methods=["GET"]),
+                Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+            ],
+            default=self.not_found,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+                # One snapshot per request: a reload never changes a request half-way.
+                await forward.handle(self.runtime, scope, receive, send)
+            else:
+                await self.cold(scope, receive, _with_request_id(scope, send))
+        elif scope["type"] == "lifespan":
+            await self.lifespan(receive, send)
+
+    async def lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.runtime.start()
+                    self.runtime.report()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.runtime.close()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # ------------------------------------------------------------ cold endpoints
+
+    async def health(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def list_models(self, request: Request) -> Response:
+        data = [_model_object(e.id, e.owned_by) for e in self.runtime.router.models]
+        return JSONResponse({"object": "list", "data": data})
+
+    async def get_model(self, request: Request) -> Response:
+        model_id = request.path_params["model_id"]
+        for entry in self.runtime.router.models:
+            if entry.id == model_id:
+                return JSONResponse(_model_object(entry.id, entry.owned_by))
+        return error_response(
+            errors.model_not_found(f"The model '{model_id}' is not listed by this proxy.")
+        )
+
+    async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(errors.unknown_url(scope["method"], scope["path"]))
+        await response(scope, receive, send)
+
+
+def _with_request_id(scope: Scope, send: Send) -> Send:
+    """Every response carries an ``x-request-id``: the client's, or a new one."""
+    request_id = header_value(scope["headers"], REQUEST_ID) or forward.new_request_id().encode()
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", []), (REQUEST_ID, request_id)]
+        await send(message)
+
+    return send_with_id
+
+
+def error_response(err: ProxyError) -> Response:
+    return Response(err.body(), status_code=err.status, media_type="application/json")
+
+
+def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+
+
+def create_app() -> ProxyApp:
+    """Factory for uvicorn workers: the config path comes from ``$PROXY_CONFIG``."""
+    return ProxyApp(load_config(os.environ.get(CONFIG_ENV, "config.yaml")))

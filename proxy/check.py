@@ -1,0 +1,45 @@
+"""``proxy check``: validate a config file and print the routing table it resolves to."""
+
+from __future__ import annotations
+
+from typing import TextIO
+
+from proxy.config import Config, KeyConfig
+from proxy.routing import Router
+
+
+def print_table(config: Config, out: TextIO) -> None:
+    router = Router(config)
+    out.write(f"{config.path}: valid\n\nbackends:\n")
+    for name, backend in config.backends.items():
+        out.write(f"  {name}  {backend.base_url}\n")
+        for key in backend.keys:
+            out.write(f"    key {key.id}: {_key_state(key)}\n")
+        if backend.models:
+            out.write(f"    models: {', '.join(backend.models)}\n")
+    out.write("\naliases:\n")
+    if not config.aliases:
+        out.write("  (none)\n")
+    for alias in config.aliases:
+        target = router.resolve(alias)
+        where = f"{target.backend} as {target.upstream_model}" if target else "NOT ROUTED"
+        out.write(f"  {alias} -> {config.aliases[alias]}  ({where})\n")
+    out.write("\nroutes (first match wins):\n")
+    if not config.routes:
+        out.write("  (none: only models listed under a backend are routed)\n")
+    for i, route in enumerate(config.routes):
+        extras = []
+        if route.strip_prefix:
+            extras.append("prefix stripped")
+        if route.key:
+            extras.append(f"key {route.key}")
+        suffix = f"  ({', '.join(extras)})" if extras else ""
+        out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
+
+
+def _key_state(key: KeyConfig) -> str:
+    if key.present:
+        return f"set ({key.fingerprint})"
+    if key.env_vars:
+        return f"MISSING: set {' or '.join(key.env_vars)}"
+    return "MISSING: empty in the config"

@@ -1,0 +1,94 @@
+"""Command line: ``proxy serve`` and ``proxy check``. Exit 2 means the config is invalid."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from proxy import __version__
+from proxy.config import Config, ConfigError, load_config
+
+EXIT_OK = 0
+EXIT_INVALID_CONFIG = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return EXIT_OK
+    try:
+        config = load_config(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    if args.command == "check":
+        from proxy.check import print_table
+
+        print_table(config, sys.stdout)
+        return EXIT_OK
+    return serve(config, args)
+
+
+def serve(config: Config, args: argparse.Namespace) -> int:
+    import uvicorn
+
+    host = args.host or config.server.host
+    port = args.port or config.server.port
+    options: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,  # the proxy writes its own line per request
+        "server_header": False,
+        "log_config": _log_config(args.log_level),
+        "timeout_graceful_shutdown": 30,
+    }
+    if args.workers > 1:
+        os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
+        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
+    else:
+        from proxy.app import ProxyApp
+
+        uvicorn.run(ProxyApp(config), **options)
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proxy", description="OpenAI-compatible LLM proxy")
+    parser.add_argument("--version", action="version", version=f"proxy {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the proxy")
+    serve.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
+    serve.add_argument("--host", help="listen address (default: server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+    check = commands.add_parser("check", help="validate the config, print the routing table")
+    check.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
+    return parser
+
+
+def _log_config(level: str) -> dict[str, Any]:
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {
+            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
+        },
+        "handlers": {
+            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
+        },
+        "loggers": {
+            "proxy": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
+        },
+    }

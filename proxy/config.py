@@ -1,0 +1,393 @@
+"""YAML file → ``${ENV}`` interpolation → validation → frozen dataclasses.
+
+The config file is the single source of truth: no provider or model list lives in code.
+Every problem is reported as ``ConfigError(file, place, message)``, e.g.
+``config.yaml: routes[2].backend: unknown backend 'opena' (known: moonshot, openai)``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+
+class ConfigError(Exception):
+    def __init__(self, file: str, place: str, message: str) -> None:
+        self.file = file
+        self.place = place
+        self.message = message
+        where = f"{file}: {place}" if place else file
+        super().__init__(f"{where}: {message}")
+
+
+@dataclass(frozen=True)
+class KeyConfig:
+    id: str
+    value: str = field(repr=False)  # the secret: never printed, logged or returned
+    env_vars: tuple[str, ...] = ()  # the variables the value was read from, for "set X" hints
+
+    @property
+    def present(self) -> bool:
+        return bool(self.value)
+
+    @property
+    def fingerprint(self) -> str:
+        return fingerprint(self.value)
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    connect: float = 5.0
+    read: float = 600.0  # also the longest silent gap inside a stream
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    name: str
+    base_url: str  # without a trailing slash
+    keys: tuple[KeyConfig, ...]
+    models: tuple[str, ...] = ()
+    timeout: Timeouts = Timeouts()
+    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+
+    def key(self, key_id: str) -> KeyConfig | None:
+        return next((k for k in self.keys if k.id == key_id), None)
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    prefix: str
+    backend: str
+    strip_prefix: bool = False
+    key: str | None = None  # pin one key id of the backend
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    routing_headers: bool = True  # x-proxy-backend / x-proxy-key / x-proxy-model on responses
+    max_body_size: int = 10 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    backends: Mapping[str, BackendConfig]
+    aliases: Mapping[str, str]
+    routes: tuple[RouteConfig, ...]
+
+
+def fingerprint(secret: str) -> str:
+    """``sk-…a1b2``: enough to tell keys apart, never enough to use one."""
+    if not secret:
+        return "(missing)"
+    if len(secret) < 12:
+        return "…"  # too short to show any of it safely
+    head = secret[:3] if secret[2] == "-" else secret[:2]
+    return f"{head}…{secret[-4:]}"
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
+    """Read, interpolate and validate ``path``; raise ``ConfigError`` on any problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(path, "", f"cannot read file: {exc.strerror or exc}") from None
+    return parse_config(text, path, os.environ if environ is None else environ)
+
+
+def parse_config(text: str, path: str, environ: Mapping[str, str]) -> Config:
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        place = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ConfigError(path, place, f"invalid YAML: {problem}") from None
+    return _Validator(path, environ).config(raw if raw is not None else {})
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {
+    "b": 1,
+    "kb": 1000,
+    "kib": 1024,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
+_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class _Validator:
+    """Walks the raw YAML tree once, building dataclasses and naming the place of every error."""
+
+    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
+        self.path = path
+        self.environ = environ
+
+    def fail(self, place: str, message: str) -> ConfigError:
+        return ConfigError(self.path, place, message)
+
+    # -- generic readers
+
+    def mapping(self, value: Any, place: str, allowed: frozenset[str]) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise self.fail(place or "(top level)", f"expected a mapping, got {_kind(value)}")
+        for name in value:
+            if name not in allowed:
+                known = ", ".join(sorted(allowed))
+                raise self.fail(_join(place, str(name)), f"unknown field (known: {known})")
+        return value
+
+    def string(self, value: Any, place: str, *, allow_empty: bool = False) -> str:
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise self.fail(place, f"expected a string, got {_kind(value)}")
+        text = self.interpolate(str(value), place)
+        if not text and not allow_empty:
+            raise self.fail(place, "must not be empty")
+        return text
+
+    def boolean(self, value: Any, place: str) -> bool:
+        if not isinstance(value, bool):
+            raise self.fail(place, f"expected true or false, got {_kind(value)}")
+        return value
+
+    def number(self, value: Any, place: str, *, minimum: float = 0.0) -> float:
+        if isinstance(value, str):
+            value = self.interpolate(value, place)
+            match = _DURATION.match(value)
+            if not match:
+                raise self.fail(
+                    place, f"expected seconds or a duration like '500ms', got {value!r}"
+                )
+            value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise self.fail(place, f"expected a number, got {_kind(value)}")
+        if value < minimum:
+            raise self.fail(place, f"must be at least {minimum}")
+        return float(value)
+
+    def size(self, value: Any, place: str) -> int:
+        if isinstance(value, str):
+            match = _SIZE.match(self.interpolate(value, place))
+            if not match:
+                raise self.fail(place, f"expected a size like '10MiB', got {value!r}")
+            value = int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise self.fail(place, "expected a positive number of bytes")
+        return value
+
+    def string_list(self, value: Any, place: str) -> tuple[str, ...]:
+        if not isinstance(value, list):
+            raise self.fail(place, f"expected a list, got {_kind(value)}")
+        return tuple(self.string(v, f"{place}[{i}]") for i, v in enumerate(value))
+
+    def interpolate(self, text: str, place: str) -> str:
+        def replace(match: re.Match[str]) -> str:
+            name, default = match[1], match[2]
+            value = self.environ.get(name, "")
+            if value == "" and default is not None:
+                return default
+            return value
+
+        if "${" not in text:
+            return text
+        result = _ENV_REF.sub(replace, text)
+        if "${" in result:
+            raise self.fail(place, f"malformed ${{VAR}} reference in {text!r}")
+        return result
+
+    # -- sections
+
+    def config(self, raw: Any) -> Config:
+        top = self.mapping(raw, "", frozenset({"server", "backends", "aliases", "routes"}))
+        backends = self.backends(top.get("backends"))
+        aliases = self.aliases(top.get("aliases") or {})
+        routes = tuple(self.routes(top.get("routes") or [], backends))
+        return Config(
+            path=self.path,
+            server=self.server(top.get("server") or {}),
+            backends=MappingProxyType(backends),
+            aliases=MappingProxyType(aliases),
+            routes=routes,
+        )
+
+    def server(self, raw: Any) -> ServerConfig:
+        fields = frozenset({"host", "port", "routing_headers", "max_body_size"})
+        section = self.mapping(raw, "server", fields)
+        defaults = ServerConfig()
+        port = section.get("port", defaults.port)
+        if isinstance(port, str):
+            port = self.interpolate(port, "server.port")
+            port = int(port) if port.isdigit() else port
+        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
+            raise self.fail("server.port", f"expected a port number 1-65535, got {port!r}")
+        return ServerConfig(
+            host=self.string(section.get("host", defaults.host), "server.host"),
+            port=port,
+            routing_headers=self.boolean(
+                section.get("routing_headers", True), "server.routing_headers"
+            ),
+            max_body_size=self.size(
+                section.get("max_body_size", defaults.max_body_size), "server.max_body_size"
+            ),
+        )
+
+    def backends(self, raw: Any) -> dict[str, BackendConfig]:
+        if raw is None:
+            raise self.fail("backends", "at least one backend is required")
+        if not isinstance(raw, dict) or not raw:
+            raise self.fail("backends", "expected a mapping of backend names to settings")
+        return {str(name): self.backend(str(name), value) for name, value in raw.items()}
+
+    def backend(self, name: str, raw: Any) -> BackendConfig:
+        place = f"backends.{name}"
+        fields = frozenset({"base_url", "keys", "models", "timeout", "headers"})
+        section = self.mapping(raw, place, fields)
+        if "base_url" not in section:
+            raise self.fail(f"{place}.base_url", "is required")
+        return BackendConfig(
+            name=name,
+            base_url=self.base_url(section["base_url"], f"{place}.base_url"),
+            keys=self.keys(section.get("keys", []), f"{place}.keys"),
+            models=self.string_list(section.get("models", []), f"{place}.models"),
+            timeout=self.timeouts(section.get("timeout") or {}, f"{place}.timeout"),
+            headers=MappingProxyType(
+                self.headers(section.get("headers") or {}, f"{place}.headers")
+            ),
+        )
+
+    def base_url(self, raw: Any, place: str) -> str:
+        url = self.string(raw, place, allow_empty=True)
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise self.fail(place, f"bad URL {url!r}: expected http(s)://host[:port]/path")
+        if parts.query or parts.fragment:
+            raise self.fail(place, f"bad URL {url!r}: no query or fragment allowed")
+        return url.rstrip("/")
+
+    def keys(self, raw: Any, place: str) -> tuple[KeyConfig, ...]:
+        if not isinstance(raw, list):
+            raise self.fail(place, f"expected a list of {{id, key}}, got {_kind(raw)}")
+        keys: list[KeyConfig] = []
+        seen: set[str] = set()
+        for i, item in enumerate(raw):
+            item_place = f"{place}[{i}]"
+            entry = self.mapping(item, item_place, frozenset({"id", "key"}))
+            if "id" not in entry:
+                raise self.fail(f"{item_place}.id", "is required")
+            key_id = self.string(entry["id"], f"{item_place}.id")
+            if key_id in seen:
+                raise self.fail(f"{item_place}.id", f"duplicate key id '{key_id}'")
+            seen.add(key_id)
+            raw_value = entry.get("key", "")
+            env_vars = tuple(m[1] for m in _ENV_REF.finditer(str(raw_value)))
+            # An empty key is "missing" (reported at start-up, 503 on use), not an error.
+            value = self.string(raw_value, f"{item_place}.key", allow_empty=True).strip()
+            keys.append(KeyConfig(id=key_id, value=value, env_vars=env_vars))
+        return tuple(keys)
+
+    def timeouts(self, raw: Any, place: str) -> Timeouts:
+        section = self.mapping(raw, place, frozenset({"connect", "read"}))
+        defaults = Timeouts()
+        return Timeouts(
+            connect=self.positive(section.get("connect", defaults.connect), f"{place}.connect"),
+            read=self.positive(section.get("read", defaults.read), f"{place}.read"),
+        )
+
+    def positive(self, raw: Any, place: str) -> float:
+        value = self.number(raw, place)
+        if value <= 0:
+            raise self.fail(place, "must be greater than 0")
+        return value
+
+    def headers(self, raw: Any, place: str) -> dict[str, str]:
+        if not isinstance(raw, dict):
+            raise self.fail(
+                place, f"expected a mapping of header names to values, got {_kind(raw)}"
+            )
+        result = {}
+        for name, value in raw.items():
+            header = str(name).strip().lower()
+            if header in ("authorization", "host", "content-length"):
+                raise self.fail(_join(place, str(name)), "is set by the proxy itself")
+            result[header] = self.string(value, _join(place, str(name)), allow_empty=True)
+        return result
+
+    def aliases(self, raw: Any) -> dict[str, str]:
+        if not isinstance(raw, dict):
+            raise self.fail("aliases", f"expected a mapping of alias to model id, got {_kind(raw)}")
+        aliases = {
+            str(name): self.string(target, _join("aliases", str(name)))
+            for name, target in raw.items()
+        }
+        for name in aliases:
+            chain = [name]
+            while chain[-1] in aliases:
+                chain.append(aliases[chain[-1]])
+                if chain[-1] in chain[:-1]:
+                    cycle = " -> ".join(chain)
+                    raise self.fail(_join("aliases", name), f"alias cycle: {cycle}")
+        return aliases
+
+    def routes(self, raw: Any, backends: Mapping[str, BackendConfig]) -> list[RouteConfig]:
+        if not isinstance(raw, list):
+            raise self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
+        routes = []
+        for i, item in enumerate(raw):
+            place = f"routes[{i}]"
+            fields = frozenset({"prefix", "backend", "strip_prefix", "key"})
+            entry = self.mapping(item, place, fields)
+            for required in ("prefix", "backend"):
+                if required not in entry:
+                    raise self.fail(f"{place}.{required}", "is required")
+            backend = self.string(entry["backend"], f"{place}.backend")
+            if backend not in backends:
+                known = ", ".join(backends)
+                raise self.fail(f"{place}.backend", f"unknown backend '{backend}' (known: {known})")
+            key = entry.get("key")
+            if key is not None:
+                key = self.string(key, f"{place}.key")
+                if backends[backend].key(key) is None:
+                    known = ", ".join(k.id for k in backends[backend].keys) or "none"
+                    message = f"unknown key id '{key}' for backend '{backend}' (known: {known})"
+                    raise self.fail(f"{place}.key", message)
+            routes.append(
+                RouteConfig(
+                    prefix=self.string(entry["prefix"], f"{place}.prefix", allow_empty=True),
+                    backend=backend,
+                    strip_prefix=self.boolean(
+                        entry.get("strip_prefix", False), f"{place}.strip_prefix"
+                    ),
+                    key=key,
+                )
+            )
+        return routes
+
+
+def _join(place: str, name: str) -> str:
+    return f"{place}.{name}" if place else name
+
+
+def _kind(value: Any) -> str:
+    names: dict[type, str] = {dict: "a mapping", list: "a list", bool: "a boolean"}
+    if value is None:
+        return "nothing"
+    return names.get(type(value), f"{type(value).__name__} {value!r}")

@@ -1,0 +1,97 @@
+"""Errors the proxy itself answers with, in OpenAI's error shape."""
+
+from __future__ import annotations
+
+import orjson
+
+
+class ProxyError(Exception):
+    """An error answered to the client as ``{"error": {message, type, param, code}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.headers = headers or {}
+
+    def body(self) -> bytes:
+        return error_body(self.message, self.type, self.code, self.param)
+
+    def raw_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers for an ASGI ``http.response.start``, content type and length included."""
+        body_len = str(len(self.body())).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", body_len)]
+        headers += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
+        return headers
+
+
+def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
+    # All four keys are always present: the openai SDK and many clients read them blindly.
+    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
+
+
+# Constructors for the errors named in the contract, so status/type/code stay consistent.
+
+
+def bad_request(message: str, param: str | None = None, code: str | None = None) -> ProxyError:
+    return ProxyError(400, message, param=param, code=code)
+
+
+def model_not_found(message: str) -> ProxyError:
+    return ProxyError(404, message, param="model", code="model_not_found")
+
+
+def unknown_url(method: str, path: str) -> ProxyError:
+    return ProxyError(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
+
+
+def body_too_large(limit: int) -> ProxyError:
+    return ProxyError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
+
+
+def no_usable_key(backend: str, hint: str) -> ProxyError:
+    return ProxyError(
+        503,
+        f"Backend '{backend}' has no usable API key: {hint}.",
+        type="server_error",
+        code="no_usable_key",
+    )
+
+
+def upstream_unreachable(backend: str, reason: str) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Could not reach backend '{backend}': {reason}.",
+        type="api_error",
+        code="upstream_unreachable",
+    )
+
+
+def upstream_timeout(backend: str, what: str) -> ProxyError:
+    return ProxyError(
+        504,
+        f"Backend '{backend}' timed out ({what}).",
+        type="api_error",
+        code="upstream_timeout",
+    )
+
+
+def internal_error() -> ProxyError:
+    return ProxyError(
+        500,
+        "The proxy hit an internal error; it has been logged.",
+        type="server_error",
+        code="internal_error",
+    )

@@ -1,0 +1,266 @@
+"""The forwarding pipeline for ``POST /v1/...``: one request, one direction.
+
+read body → parse model → route → pick key → send upstream → relay the response → log.
+Each step is a call into the module that owns it; this module only strings them together
+and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+import aiohttp
+import orjson
+
+from proxy import errors
+from proxy.access_log import RequestRecord, log_request
+from proxy.errors import ProxyError
+from proxy.headers import (
+    REQUEST_ID,
+    forwarded_request_headers,
+    header_value,
+    kept_response_headers,
+)
+from proxy.keys import NoUsableKey
+from proxy.routing import Target
+from proxy.runtime import Runtime
+from proxy.streaming import relay_stream
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+log = logging.getLogger("proxy")
+
+_EVENT_STREAM = "text/event-stream"
+
+
+class ClientGone(Exception):
+    """The client disconnected before it had sent its whole request."""
+
+
+class _Exchange:
+    """What one request has done so far: enough to answer an error and to log it."""
+
+    __slots__ = ("client_gone", "finished", "record", "request_id", "response_started", "target")
+
+    def __init__(self, record: RequestRecord, request_id: str) -> None:
+        self.record = record
+        self.request_id = request_id
+        self.target: Target | None = None
+        self.response_started = False
+        self.finished = False
+        self.client_gone = False
+
+
+async def handle(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
+    client_request_id = header_value(scope["headers"], REQUEST_ID)
+    request_id = client_request_id.decode("latin-1") if client_request_id else new_request_id()
+    record = RequestRecord(scope["method"], scope["path"], request_id)
+    exchange = _Exchange(record, request_id)
+    try:
+        body = await read_request_body(scope, receive, runtime.config.server.max_body_size)
+        await _cancel_on_disconnect(
+            receive, exchange, forward(runtime, scope, send, body, exchange)
+        )
+    except ProxyError as err:
+        await _answer_error(runtime, send, exchange, err)
+    except ClientGone:
+        record.status, record.error = 499, "client_disconnected"
+    except asyncio.CancelledError:
+        if not exchange.client_gone:
+            raise
+        # The client left: the upstream call was cancelled with this task, so nothing is
+        # generated (and paid for) for nobody.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        record.status = record.status or 499
+        record.error = "client_disconnected"
+    except Exception:
+        log.exception("internal error while handling %s %s", scope["method"], scope["path"])
+        await _answer_error(runtime, send, exchange, errors.internal_error())
+    finally:
+        log_request(record)
+
+
+async def forward(
+    runtime: Runtime, scope: Scope, send: Send, body: bytes, exchange: _Exchange
+) -> None:
+    record = exchange.record
+    payload = parse_payload(body)
+    model = requested_model(payload)
+    record.model = model
+    record.stream = payload.get("stream") is True
+
+    target = runtime.router.resolve(model)
+    if target is None:
+        summary = runtime.router.routable_summary()
+        raise errors.model_not_found(
+            f"The model '{model}' is not routed by this proxy. Routable: {summary}."
+        )
+    exchange.target = target
+    record.backend, record.upstream_model = target.backend, target.upstream_model
+
+    try:
+        key = runtime.pools[target.backend].pick(target.pinned_key)
+    except NoUsableKey as exc:
+        raise errors.no_usable_key(exc.backend, exc.hint) from None
+    record.key = key.id
+
+    if target.upstream_model != model:
+        payload["model"] = target.upstream_model
+        body = orjson.dumps(payload)  # only when the model changes; otherwise bytes as sent
+
+    upstream = runtime.upstreams[target.backend]
+    headers = forwarded_request_headers(
+        scope["headers"], upstream.extra_headers, "Bearer " + key.value
+    )
+    url = upstream.url(_upstream_path(scope), scope["query_string"].decode("latin-1"))
+    response = await upstream.send("POST", url, headers, body)
+    try:
+        record.status = response.status
+        out_headers = kept_response_headers(response.raw_headers)
+        if header_value(out_headers, REQUEST_ID) is None:
+            out_headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
+        else:
+            record.request_id = header_value(out_headers, REQUEST_ID).decode("latin-1")  # type: ignore[union-attr]
+        if runtime.config.server.routing_headers:
+            out_headers += _routing_headers(target, key.id)
+
+        if response.content_type == _EVENT_STREAM:
+            exchange.response_started = True
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": out_headers}
+            )
+            result = await relay_stream(response, send, target.backend)
+            record.error = result.error
+        else:
+            data = await upstream.read_all(response)
+            out_headers.append((b"content-length", str(len(data)).encode()))
+            exchange.response_started = True
+            await send(
+                {"type": "http.response.start", "status": response.status, "headers": out_headers}
+            )
+            await send({"type": "http.response.body", "body": data, "more_body": False})
+    finally:
+        # Returns the connection to the pool when the body was read to the end, closes it
+        # otherwise (client gone, stream broken): the upstream stops generating at once.
+        response.release()
+
+
+# ---------------------------------------------------------------- steps
+
+
+async def read_request_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+    declared = header_value(scope["headers"], b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone  # nobody is waiting for an answer
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise errors.body_too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise errors.bad_request(
+            "We could not parse the JSON body of your request: expected a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(payload, dict):
+        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def requested_model(payload: dict[str, Any]) -> str:
+    model = payload.get("model")
+    if model is None:
+        raise errors.bad_request(
+            "You must provide a model parameter.", param="model", code="missing_model"
+        )
+    if not isinstance(model, str) or not model:
+        raise errors.bad_request(
+            "The model parameter must be a non-empty string.", param="model", code="invalid_model"
+        )
+    return model
+
+
+def new_request_id() -> str:
+    return "req_" + os.urandom(12).hex()
+
+
+def _upstream_path(scope: Scope) -> str:
+    """The client's path after ``/v1``, still percent-encoded, appended to the base URL."""
+    raw = scope.get("raw_path")
+    path = raw.decode("latin-1") if raw else scope["path"]
+    return path[3:]
+
+
+def _routing_headers(target: Target, key_id: str | None) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"x-proxy-backend", target.backend.encode()),
+        (b"x-proxy-model", target.upstream_model.encode()),
+    ]
+    if key_id is not None:
+        headers.append((b"x-proxy-key", key_id.encode()))
+    return headers
+
+
+async def _cancel_on_disconnect(
+    receive: Receive, exchange: _Exchange, work: Awaitable[None]
+) -> None:
+    """Run ``work``; cancel it the moment the client disconnects.
+
+    uvicorn's ``send`` silently drops data once the client is gone, so without this an
+    abandoned request would go on generating (and costing) upstream until it ends.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+
+    async def watch() -> None:
+        message = await receive()  # after the body: returns on disconnect or response end
+        if message["type"] == "http.disconnect" and not exchange.finished:
+            exchange.client_gone = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await work
+    finally:
+        exchange.finished = True
+        watcher.cancel()
+
+
+async def _answer_error(runtime: Runtime, send: Send, exchange: _Exchange, err: ProxyError) -> None:
+    record = exchange.record
+    record.status = err.status
+    record.error = err.code or err.type
+    if exchange.response_started:
+        return  # too late for a status; streams end with an error event instead
+    headers = err.raw_headers()
+    headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
+    if exchange.target is not None and runtime.config.server.routing_headers:
+        headers += _routing_headers(exchange.target, record.key)
+    exchange.response_started = True
+    try:
+        await send({"type": "http.response.start", "status": err.status, "headers": headers})
+        await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+    except (OSError, aiohttp.ClientError):  # the client may be gone already
+        pass

@@ -1,0 +1,98 @@
+"""Model id → backend, upstream model id and (optionally) a pinned key.
+
+Resolution order: alias (followed to its end), then the first route whose prefix matches,
+then a backend that lists the exact id under ``models``. Everything is precomputed from the
+config at start-up; a lookup is a dict hit or a short loop of ``startswith``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from proxy.config import Config, RouteConfig
+
+_CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    requested: str  # what the client sent
+    model: str  # after alias resolution: the id routes match on, and the metrics label
+    backend: str
+    upstream_model: str  # what the backend receives (prefix stripped where the route says)
+    pinned_key: str | None = None
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    id: str
+    owned_by: str  # the backend name
+
+
+class Router:
+    def __init__(self, config: Config) -> None:
+        self._aliases = {name: _follow(config.aliases, name) for name in config.aliases}
+        self._routes: tuple[RouteConfig, ...] = config.routes
+        self._listed: dict[str, str] = {}
+        for backend in config.backends.values():
+            for model in backend.models:
+                self._listed.setdefault(model, backend.name)
+        self._cache: dict[str, Target | None] = {}
+        self.models = self._model_list()
+
+    def resolve(self, requested: str) -> Target | None:
+        """The target for ``requested``, or None when nothing routes it."""
+        try:
+            return self._cache[requested]
+        except KeyError:
+            pass
+        target = self._resolve(requested)
+        if len(self._cache) < _CACHE_LIMIT:
+            self._cache[requested] = target
+        return target
+
+    def _resolve(self, requested: str) -> Target | None:
+        model = self._aliases.get(requested, requested)
+        for route in self._routes:
+            if model.startswith(route.prefix):
+                upstream = model[len(route.prefix) :] if route.strip_prefix else model
+                if not upstream:
+                    continue  # "moonshot/" alone names no model
+                return Target(requested, model, route.backend, upstream, route.key)
+        backend = self._listed.get(model)
+        if backend is not None:
+            return Target(requested, model, backend, model)
+        return None
+
+    def routable_summary(self) -> str:
+        """What a client may ask for, for the message of a 404."""
+        names = [entry.id for entry in self.models]
+        prefixes = [f"'{r.prefix}*'" for r in self._routes if r.prefix]
+        parts = []
+        if names:
+            parts.append("models " + ", ".join(names[:20]) + (" ..." if len(names) > 20 else ""))
+        if prefixes:
+            parts.append("ids starting with " + ", ".join(prefixes))
+        return "; ".join(parts) if parts else "nothing (no routes configured)"
+
+    def _model_list(self) -> tuple[ModelEntry, ...]:
+        """Aliases first, then each backend's listed models; one entry per id."""
+        entries: dict[str, ModelEntry] = {}
+        for alias in self._aliases:
+            target = self._resolve(alias)
+            if target is not None:
+                entries.setdefault(alias, ModelEntry(alias, target.backend))
+        for model, backend in self._listed.items():
+            entries.setdefault(model, ModelEntry(model, backend))
+        return tuple(entries.values())
+
+
+def _follow(aliases: Mapping[str, str], name: str) -> str:
+    """The end of an alias chain (the config already refused cycles)."""
+    seen = {name}
+    model = aliases[name]
+    while model in aliases and model not in seen:
+        seen.add(model)
+        model = aliases[model]
+    return model

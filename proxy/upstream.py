@@ -1,0 +1,102 @@
+"""One pooled HTTP client per backend, and transport failures mapped to ``ProxyError``.
+
+aiohttp's client is on the forwarding path because it measured fastest here: about 0.3 ms
+of CPU per proxied request against 1-3 ms for ``httpx.AsyncClient`` (see the README's
+Performance section). Bodies are passed through as bytes: no decompression, no re-encoding.
+"""
+
+from __future__ import annotations
+
+import aiohttp
+from yarl import URL
+
+from proxy.config import BackendConfig
+from proxy.errors import ProxyError, upstream_timeout, upstream_unreachable
+
+_URL_CACHE_LIMIT = 1024
+# Headers aiohttp would add on its own; the client's own values are forwarded instead.
+_NO_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
+
+
+class Upstream:
+    """The connection pool and URL builder for one backend."""
+
+    def __init__(self, backend: BackendConfig) -> None:
+        self.name = backend.name
+        self.base_url = backend.base_url
+        self.extra_headers = dict(backend.headers)
+        self._timeout = aiohttp.ClientTimeout(
+            total=None,  # a stream may run for many minutes; the gaps are what is bounded
+            connect=backend.timeout.connect,
+            sock_connect=backend.timeout.connect,
+            sock_read=backend.timeout.read,
+        )
+        self._session: aiohttp.ClientSession | None = None
+        self._urls: dict[str, URL] = {}
+
+    async def start(self) -> None:
+        if self._session is None:
+            connector = aiohttp.TCPConnector(
+                limit=0,  # no pool cap: 1,000 concurrent streams must not queue behind 100
+                ttl_dns_cache=300,
+                keepalive_timeout=30,
+                enable_cleanup_closed=True,
+            )
+            self._session = aiohttp.ClientSession(
+                connector=connector,
+                timeout=self._timeout,
+                auto_decompress=False,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, path: str, query: str = "") -> URL:
+        """``base_url`` + the part of the client's path after ``/v1``, query kept."""
+        cache_key = f"{path}?{query}"
+        url = self._urls.get(cache_key)
+        if url is None:
+            text = self.base_url + path + (f"?{query}" if query else "")
+            url = URL(text, encoded=True)
+            if len(self._urls) < _URL_CACHE_LIMIT:
+                self._urls[cache_key] = url
+        return url
+
+    async def send(
+        self, method: str, url: URL, headers: dict[str, str], body: bytes | None
+    ) -> aiohttp.ClientResponse:
+        """Send the request and return once the response headers are in."""
+        if self._session is None:
+            raise ProxyError(503, "The proxy is starting up.", type="server_error")
+        try:
+            return await self._session.request(method, url, headers=headers, data=body)
+        except aiohttp.ConnectionTimeoutError:
+            raise upstream_timeout(self.name, "connecting") from None
+        except (TimeoutError, aiohttp.SocketTimeoutError):
+            raise upstream_timeout(self.name, "waiting for the response") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise upstream_unreachable(
+                self.name, f"cannot connect to {exc.host}:{exc.port}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise upstream_unreachable(self.name, _describe(exc)) from None
+
+    async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a response that is not streamed to the client."""
+        try:
+            return await response.read()
+        except (TimeoutError, aiohttp.SocketTimeoutError):
+            raise upstream_timeout(self.name, "reading the response body") from None
+        except aiohttp.ClientError as exc:
+            raise upstream_unreachable(self.name, _describe(exc)) from None
+
+
+def _describe(exc: BaseException) -> str:
+    # Never echo request headers: an exception's text may carry them in other clients.
+    return type(exc).__name__ + (
+        f" ({exc})" if isinstance(exc, aiohttp.ClientConnectionError) else ""
+    )
