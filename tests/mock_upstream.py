@@ -15,7 +15,8 @@ forwards unknown fields unchanged; the openai SDK sends it with ``extra_body``):
   first_chunk_delay, chunk_delay   seconds before the first / each further event
   drop_after, stall_after     after N events: cut the connection / go silent for 60 s
   crlf, comments              use \\r\\n line endings / send ": keep-alive" comments
-Control endpoints: ``GET /_mock/requests`` (what was received), ``DELETE /_mock/requests``,
+Control endpoints: ``GET /_mock/requests`` (what was received), ``GET /_mock/stats`` (how
+many timed answers were cut short by the client leaving), ``DELETE /_mock/requests``,
 ``POST /_mock/config`` with ``{"invalid_keys": [...], "models": [...]}``.
 """
 
@@ -51,12 +52,15 @@ class State:
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
         self.invalid_keys: set[str] = set()
         self.models = models
+        self.aborted = 0  # timed answers cut short because the client (the proxy) went away
 
 
 def _head(status: int, headers: list[tuple[str, str]], length: int | None) -> bytes:
     lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Status')}"]
     lines += [f"{k}: {v}" for k, v in headers]
-    lines.append(f"content-length: {length}" if length is not None else "transfer-encoding: chunked")
+    lines.append(
+        f"content-length: {length}" if length is not None else "transfer-encoding: chunked"
+    )
     return ("\r\n".join(lines) + "\r\n\r\n").encode()
 
 
@@ -224,13 +228,19 @@ class Connection(asyncio.Protocol):
             if not keep_alive:
                 self.transport.close()  # type: ignore[union-attr]
             return
-        self.transport.pause_reading()  # type: ignore[union-attr]
+        # Reading stays on during a timed answer: that is how a client's close is noticed.
         self.task = asyncio.ensure_future(self.play(plan, keep_alive))
 
     def record(self, method: str, path: str, body: bytes) -> None:
-        entry: dict[str, Any] = {"method": method, "path": path, "body": body.decode("utf-8", "replace")}
+        entry: dict[str, Any] = {
+            "method": method,
+            "path": path,
+            "body": body.decode("utf-8", "replace"),
+        }
         entry["headers"] = {
-            k.decode(): v.decode("latin-1") for k, v in self.headers.items() if k in RECORDED_HEADERS
+            k.decode(): v.decode("latin-1")
+            for k, v in self.headers.items()
+            if k in RECORDED_HEADERS
         }
         auth = self.headers.get(b"authorization", b"").decode("latin-1")
         entry["key"] = auth.removeprefix("Bearer ")
@@ -252,7 +262,10 @@ class Connection(asyncio.Protocol):
                 401, "Invalid Authentication", "invalid_authentication_error", "invalid_api_key"
             )
         if method == "GET" and path.endswith("/models"):
-            data = [{"id": m, "object": "model", "created": CREATED, "owned_by": "mock"} for m in self.state.models]
+            data = [
+                {"id": m, "object": "model", "created": CREATED, "owned_by": "mock"}
+                for m in self.state.models
+            ]
             return json_response(200, {"object": "list", "data": data})
         if method != "POST":
             return openai_error(404, f"no route {method} {path}", "invalid_request_error")
@@ -297,7 +310,9 @@ class Connection(asyncio.Protocol):
                 "object": "text_completion",
                 "created": CREATED,
                 "model": model,
-                "choices": [{"text": "Hello", "index": 0, "finish_reason": "stop", "logprobs": None}],
+                "choices": [
+                    {"text": "Hello", "index": 0, "finish_reason": "stop", "logprobs": None}
+                ],
                 "usage": {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3},
             }
         return {"ok": True, "path": path, "model": model}
@@ -339,8 +354,11 @@ class Connection(asyncio.Protocol):
     def control(self, method: str, path: str, body: bytes) -> bytes:
         if path == "/_mock/requests" and method == "GET":
             return json_response(200, list(self.state.requests))
+        if path == "/_mock/stats" and method == "GET":
+            return json_response(200, {"aborted": self.state.aborted})
         if path == "/_mock/requests" and method == "DELETE":
             self.state.requests.clear()
+            self.state.aborted = 0
             return json_response(200, {"ok": True})
         if path == "/_mock/config" and method == "POST":
             settings = orjson.loads(body or b"{}")
@@ -354,6 +372,13 @@ class Connection(asyncio.Protocol):
     # ------------------------------------------------------------ timed answers
 
     async def play(self, plan: dict[str, Any], keep_alive: bool) -> None:
+        try:
+            await self._play(plan, keep_alive)
+        except asyncio.CancelledError:
+            self.state.aborted += 1
+            raise
+
+    async def _play(self, plan: dict[str, Any], keep_alive: bool) -> None:
         transport = self.transport
         assert transport is not None
         if plan["delay"]:
@@ -374,9 +399,7 @@ class Connection(asyncio.Protocol):
                 transport.write(_chunk(event))
             transport.write(b"0\r\n\r\n")
         self.task = None
-        if keep_alive and not transport.is_closing():
-            transport.resume_reading()
-        else:
+        if not keep_alive:
             transport.close()
 
 
