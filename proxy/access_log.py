@@ -1,19 +1,29 @@
-"""The one log line per request: who asked for what, and which backend and key served it."""
+"""The one log line per request: who asked for what, and which backend and key served it.
+
+Lines are formatted directly (text or JSON) and written to stderr in batches, every 50 ms:
+going through ``logging`` (a LogRecord and one flushed write per line) cost about 0.14 ms
+of CPU per request, a third of the proxy's whole budget.
+"""
 
 from __future__ import annotations
 
-import logging
+import asyncio
+import sys
 import time
 from dataclasses import dataclass, field
+from typing import TextIO
 
-logger = logging.getLogger("proxy.access")
+import orjson
+
+FLUSH_INTERVAL = 0.05
 
 
 @dataclass(slots=True)
 class RequestRecord:
     method: str
     path: str
-    request_id: str = ""
+    request_id: str = ""  # the client's X-Request-Id, or one the proxy made
+    upstream_request_id: str | None = None  # the provider's, for its support desk
     model: str | None = None
     upstream_model: str | None = None
     backend: str | None = None
@@ -24,22 +34,70 @@ class RequestRecord:
     started: float = field(default_factory=time.perf_counter)
 
 
-def log_request(record: RequestRecord) -> None:
-    if not logger.isEnabledFor(logging.INFO):
-        return
-    duration_ms = (time.perf_counter() - record.started) * 1000
-    logger.info(
-        "%s %s status=%d duration_ms=%.1f request_id=%s model=%s upstream_model=%s "
-        "backend=%s key=%s stream=%s error=%s",
-        record.method,
-        record.path,
-        record.status,
-        duration_ms,
-        record.request_id,
-        record.model or "-",
-        record.upstream_model or "-",
-        record.backend or "-",
-        record.key or "-",
-        "true" if record.stream else "false",
-        record.error or "-",
-    )
+class AccessLog:
+    def __init__(self, out: TextIO | None = None, fmt: str = "text", enabled: bool = True) -> None:
+        self.out = out or sys.stderr
+        self.enabled = enabled
+        self._format = self._json if fmt == "json" else self._text
+        self._pending: list[str] = []
+        self._flush_scheduled = False
+        self._second = -1
+        self._stamp = ""
+
+    def write(self, record: RequestRecord) -> None:
+        if not self.enabled:
+            return
+        self._pending.append(self._format(record))
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            try:
+                asyncio.get_running_loop().call_later(FLUSH_INTERVAL, self.flush)
+            except RuntimeError:  # no loop (tests, shutdown): write at once
+                self.flush()
+
+    def flush(self) -> None:
+        self._flush_scheduled = False
+        if self._pending:
+            lines, self._pending = self._pending, []
+            try:
+                self.out.write("".join(lines))
+                self.out.flush()
+            except (OSError, ValueError):  # stderr closed: never take a request down with it
+                pass
+
+    def _timestamp(self) -> str:
+        now = time.time()
+        second = int(now)
+        if second != self._second:  # strftime once a second, not once a request
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
+
+    def _text(self, r: RequestRecord) -> str:
+        duration_ms = (time.perf_counter() - r.started) * 1000
+        return (
+            f"{self._timestamp()} access {r.method} {r.path} status={r.status} "
+            f"duration_ms={duration_ms:.1f} request_id={r.request_id} "
+            f"upstream_request_id={r.upstream_request_id or '-'} model={r.model or '-'} "
+            f"upstream_model={r.upstream_model or '-'} backend={r.backend or '-'} "
+            f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
+            f"error={r.error or '-'}\n"
+        )
+
+    def _json(self, r: RequestRecord) -> str:
+        line = {
+            "time": self._timestamp(),
+            "request_id": r.request_id,
+            "upstream_request_id": r.upstream_request_id,
+            "method": r.method,
+            "path": r.path,
+            "model": r.model,
+            "upstream_model": r.upstream_model,
+            "backend": r.backend,
+            "key": r.key,
+            "status": r.status,
+            "duration_ms": round((time.perf_counter() - r.started) * 1000, 2),
+            "stream": r.stream,
+            "error": r.error,
+        }
+        return orjson.dumps(line).decode() + "\n"

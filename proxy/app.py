@@ -16,6 +16,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
 from proxy import errors, forward
+from proxy.access_log import AccessLog
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
@@ -24,12 +25,15 @@ from proxy.runtime import Runtime, build_runtime
 
 log = logging.getLogger("proxy")
 
-CONFIG_ENV = "PROXY_CONFIG"  # how `proxy serve --workers N` hands the config path to workers
+# How `proxy serve --workers N` hands its options to the worker processes.
+CONFIG_ENV = "PROXY_CONFIG"
+LOG_FORMAT_ENV = "PROXY_LOG_FORMAT"
 
 
 class ProxyApp:
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, log_format: str = "text") -> None:
         self.runtime: Runtime = build_runtime(config)
+        self.access_log = AccessLog(fmt=log_format)
         self.cold = Router(
             routes=[
                 Route("/health", self.health, methods=["GET", "HEAD"]),
@@ -43,7 +47,7 @@ class ProxyApp:
         if scope["type"] == "http":
             if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
                 # One snapshot per request: a reload never changes a request half-way.
-                await forward.handle(self.runtime, scope, receive, send)
+                await forward.handle(self.runtime, self.access_log, scope, receive, send)
             else:
                 await self.cold(scope, receive, _with_request_id(scope, send))
         elif scope["type"] == "lifespan":
@@ -62,6 +66,7 @@ class ProxyApp:
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.close()
+                self.access_log.flush()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -110,4 +115,5 @@ def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
 
 def create_app() -> ProxyApp:
     """Factory for uvicorn workers: the config path comes from ``$PROXY_CONFIG``."""
-    return ProxyApp(load_config(os.environ.get(CONFIG_ENV, "config.yaml")))
+    config = load_config(os.environ.get(CONFIG_ENV, "config.yaml"))
+    return ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))

@@ -50,13 +50,17 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         "log_config": _log_config(args.log_level),
         "timeout_graceful_shutdown": 30,
     }
+    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
     if args.workers > 1:
-        os.environ["PROXY_CONFIG"] = os.path.abspath(args.config)
+        from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV
+
+        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+        os.environ[LOG_FORMAT_ENV] = log_format
         uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
     else:
         from proxy.app import ProxyApp
 
-        uvicorn.run(ProxyApp(config), **options)
+        uvicorn.run(ProxyApp(config, log_format=log_format), **options)
     return EXIT_OK
 
 
@@ -71,6 +75,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    serve.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        help="access log format (default: text on a terminal, json otherwise)",
+    )
 
     check = commands.add_parser("check", help="validate the config, print the routing table")
     check.add_argument("--config", default="config.yaml", help="config file (config.yaml)")

@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from proxy import errors
-from proxy.access_log import RequestRecord, log_request
+from proxy.access_log import AccessLog, RequestRecord
 from proxy.errors import ProxyError
 from proxy.headers import (
     REQUEST_ID,
@@ -58,7 +58,9 @@ class _Exchange:
         self.client_gone = False
 
 
-async def handle(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -> None:
+async def handle(
+    runtime: Runtime, access_log: AccessLog, scope: Scope, receive: Receive, send: Send
+) -> None:
     client_request_id = header_value(scope["headers"], REQUEST_ID)
     request_id = client_request_id.decode("latin-1") if client_request_id else new_request_id()
     record = RequestRecord(scope["method"], scope["path"], request_id)
@@ -86,7 +88,7 @@ async def handle(runtime: Runtime, scope: Scope, receive: Receive, send: Send) -
         log.exception("internal error while handling %s %s", scope["method"], scope["path"])
         await _answer_error(runtime, send, exchange, errors.internal_error())
     finally:
-        log_request(record)
+        access_log.write(record)
 
 
 async def forward(
@@ -126,10 +128,11 @@ async def forward(
     try:
         record.status = response.status
         out_headers = kept_response_headers(response.raw_headers)
-        if header_value(out_headers, REQUEST_ID) is None:
+        upstream_id = header_value(out_headers, REQUEST_ID)
+        if upstream_id is None:
             out_headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-        else:
-            record.request_id = header_value(out_headers, REQUEST_ID).decode("latin-1")  # type: ignore[union-attr]
+        else:  # the SDK shows it as `_request_id`: the provider's id is the useful one
+            record.upstream_request_id = upstream_id.decode("latin-1")
         if runtime.config.server.routing_headers:
             out_headers += _routing_headers(target, key.id)
 

@@ -210,6 +210,24 @@ def test_client_request_id_is_returned_on_proxy_errors(proxy):
     assert response.headers["x-request-id"] == "trace-me"
 
 
+def test_access_log_line_names_backend_key_and_upstream_model(proxy, upstream):
+    httpx.post(
+        f"{proxy.base_url}/chat/completions",
+        json={"model": "fast", "stream": True},
+        headers={"x-request-id": "log-me"},
+    )
+    time.sleep(0.2)  # lines are flushed in batches every 50 ms
+    [line] = [json.loads(x) for x in proxy.log().splitlines() if '"log-me"' in x]
+    assert line["request_id"] == "log-me"
+    assert line["upstream_request_id"] == "req_mock_upstream"
+    assert line["model"] == "fast"
+    assert line["upstream_model"] == "kimi-k2-0711-preview"
+    assert line["backend"] == "mock"
+    assert line["key"] in ("key-a", "key-b")
+    assert (line["status"], line["stream"], line["error"]) == (200, True, None)
+    assert line["duration_ms"] > 0
+
+
 def test_health(proxy):
     assert httpx.get(f"{proxy.url}/health").json() == {"status": "ok"}
 
@@ -232,7 +250,8 @@ def test_secrets_never_appear_in_logs_headers_or_errors(proxy, upstream):
     ]
     time.sleep(0.2)  # let the access log lines reach the file
     log = proxy.log()
-    assert "key=key-a" in log and "key=key-b" in log  # the key *ids* are logged
+    access = [json.loads(line) for line in log.splitlines() if line.startswith("{")]
+    assert {"key-a", "key-b", "other-main"} <= {line["key"] for line in access}  # ids are logged
     for secret in (KEY_A, KEY_B, KEY_OTHER, "sk-dead-0000000000000000"):
         assert secret not in log
         for response in responses:

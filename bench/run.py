@@ -1,0 +1,209 @@
+"""`make bench`: the same load against the mock upstream directly and through the proxy.
+
+Starts the mock upstream and one proxy process (access log on, as in production), drives
+both with wrk (non-streaming and 20-chunk streaming chat at c=1/16/64, each run bounded in
+time), reads the proxy's CPU time from /proc, and measures stream first byte with an
+upstream that waits 50 ms before its first chunk. Prints one Markdown table.
+
+Environment: BENCH_SECONDS (per run, default 5), BENCH_CONCURRENCY (default "1,16,64").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import platform
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
+CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}
+STREAM = {
+    **CHAT,
+    "stream": True,
+    "stream_options": {"include_usage": True},
+    "mock": {"chunks": 20},
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None):
+    out = log.open("wb") if log else subprocess.DEVNULL
+    return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+
+
+def wait_until_up(port: int, timeout: float = 15) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listening on {port}")
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+@dataclass
+class WrkResult:
+    rps: float
+    requests: int
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+def _ms(text: str) -> float:
+    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+def wrk(url: str, body: dict, concurrency: int, lua_dir: Path) -> WrkResult:
+    script = lua_dir / f"body-{abs(hash(json.dumps(body)))}.lua"
+    script.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = {json.dumps(json.dumps(body))}\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        'wrk.headers["Authorization"] = "Bearer sk-bench-client"\n'
+    )
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{concurrency}", f"-d{SECONDS}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        timeout=SECONDS + 30,
+    ).stdout
+    requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
+    errors = 0
+    if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
+        errors += int(m[1])
+    if m := re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)", out):
+        errors += sum(int(x) for x in m.groups())
+    return WrkResult(
+        rps=float(re.search(r"Requests/sec:\s+([\d.]+)", out)[1]),  # type: ignore[index]
+        requests=requests,
+        p50_ms=_ms(re.search(r"50%\s+(\S+)", out)[1]),  # type: ignore[index]
+        p99_ms=_ms(re.search(r"99%\s+(\S+)", out)[1]),  # type: ignore[index]
+        errors=errors,
+    )
+
+
+async def first_byte_ms(url: str, model: str, n: int = 40) -> float:
+    """p50 time to the first body byte of a stream whose upstream waits 50 ms first."""
+    body = {
+        "model": model,
+        "stream": True,
+        "messages": [],
+        "mock": {"first_chunk_delay": 0.05, "chunks": 3},
+    }
+    data = json.dumps(body).encode()
+    host, port = url.split("//")[1].split("/")[0].split(":")
+    path = "/" + url.split("//")[1].split("/", 1)[1]
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer sk-bench-client\r\nContent-Length: {len(data)}\r\n\r\n"
+    ).encode() + data
+    samples = []
+    for _ in range(n):
+        reader, writer = await asyncio.open_connection(host, int(port))
+        start = time.perf_counter()
+        writer.write(request)
+        head = await reader.readuntil(b"\r\n\r\n")
+        if b"transfer-encoding: chunked" not in head.lower():
+            raise RuntimeError(f"expected a stream, got {head[:80]!r}")
+        await reader.readuntil(b"\r\n")  # the first chunk's size line: its data is here
+        samples.append((time.perf_counter() - start) * 1000)
+        writer.close()
+        await writer.wait_closed()
+    return statistics.median(samples)
+
+
+def main() -> int:
+    if subprocess.run(["which", "wrk"], capture_output=True).returncode != 0:
+        print("wrk is not installed: run bench/install-wrk.sh", file=sys.stderr)
+        return 1
+    mock_port, proxy_port = free_port(), free_port()
+    mock = start(
+        [sys.executable, "tests/mock_upstream.py", "--port", str(mock_port), "--no-record"]
+    )
+    env = {**os.environ, "BENCH_UPSTREAM": f"http://127.0.0.1:{mock_port}"}
+    log = Path(tempfile.mkdtemp()) / "proxy.log"
+    proxy_cmd = [sys.executable, "-m", "proxy", "serve", "--config", "bench/config.yaml"]
+    proxy = start([*proxy_cmd, "--port", str(proxy_port)], env=env, log=log)
+    try:
+        wait_until_up(mock_port)
+        wait_until_up(proxy_port)
+        time.sleep(0.5)
+        idle_rss = rss_mb(proxy.pid)
+        lua_dir = Path(tempfile.mkdtemp())
+        direct = f"http://127.0.0.1:{mock_port}/v1/chat/completions"
+        through = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
+        print(
+            f"# bench: {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
+            f"{SECONDS}s per run, wrk -t1"
+        )
+        print()
+        print(
+            "| load | c | direct RPS | proxy RPS | ratio | direct p50/p99 ms | "
+            "proxy p50/p99 ms | proxy CPU ms/req | errors |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, body in (("chat", CHAT), ("stream 20 chunks", STREAM)):
+            direct_body = {**body, "model": "bench-model"}
+            wrk(through, body, 4, lua_dir)  # warm-up: connection pools, caches
+            for c in CONCURRENCY:
+                d = wrk(direct, direct_body, c, lua_dir)
+                cpu_before = cpu_seconds(proxy.pid)
+                p = wrk(through, body, c, lua_dir)
+                cpu_ms = (cpu_seconds(proxy.pid) - cpu_before) * 1000 / max(p.requests, 1)
+                print(
+                    f"| {name} | {c} | {d.rps:,.0f} | {p.rps:,.0f} | {p.rps / d.rps:.3f} | "
+                    f"{d.p50_ms:.2f} / {d.p99_ms:.2f} | {p.p50_ms:.2f} / {p.p99_ms:.2f} | "
+                    f"{cpu_ms:.3f} | {p.errors} |",
+                    flush=True,
+                )
+        direct_fb = asyncio.run(first_byte_ms(direct, "bench-model"))
+        proxy_fb = asyncio.run(first_byte_ms(through, "bench"))
+        print()
+        print(
+            f"stream first byte, upstream waits 50 ms: direct p50 {direct_fb:.2f} ms, "
+            f"proxy p50 {proxy_fb:.2f} ms, added {proxy_fb - direct_fb:.2f} ms"
+        )
+        print(f"proxy RSS: idle {idle_rss:.0f} MB, after load {rss_mb(proxy.pid):.0f} MB")
+    finally:
+        proxy.terminate()
+        mock.terminate()
+        proxy.wait(timeout=10)
+        mock.wait(timeout=10)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
