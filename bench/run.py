@@ -131,8 +131,8 @@ async def first_byte_ms(url: str, model: str, n: int = 40) -> float:
         f"Authorization: Bearer sk-bench-client\r\nContent-Length: {len(data)}\r\n\r\n"
     ).encode() + data
     samples = []
+    reader, writer = await asyncio.open_connection(host, int(port))  # kept alive, as SDKs do
     for _ in range(n):
-        reader, writer = await asyncio.open_connection(host, int(port))
         start = time.perf_counter()
         writer.write(request)
         head = await reader.readuntil(b"\r\n\r\n")
@@ -140,8 +140,9 @@ async def first_byte_ms(url: str, model: str, n: int = 40) -> float:
             raise RuntimeError(f"expected a stream, got {head[:80]!r}")
         await reader.readuntil(b"\r\n")  # the first chunk's size line: its data is here
         samples.append((time.perf_counter() - start) * 1000)
-        writer.close()
-        await writer.wait_closed()
+        await reader.readuntil(b"\r\n0\r\n\r\n")  # the rest of the stream
+    writer.close()
+    await writer.wait_closed()
     return statistics.median(samples)
 
 

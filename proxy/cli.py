@@ -47,6 +47,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
         "lifespan": "on",
         "access_log": False,  # the proxy writes its own line per request
         "server_header": False,
+        "proxy_headers": False,  # never trust X-Forwarded-For blindly
         "log_config": _log_config(args.log_level),
         "timeout_graceful_shutdown": 30,
     }
