@@ -1,0 +1,21 @@
+# syntax=docker/dockerfile:1
+# Build stage: turn the project into a wheel (no build tools reach the final image).
+FROM python:3.12-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY proxy ./proxy
+RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+
+# Final stage: the wheel and its dependencies, a non-root user, the config.
+FROM python:3.12-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin proxy
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+COPY config.yaml /etc/proxy/config.yaml
+USER 10001
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
+  CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2).status != 200)"]
+ENTRYPOINT ["proxy"]
+CMD ["serve", "--config", "/etc/proxy/config.yaml", "--host", "0.0.0.0", "--port", "8080"]
