@@ -42,6 +42,9 @@ def error_body(message: str, type: str, code: str | None = None, param: str | No
     return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
+# The openai SDK honours it over its own rule (retry 5xx twice).
+NO_RETRY = {"x-should-retry": "false"}
+
 # Constructors for the errors named in the contract, so status/type/code stay consistent.
 
 
@@ -67,6 +70,7 @@ def no_usable_key(backend: str, hint: str) -> ProxyError:
         f"Backend '{backend}' has no usable API key: {hint}.",
         type="server_error",
         code="no_usable_key",
+        headers=NO_RETRY,  # retrying cannot set the variable: tell the SDK not to
     )
 
 

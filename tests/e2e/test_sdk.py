@@ -123,6 +123,7 @@ def test_backend_without_key_answers_503_naming_the_variable(proxy, upstream):
         client(proxy).chat.completions.create(model="unkeyed-model", messages=[])
     assert info.value.status_code == 503
     assert "UNSET_TEST_KEY" in info.value.message
+    assert info.value.response.headers["x-should-retry"] == "false"
     assert upstream.requests() == []
 
 
