@@ -31,6 +31,11 @@ class RequestRecord:
     status: int = 0
     stream: bool = False
     error: str | None = None
+    client: str | None = None  # client key id, or address when the proxy is open
+    throttled: str | None = (
+        None  # reconnect | client_rate_limit | backend_rate_limit | circuit_open
+    )
+    upstream_error: str | None = None  # connect | timeout | status_4xx | status_429 | status_5xx
     started: float = field(default_factory=time.perf_counter)
 
 
@@ -76,7 +81,7 @@ class AccessLog:
     def _text(self, r: RequestRecord) -> str:
         duration_ms = (time.perf_counter() - r.started) * 1000
         return (
-            f"{self._timestamp()} access {r.method} {r.path} status={r.status} "
+            f"{self._timestamp()} access {r.method} {r.path} status={r.status} client={r.client} "
             f"duration_ms={duration_ms:.1f} request_id={r.request_id} "
             f"upstream_request_id={r.upstream_request_id or '-'} model={r.model or '-'} "
             f"upstream_model={r.upstream_model or '-'} backend={r.backend or '-'} "
@@ -88,6 +93,7 @@ class AccessLog:
         line = {
             "time": self._timestamp(),
             "request_id": r.request_id,
+            "client": r.client,
             "upstream_request_id": r.upstream_request_id,
             "method": r.method,
             "path": r.path,

@@ -7,6 +7,7 @@ Every problem is reported as ``ConfigError(file, place, message)``, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
@@ -15,6 +16,7 @@ from types import MappingProxyType
 from typing import Any
 from urllib.parse import urlsplit
 
+import limits
 import yaml
 
 
@@ -45,7 +47,24 @@ class KeyConfig:
 @dataclass(frozen=True)
 class Timeouts:
     connect: float = 5.0
-    read: float = 600.0  # also the longest silent gap inside a stream
+    read: float = 600.0  # the default for both of the next two
+    first_byte: float | None = None  # request sent → response head; None: `read`
+    idle: float | None = None  # longest silent gap inside a response; None: `read`
+
+    @property
+    def first_byte_seconds(self) -> float:
+        return self.first_byte if self.first_byte is not None else self.read
+
+    @property
+    def idle_seconds(self) -> float:
+        return self.idle if self.idle is not None else self.read
+
+
+@dataclass(frozen=True)
+class BreakerConfig:
+    failures: int = 5  # consecutive connect errors / 5xx / timeouts that open the circuit
+    min_open: float = 1.0  # the first open period; doubles while the backend keeps failing
+    max_open: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -56,9 +75,18 @@ class BackendConfig:
     models: tuple[str, ...] = ()
     timeout: Timeouts = Timeouts()
     headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    rate_limit: str | None = None  # outbound limit, e.g. "500/minute" (the limits library)
+    breaker: BreakerConfig = BreakerConfig()
+    key_probe_interval: float = 300.0  # how often an invalid key is tried again
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
+
+
+@dataclass(frozen=True)
+class FallbackConfig:
+    backend: str
+    model: str | None = None  # the id to send there; None: the same upstream id
 
 
 @dataclass(frozen=True)
@@ -67,6 +95,28 @@ class RouteConfig:
     backend: str
     strip_prefix: bool = False
     key: str | None = None  # pin one key id of the backend
+    fallback: tuple[FallbackConfig, ...] = ()  # tried in order when the backend fails first
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    id: str
+    key: str = field(repr=False)
+    env_vars: tuple[str, ...] = ()
+    rate_limit: str | None = None  # e.g. "600/minute"
+    models: tuple[str, ...] = ()  # glob patterns; empty: every model
+
+
+@dataclass(frozen=True)
+class ReconnectConfig:
+    enabled: bool = True
+    base: float = 1.0
+    max: float = 60.0
+
+
+@dataclass(frozen=True)
+class ThrottleConfig:
+    reconnect: ReconnectConfig = ReconnectConfig()
 
 
 @dataclass(frozen=True)
@@ -75,6 +125,7 @@ class ServerConfig:
     port: int = 8080
     routing_headers: bool = True  # x-proxy-backend / x-proxy-key / x-proxy-model on responses
     max_body_size: int = 10 * 1024 * 1024
+    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For is believed
 
 
 @dataclass(frozen=True)
@@ -84,6 +135,9 @@ class Config:
     backends: Mapping[str, BackendConfig]
     aliases: Mapping[str, str]
     routes: tuple[RouteConfig, ...]
+    clients: tuple[ClientConfig, ...] = ()
+    throttle: ThrottleConfig = ThrottleConfig()
+    storage: str = "memory://"  # or redis://host:port: shared by replicas
 
 
 def fingerprint(secret: str) -> str:
@@ -217,7 +271,8 @@ class _Validator:
     # -- sections
 
     def config(self, raw: Any) -> Config:
-        top = self.mapping(raw, "", frozenset({"server", "backends", "aliases", "routes"}))
+        sections = {"server", "backends", "aliases", "routes", "clients", "throttle", "storage"}
+        top = self.mapping(raw, "", frozenset(sections))
         backends = self.backends(top.get("backends"))
         aliases = self.aliases(top.get("aliases") or {})
         routes = tuple(self.routes(top.get("routes") or [], backends))
@@ -227,10 +282,70 @@ class _Validator:
             backends=MappingProxyType(backends),
             aliases=MappingProxyType(aliases),
             routes=routes,
+            clients=self.clients(top.get("clients") or []),
+            throttle=self.throttle(top.get("throttle") or {}),
+            storage=self.storage(top.get("storage", "memory://")),
         )
 
+    def storage(self, raw: Any) -> str:
+        uri = self.string(raw, "storage")
+        if not uri.startswith(("memory://", "redis://", "rediss://")):
+            raise self.fail("storage", f"expected memory:// or redis://host:port, got {uri!r}")
+        return uri
+
+    def rate_limit(self, raw: Any, place: str) -> str | None:
+        if raw is None:
+            return None
+        text = self.string(raw, place)
+        try:
+            limits.parse_many(text)
+        except ValueError:
+            raise self.fail(place, f"expected a rate like '600/minute', got {text!r}") from None
+        return text
+
+    def clients(self, raw: Any) -> tuple[ClientConfig, ...]:
+        if not isinstance(raw, list):
+            raise self.fail("clients", f"expected a list of clients, got {_kind(raw)}")
+        clients: list[ClientConfig] = []
+        for i, item in enumerate(raw):
+            place = f"clients[{i}]"
+            fields = frozenset({"id", "key", "rate_limit", "models"})
+            entry = self.mapping(item, place, fields)
+            for required in ("id", "key"):
+                if required not in entry:
+                    raise self.fail(f"{place}.{required}", "is required")
+            client_id = self.string(entry["id"], f"{place}.id")
+            if any(c.id == client_id for c in clients):
+                raise self.fail(f"{place}.id", f"duplicate client id '{client_id}'")
+            raw_key = entry["key"]
+            clients.append(
+                ClientConfig(
+                    id=client_id,
+                    key=self.string(raw_key, f"{place}.key", allow_empty=True).strip(),
+                    env_vars=tuple(m[1] for m in _ENV_REF.finditer(str(raw_key))),
+                    rate_limit=self.rate_limit(entry.get("rate_limit"), f"{place}.rate_limit"),
+                    models=self.string_list(entry.get("models", []), f"{place}.models"),
+                )
+            )
+        return tuple(clients)
+
+    def throttle(self, raw: Any) -> ThrottleConfig:
+        section = self.mapping(raw, "throttle", frozenset({"reconnect"}))
+        place = "throttle.reconnect"
+        fields = frozenset({"enabled", "base", "max"})
+        reconnect = self.mapping(section.get("reconnect") or {}, place, fields)
+        defaults = ReconnectConfig()
+        result = ReconnectConfig(
+            enabled=self.boolean(reconnect.get("enabled", True), f"{place}.enabled"),
+            base=self.positive(reconnect.get("base", defaults.base), f"{place}.base"),
+            max=self.positive(reconnect.get("max", defaults.max), f"{place}.max"),
+        )
+        if result.max < result.base:
+            raise self.fail(f"{place}.max", "must not be smaller than base")
+        return ThrottleConfig(reconnect=result)
+
     def server(self, raw: Any) -> ServerConfig:
-        fields = frozenset({"host", "port", "routing_headers", "max_body_size"})
+        fields = frozenset({"host", "port", "routing_headers", "max_body_size", "trusted_proxies"})
         section = self.mapping(raw, "server", fields)
         defaults = ServerConfig()
         port = section.get("port", defaults.port)
@@ -248,7 +363,19 @@ class _Validator:
             max_body_size=self.size(
                 section.get("max_body_size", defaults.max_body_size), "server.max_body_size"
             ),
+            trusted_proxies=self.networks(
+                section.get("trusted_proxies", []), "server.trusted_proxies"
+            ),
         )
+
+    def networks(self, raw: Any, place: str) -> tuple[str, ...]:
+        entries = self.string_list(raw, place)
+        for i, entry in enumerate(entries):
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise self.fail(f"{place}[{i}]", f"not an IP address or CIDR: {entry!r}") from None
+        return entries
 
     def backends(self, raw: Any) -> dict[str, BackendConfig]:
         if raw is None:
@@ -259,7 +386,10 @@ class _Validator:
 
     def backend(self, name: str, raw: Any) -> BackendConfig:
         place = f"backends.{name}"
-        fields = frozenset({"base_url", "keys", "models", "timeout", "headers"})
+        fields = frozenset(
+            {"base_url", "keys", "models", "timeout", "headers", "rate_limit", "breaker"}
+            | {"key_probe_interval"}
+        )
         section = self.mapping(raw, place, fields)
         if "base_url" not in section:
             raise self.fail(f"{place}.base_url", "is required")
@@ -272,6 +402,23 @@ class _Validator:
             headers=MappingProxyType(
                 self.headers(section.get("headers") or {}, f"{place}.headers")
             ),
+            rate_limit=self.rate_limit(section.get("rate_limit"), f"{place}.rate_limit"),
+            breaker=self.breaker(section.get("breaker") or {}, f"{place}.breaker"),
+            key_probe_interval=self.positive(
+                section.get("key_probe_interval", 300.0), f"{place}.key_probe_interval"
+            ),
+        )
+
+    def breaker(self, raw: Any, place: str) -> BreakerConfig:
+        section = self.mapping(raw, place, frozenset({"failures", "min_open", "max_open"}))
+        defaults = BreakerConfig()
+        failures = section.get("failures", defaults.failures)
+        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
+            raise self.fail(f"{place}.failures", "expected a whole number of at least 1")
+        return BreakerConfig(
+            failures=failures,
+            min_open=self.positive(section.get("min_open", defaults.min_open), f"{place}.min_open"),
+            max_open=self.positive(section.get("max_open", defaults.max_open), f"{place}.max_open"),
         )
 
     def base_url(self, raw: Any, place: str) -> str:
@@ -305,11 +452,17 @@ class _Validator:
         return tuple(keys)
 
     def timeouts(self, raw: Any, place: str) -> Timeouts:
-        section = self.mapping(raw, place, frozenset({"connect", "read"}))
+        section = self.mapping(raw, place, frozenset({"connect", "read", "first_byte", "idle"}))
         defaults = Timeouts()
+        optional = {
+            name: self.positive(section[name], f"{place}.{name}")
+            for name in ("first_byte", "idle")
+            if section.get(name) is not None
+        }
         return Timeouts(
             connect=self.positive(section.get("connect", defaults.connect), f"{place}.connect"),
             read=self.positive(section.get("read", defaults.read), f"{place}.read"),
+            **optional,
         )
 
     def positive(self, raw: Any, place: str) -> float:
@@ -353,7 +506,7 @@ class _Validator:
         routes = []
         for i, item in enumerate(raw):
             place = f"routes[{i}]"
-            fields = frozenset({"prefix", "backend", "strip_prefix", "key"})
+            fields = frozenset({"prefix", "backend", "strip_prefix", "key", "fallback"})
             entry = self.mapping(item, place, fields)
             for required in ("prefix", "backend"):
                 if required not in entry:
@@ -377,9 +530,32 @@ class _Validator:
                         entry.get("strip_prefix", False), f"{place}.strip_prefix"
                     ),
                     key=key,
+                    fallback=self.fallbacks(
+                        entry.get("fallback", []), f"{place}.fallback", backends
+                    ),
                 )
             )
         return routes
+
+    def fallbacks(
+        self, raw: Any, place: str, backends: Mapping[str, BackendConfig]
+    ) -> tuple[FallbackConfig, ...]:
+        if not isinstance(raw, list):
+            raise self.fail(place, f"expected a list of {{backend, model}}, got {_kind(raw)}")
+        result = []
+        for i, item in enumerate(raw):
+            entry = self.mapping(item, f"{place}[{i}]", frozenset({"backend", "model"}))
+            if "backend" not in entry:
+                raise self.fail(f"{place}[{i}].backend", "is required")
+            backend = self.string(entry["backend"], f"{place}[{i}].backend")
+            if backend not in backends:
+                known = ", ".join(backends)
+                message = f"unknown backend '{backend}' (known: {known})"
+                raise self.fail(f"{place}[{i}].backend", message)
+            model = entry.get("model")
+            model = self.string(model, f"{place}[{i}].model") if model is not None else None
+            result.append(FallbackConfig(backend=backend, model=model))
+        return tuple(result)
 
 
 def _join(place: str, name: str) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import orjson
 
 
@@ -89,6 +91,71 @@ def upstream_timeout(backend: str, what: str) -> ProxyError:
         f"Backend '{backend}' timed out ({what}).",
         type="api_error",
         code="upstream_timeout",
+    )
+
+
+def retry_after_headers(seconds: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds (rounded up) and ``retry-after-ms``: the SDK reads both."""
+    return {
+        "retry-after": str(max(1, math.ceil(seconds))),
+        "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),
+    }
+
+
+def reconnect_throttled(model: str, wait: float) -> ProxyError:
+    return ProxyError(
+        429,
+        f"Too many failed requests for '{model}' in a row: wait {wait:.1f} s before retrying "
+        "(the upstream is failing; retrying sooner would only add to its load).",
+        type="rate_limit_error",
+        code="reconnect_throttled",
+        headers=retry_after_headers(wait),
+    )
+
+
+def client_rate_limited(client: str, limit: int, reset: float) -> ProxyError:
+    headers = retry_after_headers(reset) | {
+        "x-ratelimit-limit-requests": str(limit),
+        "x-ratelimit-remaining-requests": "0",
+        "x-ratelimit-reset-requests": f"{max(reset, 0.001):.3f}s",
+    }
+    return ProxyError(
+        429,
+        f"Rate limit reached for client '{client}': {limit} requests per window.",
+        type="rate_limit_error",
+        code="rate_limit_exceeded",
+        headers=headers,
+    )
+
+
+def backend_rate_limited(backend: str, reset: float) -> ProxyError:
+    return ProxyError(
+        429,
+        f"The proxy's outbound rate limit for backend '{backend}' is reached.",
+        type="rate_limit_error",
+        code="backend_rate_limited",
+        headers=retry_after_headers(reset),
+    )
+
+
+def keys_cooling_down(backend: str, hint: str, wait: float) -> ProxyError:
+    return ProxyError(
+        429,
+        f"Every key of backend '{backend}' is rate limited by the upstream: {hint}.",
+        type="rate_limit_error",
+        code="upstream_rate_limited",
+        headers=retry_after_headers(wait),
+    )
+
+
+def circuit_open(backend: str, wait: float) -> ProxyError:
+    return ProxyError(
+        503,
+        f"Backend '{backend}' is failing; the proxy stopped sending it requests for "
+        f"{wait:.1f} s (circuit breaker open).",
+        type="server_error",
+        code="backend_unavailable",
+        headers=retry_after_headers(wait),
     )
 
 

@@ -1,6 +1,6 @@
 """The forwarding pipeline for ``POST /v1/...``: one request, one direction.
 
-read body → parse model → route → pick key → send upstream → relay the response → log.
+read body → auth → parse model → route → throttle → key/upstream (failover) → relay → log.
 Each step is a call into the module that owns it; this module only strings them together
 and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
 """
@@ -20,16 +20,12 @@ import orjson
 from proxy import errors
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.errors import ProxyError
-from proxy.headers import (
-    REQUEST_ID,
-    forwarded_request_headers,
-    header_value,
-    kept_response_headers,
-)
-from proxy.keys import NoUsableKey
+from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
+from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.routing import Target
 from proxy.runtime import Runtime
 from proxy.streaming import relay_stream
+from proxy.throttle import Outcome
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -39,6 +35,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("proxy")
 
 _EVENT_STREAM = "text/event-stream"
+_DONE_PATHS = ("/chat/completions", "/completions")  # streams that must end with [DONE]
 
 
 class ClientGone(Exception):
@@ -46,9 +43,17 @@ class ClientGone(Exception):
 
 
 class _Exchange:
-    """What one request has done so far: enough to answer an error and to log it."""
+    """What one request has done so far: enough to answer an error, log it and learn from it."""
 
-    __slots__ = ("client_gone", "finished", "record", "request_id", "response_started", "target")
+    __slots__ = (
+        "client_gone",
+        "finished",
+        "outcome",
+        "record",
+        "request_id",
+        "response_started",
+        "target",
+    )
 
     def __init__(self, record: RequestRecord, request_id: str) -> None:
         self.record = record
@@ -57,6 +62,7 @@ class _Exchange:
         self.response_started = False
         self.finished = False
         self.client_gone = False
+        self.outcome = Outcome.NEUTRAL  # what the reconnect throttle learns from this request
 
 
 async def handle(
@@ -85,77 +91,144 @@ async def handle(
             current.uncancel()
         record.status = record.status or 499
         record.error = "client_disconnected"
+        exchange.outcome = Outcome.NEUTRAL
     except Exception:
         log.exception("internal error while handling %s %s", scope["method"], scope["path"])
         await _answer_error(runtime, send, exchange, errors.internal_error())
     finally:
         access_log.write(record)
+        if exchange.target is not None and record.client is not None:
+            await runtime.throttle.record(record.client, exchange.target.model, exchange.outcome)
 
 
 async def forward(
     runtime: Runtime, scope: Scope, send: Send, body: bytes, exchange: _Exchange
 ) -> None:
     record = exchange.record
+    # auth
+    client = runtime.auth.authenticate(scope["headers"])
+    record.client = client.id if client is not None else runtime.auth.address(scope)
+
+    # route
     payload = parse_payload(body)
     model = requested_model(payload)
     record.model = model
     record.stream = payload.get("stream") is True
-
     target = runtime.router.resolve(model)
     if target is None:
         summary = runtime.router.routable_summary()
         raise errors.model_not_found(
             f"The model '{model}' is not routed by this proxy. Routable: {summary}."
         )
-    exchange.target = target
     record.backend, record.upstream_model = target.backend, target.upstream_model
+    runtime.auth.check_model(client, model, target.model)
 
-    try:
-        key = runtime.pools[target.backend].pick(target.pinned_key)
-    except NoUsableKey as exc:
-        raise errors.no_usable_key(exc.backend, exc.hint) from None
-    record.key = key.id
+    # throttle
+    if client is not None:
+        decision = await runtime.throttle.hit_client(client.id)
+        if decision is not None and not decision.allowed:
+            record.throttled = "client_rate_limit"
+            raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
+    wait = await runtime.throttle.reconnect_wait(record.client, target.model)
+    if wait > 0:
+        record.throttled = "reconnect"
+        raise errors.reconnect_throttled(target.model, wait)
+    exchange.target = target  # from here on, what happens counts for the reconnect throttle
 
-    if target.upstream_model != model:
-        payload["model"] = target.upstream_model
-        body = orjson.dumps(payload)  # only when the model changes; otherwise bytes as sent
-
-    upstream = runtime.upstreams[target.backend]
-    headers = forwarded_request_headers(
-        scope["headers"], upstream.extra_headers, "Bearer " + key.value
+    # key → upstream, with retries on another key and fallbacks
+    parts = RequestParts(
+        _upstream_path(scope),
+        scope["query_string"].decode("latin-1"),
+        scope["headers"],
+        payload,
+        body,
+        model,
     )
-    url = upstream.url(_upstream_path(scope), scope["query_string"].decode("latin-1"))
-    response = await upstream.send("POST", url, headers, body)
+    try:
+        result = await deliver(runtime, target, parts, record)
+    except ProxyError as err:
+        if err.status >= 500 or err.code == "upstream_rate_limited":
+            exchange.outcome = Outcome.FAILURE
+        raise
+    if isinstance(result, FailedAnswer):
+        exchange.outcome = _outcome(result.status)
+        await _send_failed(runtime, send, exchange, result)
+    else:
+        await _relay(runtime, send, exchange, result, parts.path.endswith(_DONE_PATHS))
+
+
+async def _relay(
+    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, expects_done: bool
+) -> None:
+    record = exchange.record
+    response = delivery.response
     try:
         record.status = response.status
-        out_headers = kept_response_headers(response.raw_headers)
-        upstream_id = header_value(out_headers, REQUEST_ID)
-        if upstream_id is None:
-            out_headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-        else:  # the SDK shows it as `_request_id`: the provider's id is the useful one
-            record.upstream_request_id = upstream_id.decode("latin-1")
-        if runtime.config.server.routing_headers:
-            out_headers += _routing_headers(target, key.id)
-
+        exchange.outcome = _outcome(response.status)
+        kept = kept_response_headers(response.raw_headers)
+        headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
+        upstream = runtime.upstreams[delivery.target.backend]
         if response.content_type == _EVENT_STREAM:
             exchange.response_started = True
             await send(
-                {"type": "http.response.start", "status": response.status, "headers": out_headers}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            result = await relay_stream(response, send, target.backend)
-            record.error = result.error
+            result = await relay_stream(response, send, delivery.target.backend, expects_done)
+            if result.error is not None:
+                record.error = record.upstream_error = result.error
+                exchange.outcome = Outcome.FAILURE
         else:
             data = await upstream.read_all(response)
-            out_headers.append((b"content-length", str(len(data)).encode()))
+            headers.append((b"content-length", str(len(data)).encode()))
             exchange.response_started = True
             await send(
-                {"type": "http.response.start", "status": response.status, "headers": out_headers}
+                {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": data, "more_body": False})
     finally:
         # Returns the connection to the pool when the body was read to the end, closes it
         # otherwise (client gone, stream broken): the upstream stops generating at once.
         response.release()
+
+
+async def _send_failed(
+    runtime: Runtime, send: Send, exchange: _Exchange, answer: FailedAnswer
+) -> None:
+    """Pass an upstream's error through unchanged: status, body and the headers SDKs read."""
+    exchange.record.status = answer.status
+    headers = _response_headers(
+        runtime, exchange, answer.target, answer.key_id, list(answer.headers)
+    )
+    headers.append((b"content-length", str(len(answer.body)).encode()))
+    exchange.response_started = True
+    await send({"type": "http.response.start", "status": answer.status, "headers": headers})
+    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+
+
+def _response_headers(
+    runtime: Runtime,
+    exchange: _Exchange,
+    target: Target,
+    key_id: str,
+    headers: list[tuple[bytes, bytes]],
+) -> list[tuple[bytes, bytes]]:
+    """The kept upstream headers plus the request id and the routing headers."""
+    upstream_id = header_value(headers, REQUEST_ID)
+    if upstream_id is None:
+        headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
+    else:  # the SDK shows it as `_request_id`: the provider's id is the useful one
+        exchange.record.upstream_request_id = upstream_id.decode("latin-1")
+    if runtime.config.server.routing_headers:
+        headers += _routing_headers(target.backend, target.upstream_model, key_id)
+    return headers
+
+
+def _outcome(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.SUCCESS
+    if status == 429 or status >= 500:
+        return Outcome.FAILURE
+    return Outcome.NEUTRAL
 
 
 # ---------------------------------------------------------------- steps
@@ -222,11 +295,8 @@ def _upstream_path(scope: Scope) -> str:
     return path[3:]
 
 
-def _routing_headers(target: Target, key_id: str | None) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (b"x-proxy-backend", target.backend.encode()),
-        (b"x-proxy-model", target.upstream_model.encode()),
-    ]
+def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple[bytes, bytes]]:
+    headers = [(b"x-proxy-backend", backend.encode()), (b"x-proxy-model", model.encode())]
     if key_id is not None:
         headers.append((b"x-proxy-key", key_id.encode()))
     return headers
@@ -265,8 +335,9 @@ async def _answer_error(runtime: Runtime, send: Send, exchange: _Exchange, err: 
         return  # too late for a status; streams end with an error event instead
     headers = err.raw_headers()
     headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-    if exchange.target is not None and runtime.config.server.routing_headers:
-        headers += _routing_headers(exchange.target, record.key)
+    if record.backend is not None and runtime.config.server.routing_headers:
+        # The backend and key last tried (a fallback's, when it came to that).
+        headers += _routing_headers(record.backend, record.upstream_model or "", record.key)
     exchange.response_started = True
     try:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})

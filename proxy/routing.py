@@ -22,6 +22,7 @@ class Target:
     backend: str
     upstream_model: str  # what the backend receives (prefix stripped where the route says)
     pinned_key: str | None = None
+    fallbacks: tuple[Target, ...] = ()  # tried in order when this backend fails first
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,10 @@ class Router:
                 upstream = model[len(route.prefix) :] if route.strip_prefix else model
                 if not upstream:
                     continue  # "moonshot/" alone names no model
-                return Target(requested, model, route.backend, upstream, route.key)
+                fallbacks = tuple(
+                    Target(requested, model, f.backend, f.model or upstream) for f in route.fallback
+                )
+                return Target(requested, model, route.backend, upstream, route.key, fallbacks)
         backend = self._listed.get(model)
         if backend is not None:
             return Target(requested, model, backend, model)

@@ -6,13 +6,18 @@ A request takes the current snapshot at its start and uses only that, so a confi
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from proxy.breaker import Breaker
+from proxy.clients import ClientAuth
 from proxy.config import Config
 from proxy.keys import KeyPool, build_pools
 from proxy.routing import Router
+from proxy.throttle import Throttle, make_storage
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
@@ -22,23 +27,45 @@ log = logging.getLogger("proxy")
 class Runtime:
     config: Config
     router: Router
+    auth: ClientAuth
+    throttle: Throttle
     pools: Mapping[str, KeyPool]
+    breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
+    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
+        for name in self.config.backends:
+            self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
 
     async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         for upstream in self.upstreams.values():
             await upstream.close()
 
+    async def _probe_invalid_keys(self, backend: str) -> None:
+        """Every ``key_probe_interval``: try each invalid key on ``GET /models``."""
+        pool, upstream = self.pools[backend], self.upstreams[backend]
+        interval = self.config.backends[backend].key_probe_interval
+        while True:
+            await asyncio.sleep(interval)
+            for key in pool.invalid_keys():
+                if await upstream.probe(key.value) == 200:
+                    pool.restore(key.id)
+
     def report(self) -> None:
         """Say at start-up which backends can serve and which need a key set."""
+        self.auth.report()
         for name, backend in self.config.backends.items():
             pool = self.pools[name]
-            if pool.usable:
-                ids = ", ".join(k.id for k in pool.usable)
+            usable = pool.usable()
+            if usable:
+                ids = ", ".join(k.id for k in usable)
                 log.info("backend %s: %s, usable keys: %s", name, backend.base_url, ids)
             else:
                 log.warning(
@@ -53,6 +80,9 @@ def build_runtime(config: Config) -> Runtime:
     return Runtime(
         config=config,
         router=Router(config),
+        auth=ClientAuth(config),
+        throttle=Throttle(config, make_storage(config.storage)),
         pools=build_pools(config.backends),
+        breakers={name: Breaker(name, b.breaker) for name, b in config.backends.items()},
         upstreams={name: Upstream(b) for name, b in config.backends.items()},
     )

@@ -26,15 +26,22 @@ class RelayResult:
     error: str | None = None  # "stream_broken" or "timeout" when the upstream failed mid-way
 
 
-async def relay_stream(response: aiohttp.ClientResponse, send: Send, backend: str) -> RelayResult:
-    """Pass every chunk through untouched; end with an error event if the upstream fails."""
+async def relay_stream(
+    response: aiohttp.ClientResponse, send: Send, backend: str, expects_done: bool = False
+) -> RelayResult:
+    """Pass every chunk through untouched; end with an error event if the upstream fails.
+
+    With ``expects_done`` (chat and text completions), a stream that ends cleanly but
+    without ``data: [DONE]`` was cut short too: the SDK would otherwise return a truncated
+    answer as if it were complete.
+    """
     result = RelayResult()
-    last = b"\n\n"
+    last = previous = b"\n\n"
     try:
         async for chunk in response.content.iter_any():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             result.bytes_sent += len(chunk)
-            last = chunk
+            previous, last = last, chunk
     except (TimeoutError, aiohttp.SocketTimeoutError):
         result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
@@ -43,6 +50,11 @@ async def relay_stream(response: aiohttp.ClientResponse, send: Send, backend: st
     except aiohttp.ClientError:
         result.error = "stream_broken"
         message = f"Backend '{backend}' closed the stream before it was complete."
+        await send_stream_error(send, message, "upstream_stream_broken", last)
+        return result
+    if expects_done and b"[DONE]" not in previous[-16:] + last:
+        result.error = "stream_broken"
+        message = f"Backend '{backend}' ended the stream without [DONE]."
         await send_stream_error(send, message, "upstream_stream_broken", last)
         return result
     await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -25,12 +25,18 @@ class Upstream:
         self.name = backend.name
         self.base_url = backend.base_url
         self.extra_headers = dict(backend.headers)
+        timeout = backend.timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # a stream may run for many minutes; the gaps are what is bounded
-            connect=backend.timeout.connect,
-            sock_connect=backend.timeout.connect,
-            sock_read=backend.timeout.read,
+            connect=timeout.connect,
+            sock_connect=timeout.connect,
+            sock_read=timeout.first_byte_seconds,  # the wait for the response head...
         )
+        # ...and, once the head is in, the longest silence between two chunks.
+        self._idle = (
+            timeout.idle_seconds if timeout.idle_seconds != timeout.first_byte_seconds else None
+        )
+        self._probe_timeout = aiohttp.ClientTimeout(total=10, connect=timeout.connect)
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
 
@@ -73,7 +79,7 @@ class Upstream:
         if self._session is None:
             raise ProxyError(503, "The proxy is starting up.", type="server_error")
         try:
-            return await self._session.request(method, url, headers=headers, data=body)
+            response = await self._session.request(method, url, headers=headers, data=body)
         except aiohttp.ConnectionTimeoutError:
             raise upstream_timeout(self.name, "connecting") from None
         except (TimeoutError, aiohttp.SocketTimeoutError):
@@ -84,6 +90,23 @@ class Upstream:
             ) from None
         except aiohttp.ClientError as exc:
             raise upstream_unreachable(self.name, _describe(exc)) from None
+        if self._idle is not None and response.connection is not None:
+            response.connection.protocol.read_timeout = self._idle  # type: ignore[union-attr]
+        return response
+
+    async def probe(self, key: str) -> int | str:
+        """``GET {base_url}/models`` with ``key``: the status, or why it could not be sent."""
+        if self._session is None:
+            return "not started"
+        headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
+        try:
+            async with self._session.get(
+                self.url("/models"), headers=headers, timeout=self._probe_timeout
+            ) as response:
+                await response.read()
+                return response.status
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _describe(exc)
 
     async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body of a response that is not streamed to the client."""

@@ -149,10 +149,16 @@ def start_proxy(
 
 
 def mock_config(mock: MockUpstream, **overrides: str) -> str:
-    """A config with two keys on a `mock` backend, aliases, prefix routes and a key pin."""
+    """A config with two keys on a `mock` backend, aliases, prefix routes and a key pin.
+
+    The reconnect throttle is off unless ``reconnect="true"``: most tests fail on purpose.
+    """
     text = f"""
 server:
   routing_headers: true
+throttle:
+  reconnect: {{enabled: {overrides.get("reconnect", "false")}, base: 0.5, max: 4}}
+{overrides.get("extra", "")}
 backends:
   mock:
     base_url: {mock.url}/v1
@@ -164,6 +170,9 @@ backends:
   other:
     base_url: {mock.url}/other/v1
     keys: [{{id: other-main, key: "${{TEST_KEY_OTHER}}"}}]
+  flaky:
+    base_url: {mock.url}/v1
+    keys: [{{id: flaky-main, key: "sk-flaky-000000000000"}}]
   unkeyed:
     base_url: {mock.url}/v1
     keys: [{{id: unkeyed-main, key: "${{UNSET_TEST_KEY}}"}}]
@@ -178,6 +187,7 @@ routes:
   - {{prefix: "other/", backend: other, strip_prefix: true}}
   - {{prefix: "pinned-", backend: mock, key: key-b}}
   - {{prefix: "unkeyed-", backend: unkeyed}}
+  - {{prefix: "flaky-", backend: flaky}}
   - {{prefix: "dead-", backend: dead}}
   - {{prefix: "gpt-", backend: mock}}
 """

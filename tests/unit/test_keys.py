@@ -39,4 +39,4 @@ def test_no_usable_key_names_every_variable_to_set():
 def test_pinned_missing_key_names_its_variable():
     with pytest.raises(NoUsableKey) as info:
         pool(K1="sk-1").pick("two")
-    assert info.value.hint == "pinned key 'two' is missing: set K2"
+    assert info.value.hint == "key 'two' is missing: set K2"

@@ -1,0 +1,138 @@
+"""Who is asking: client keys, the models each client may use, and the client's address.
+
+With ``clients:`` configured, every request needs ``Authorization: Bearer <client key>``.
+Keys are compared by their SHA-256 digest in a dict: the time taken does not depend on how
+much of a guessed key is right. Without clients the proxy is open, and a client is its IP.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import hashlib
+import hmac
+import ipaddress
+import logging
+import re
+from collections.abc import Iterable, MutableMapping
+from dataclasses import dataclass
+from typing import Any
+
+from proxy.config import Config
+from proxy.errors import ProxyError
+
+log = logging.getLogger("proxy")
+
+
+@dataclass(frozen=True, slots=True)
+class Client:
+    id: str
+    digest: bytes
+    models: re.Pattern[str] | None  # None: every model
+
+
+def invalid_client_key(detail: str) -> ProxyError:
+    return ProxyError(401, detail, code="invalid_api_key", headers={"x-should-retry": "false"})
+
+
+def model_not_allowed(client: str, model: str) -> ProxyError:
+    return ProxyError(
+        403,
+        f"Client '{client}' may not use model '{model}'.",
+        type="permission_error",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
+class ClientAuth:
+    def __init__(self, config: Config) -> None:
+        self.open = not config.clients
+        self._by_digest: dict[bytes, Client] = {}
+        for c in config.clients:
+            if not c.key:
+                continue  # reported at start-up; nobody can authenticate as this client
+            digest = _digest(c.key)
+            pattern = _globs(c.models) if c.models else None
+            self._by_digest[digest] = Client(c.id, digest, pattern)
+        self._missing = [c for c in config.clients if not c.key]
+        self._trusted = [
+            ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies
+        ]
+
+    def report(self) -> None:
+        if self.open:
+            log.warning(
+                "no clients configured: the proxy is OPEN, anyone who reaches it uses your "
+                "keys; add a `clients:` section to require client keys"
+            )
+        for c in self._missing:
+            hint = f"set {' or '.join(c.env_vars)}" if c.env_vars else "its key is empty"
+            log.warning("client %s cannot authenticate: %s", c.id, hint)
+
+    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Client | None:
+        """The client the request's Bearer key belongs to; None when the proxy is open."""
+        if self.open:
+            return None
+        token = _bearer(headers)
+        if token is None:
+            raise invalid_client_key(
+                "Missing client API key: send it as 'Authorization: Bearer <key>'."
+            )
+        digest = _digest(token)
+        client = self._by_digest.get(digest)
+        if client is None or not hmac.compare_digest(client.digest, digest):
+            raise invalid_client_key("Incorrect client API key provided.")
+        return client
+
+    def check_model(self, client: Client | None, requested: str, resolved: str) -> None:
+        if client is None or client.models is None:
+            return
+        if client.models.match(requested) or client.models.match(resolved):
+            return
+        raise model_not_allowed(client.id, requested)
+
+    def address(self, scope: MutableMapping[str, Any]) -> str:
+        """The client's IP; X-Forwarded-For is believed only from a trusted proxy."""
+        peer = scope.get("client")
+        ip = peer[0] if peer else "unknown"
+        if not self._trusted or not self._is_trusted(ip):
+            return ip
+        forwarded = _header(scope["headers"], b"x-forwarded-for")
+        if not forwarded:
+            return ip
+        # Walk from the nearest hop back; the first address we do not trust is the client.
+        for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
+            if not self._is_trusted(hop):
+                return hop
+        return ip
+
+    def _is_trusted(self, ip: str) -> bool:
+        try:
+            address = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        return any(address in network for network in self._trusted)
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
+
+
+def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
+    value = _header(headers, b"authorization")
+    if value is None:
+        return None
+    scheme, _, token = value.partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
+    for key, value in headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
