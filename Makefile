@@ -17,6 +17,7 @@ run: $(STAMP)
 	$(BIN)/proxy serve --config $(CONFIG)
 
 test: $(STAMP)
+	bash scripts/install-test-services.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest -q

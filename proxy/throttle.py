@@ -8,6 +8,7 @@ down) the proxy fails open: requests go through, and the failure is logged and c
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from dataclasses import dataclass
@@ -68,14 +69,13 @@ class Throttle:
         """Seconds this (client, model) must still wait after its recent failures; 0: go."""
         if not self.reconnect.enabled:
             return 0.0
-        key = _block_key(client, model)
         try:
-            if await self.storage.get(key) <= 0:
-                return 0.0
-            return max(0.0, await self.storage.get_expiry(key) - time.time())
+            # The block key's value is the time (ms since the epoch) the block ends: one read.
+            until_ms = await self.storage.get(_block_key(client, model))
         except Exception as exc:
             self._storage_failed(exc)
             return 0.0
+        return max(0.0, until_ms / 1000 - time.time()) if until_ms else 0.0
 
     async def record(self, client: str, model: str, outcome: Outcome) -> None:
         if not self.reconnect.enabled or outcome is Outcome.NEUTRAL:
@@ -85,11 +85,14 @@ class Throttle:
                 await self.storage.clear(_streak_key(client, model))
                 return
             # The streak is forgotten after a quiet spell of a few maximum waits.
-            streak = await self.storage.incr(_streak_key(client, model), self.reconnect.max * 4)
+            forget_after = math.ceil(self.reconnect.max * 4)
+            streak = await self.storage.incr(_streak_key(client, model), forget_after)
             wait = self.backoff(streak)
             block = _block_key(client, model)
             await self.storage.clear(block)
-            await self.storage.incr(block, wait)
+            # Redis expiries are whole seconds, so the end time itself is the stored value.
+            until_ms = int((time.time() + wait) * 1000)
+            await self.storage.incr(block, math.ceil(wait) + 1, amount=until_ms)
         except Exception as exc:
             self._storage_failed(exc)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -46,7 +47,11 @@ class MockUpstream:
 
     def reset(self) -> None:
         httpx.delete(f"{self.url}/_mock/requests")
-        httpx.post(f"{self.url}/_mock/config", json={"invalid_keys": [], "models": ["mock-model"]})
+        settings = {"invalid_keys": [], "limited_keys": {}, "models": ["mock-model"]}
+        httpx.post(f"{self.url}/_mock/config", json=settings)
+
+    def configure(self, **settings: Any) -> None:
+        httpx.post(f"{self.url}/_mock/config", json=settings).raise_for_status()
 
 
 def start_mock(*args: str) -> MockUpstream:
@@ -206,3 +211,52 @@ def proxy(
     process = start_proxy(mock_config(mock_upstream), tmp, KEYS_ENV)
     yield process
     process.stop()
+
+
+@dataclass
+class RedisServer:
+    port: int
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=10)
+
+    def start(self) -> None:
+        """(Re)start on the same port, empty."""
+        self.process = _spawn_redis(self.port)
+
+
+def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
+    exe = shutil.which("redis-server")
+    assert exe is not None
+    args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not start")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on 127.0.0.1 for the session; skipped, visibly, where none exists."""
+    if shutil.which("redis-server") is None:
+        pytest.skip(
+            "redis-server is not installed and could not be (make test installs it with "
+            "apt-get): the Redis storage tests are skipped"
+        )
+    server = RedisServer(free_port(), None)  # type: ignore[arg-type]
+    server.start()
+    yield server
+    server.stop()

@@ -14,10 +14,12 @@ forwards unknown fields unchanged; the openai SDK sends it with ``extra_body``):
   chunks                      number of content chunks in a stream (default 3)
   first_chunk_delay, chunk_delay   seconds before the first / each further event
   drop_after, stall_after     after N events: cut the connection / go silent for 60 s
+  no_done                     end the stream cleanly but without data: [DONE]
   crlf, comments              use \\r\\n line endings / send ": keep-alive" comments
 Control endpoints: ``GET /_mock/requests`` (what was received), ``GET /_mock/stats`` (how
 many timed answers were cut short by the client leaving), ``DELETE /_mock/requests``,
-``POST /_mock/config`` with ``{"invalid_keys": [...], "models": [...]}``.
+``POST /_mock/config`` with ``{"invalid_keys": [...], "limited_keys": {key: retry_after},
+"models": [...]}``.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class State:
         self.record = record
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
         self.invalid_keys: set[str] = set()
+        self.limited_keys: dict[str, str] = {}  # key -> retry-after seconds: answered with 429
         self.models = models
         self.aborted = 0  # timed answers cut short because the client (the proxy) went away
 
@@ -261,6 +264,10 @@ class Connection(asyncio.Protocol):
             return openai_error(
                 401, "Invalid Authentication", "invalid_authentication_error", "invalid_api_key"
             )
+        if auth in self.state.limited_keys:
+            retry_after = self.state.limited_keys[auth]
+            error = {"message": "Rate limit reached", "type": "rate_limit_reached_error"}
+            return json_response(429, {"error": error}, [("retry-after", retry_after)])
         if method == "GET" and path.endswith("/models"):
             data = [
                 {"id": m, "object": "model", "created": CREATED, "owned_by": "mock"}
@@ -331,6 +338,8 @@ class Connection(asyncio.Protocol):
         else:
             include_usage = bool((request.get("stream_options") or {}).get("include_usage"))
             events = chat_events(model, chunks, include_usage)
+        if mock.get("no_done"):  # a clean end of the stream, but without [DONE]
+            events = [e for e in events if e != b"data: [DONE]\n\n"]
         if mock.get("comments"):
             events = [b": keep-alive\n\n", *events[:2], b": keep-alive\n\n", *events[2:]]
         if mock.get("crlf"):
@@ -366,6 +375,8 @@ class Connection(asyncio.Protocol):
                 self.state.invalid_keys = set(settings["invalid_keys"])
             if "models" in settings:
                 self.state.models = list(settings["models"])
+            if "limited_keys" in settings:
+                self.state.limited_keys = dict(settings["limited_keys"])
             return json_response(200, {"ok": True})
         return openai_error(404, "unknown control endpoint", "invalid_request_error")
 
