@@ -32,10 +32,19 @@ class RequestRecord:
     stream: bool = False
     error: str | None = None
     client: str | None = None  # client key id, or address when the proxy is open
+    client_label: str = "anonymous"  # for metrics: the client id, never an address
     throttled: str | None = (
         None  # reconnect | client_rate_limit | backend_rate_limit | circuit_open
     )
     upstream_error: str | None = None  # connect | timeout | status_4xx | status_429 | status_5xx
+    # For metrics, observed on the side:
+    model_label: str = "unrouted"
+    attempt_errors: list[tuple[str, str, str]] = field(default_factory=list)  # backend, key, kind
+    ttft: float | None = None  # seconds to the upstream's first data: event (streams)
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    overhead: float | None = None  # seconds the proxy itself added
+    sent_at: float | None = None  # perf_counter when the first upstream call began
     started: float = field(default_factory=time.perf_counter)
 
 

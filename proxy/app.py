@@ -7,6 +7,7 @@ router. The lifespan opens the upstream connection pools and closes them again.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 from typing import Any
@@ -15,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from proxy import errors, forward
+from proxy import admin, errors, forward, metrics
 from proxy.access_log import AccessLog
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
@@ -37,6 +38,9 @@ class ProxyApp:
         self.cold = Router(
             routes=[
                 Route("/health", self.health, methods=["GET", "HEAD"]),
+                Route("/ready", self.ready, methods=["GET", "HEAD"]),
+                Route("/metrics", self.metrics, methods=["GET"]),
+                Route("/admin/status", self.admin_status, methods=["GET"]),
                 Route("/v1/models", self.list_models, methods=["GET"]),
                 Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
             ],
@@ -67,6 +71,7 @@ class ProxyApp:
             elif message["type"] == "lifespan.shutdown":
                 await self.runtime.close()
                 self.access_log.flush()
+                metrics.worker_exit()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
 
@@ -74,6 +79,40 @@ class ProxyApp:
 
     async def health(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """Ready when the config is loaded and at least one backend can serve."""
+        runtime = self.runtime
+        serving = [
+            name
+            for name, pool in runtime.pools.items()
+            if pool.usable() and not runtime.breakers[name].is_open
+        ]
+        status = 200 if serving else 503
+        return JSONResponse({"ready": bool(serving), "backends": serving}, status_code=status)
+
+    async def metrics(self, request: Request) -> Response:
+        self.runtime.publish_gauges()
+        body, content_type = metrics.exposition()
+        return Response(body, media_type=content_type)
+
+    async def admin_status(self, request: Request) -> Response:
+        admin_key = self.runtime.config.server.admin_key
+        if not admin_key:  # no admin key: the page does not exist
+            return await self._not_found_response(request)
+        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(presented.encode(), admin_key.encode()):
+            return error_response(
+                ProxyError(
+                    401,
+                    "Admin key required: 'Authorization: Bearer <admin_key>'.",
+                    code="invalid_api_key",
+                )
+            )
+        return JSONResponse(admin.status(self.runtime))
+
+    async def _not_found_response(self, request: Request) -> Response:
+        return error_response(errors.unknown_url(request.method, request.url.path))
 
     async def list_models(self, request: Request) -> Response:
         data = [_model_object(e.id, e.owned_by) for e in self.runtime.router.models]

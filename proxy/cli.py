@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from typing import Any
 
@@ -55,9 +57,21 @@ def serve(config: Config, args: argparse.Namespace) -> int:
     if args.workers > 1:
         from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV
 
+        if config.storage.startswith("memory://"):
+            print(
+                f"warning: {args.workers} workers with storage memory://: rate limits and "
+                "reconnect backoff are counted per worker (set storage: redis://... to share)",
+                file=sys.stderr,
+            )
         os.environ[CONFIG_ENV] = os.path.abspath(args.config)
         os.environ[LOG_FORMAT_ENV] = log_format
-        uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
+        # Workers sum their metrics through files here; made fresh at every start.
+        metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+        try:
+            uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     else:
         from proxy.app import ProxyApp
 

@@ -7,6 +7,8 @@ Every problem is reported as ``ConfigError(file, place, message)``, e.g.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import ipaddress
 import os
 import re
@@ -126,6 +128,7 @@ class ServerConfig:
     routing_headers: bool = True  # x-proxy-backend / x-proxy-key / x-proxy-model on responses
     max_body_size: int = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For is believed
+    admin_key: str = field(default="", repr=False)  # Bearer for /admin/status; empty: no admin
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class Config:
     clients: tuple[ClientConfig, ...] = ()
     throttle: ThrottleConfig = ThrottleConfig()
     storage: str = "memory://"  # or redis://host:port: shared by replicas
+    digest: str = ""  # sha256 of the file's text, to tell which version is in force
 
 
 def fingerprint(secret: str) -> str:
@@ -171,7 +175,8 @@ def parse_config(text: str, path: str, environ: Mapping[str, str]) -> Config:
         place = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(exc, "problem", None) or str(exc)
         raise ConfigError(path, place, f"invalid YAML: {problem}") from None
-    return _Validator(path, environ).config(raw if raw is not None else {})
+    config = _Validator(path, environ).config(raw if raw is not None else {})
+    return dataclasses.replace(config, digest=hashlib.sha256(text.encode()).hexdigest())
 
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -345,7 +350,9 @@ class _Validator:
         return ThrottleConfig(reconnect=result)
 
     def server(self, raw: Any) -> ServerConfig:
-        fields = frozenset({"host", "port", "routing_headers", "max_body_size", "trusted_proxies"})
+        fields = frozenset(
+            {"host", "port", "routing_headers", "max_body_size", "trusted_proxies", "admin_key"}
+        )
         section = self.mapping(raw, "server", fields)
         defaults = ServerConfig()
         port = section.get("port", defaults.port)
@@ -366,6 +373,9 @@ class _Validator:
             trusted_proxies=self.networks(
                 section.get("trusted_proxies", []), "server.trusted_proxies"
             ),
+            admin_key=self.string(
+                section.get("admin_key", ""), "server.admin_key", allow_empty=True
+            ).strip(),
         )
 
     def networks(self, raw: Any, place: str) -> tuple[str, ...]:

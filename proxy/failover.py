@@ -11,6 +11,7 @@ an upstream error passed through unchanged, or the proxy's own error.
 from __future__ import annotations
 
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +86,7 @@ async def deliver(
     last: Result | ProxyError | None = None
     for candidate in (target, *target.fallbacks):
         record.backend, record.upstream_model = candidate.backend, candidate.upstream_model
+        record.model_label = candidate.label
         result = await _try_backend(runtime, candidate, parts, record)
         if isinstance(result, Delivery):
             return result
@@ -126,6 +128,8 @@ async def _try_backend(
             return _no_key_error(exc)
         tried.append(key.id)
         record.key = key.id
+        if record.sent_at is None:
+            record.sent_at = time.perf_counter()
         headers = forwarded_request_headers(
             parts.client_headers, upstream.extra_headers, "Bearer " + key.value
         )
@@ -134,6 +138,7 @@ async def _try_backend(
         except ProxyError as err:
             breaker.failure()
             record.upstream_error = "timeout" if err.status == 504 else "connect"
+            record.attempt_errors.append((backend, key.id, record.upstream_error))
             return err
         status = response.status
         if status < 400 or (status < 500 and status not in (401, 403, 429)):
@@ -144,6 +149,7 @@ async def _try_backend(
         if status >= 500:
             breaker.failure()
             record.upstream_error = "status_5xx"
+            record.attempt_errors.append((backend, key.id, "status_5xx"))
             return last_answer
         breaker.success()  # the backend is up: it is the key that is refused or limited
         if status == 429:
@@ -152,6 +158,7 @@ async def _try_backend(
         else:
             record.upstream_error = "status_4xx"
             pool.mark_invalid(key.id, _reason(last_answer))
+        record.attempt_errors.append((backend, key.id, record.upstream_error))
         if len(tried) > 1:
             return last_answer  # one retry per request, never a storm of them
 

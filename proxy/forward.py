@@ -11,20 +11,21 @@ import asyncio
 import itertools
 import logging
 import os
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 import aiohttp
 import orjson
 
-from proxy import errors
+from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.streaming import relay_stream
+from proxy.streaming import relay_stream, tokens, usage_of
 from proxy.throttle import Outcome
 
 Scope = MutableMapping[str, Any]
@@ -97,6 +98,7 @@ async def handle(
         await _answer_error(runtime, send, exchange, errors.internal_error())
     finally:
         access_log.write(record)
+        metrics.observe_request(record)
         if exchange.target is not None and record.client is not None:
             await runtime.throttle.record(record.client, exchange.target.model, exchange.outcome)
 
@@ -107,7 +109,10 @@ async def forward(
     record = exchange.record
     # auth
     client = runtime.auth.authenticate(scope["headers"])
-    record.client = client.id if client is not None else runtime.auth.address(scope)
+    if client is not None:
+        record.client = record.client_label = client.id
+    else:
+        record.client = runtime.auth.address(scope)
 
     # route
     payload = parse_payload(body)
@@ -121,6 +126,7 @@ async def forward(
             f"The model '{model}' is not routed by this proxy. Routable: {summary}."
         )
     record.backend, record.upstream_model = target.backend, target.upstream_model
+    record.model_label = target.label
     runtime.auth.check_model(client, model, target.model)
 
     # throttle
@@ -162,29 +168,46 @@ async def _relay(
 ) -> None:
     record = exchange.record
     response = delivery.response
+    head_at = time.perf_counter()
+    backend = delivery.target.backend
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
+        if response.status >= 400:  # a client error passed through (the rest never get here)
+            record.attempt_errors.append((backend, delivery.key_id, "status_4xx"))
         kept = kept_response_headers(response.raw_headers)
         headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
-        upstream = runtime.upstreams[delivery.target.backend]
         if response.content_type == _EVENT_STREAM:
             exchange.response_started = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
-            result = await relay_stream(response, send, delivery.target.backend, expects_done)
+            _add_overhead(record, time.perf_counter() - head_at)
+            streams = metrics.streams_child(backend)
+            streams.inc()
+            try:
+                result = await relay_stream(response, send, backend, expects_done)
+            finally:
+                streams.dec()
+            if result.first_data_at is not None:
+                record.ttft = result.first_data_at - record.started
+            record.prompt_tokens, record.completion_tokens = tokens(result.usage)
             if result.error is not None:
                 record.error = record.upstream_error = result.error
+                record.attempt_errors.append((backend, delivery.key_id, result.error))
                 exchange.outcome = Outcome.FAILURE
         else:
-            data = await upstream.read_all(response)
+            data = await runtime.upstreams[backend].read_all(response)
+            read_at = time.perf_counter()
             headers.append((b"content-length", str(len(data)).encode()))
             exchange.response_started = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
             )
             await send({"type": "http.response.body", "body": data, "more_body": False})
+            _add_overhead(record, time.perf_counter() - read_at)
+            if response.status == 200 and b'"usage"' in data:
+                record.prompt_tokens, record.completion_tokens = _json_tokens(data)
     finally:
         # Returns the connection to the pool when the body was read to the end, closes it
         # otherwise (client gone, stream broken): the upstream stops generating at once.
@@ -221,6 +244,19 @@ def _response_headers(
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id)
     return headers
+
+
+def _add_overhead(record: RequestRecord, outbound: float) -> None:
+    """Request in → upstream call, plus upstream data in → client data out."""
+    if record.sent_at is not None:
+        record.overhead = (record.sent_at - record.started) + outbound
+
+
+def _json_tokens(data: bytes) -> tuple[int, int]:
+    try:
+        return tokens(usage_of(orjson.loads(data)))
+    except orjson.JSONDecodeError:
+        return 0, 0
 
 
 def _outcome(status: int) -> Outcome:

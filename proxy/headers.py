@@ -34,6 +34,9 @@ _NOT_FORWARDED = frozenset(
         "api-key",
         "x-api-key",
         "cookie",
+        # Answers come back uncompressed, so token usage can be read without inflating them
+        # (LLM answers are small JSON or SSE, which gains little from compression anyway).
+        "accept-encoding",
     )
 )
 _KEPT_ON_RESPONSE = frozenset(

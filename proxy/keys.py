@@ -67,6 +67,10 @@ class KeyPool:
                 return key
         raise self._no_usable_key(candidates, now)
 
+    def states(self) -> list[tuple[KeyConfig, bool]]:
+        now = time.monotonic()
+        return [(k, self._usable(k.id, now)) for k in self.keys]
+
     def usable(self) -> list[KeyConfig]:
         now = time.monotonic()
         return [k for k in self.keys if self._usable(k.id, now)]

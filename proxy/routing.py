@@ -23,6 +23,7 @@ class Target:
     upstream_model: str  # what the backend receives (prefix stripped where the route says)
     pinned_key: str | None = None
     fallbacks: tuple[Target, ...] = ()  # tried in order when this backend fails first
+    label: str = ""  # the metrics label: a model id from the config, or the route's pattern
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Router:
         for backend in config.backends.values():
             for model in backend.models:
                 self._listed.setdefault(model, backend.name)
+        # Ids the config names: only these become metric labels, as themselves.
+        self._known = set(self._aliases.values()) | set(self._listed)
+        self._known |= {f.model for r in self._routes for f in r.fallback if f.model}
         self._cache: dict[str, Target | None] = {}
         self.models = self._model_list()
 
@@ -60,13 +64,23 @@ class Router:
                 upstream = model[len(route.prefix) :] if route.strip_prefix else model
                 if not upstream:
                     continue  # "moonshot/" alone names no model
+                label = model if model in self._known else f"{route.prefix}*"
                 fallbacks = tuple(
-                    Target(requested, model, f.backend, f.model or upstream) for f in route.fallback
+                    Target(
+                        requested,
+                        model,
+                        f.backend,
+                        f.model or upstream,
+                        label=f.model if f.model in self._known else label,
+                    )
+                    for f in route.fallback
                 )
-                return Target(requested, model, route.backend, upstream, route.key, fallbacks)
+                return Target(
+                    requested, model, route.backend, upstream, route.key, fallbacks, label
+                )
         backend = self._listed.get(model)
         if backend is not None:
-            return Target(requested, model, backend, model)
+            return Target(requested, model, backend, model, label=model)
         return None
 
     def routable_summary(self) -> str:

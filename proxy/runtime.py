@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from proxy import metrics
 from proxy.breaker import Breaker
 from proxy.clients import ClientAuth
 from proxy.config import Config
@@ -32,6 +34,7 @@ class Runtime:
     pools: Mapping[str, KeyPool]
     breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
+    loaded_at: float = field(default_factory=time.time)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -39,6 +42,7 @@ class Runtime:
             await upstream.start()
         for name in self.config.backends:
             self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
+        self._tasks.append(asyncio.create_task(self._refresh_gauges()))
 
     async def close(self) -> None:
         for task in self._tasks:
@@ -57,6 +61,23 @@ class Runtime:
             for key in pool.invalid_keys():
                 if await upstream.probe(key.value) == 200:
                     pool.restore(key.id)
+
+    async def _refresh_gauges(self) -> None:
+        """Key and breaker gauges follow the state they report, once a second."""
+        while True:
+            self.publish_gauges()
+            await asyncio.sleep(1.0)
+
+    def publish_gauges(self) -> None:
+        metrics.set_key_states(
+            (name, key.id, usable)
+            for name, pool in self.pools.items()
+            for key, usable in pool.states()
+        )
+        metrics.set_circuit_states((name, b.is_open) for name, b in self.breakers.items())
+        if self.throttle.storage_errors:
+            metrics.STORAGE_ERRORS.inc(self.throttle.storage_errors)
+            self.throttle.storage_errors = 0
 
     def report(self) -> None:
         """Say at start-up which backends can serve and which need a key set."""

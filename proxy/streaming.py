@@ -7,11 +7,13 @@ the end of the response, so SDKs raise instead of mistaking the failure for a cl
 
 from __future__ import annotations
 
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+import orjson
 
 from proxy.errors import error_body
 
@@ -24,6 +26,71 @@ _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 class RelayResult:
     bytes_sent: int = 0
     error: str | None = None  # "stream_broken" or "timeout" when the upstream failed mid-way
+    first_data_at: float | None = None  # perf_counter of the first data: event
+    usage: dict[str, Any] | None = None  # the last usage the upstream reported
+
+
+_USAGE_MARKERS = (b'"usage":{', b'"usage": {')  # not "usage":null, which every chunk may carry
+
+
+def usage_of(event_json: Any) -> dict[str, Any] | None:
+    """The usage an event reports: top-level, else inside a choice (Moonshot's place for it).
+
+    The caller keeps only the last one seen, so a provider that reports it in both places
+    is counted once.
+    """
+    if not isinstance(event_json, dict):
+        return None
+    usage = event_json.get("usage")
+    if isinstance(usage, dict):
+        return usage
+    response = event_json.get("response")  # Responses API: response.completed
+    if isinstance(response, dict) and isinstance(response.get("usage"), dict):
+        return response["usage"]
+    for choice in event_json.get("choices") or ():
+        if isinstance(choice, dict) and isinstance(choice.get("usage"), dict):
+            return choice["usage"]
+    return None
+
+
+def tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
+    """(prompt, completion) from a chat-style or Responses-style usage object."""
+    if not usage:
+        return 0, 0
+    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
+    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
+    return (
+        prompt if isinstance(prompt, int) else 0,
+        completion if isinstance(completion, int) else 0,
+    )
+
+
+class _UsageReader:
+    """Reads usage from a copy of the chunks that carry it; never touches the stream."""
+
+    __slots__ = ("pending", "usage")
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.usage: dict[str, Any] | None = None
+
+    def feed(self, chunk: bytes) -> None:
+        if self.pending:
+            chunk = self.pending + chunk
+            self.pending = b""
+        elif _USAGE_MARKERS[0] not in chunk and _USAGE_MARKERS[1] not in chunk:
+            return
+        if not chunk.endswith(_EVENT_ENDS):  # the event goes on in the next chunk
+            self.pending = chunk[-65536:]
+            return
+        for line in chunk.splitlines():
+            if line.startswith(b"data:") and b'"usage"' in line:
+                try:
+                    found = usage_of(orjson.loads(line[5:]))
+                except orjson.JSONDecodeError:
+                    continue
+                if found is not None:
+                    self.usage = found
 
 
 async def relay_stream(
@@ -36,12 +103,17 @@ async def relay_stream(
     answer as if it were complete.
     """
     result = RelayResult()
+    usage = _UsageReader()
     last = previous = b"\n\n"
     try:
         async for chunk in response.content.iter_any():
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             result.bytes_sent += len(chunk)
             previous, last = last, chunk
+            if result.first_data_at is None and b"data:" in chunk:
+                result.first_data_at = time.perf_counter()
+            usage.feed(chunk)
+            result.usage = usage.usage
     except (TimeoutError, aiohttp.SocketTimeoutError):
         result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."

@@ -4,6 +4,7 @@
 set -uo pipefail
 need=()
 command -v redis-server >/dev/null || need+=(redis-server)
+command -v prometheus >/dev/null || need+=(prometheus)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null; then SUDO="sudo"; else
   echo "note: cannot install ${need[*]} (not root, no sudo): the tests that need them are skipped"
@@ -14,6 +15,8 @@ $SUDO apt-get update -qq >/dev/null 2>&1
 if ! DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1; then
   echo "note: could not install ${need[*]}: the tests that need them are skipped"
 fi
-# Debian starts the packaged service on install; the tests start their own instance.
-$SUDO systemctl stop redis-server >/dev/null 2>&1 || $SUDO service redis-server stop >/dev/null 2>&1 || true
+# Debian starts the packaged services on install; the tests start their own instances.
+for service in redis-server prometheus prometheus-node-exporter; do
+  $SUDO systemctl stop "$service" >/dev/null 2>&1 || $SUDO service "$service" stop >/dev/null 2>&1 || true
+done
 exit 0

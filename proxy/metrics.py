@@ -1,0 +1,179 @@
+"""Every metric, in one place. The names are a contract: dashboards and alerts use them.
+
+Labels come from the config only (backend names, key ids, client ids, configured model ids
+or route patterns), never from a raw client string, so a client cannot grow the series.
+With ``--workers N`` prometheus-client's multiprocess mode sums the workers' values; its
+directory must be set (``PROMETHEUS_MULTIPROC_DIR``) before this module is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+
+from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.access_log import RequestRecord
+
+MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+
+# 5 ms ... 10 min: an embedding answers in milliseconds, a long generation in minutes.
+LLM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+REQUESTS = Counter(
+    "llm_proxy_requests",
+    "Requests answered, by client, backend, model, status and stream.",
+    ["client", "backend", "model", "status", "stream"],
+)
+DURATION = Histogram(
+    "llm_proxy_request_duration_seconds",
+    "Time from request in to the last byte out.",
+    ["backend", "model", "stream"],
+    buckets=LLM_BUCKETS,
+)
+TTFT = Histogram(
+    "llm_proxy_time_to_first_token_seconds",
+    "Streams: time from request in to the upstream's first data: event.",
+    ["backend", "model"],
+    buckets=LLM_BUCKETS,
+)
+OVERHEAD = Histogram(
+    "llm_proxy_overhead_seconds",
+    "Time the proxy itself adds: request in to upstream request out, plus upstream "
+    "first byte to client first byte.",
+    buckets=OVERHEAD_BUCKETS,
+)
+TOKENS = Counter(
+    "llm_proxy_tokens",
+    "Tokens reported in the upstream's usage, by type (prompt, completion).",
+    ["backend", "model", "type"],
+)
+STREAMS_ACTIVE = Gauge(
+    "llm_proxy_streams_active",
+    "Streams being relayed now.",
+    ["backend"],
+    multiprocess_mode="livesum",
+)
+UPSTREAM_ERRORS = Counter(
+    "llm_proxy_upstream_errors",
+    "Failed upstream attempts, by kind: connect, timeout, status_4xx, status_429, "
+    "status_5xx, stream_broken.",
+    ["backend", "key", "kind"],
+)
+THROTTLED = Counter(
+    "llm_proxy_throttled",
+    "Requests the proxy refused itself, by reason: reconnect, client_rate_limit, "
+    "backend_rate_limit, circuit_open.",
+    ["reason"],
+)
+KEY_USABLE = Gauge(
+    "llm_proxy_key_usable",
+    "1 when the key can be picked, 0 when it is missing, invalid or cooling down.",
+    ["backend", "key"],
+    multiprocess_mode="livemin",
+)
+CIRCUIT_OPEN = Gauge(
+    "llm_proxy_circuit_open",
+    "1 while the backend's circuit breaker is open or half-open.",
+    ["backend"],
+    multiprocess_mode="livemax",
+)
+CONFIG_RELOADS = Counter(
+    "llm_proxy_config_reloads", "Config reloads, by result (success, failure).", ["result"]
+)
+STORAGE_ERRORS = Counter(
+    "llm_proxy_storage_errors",
+    "Throttle storage (Redis) operations that failed; limits fail open meanwhile.",
+)
+BUILD_INFO = Gauge(
+    "llm_proxy_build_info", "The proxy's version.", ["version"], multiprocess_mode="livemax"
+)
+BUILD_INFO.labels(__version__).set(1)
+for _result in ("success", "failure"):
+    CONFIG_RELOADS.labels(_result)  # present at 0 from the start, for rate() and alerts
+
+
+class _Children:
+    """``metric.labels(...)`` costs a lock and validation; reuse each child once made."""
+
+    def __init__(self, metric: Any) -> None:
+        self.metric = metric
+        self.cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self.cache.get(labels)
+        if child is None:
+            child = self.cache[labels] = self.metric.labels(*labels)
+        return child
+
+
+requests_child = _Children(REQUESTS)
+duration_child = _Children(DURATION)
+ttft_child = _Children(TTFT)
+tokens_child = _Children(TOKENS)
+streams_child = _Children(STREAMS_ACTIVE)
+errors_child = _Children(UPSTREAM_ERRORS)
+throttled_child = _Children(THROTTLED)
+
+
+def observe_request(record: RequestRecord) -> None:
+    """Count one finished request: called once, after the last byte, off the byte path."""
+    backend = record.backend or "none"
+    model = record.model_label
+    stream = "true" if record.stream else "false"
+    client = record.client_label
+    requests_child(client, backend, model, str(record.status), stream).inc()
+    if record.throttled is not None:
+        throttled_child(record.throttled).inc()
+    for attempt in record.attempt_errors:
+        errors_child(*attempt).inc()
+    if record.sent_at is None:
+        return  # never reached an upstream: no latency or token figures to add
+    duration_child(backend, model, stream).observe(time.perf_counter() - record.started)
+    if record.ttft is not None:
+        ttft_child(backend, model).observe(record.ttft)
+    if record.overhead is not None:
+        OVERHEAD.observe(record.overhead)
+    if record.prompt_tokens:
+        tokens_child(backend, model, "prompt").inc(record.prompt_tokens)
+    if record.completion_tokens:
+        tokens_child(backend, model, "completion").inc(record.completion_tokens)
+
+
+def exposition() -> tuple[bytes, str]:
+    """The text a scrape gets: this process's metrics, or every worker's summed."""
+    if MULTIPROCESS:
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(), CONTENT_TYPE_LATEST
+
+
+def set_key_states(states: Iterable[tuple[str, str, bool]]) -> None:
+    for backend, key, usable in states:
+        KEY_USABLE.labels(backend, key).set(1 if usable else 0)
+
+
+def set_circuit_states(states: Iterable[tuple[str, bool]]) -> None:
+    for backend, is_open in states:
+        CIRCUIT_OPEN.labels(backend).set(1 if is_open else 0)
+
+
+def worker_exit() -> None:
+    """Drop this worker's live gauges from the sums (multiprocess mode)."""
+    if MULTIPROCESS:
+        multiprocess.mark_process_dead(os.getpid())
