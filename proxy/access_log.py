@@ -95,7 +95,9 @@ class AccessLog:
             f"upstream_request_id={r.upstream_request_id or '-'} model={r.model or '-'} "
             f"upstream_model={r.upstream_model or '-'} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
-            f"error={r.error or '-'}\n"
+            f"ttft_ms={_ms(r.ttft)} prompt_tokens={r.prompt_tokens} "
+            f"completion_tokens={r.completion_tokens} throttled={r.throttled or '-'} "
+            f"error={r.error or r.upstream_error or '-'}\n"
         )
 
     def _json(self, r: RequestRecord) -> str:
@@ -113,6 +115,14 @@ class AccessLog:
             "status": r.status,
             "duration_ms": round((time.perf_counter() - r.started) * 1000, 2),
             "stream": r.stream,
-            "error": r.error,
+            "ttft_ms": round(r.ttft * 1000, 2) if r.ttft is not None else None,
+            "prompt_tokens": r.prompt_tokens,
+            "completion_tokens": r.completion_tokens,
+            "throttled": r.throttled,
+            "error": r.error or r.upstream_error,
         }
         return orjson.dumps(line).decode() + "\n"
+
+
+def _ms(seconds: float | None) -> str:
+    return f"{seconds * 1000:.1f}" if seconds is not None else "-"

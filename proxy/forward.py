@@ -219,6 +219,7 @@ async def _send_failed(
 ) -> None:
     """Pass an upstream's error through unchanged: status, body and the headers SDKs read."""
     exchange.record.status = answer.status
+    started = time.perf_counter()
     headers = _response_headers(
         runtime, exchange, answer.target, answer.key_id, list(answer.headers)
     )
@@ -226,6 +227,7 @@ async def _send_failed(
     exchange.response_started = True
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+    _add_overhead(exchange.record, time.perf_counter() - started)
 
 
 def _response_headers(
