@@ -116,9 +116,15 @@ class ReconnectConfig:
     max: float = 60.0
 
 
+RATE_LIMIT_STRATEGIES = ("moving-window", "sliding-window-counter", "fixed-window")
+
+
 @dataclass(frozen=True)
 class ThrottleConfig:
     reconnect: ReconnectConfig = ReconnectConfig()
+    # moving-window is exact but keeps one entry per request in the window (in memory, each
+    # request costs O(limit)); sliding-window-counter is O(1): better for limits in thousands.
+    rate_limit_strategy: str = "moving-window"
 
 
 @dataclass(frozen=True)
@@ -335,7 +341,13 @@ class _Validator:
         return tuple(clients)
 
     def throttle(self, raw: Any) -> ThrottleConfig:
-        section = self.mapping(raw, "throttle", frozenset({"reconnect"}))
+        section = self.mapping(raw, "throttle", frozenset({"reconnect", "rate_limit_strategy"}))
+        strategy = self.string(
+            section.get("rate_limit_strategy", "moving-window"), "throttle.rate_limit_strategy"
+        )
+        if strategy not in RATE_LIMIT_STRATEGIES:
+            known = ", ".join(RATE_LIMIT_STRATEGIES)
+            raise self.fail("throttle.rate_limit_strategy", f"expected one of {known}")
         place = "throttle.reconnect"
         fields = frozenset({"enabled", "base", "max"})
         reconnect = self.mapping(section.get("reconnect") or {}, place, fields)
@@ -347,7 +359,7 @@ class _Validator:
         )
         if result.max < result.base:
             raise self.fail(f"{place}.max", "must not be smaller than base")
-        return ThrottleConfig(reconnect=result)
+        return ThrottleConfig(reconnect=result, rate_limit_strategy=strategy)
 
     def server(self, raw: Any) -> ServerConfig:
         fields = frozenset(

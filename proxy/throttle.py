@@ -15,14 +15,24 @@ from dataclasses import dataclass
 from enum import Enum
 
 import limits
-from limits.aio.storage import Storage
-from limits.aio.strategies import MovingWindowRateLimiter
+from limits.aio.storage import MemoryStorage, Storage
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    RateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
 from limits.storage import storage_from_string
 
 from proxy.config import Config, ReconnectConfig
 
 log = logging.getLogger("proxy.throttle")
 
+_STRATEGIES: dict[str, type[RateLimiter]] = {
+    "moving-window": MovingWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+}
 _JITTER = 0.2  # a wait is shortened by up to 20% so clients blocked together spread out
 
 
@@ -36,14 +46,38 @@ class Outcome(Enum):
 class RateDecision:
     allowed: bool
     limit: int
-    remaining: int
+    remaining: int  # -1 when allowed: not worth a second storage round trip to know
     reset_seconds: float  # until the window frees a slot
+
+
+class LeanMemoryStorage(MemoryStorage):
+    """limits' async memory storage, with its expiry sweep run at most once a second.
+
+    Upstream schedules a sweep (an ``asyncio.to_thread`` call per key) after every write, so
+    under load a sweep is always running: 5% of the proxy's CPU in profiles. Expired entries
+    are already ignored when read, so sweeping once a second only bounds memory.
+    """
+
+    SWEEP_INTERVAL = 1.0
+
+    def __init__(self) -> None:
+        super().__init__("async+memory://")
+        self._last_sweep = 0.0
+        self.sweeps = 0
+
+    async def _MemoryStorage__schedule_expiry(self) -> None:  # overrides the private hook
+        now = time.monotonic()
+        if now - self._last_sweep < self.SWEEP_INTERVAL:
+            return
+        self._last_sweep = now
+        self.sweeps += 1
+        await super()._MemoryStorage__schedule_expiry()  # type: ignore[misc]
 
 
 def make_storage(uri: str) -> Storage:
     """``memory://`` or ``redis://host:port`` from the config, as an async limits storage."""
     if uri.startswith("memory://"):
-        return storage_from_string("async+memory://")
+        return LeanMemoryStorage()
     return storage_from_string(f"async+{uri}", implementation="redispy", wrap_exceptions=True)
 
 
@@ -51,7 +85,7 @@ class Throttle:
     def __init__(self, config: Config, storage: Storage) -> None:
         self.storage = storage
         self.reconnect: ReconnectConfig = config.throttle.reconnect
-        self._limiter = MovingWindowRateLimiter(storage)
+        self._limiter = _STRATEGIES[config.throttle.rate_limit_strategy](storage)
         self._client_limits = {
             c.id: limits.parse_many(c.rate_limit) for c in config.clients if c.rate_limit
         }
@@ -117,16 +151,13 @@ class Throttle:
         try:
             for item in items:
                 if not await self._limiter.hit(item, kind, name):
+                    # Window stats only on a refusal: they cost as much as the hit itself.
                     stats = await self._limiter.get_window_stats(item, kind, name)
                     reset = max(0.0, stats.reset_time - time.time())
                     return RateDecision(False, item.amount, 0, reset)
-            item = items[0]
-            stats = await self._limiter.get_window_stats(item, kind, name)
-            reset = max(0.0, stats.reset_time - time.time())
-            return RateDecision(True, item.amount, stats.remaining, reset)
         except Exception as exc:
             self._storage_failed(exc)
-            return RateDecision(True, items[0].amount, items[0].amount, 0.0)
+        return RateDecision(True, items[0].amount, -1, 0.0)
 
     # ------------------------------------------------------------ storage health
 

@@ -71,7 +71,6 @@ def test_client_and_backend_limits_count_separately():
 
     client, backend, unlimited = asyncio.run(run())
     assert [d.allowed for d in client] == [True, True, True, False]
-    assert [d.remaining for d in client[:3]] == [2, 1, 0]
     assert 0 < client[3].reset_seconds <= 60
     assert [d.allowed for d in backend] == [True, True, False]
     assert unlimited is None
@@ -86,3 +85,14 @@ def test_a_failing_storage_fails_open_and_is_counted():
     t.storage = Broken()  # type: ignore[assignment]
     assert asyncio.run(t.reconnect_wait("c", "m")) == 0
     assert t.storage_errors == 1
+
+
+def test_memory_storage_sweeps_expired_entries_at_most_once_a_second():
+    async def run() -> int:
+        storage = make_storage("memory://")
+        for i in range(500):
+            await storage.incr(f"k{i % 7}", 60)
+        return storage.sweeps
+
+    # If an upgrade of limits renames the hook, this fails instead of silently costing CPU.
+    assert asyncio.run(run()) == 1
