@@ -7,6 +7,7 @@ router. The lifespan opens the upstream connection pools and closes them again.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import os
@@ -22,6 +23,7 @@ from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
+from proxy.reload import Reloader
 from proxy.runtime import Runtime, build_runtime
 
 log = logging.getLogger("proxy")
@@ -35,6 +37,8 @@ class ProxyApp:
     def __init__(self, config: Config, log_format: str = "text") -> None:
         self.runtime: Runtime = build_runtime(config)
         self.access_log = AccessLog(fmt=log_format)
+        self.reloader = Reloader(config.path, lambda: self.runtime, self._swap)
+        self._watch: asyncio.Task[None] | None = None
         self.cold = Router(
             routes=[
                 Route("/health", self.health, methods=["GET", "HEAD"]),
@@ -51,7 +55,12 @@ class ProxyApp:
         if scope["type"] == "http":
             if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
                 # One snapshot per request: a reload never changes a request half-way.
-                await forward.handle(self.runtime, self.access_log, scope, receive, send)
+                runtime = self.runtime
+                runtime.in_flight[0] += 1
+                try:
+                    await forward.handle(runtime, self.access_log, scope, receive, send)
+                finally:
+                    runtime.in_flight[0] -= 1
             else:
                 await self.cold(scope, receive, _with_request_id(scope, send))
         elif scope["type"] == "lifespan":
@@ -64,16 +73,25 @@ class ProxyApp:
                 try:
                     await self.runtime.start()
                     self.runtime.report()
+                    self.reloader.install_signal_handler()
+                    if self.runtime.config.server.config_poll_interval > 0:
+                        self.reloader.interval = self.runtime.config.server.config_poll_interval
+                        self._watch = asyncio.create_task(self.reloader.watch())
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
+                if self._watch is not None:
+                    self._watch.cancel()
                 await self.runtime.close()
                 self.access_log.flush()
                 metrics.worker_exit()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _swap(self, runtime: Runtime) -> None:
+        self.runtime = runtime
 
     # ------------------------------------------------------------ cold endpoints
 

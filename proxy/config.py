@@ -135,6 +135,7 @@ class ServerConfig:
     max_body_size: int = 10 * 1024 * 1024
     trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For is believed
     admin_key: str = field(default="", repr=False)  # Bearer for /admin/status; empty: no admin
+    config_poll_interval: float = 1.0  # seconds between checks of the file; 0: SIGHUP only
 
 
 @dataclass(frozen=True)
@@ -364,6 +365,7 @@ class _Validator:
     def server(self, raw: Any) -> ServerConfig:
         fields = frozenset(
             {"host", "port", "routing_headers", "max_body_size", "trusted_proxies", "admin_key"}
+            | {"config_poll_interval"}
         )
         section = self.mapping(raw, "server", fields)
         defaults = ServerConfig()
@@ -388,6 +390,9 @@ class _Validator:
             admin_key=self.string(
                 section.get("admin_key", ""), "server.admin_key", allow_empty=True
             ).strip(),
+            config_poll_interval=self.number(
+                section.get("config_poll_interval", 1.0), "server.config_poll_interval"
+            ),
         )
 
     def networks(self, raw: Any, place: str) -> tuple[str, ...]:

@@ -84,6 +84,13 @@ class KeyPool:
             return True
         return False
 
+    def adopt_health(self, previous: KeyPool) -> None:
+        """After a reload: keep what was learnt about keys whose id and value are unchanged."""
+        for key in self.keys:
+            before = previous._by_id.get(key.id)
+            if before is not None and before.value == key.value and key.present:
+                self.health[key.id] = previous.health[key.id]
+
     # ------------------------------------------------------------ what the upstream said
 
     def mark_invalid(self, key_id: str, reason: str) -> None:

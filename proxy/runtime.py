@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from proxy import metrics
 from proxy.breaker import Breaker
 from proxy.clients import ClientAuth
-from proxy.config import Config
+from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
 from proxy.routing import Router
 from proxy.throttle import Throttle, make_storage
@@ -35,6 +35,7 @@ class Runtime:
     breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
     loaded_at: float = field(default_factory=time.time)
+    in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
@@ -45,12 +46,27 @@ class Runtime:
         self._tasks.append(asyncio.create_task(self._refresh_gauges()))
 
     async def close(self) -> None:
+        await self._stop_tasks()
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def retire(self, successor: Runtime) -> None:
+        """After a reload: stop background work now; close pools the successor does not
+        use once the last request that began on this snapshot has finished."""
+        await self._stop_tasks()
+        while self.in_flight[0] > 0:
+            await asyncio.sleep(0.5)
+        reused = {id(u) for u in successor.upstreams.values()}
+        for upstream in self.upstreams.values():
+            if id(upstream) not in reused:
+                await upstream.close()
+
+    async def _stop_tasks(self) -> None:
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for upstream in self.upstreams.values():
-            await upstream.close()
+        self._tasks.clear()
 
     async def _probe_invalid_keys(self, backend: str) -> None:
         """Every ``key_probe_interval``: try each invalid key on ``GET /models``."""
@@ -97,13 +113,46 @@ class Runtime:
                 )
 
 
-def build_runtime(config: Config) -> Runtime:
+def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
+    """A snapshot for ``config``; after a reload, carrying over what is still true.
+
+    Kept from ``previous``: connection pools of backends whose URL, timeouts and headers
+    are unchanged; the health of every key whose id and value are unchanged (a key whose
+    value changed starts fresh); breakers of backends whose URL is unchanged; the throttle
+    storage when its URI is unchanged (backoff and limits go on counting).
+    """
+    old = previous.config if previous is not None else None
+    storage = (
+        previous.throttle.storage
+        if previous is not None and old is not None and old.storage == config.storage
+        else make_storage(config.storage)
+    )
+    pools = build_pools(config.backends)
+    upstreams: dict[str, Upstream] = {}
+    breakers: dict[str, Breaker] = {}
+    for name, backend in config.backends.items():
+        before = old.backends.get(name) if old is not None else None
+        if previous is not None and before is not None:
+            pools[name].adopt_health(previous.pools[name])
+            if _same_connection(before, backend):
+                upstreams[name] = previous.upstreams[name]
+            if before.base_url == backend.base_url:
+                breakers[name] = previous.breakers[name]
+                breakers[name].config = backend.breaker
+        upstreams.setdefault(name, Upstream(backend))
+        breakers.setdefault(name, Breaker(name, backend.breaker))
     return Runtime(
         config=config,
         router=Router(config),
         auth=ClientAuth(config),
-        throttle=Throttle(config, make_storage(config.storage)),
-        pools=build_pools(config.backends),
-        breakers={name: Breaker(name, b.breaker) for name, b in config.backends.items()},
-        upstreams={name: Upstream(b) for name, b in config.backends.items()},
+        throttle=Throttle(config, storage),
+        pools=pools,
+        breakers=breakers,
+        upstreams=upstreams,
+    )
+
+
+def _same_connection(a: BackendConfig, b: BackendConfig) -> bool:
+    return (
+        a.base_url == b.base_url and a.timeout == b.timeout and dict(a.headers) == dict(b.headers)
     )
