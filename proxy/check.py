@@ -17,6 +17,10 @@ def print_table(config: Config, out: TextIO) -> None:
             out.write(f"    key {key.id}: {_key_state(key)}\n")
         if backend.models:
             out.write(f"    models: {', '.join(backend.models)}\n")
+        for rule in backend.request_rewrite.describe():
+            out.write(f"    rewrite: {rule}\n")
+        if backend.no_retry_errors:
+            out.write(f"    never retried: {', '.join(sorted(backend.no_retry_errors))}\n")
     out.write("\naliases:\n")
     if not config.aliases:
         out.write("  (none)\n")
@@ -33,6 +37,9 @@ def print_table(config: Config, out: TextIO) -> None:
             extras.append("prefix stripped")
         if route.key:
             extras.append(f"key {route.key}")
+        if route.fallback:
+            extras.append("fallback " + ", ".join(f.backend for f in route.fallback))
+        extras += [f"rewrite: {rule}" for rule in route.request_rewrite.describe()]
         suffix = f"  ({', '.join(extras)})" if extras else ""
         out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
 

@@ -21,6 +21,8 @@ from urllib.parse import urlsplit
 import limits
 import yaml
 
+from proxy.rewrite import NO_RULES, RewriteRules
+
 
 class ConfigError(Exception):
     def __init__(self, file: str, place: str, message: str) -> None:
@@ -80,6 +82,8 @@ class BackendConfig:
     rate_limit: str | None = None  # outbound limit, e.g. "500/minute" (the limits library)
     breaker: BreakerConfig = BreakerConfig()
     key_probe_interval: float = 300.0  # how often an invalid key is tried again
+    request_rewrite: RewriteRules = NO_RULES  # the provider's quirks, as data
+    no_retry_errors: frozenset[str] = frozenset()  # upstream error types/codes never worth a retry
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -98,6 +102,7 @@ class RouteConfig:
     strip_prefix: bool = False
     key: str | None = None  # pin one key id of the backend
     fallback: tuple[FallbackConfig, ...] = ()  # tried in order when the backend fails first
+    request_rewrite: RewriteRules = NO_RULES  # applied after the backend's own rules
 
 
 @dataclass(frozen=True)
@@ -213,10 +218,11 @@ class _Validator:
 
     # -- generic readers
 
-    def mapping(self, value: Any, place: str, allowed: frozenset[str]) -> dict[str, Any]:
+    def mapping(self, value: Any, place: str, allowed: frozenset[str] | None) -> dict[str, Any]:
+        """``value`` as a dict; with ``allowed``, any other field is an error."""
         if not isinstance(value, dict):
             raise self.fail(place or "(top level)", f"expected a mapping, got {_kind(value)}")
-        for name in value:
+        for name in value if allowed is not None else ():
             if name not in allowed:
                 known = ", ".join(sorted(allowed))
                 raise self.fail(_join(place, str(name)), f"unknown field (known: {known})")
@@ -415,7 +421,7 @@ class _Validator:
         place = f"backends.{name}"
         fields = frozenset(
             {"base_url", "keys", "models", "timeout", "headers", "rate_limit", "breaker"}
-            | {"key_probe_interval"}
+            | {"key_probe_interval", "request_rewrite", "no_retry_errors"}
         )
         section = self.mapping(raw, place, fields)
         if "base_url" not in section:
@@ -434,6 +440,40 @@ class _Validator:
             key_probe_interval=self.positive(
                 section.get("key_probe_interval", 300.0), f"{place}.key_probe_interval"
             ),
+            request_rewrite=self.rewrite(
+                section.get("request_rewrite"), f"{place}.request_rewrite"
+            ),
+            no_retry_errors=frozenset(
+                self.string_list(section.get("no_retry_errors", []), f"{place}.no_retry_errors")
+            ),
+        )
+
+    def rewrite(self, raw: Any, place: str) -> RewriteRules:
+        if raw is None:
+            return NO_RULES
+        section = self.mapping(raw, place, frozenset({"rename", "clamp", "drop", "set"}))
+        rename = self.mapping(section.get("rename") or {}, f"{place}.rename", None)
+        clamp = self.mapping(section.get("clamp") or {}, f"{place}.clamp", None)
+        bounds = []
+        for name, pair in clamp.items():
+            where = f"{place}.clamp.{name}"
+            if not isinstance(pair, list) or len(pair) != 2:
+                raise self.fail(where, "expected [low, high]")
+            low, high = (self.number(v, where, minimum=float("-inf")) for v in pair)
+            if low > high:
+                raise self.fail(where, "low must not be above high")
+            bounds.append((str(name), low, high))
+        values = self.mapping(section.get("set") or {}, f"{place}.set", None)
+        for name in values:
+            if name == "model":
+                raise self.fail(f"{place}.set.model", "the model is set by routing")
+        return RewriteRules(
+            rename=tuple(
+                (str(a), self.string(b, f"{place}.rename.{a}")) for a, b in rename.items()
+            ),
+            clamp=tuple(bounds),
+            drop=self.string_list(section.get("drop", []), f"{place}.drop"),
+            set=tuple((str(k), v) for k, v in values.items()),
         )
 
     def breaker(self, raw: Any, place: str) -> BreakerConfig:
@@ -533,7 +573,9 @@ class _Validator:
         routes = []
         for i, item in enumerate(raw):
             place = f"routes[{i}]"
-            fields = frozenset({"prefix", "backend", "strip_prefix", "key", "fallback"})
+            fields = frozenset(
+                {"prefix", "backend", "strip_prefix", "key", "fallback", "request_rewrite"}
+            )
             entry = self.mapping(item, place, fields)
             for required in ("prefix", "backend"):
                 if required not in entry:
@@ -559,6 +601,9 @@ class _Validator:
                     key=key,
                     fallback=self.fallbacks(
                         entry.get("fallback", []), f"{place}.fallback", backends
+                    ),
+                    request_rewrite=self.rewrite(
+                        entry.get("request_rewrite"), f"{place}.request_rewrite"
                     ),
                 )
             )

@@ -10,7 +10,6 @@ an upstream error passed through unchanged, or the proxy's own error.
 
 from __future__ import annotations
 
-import re
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,15 +17,13 @@ from typing import Any
 import aiohttp
 import orjson
 
-from proxy import errors
+from proxy import errors, rewrite
 from proxy.access_log import RequestRecord
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
 from proxy.keys import NoUsableKey
 from proxy.routing import Target
 from proxy.runtime import Runtime
-
-_RETRY_IN_MESSAGE = re.compile(rb"try again (?:after|in) (\d+(?:\.\d+)?) ?s", re.IGNORECASE)
 
 
 @dataclass(slots=True)
@@ -39,16 +36,24 @@ class RequestParts:
     payload: dict[str, Any]
     body: bytes
     model: str  # as the client sent it: the body holds this id
-    _bodies: dict[str, bytes] = field(default_factory=dict)
+    _bodies: dict[tuple[str, int], bytes] = field(default_factory=dict)
 
-    def body_for(self, upstream_model: str) -> bytes:
-        """The body with ``model`` set to ``upstream_model``, re-serialised only if it differs."""
-        if upstream_model == self.model:
+    def body_for(self, target: Target) -> bytes:
+        """The body for ``target``: its model id and rewrite rules applied; the bytes as the
+        client sent them when neither changes anything."""
+        if target.upstream_model == self.model and not target.rewrite:
             return self.body
-        body = self._bodies.get(upstream_model)
+        cache_key = (target.upstream_model, id(target.rewrite))
+        body = self._bodies.get(cache_key)
         if body is None:
-            self.payload["model"] = upstream_model
-            body = self._bodies[upstream_model] = orjson.dumps(self.payload)
+            payload = dict(self.payload)  # each target's rules start from the client's body
+            payload["model"] = target.upstream_model
+            changed = rewrite.apply(target.rewrite, payload)
+            if not changed and target.upstream_model == self.model:
+                body = self.body
+            else:
+                body = orjson.dumps(payload)
+            self._bodies[cache_key] = body
         return body
 
 
@@ -116,7 +121,8 @@ async def _try_backend(
     pool = runtime.pools[backend]
     upstream = runtime.upstreams[backend]
     url = upstream.url(parts.path, parts.query)
-    body = parts.body_for(target.upstream_model)
+    body = parts.body_for(target)
+    no_retry = runtime.config.backends[backend].no_retry_errors
     tried: list[str] = []
     last_answer: FailedAnswer | None = None
     while True:
@@ -145,7 +151,7 @@ async def _try_backend(
             breaker.success()
             pool.mark_success(key.id)
             return Delivery(response, target, key.id)
-        last_answer = await _read_failed(response, target, key.id)
+        last_answer = await _read_failed(response, target, key.id, no_retry)
         if status >= 500:
             breaker.failure()
             record.upstream_error = "status_5xx"
@@ -175,7 +181,7 @@ def _no_key_error(exc: NoUsableKey) -> ProxyError:
 
 
 async def _read_failed(
-    response: aiohttp.ClientResponse, target: Target, key_id: str
+    response: aiohttp.ClientResponse, target: Target, key_id: str, no_retry: frozenset[str]
 ) -> FailedAnswer:
     try:
         body = await response.read()  # error bodies are small
@@ -183,9 +189,9 @@ async def _read_failed(
         body = b""
     finally:
         response.release()
-    return FailedAnswer(
-        response.status, kept_response_headers(response.raw_headers), body, target, key_id
-    )
+    headers = kept_response_headers(response.raw_headers)
+    headers += rewrite.error_annotations(response.status, headers, body, no_retry)
+    return FailedAnswer(response.status, headers, body, target, key_id)
 
 
 def _retry_after(answer: FailedAnswer) -> float | None:
@@ -201,8 +207,7 @@ def _retry_after(answer: FailedAnswer) -> float | None:
                 return float(value)
             except ValueError:
                 pass
-    match = _RETRY_IN_MESSAGE.search(answer.body)
-    return float(match[1]) if match else None
+    return rewrite.retry_after_in_message(answer.body)
 
 
 def _reason(answer: FailedAnswer) -> str:

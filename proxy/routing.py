@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from proxy.config import Config, RouteConfig
+from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
 
@@ -24,6 +25,7 @@ class Target:
     pinned_key: str | None = None
     fallbacks: tuple[Target, ...] = ()  # tried in order when this backend fails first
     label: str = ""  # the metrics label: a model id from the config, or the route's pattern
+    rewrite: RewriteRules = NO_RULES  # the backend's rules, then the route's
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Router:
     def __init__(self, config: Config) -> None:
         self._aliases = {name: _follow(config.aliases, name) for name in config.aliases}
         self._routes: tuple[RouteConfig, ...] = config.routes
+        self._rules = {name: b.request_rewrite for name, b in config.backends.items()}
         self._listed: dict[str, str] = {}
         for backend in config.backends.values():
             for model in backend.models:
@@ -72,15 +75,19 @@ class Router:
                         f.backend,
                         f.model or upstream,
                         label=f.model if f.model in self._known else label,
+                        rewrite=self._rules[f.backend],
                     )
                     for f in route.fallback
                 )
+                rules = self._rules[route.backend].merged(route.request_rewrite)
                 return Target(
-                    requested, model, route.backend, upstream, route.key, fallbacks, label
+                    requested, model, route.backend, upstream, route.key, fallbacks, label, rules
                 )
         backend = self._listed.get(model)
         if backend is not None:
-            return Target(requested, model, backend, model, label=model)
+            return Target(
+                requested, model, backend, model, label=model, rewrite=self._rules[backend]
+            )
         return None
 
     def routable_summary(self) -> str:
