@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
 import os
 import shutil
 import sys
@@ -14,6 +16,7 @@ from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 
 EXIT_OK = 0
+EXIT_PROBLEMS = 1  # `check --online` found a key or model that does not work
 EXIT_INVALID_CONFIG = 2
 
 
@@ -26,14 +29,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load_config(args.config)
     except ConfigError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        if args.command == "check" and args.json:
+            error = {"file": exc.file, "place": exc.place, "message": exc.message}
+            print(json.dumps({"valid": False, "error": error}))
+        else:
+            print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
     if args.command == "check":
-        from proxy.check import print_table
-
-        print_table(config, sys.stdout)
-        return EXIT_OK
+        return check(config, args)
     return serve(config, args)
+
+
+def check(config: Config, args: argparse.Namespace) -> int:
+    from proxy.check import print_table
+
+    if not args.online:
+        if args.json:
+            print(json.dumps({"valid": True, "config": config.path, "sha256": config.digest}))
+        else:
+            print_table(config, sys.stdout)
+        return EXIT_OK
+    from proxy.online import check_online, print_report
+
+    report = asyncio.run(check_online(config))
+    if args.json:
+        print(json.dumps({"valid": True, **report.as_json()}, indent=2))
+    else:
+        print_table(config, sys.stdout)
+        print_report(report, sys.stdout)
+    return EXIT_OK if report.errors == 0 else EXIT_PROBLEMS
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
@@ -98,6 +122,10 @@ def _parser() -> argparse.ArgumentParser:
 
     check = commands.add_parser("check", help="validate the config, print the routing table")
     check.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
+    check.add_argument(
+        "--online", action="store_true", help="try every key and model id against the backends"
+    )
+    check.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
