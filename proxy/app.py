@@ -133,14 +133,22 @@ class ProxyApp:
         return error_response(errors.unknown_url(request.method, request.url.path))
 
     async def list_models(self, request: Request) -> Response:
-        data = [_model_object(e.id, e.owned_by) for e in self.runtime.router.models]
-        return JSONResponse({"object": "list", "data": data})
+        return JSONResponse({"object": "list", "data": list(self._models().values())})
+
+    def _models(self) -> dict[str, dict[str, Any]]:
+        """Aliases and listed models from the config, then each backend's discovered ids."""
+        runtime = self.runtime
+        models = {e.id: _model_object(e.id, e.owned_by) for e in runtime.router.models}
+        for backend, ids in runtime.discovered.items():
+            for model_id in ids:
+                models.setdefault(model_id, _model_object(model_id, backend))
+        return models
 
     async def get_model(self, request: Request) -> Response:
         model_id = request.path_params["model_id"]
-        for entry in self.runtime.router.models:
-            if entry.id == model_id:
-                return JSONResponse(_model_object(entry.id, entry.owned_by))
+        model = self._models().get(model_id)
+        if model is not None:
+            return JSONResponse(model)
         return error_response(
             errors.model_not_found(f"The model '{model_id}' is not listed by this proxy.")
         )

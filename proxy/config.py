@@ -84,6 +84,8 @@ class BackendConfig:
     key_probe_interval: float = 300.0  # how often an invalid key is tried again
     request_rewrite: RewriteRules = NO_RULES  # the provider's quirks, as data
     no_retry_errors: frozenset[str] = frozenset()  # upstream error types/codes never worth a retry
+    discover_models: bool = False  # list the backend's own /models in GET /v1/models
+    discover_interval: float = 600.0
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -422,6 +424,7 @@ class _Validator:
         fields = frozenset(
             {"base_url", "keys", "models", "timeout", "headers", "rate_limit", "breaker"}
             | {"key_probe_interval", "request_rewrite", "no_retry_errors"}
+            | {"discover_models", "discover_interval"}
         )
         section = self.mapping(raw, place, fields)
         if "base_url" not in section:
@@ -445,6 +448,12 @@ class _Validator:
             ),
             no_retry_errors=frozenset(
                 self.string_list(section.get("no_retry_errors", []), f"{place}.no_retry_errors")
+            ),
+            discover_models=self.boolean(
+                section.get("discover_models", False), f"{place}.discover_models"
+            ),
+            discover_interval=self.positive(
+                section.get("discover_interval", 600.0), f"{place}.discover_interval"
             ),
         )
 

@@ -8,6 +8,7 @@ and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import itertools
 import logging
 import os
@@ -198,6 +199,8 @@ async def _relay(
                 exchange.outcome = Outcome.FAILURE
         else:
             data = await runtime.upstreams[backend].read_all(response)
+            if response.status == 404:
+                data = _with_model_hint(runtime, delivery.target, data)
             read_at = time.perf_counter()
             headers.append((b"content-length", str(len(data)).encode()))
             exchange.response_started = True
@@ -246,6 +249,24 @@ def _response_headers(
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id)
     return headers
+
+
+def _with_model_hint(runtime: Runtime, target: Target, data: bytes) -> bytes:
+    """A 404 for a model the backend's discovered list lacks gets a ``proxy_hint`` field
+    naming the closest ids; the upstream's own fields stay as they were."""
+    discovered = runtime.discovered.get(target.backend)
+    if not discovered or target.upstream_model in discovered:
+        return data
+    try:
+        body = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return data
+    if not isinstance(body, dict):
+        return data
+    close = difflib.get_close_matches(target.upstream_model, discovered, n=3, cutoff=0.6)
+    hint = f"'{target.upstream_model}' is not served by {target.backend}"
+    body["proxy_hint"] = hint + (f"; did you mean {', '.join(close)}?" if close else ".")
+    return orjson.dumps(body)
 
 
 def _add_overhead(record: RequestRecord, outbound: float) -> None:

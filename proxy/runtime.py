@@ -36,13 +36,16 @@ class Runtime:
     upstreams: Mapping[str, Upstream]
     loaded_at: float = field(default_factory=time.time)
     in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
+    discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
-        for name in self.config.backends:
+        for name, backend in self.config.backends.items():
             self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
+            if backend.discover_models:
+                self._tasks.append(asyncio.create_task(self._discover(name)))
         self._tasks.append(asyncio.create_task(self._refresh_gauges()))
 
     async def close(self) -> None:
@@ -75,8 +78,23 @@ class Runtime:
         while True:
             await asyncio.sleep(interval)
             for key in pool.invalid_keys():
-                if await upstream.probe(key.value) == 200:
+                status, _ = await upstream.list_models(key.value)
+                if status == 200:
                     pool.restore(key.id)
+
+    async def _discover(self, backend: str) -> None:
+        """At start and every ``discover_interval``: the backend's own model list."""
+        pool, upstream = self.pools[backend], self.upstreams[backend]
+        while True:
+            for key in pool.usable()[:2]:  # a second key if the first one is refused
+                status, ids = await upstream.list_models(key.value)
+                if status == 200:
+                    self.discovered[backend] = tuple(ids)
+                    break
+                log.warning(
+                    "backend %s: model discovery with key %s got %s", backend, key.id, status
+                )
+            await asyncio.sleep(self.config.backends[backend].discover_interval)
 
     async def _refresh_gauges(self) -> None:
         """Key and breaker gauges follow the state they report, once a second."""
@@ -141,8 +159,14 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 breakers[name].config = backend.breaker
         upstreams.setdefault(name, Upstream(backend))
         breakers.setdefault(name, Breaker(name, backend.breaker))
+    discovered = {
+        name: ids
+        for name, ids in (previous.discovered.items() if previous is not None else ())
+        if name in config.backends and config.backends[name].discover_models
+    }
     return Runtime(
         config=config,
+        discovered=discovered,
         router=Router(config),
         auth=ClientAuth(config),
         throttle=Throttle(config, storage),

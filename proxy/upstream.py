@@ -8,6 +8,7 @@ Performance section). Bodies are passed through as bytes: no decompression, no r
 from __future__ import annotations
 
 import aiohttp
+import orjson
 from yarl import URL
 
 from proxy.config import BackendConfig
@@ -94,19 +95,29 @@ class Upstream:
             response.connection.protocol.read_timeout = self._idle  # type: ignore[union-attr]
         return response
 
-    async def probe(self, key: str) -> int | str:
-        """``GET {base_url}/models`` with ``key``: the status, or why it could not be sent."""
+    async def list_models(self, key: str) -> tuple[int | str, list[str]]:
+        """``GET {base_url}/models`` with ``key``: the status (or why it could not be sent)
+        and the model ids listed. Used to re-probe invalid keys and to discover models."""
         if self._session is None:
-            return "not started"
+            return "not started", []
         headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
         try:
             async with self._session.get(
-                self.url("/models"), headers=headers, timeout=self._probe_timeout
+                self.url("/models"),
+                headers={**self.extra_headers, **headers},
+                timeout=self._probe_timeout,
             ) as response:
-                await response.read()
-                return response.status
+                body = await response.read()
+                if response.status != 200:
+                    return response.status, []
         except (aiohttp.ClientError, TimeoutError) as exc:
-            return _describe(exc)
+            return _describe(exc), []
+        try:
+            data = orjson.loads(body).get("data") or []
+            ids = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
+        except (orjson.JSONDecodeError, AttributeError, TypeError):
+            ids = []
+        return 200, ids
 
     async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body of a response that is not streamed to the client."""
