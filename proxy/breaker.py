@@ -62,6 +62,15 @@ class Breaker:
             self.open_for = self.config.min_open
             self._open()
 
+    def force_open(self, seconds: float) -> None:
+        """Another replica opened this backend's circuit: stay away here too."""
+        self.state = OPEN
+        self.open_until = time.monotonic() + seconds
+        self._probe_out = False
+        log.warning(
+            "backend %s: circuit open for %.0f s (opened by another replica)", self.backend, seconds
+        )
+
     def _open(self) -> None:
         self.state = OPEN
         self.open_until = time.monotonic() + self.open_for

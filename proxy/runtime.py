@@ -19,6 +19,7 @@ from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
 from proxy.routing import Router
+from proxy.shared import SYNC_INTERVAL, SharedState
 from proxy.throttle import Throttle, make_storage
 from proxy.upstream import Upstream
 
@@ -47,6 +48,8 @@ class Runtime:
             if backend.discover_models:
                 self._tasks.append(asyncio.create_task(self._discover(name)))
         self._tasks.append(asyncio.create_task(self._refresh_gauges()))
+        if not self.config.storage.startswith("memory://"):
+            self._tasks.append(asyncio.create_task(self._share_state()))
 
     async def close(self) -> None:
         await self._stop_tasks()
@@ -95,6 +98,16 @@ class Runtime:
                     "backend %s: model discovery with key %s got %s", backend, key.id, status
                 )
             await asyncio.sleep(self.config.backends[backend].discover_interval)
+
+    async def _share_state(self) -> None:
+        """Several replicas on one Redis: exchange key and breaker state twice a second."""
+        shared = SharedState(self.throttle.storage)
+        while True:
+            try:
+                await shared.sync(self.pools, self.breakers)
+            except Exception as exc:  # Redis down: local state goes on, and it is counted
+                self.throttle.storage_failed(exc)
+            await asyncio.sleep(SYNC_INTERVAL)
 
     async def _refresh_gauges(self) -> None:
         """Key and breaker gauges follow the state they report, once a second."""

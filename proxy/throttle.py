@@ -78,7 +78,14 @@ def make_storage(uri: str) -> Storage:
     """``memory://`` or ``redis://host:port`` from the config, as an async limits storage."""
     if uri.startswith("memory://"):
         return LeanMemoryStorage()
-    return storage_from_string(f"async+{uri}", implementation="redispy", wrap_exceptions=True)
+    # Short socket timeouts: a Redis that hangs must not hold requests (limits fail open).
+    return storage_from_string(
+        f"async+{uri}",
+        implementation="redispy",
+        wrap_exceptions=True,
+        socket_timeout=0.5,
+        socket_connect_timeout=0.5,
+    )
 
 
 class Throttle:
@@ -107,7 +114,7 @@ class Throttle:
             # The block key's value is the time (ms since the epoch) the block ends: one read.
             until_ms = await self.storage.get(_block_key(client, model))
         except Exception as exc:
-            self._storage_failed(exc)
+            self.storage_failed(exc)
             return 0.0
         return max(0.0, until_ms / 1000 - time.time()) if until_ms else 0.0
 
@@ -128,7 +135,7 @@ class Throttle:
             until_ms = int((time.time() + wait) * 1000)
             await self.storage.incr(block, math.ceil(wait) + 1, amount=until_ms)
         except Exception as exc:
-            self._storage_failed(exc)
+            self.storage_failed(exc)
 
     def backoff(self, streak: int) -> float:
         """``base * 2^(k-1)`` after the k-th failure in a row, capped, with jitter."""
@@ -156,12 +163,12 @@ class Throttle:
                     reset = max(0.0, stats.reset_time - time.time())
                     return RateDecision(False, item.amount, 0, reset)
         except Exception as exc:
-            self._storage_failed(exc)
+            self.storage_failed(exc)
         return RateDecision(True, items[0].amount, -1, 0.0)
 
     # ------------------------------------------------------------ storage health
 
-    def _storage_failed(self, exc: Exception) -> None:
+    def storage_failed(self, exc: Exception) -> None:
         self.storage_errors += 1
         now = time.monotonic()
         if now - self._last_storage_error > 10:  # loud, but not once per request
