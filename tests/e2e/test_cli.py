@@ -92,3 +92,7 @@ def test_serve_with_two_workers_answers_on_one_port(mock_upstream, tmp_path):
     finally:
         proxy.stop()
     assert proxy.process.returncode == 0
+    assert (
+        "2 workers with storage memory://: rate limits and reconnect backoff are counted "
+        "per worker" in proxy.log()
+    )
