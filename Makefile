@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= config.yaml
 
-.PHONY: run test lint format bench soak clean
+.PHONY: run test lint format bench bench-peers soak clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,11 @@ format: $(STAMP)
 bench: $(STAMP)
 	bash bench/install-wrk.sh
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/streams.py
+
+bench-peers: $(STAMP)
+	bash bench/install-wrk.sh
+	$(BIN)/python bench/peers.py
 
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak --requests 20000 --concurrency 64

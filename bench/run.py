@@ -86,13 +86,16 @@ def _ms(text: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-def wrk(url: str, body: dict, concurrency: int, lua_dir: Path) -> WrkResult:
-    script = lua_dir / f"body-{abs(hash(json.dumps(body)))}.lua"
+def wrk(
+    url: str, body: dict, concurrency: int, lua_dir: Path, headers: dict[str, str] | None = None
+) -> WrkResult:
+    script = lua_dir / f"body-{abs(hash(json.dumps([body, headers])))}.lua"
+    extra = "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(json.dumps(body))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        'wrk.headers["Authorization"] = "Bearer sk-bench-client"\n'
+        'wrk.headers["Authorization"] = "Bearer sk-bench-client"\n' + extra
     )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{concurrency}", f"-d{SECONDS}s", "--latency", "-s", str(script), url],
@@ -190,6 +193,7 @@ def main() -> int:
                     f"{cpu_ms:.3f} | {p.errors} |",
                     flush=True,
                 )
+        one_worker = wrk(through, CHAT, 64, lua_dir).rps
         direct_fb = asyncio.run(first_byte_ms(direct, "bench-model"))
         proxy_fb = asyncio.run(first_byte_ms(through, "bench"))
         print()
@@ -200,8 +204,23 @@ def main() -> int:
         print(f"proxy RSS: idle {idle_rss:.0f} MB, after load {rss_mb(proxy.pid):.0f} MB")
     finally:
         proxy.terminate()
-        mock.terminate()
         proxy.wait(timeout=10)
+    try:
+        port2 = free_port()
+        two = start([*proxy_cmd, "--port", str(port2), "--workers", "2"], env=env, log=log)
+        wait_until_up(port2)
+        time.sleep(1.5)
+        url2 = f"http://127.0.0.1:{port2}/v1/chat/completions"
+        wrk(url2, CHAT, 8, lua_dir)  # warm-up
+        two_workers = wrk(url2, CHAT, 64, lua_dir).rps
+        print(
+            f"chat c=64, --workers 2: {two_workers:,.0f} RPS vs {one_worker:,.0f} with one "
+            f"worker ({two_workers / one_worker:.2f}x; wrk and the mock share the same 2 cores)"
+        )
+        two.terminate()
+        two.wait(timeout=15)
+    finally:
+        mock.terminate()
         mock.wait(timeout=10)
     return 0
 
