@@ -120,15 +120,30 @@ def measure(
 ) -> None:
     for load, body in (("chat", CHAT), ("stream 20 chunks", STREAM)):
         body = {**body, "model": model}
-        wrk(url, body, 4, lua_dir, extra)  # warm-up
-        before = tree_cpu_seconds(pid)
-        result = wrk(url, body, 16, lua_dir, extra)
+        try:
+            wrk(url, body, 4, lua_dir, extra)  # warm-up
+            before = tree_cpu_seconds(pid)
+            result = wrk(url, body, 16, lua_dir, extra)
+        except (RuntimeError, subprocess.TimeoutExpired) as exc:
+            rows.append(f"| {name} | {load} | failed: wrk printed no result ({exc}) | | | | |")
+            print(rows[-1], flush=True)
+            continue
         cpu_ms = (tree_cpu_seconds(pid) - before) * 1000 / max(result.requests, 1)
         rows.append(
             f"| {name} | {load} | {result.rps:,.0f} | {result.p50_ms:.2f} / "
             f"{result.p99_ms:.2f} | {cpu_ms:.2f} | {tree_rss_mb(pid):.0f} | {result.errors} |"
         )
         print(rows[-1], flush=True)
+
+
+def _up(port: int, timeout: float, log: Path) -> bool:
+    try:
+        wait_until_up(port, timeout=timeout)
+        return True
+    except RuntimeError:
+        print(f"  could not start (see {log}):")
+        print("    " + "\n    ".join(log.read_text().strip().splitlines()[-3:]))
+        return False
 
 
 def main() -> int:
@@ -196,12 +211,18 @@ def main() -> int:
                 f"      model: openai/bench-model\n      api_base: {upstream}/v1\n"
                 "      api_key: sk-bench\n"
             )
+            # The master key is the bearer wrk already sends; LiteLLM refuses to start without one.
+            litellm_env = {**os.environ, "LITELLM_MASTER_KEY": "sk-bench-client"}
             peer = start(
                 [str(litellm), "--config", str(config), "--port", str(port), "--num_workers", "1"],
+                env=litellm_env,
                 log=tmp / "litellm.log",
             )
             processes.append(peer)
-            wait_until_up(port, timeout=120)
+            if not _up(port, 180, tmp / "litellm.log"):
+                peer.terminate()
+                litellm = None
+        if litellm is not None:
             time.sleep(3)
             measure(
                 f"LiteLLM {LITELLM_VERSION} (1 worker)",
@@ -223,7 +244,9 @@ def main() -> int:
                 log=tmp / "portkey.log",
             )
             processes.append(peer)
-            wait_until_up(port, timeout=60)
+            if not _up(port, 60, tmp / "portkey.log"):
+                portkey = None
+        if portkey is not None:
             time.sleep(1)
             headers = {"x-portkey-provider": "openai", "x-portkey-custom-host": f"{upstream}/v1"}
             measure(

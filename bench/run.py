@@ -82,8 +82,11 @@ class WrkResult:
 
 
 def _ms(text: str) -> float:
-    value, unit = re.match(r"([\d.]+)(us|ms|s)", text).groups()  # type: ignore[union-attr]
-    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    match = re.match(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        return float("nan")  # wrk printed no figure (e.g. -nan when nothing succeeded)
+    value, unit = match.groups()
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0, "h": 3.6e6}[unit]
 
 
 def wrk(
@@ -103,6 +106,9 @@ def wrk(
         text=True,
         timeout=SECONDS + 30,
     ).stdout
+    if "50%" not in out or "requests in" not in out:
+        print(f"wrk printed no result for {url} at c={concurrency}:\n{out}", file=sys.stderr)
+        raise RuntimeError("wrk printed no result")
     requests = int(re.search(r"(\d+) requests in", out)[1])  # type: ignore[index]
     errors = 0
     if m := re.search(r"Non-2xx or 3xx responses: (\d+)", out):
