@@ -132,13 +132,7 @@ def test_client_errors_are_not_failures(proxy, upstream):
 
 def test_a_broken_stream_counts_as_a_failure(proxy, upstream):
     body = {"model": "storm-5", "stream": True, "mock": {"drop_after": 2}}
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {CLIENT_A}"},
-    ) as response:
-        data = response.read()
+    data = post(proxy, body).content  # the whole stream, as the client received it
     assert b'"code":"upstream_stream_broken"' in data
     assert post(proxy, {"model": "storm-5"}).status_code == 429
 
@@ -245,13 +239,7 @@ def test_first_byte_and_idle_timeouts_are_separate(proxy, upstream):
     never = post(proxy, {"model": "slow-2", "mock": {"delay": 3}})
     assert never.status_code == 504
     body = {"model": "slow-3", "stream": True, "mock": {"chunk_delay": 0.8, "chunks": 3}}
-    with httpx.stream(
-        "POST",
-        f"{proxy.base_url}/chat/completions",
-        json=body,
-        headers={"authorization": f"Bearer {CLIENT_A}"},
-    ) as response:
-        data = response.read()
+    data = post(proxy, body).content  # the whole stream, as the client received it
     last = json.loads(data.strip().split(b"\n\n")[-1].removeprefix(b"data: "))
     assert last["error"]["code"] == "upstream_timeout"
 
