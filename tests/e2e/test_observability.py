@@ -51,7 +51,10 @@ def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple], float]:
 
 
 def value(samples: dict, name: str, **labels: str) -> float:
-    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+    """The sample's value; a missing series fails the test (a 0 must be a real 0)."""
+    key = (name, tuple(sorted(labels.items())))
+    assert key in samples, f"no series {name}{labels}"
+    return samples[key]
 
 
 def post(proxy: ProxyProcess, body: dict, **kw) -> httpx.Response:
