@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Config
-from proxy.errors import ProxyError
+from proxy.errors import invalid_client_key, model_not_allowed
 
 log = logging.getLogger("proxy")
 
@@ -28,20 +28,6 @@ class Client:
     id: str
     digest: bytes
     models: re.Pattern[str] | None  # None: every model
-
-
-def invalid_client_key(detail: str) -> ProxyError:
-    return ProxyError(401, detail, code="invalid_api_key", headers={"x-should-retry": "false"})
-
-
-def model_not_allowed(client: str, model: str) -> ProxyError:
-    return ProxyError(
-        403,
-        f"Client '{client}' may not use model '{model}'.",
-        type="permission_error",
-        param="model",
-        code="model_not_allowed",
-    )
 
 
 class ClientAuth:

@@ -62,6 +62,20 @@ def unknown_url(method: str, path: str) -> ProxyError:
     return ProxyError(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
 
 
+def invalid_client_key(detail: str) -> ProxyError:
+    return ProxyError(401, detail, code="invalid_api_key", headers={"x-should-retry": "false"})
+
+
+def model_not_allowed(client: str, model: str) -> ProxyError:
+    return ProxyError(
+        403,
+        f"Client '{client}' may not use model '{model}'.",
+        type="permission_error",
+        param="model",
+        code="model_not_allowed",
+    )
+
+
 def body_too_large(limit: int) -> ProxyError:
     return ProxyError(413, f"Request body is larger than {limit} bytes.", code="request_too_large")
 

@@ -24,7 +24,6 @@ _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 
 @dataclass(slots=True)
 class RelayResult:
-    bytes_sent: int = 0
     error: str | None = None  # "stream_broken" or "timeout" when the upstream failed mid-way
     first_data_at: float | None = None  # perf_counter of the first data: event
     usage: dict[str, Any] | None = None  # the last usage the upstream reported
@@ -106,14 +105,15 @@ async def relay_stream(
     usage = _UsageReader()
     last = previous = b"\n\n"
     try:
-        async for chunk in response.content.iter_any():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            result.bytes_sent += len(chunk)
-            previous, last = last, chunk
-            if result.first_data_at is None and b"data:" in chunk:
-                result.first_data_at = time.perf_counter()
-            usage.feed(chunk)
-            result.usage = usage.usage
+        try:
+            async for chunk in response.content.iter_any():
+                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+                previous, last = last, chunk
+                if result.first_data_at is None and b"data:" in chunk:
+                    result.first_data_at = time.perf_counter()
+                usage.feed(chunk)
+        finally:
+            result.usage = usage.usage  # however the stream ended, what it reported counts
     except (TimeoutError, aiohttp.SocketTimeoutError):
         result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
