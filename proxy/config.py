@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import ipaddress
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -86,6 +87,7 @@ class BackendConfig:
     no_retry_errors: frozenset[str] = frozenset()  # upstream error types/codes never worth a retry
     discover_models: bool = False  # list the backend's own /models in GET /v1/models
     discover_interval: float = 600.0
+    max_cooldown: float = 300.0  # cap on a key's cooldown, whatever retry-after the upstream sends
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -121,6 +123,8 @@ class ReconnectConfig:
     enabled: bool = True
     base: float = 1.0
     max: float = 60.0
+    after: int = 3  # failures in a row (client, model) before the first wait: SDK retries pass
+    min_failure_ratio: float = 0.5  # ...and only while most recent requests fail
 
 
 RATE_LIMIT_STRATEGIES = ("moving-window", "sliding-window-counter", "fixed-window")
@@ -134,6 +138,19 @@ class ThrottleConfig:
     rate_limit_strategy: str = "moving-window"
 
 
+# The OpenAI inference endpoints that take a JSON body with a model: only these are
+# forwarded, so a client cannot reach a provider's admin API with the operator's key.
+DEFAULT_FORWARD_PATHS = (
+    "/chat/completions",
+    "/completions",
+    "/embeddings",
+    "/responses",
+    "/moderations",
+    "/images/generations",
+    "/audio/speech",
+)
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -143,6 +160,13 @@ class ServerConfig:
     trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For is believed
     admin_key: str = field(default="", repr=False)  # Bearer for /admin/status; empty: no admin
     config_poll_interval: float = 1.0  # seconds between checks of the file; 0: SIGHUP only
+    admin_port: int | None = None  # /metrics and /admin/* on their own listener; None: main port
+    max_header_size: int = 64 * 1024  # request line + headers; 431 beyond
+    header_timeout: float = 10.0  # connection open (or previous response) -> headers in; 408
+    body_timeout: float = 60.0  # headers in -> whole body in; 408
+    max_connections: int = 2048  # open client connections; beyond, only /health and /ready
+    max_response_size: int = 64 * 1024 * 1024  # non-streamed upstream bodies; 502 beyond
+    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS  # POST paths after /v1 forwarded
 
 
 @dataclass(frozen=True)
@@ -254,6 +278,8 @@ class _Validator:
             value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise self.fail(place, f"expected a number, got {_kind(value)}")
+        if not math.isfinite(value):
+            raise self.fail(place, f"expected a finite number, got {value!r}")
         if value < minimum:
             raise self.fail(place, f"must be at least {minimum}")
         return float(value)
@@ -358,13 +384,24 @@ class _Validator:
             known = ", ".join(RATE_LIMIT_STRATEGIES)
             raise self.fail("throttle.rate_limit_strategy", f"expected one of {known}")
         place = "throttle.reconnect"
-        fields = frozenset({"enabled", "base", "max"})
+        fields = frozenset({"enabled", "base", "max", "after", "min_failure_ratio"})
         reconnect = self.mapping(section.get("reconnect") or {}, place, fields)
         defaults = ReconnectConfig()
+        after = reconnect.get("after", defaults.after)
+        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
+            raise self.fail(f"{place}.after", "expected a whole number of at least 1")
+        ratio = self.number(
+            reconnect.get("min_failure_ratio", defaults.min_failure_ratio),
+            f"{place}.min_failure_ratio",
+        )
+        if ratio > 1:
+            raise self.fail(f"{place}.min_failure_ratio", "expected a number from 0 to 1")
         result = ReconnectConfig(
             enabled=self.boolean(reconnect.get("enabled", True), f"{place}.enabled"),
             base=self.positive(reconnect.get("base", defaults.base), f"{place}.base"),
             max=self.positive(reconnect.get("max", defaults.max), f"{place}.max"),
+            after=after,
+            min_failure_ratio=ratio,
         )
         if result.max < result.base:
             raise self.fail(f"{place}.max", "must not be smaller than base")
@@ -373,19 +410,52 @@ class _Validator:
     def server(self, raw: Any) -> ServerConfig:
         fields = frozenset(
             {"host", "port", "routing_headers", "max_body_size", "trusted_proxies", "admin_key"}
-            | {"config_poll_interval"}
+            | {"config_poll_interval", "admin_port", "max_header_size", "header_timeout"}
+            | {"body_timeout", "max_connections", "max_response_size", "forward_paths"}
         )
         section = self.mapping(raw, "server", fields)
         defaults = ServerConfig()
-        port = section.get("port", defaults.port)
-        if isinstance(port, str):
-            port = self.interpolate(port, "server.port")
-            port = int(port) if port.isdigit() else port
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 < port < 65536:
-            raise self.fail("server.port", f"expected a port number 1-65535, got {port!r}")
+        port = self.port(section.get("port", defaults.port), "server.port")
+        admin_port = section.get("admin_port")
+        if admin_port is not None:
+            admin_port = self.port(admin_port, "server.admin_port")
+            if admin_port == port:
+                raise self.fail("server.admin_port", "must differ from server.port")
+        max_connections = section.get("max_connections", defaults.max_connections)
+        if (
+            isinstance(max_connections, bool)
+            or not isinstance(max_connections, int)
+            or max_connections < 1
+        ):
+            raise self.fail("server.max_connections", "expected a whole number of at least 1")
+        forward_paths = self.string_list(
+            section.get("forward_paths", list(defaults.forward_paths)), "server.forward_paths"
+        )
+        for i, path in enumerate(forward_paths):
+            if not path.startswith("/") or ".." in path or "%" in path:
+                raise self.fail(
+                    f"server.forward_paths[{i}]",
+                    f"expected a path like '/chat/completions', got {path!r}",
+                )
         return ServerConfig(
             host=self.string(section.get("host", defaults.host), "server.host"),
             port=port,
+            admin_port=admin_port,
+            max_header_size=self.size(
+                section.get("max_header_size", defaults.max_header_size), "server.max_header_size"
+            ),
+            header_timeout=self.positive(
+                section.get("header_timeout", defaults.header_timeout), "server.header_timeout"
+            ),
+            body_timeout=self.positive(
+                section.get("body_timeout", defaults.body_timeout), "server.body_timeout"
+            ),
+            max_connections=max_connections,
+            max_response_size=self.size(
+                section.get("max_response_size", defaults.max_response_size),
+                "server.max_response_size",
+            ),
+            forward_paths=tuple(p.rstrip("/") for p in forward_paths),
             routing_headers=self.boolean(
                 section.get("routing_headers", True), "server.routing_headers"
             ),
@@ -402,6 +472,14 @@ class _Validator:
                 section.get("config_poll_interval", 1.0), "server.config_poll_interval"
             ),
         )
+
+    def port(self, raw: Any, place: str) -> int:
+        if isinstance(raw, str):
+            raw = self.interpolate(raw, place)
+            raw = int(raw) if raw.isdigit() else raw
+        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw < 65536:
+            raise self.fail(place, f"expected a port number 1-65535, got {raw!r}")
+        return raw
 
     def networks(self, raw: Any, place: str) -> tuple[str, ...]:
         entries = self.string_list(raw, place)
@@ -424,7 +502,7 @@ class _Validator:
         fields = frozenset(
             {"base_url", "keys", "models", "timeout", "headers", "rate_limit", "breaker"}
             | {"key_probe_interval", "request_rewrite", "no_retry_errors"}
-            | {"discover_models", "discover_interval"}
+            | {"discover_models", "discover_interval", "max_cooldown"}
         )
         section = self.mapping(raw, place, fields)
         if "base_url" not in section:
@@ -455,6 +533,7 @@ class _Validator:
             discover_interval=self.positive(
                 section.get("discover_interval", 600.0), f"{place}.discover_interval"
             ),
+            max_cooldown=self.positive(section.get("max_cooldown", 300.0), f"{place}.max_cooldown"),
         )
 
     def rewrite(self, raw: Any, place: str) -> RewriteRules:
