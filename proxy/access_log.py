@@ -8,6 +8,7 @@ of CPU per request, a third of the proxy's whole budget.
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,6 +17,17 @@ from typing import TextIO
 import orjson
 
 FLUSH_INTERVAL = 0.05
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+def escaped(text: str | None) -> str:
+    """A field for the text line, with control characters escaped (``\\x0a``): a client
+    cannot forge a second log line with ``%0A`` in its path (pre-auth)."""
+    if not text:
+        return "-"
+    if _CONTROL.search(text) is None:
+        return text
+    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
 
 
 @dataclass(slots=True)
@@ -90,10 +102,11 @@ class AccessLog:
     def _text(self, r: RequestRecord) -> str:
         duration_ms = (time.perf_counter() - r.started) * 1000
         return (
-            f"{self._timestamp()} access {r.method} {r.path} status={r.status} client={r.client} "
-            f"duration_ms={duration_ms:.1f} request_id={r.request_id} "
-            f"upstream_request_id={r.upstream_request_id or '-'} model={r.model or '-'} "
-            f"upstream_model={r.upstream_model or '-'} backend={r.backend or '-'} "
+            f"{self._timestamp()} access {r.method} {escaped(r.path)} status={r.status} "
+            f"client={escaped(r.client)} duration_ms={duration_ms:.1f} "
+            f"request_id={escaped(r.request_id)} "
+            f"upstream_request_id={escaped(r.upstream_request_id)} model={escaped(r.model)} "
+            f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
             f"ttft_ms={_ms(r.ttft)} prompt_tokens={r.prompt_tokens} "
             f"completion_tokens={r.completion_tokens} throttled={r.throttled or '-'} "

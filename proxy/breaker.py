@@ -53,6 +53,11 @@ class Breaker:
             self._probe_out = False
         self.failures = 0
 
+    def release(self) -> None:
+        """The attempt ended with no verdict on the backend: free the probe slot."""
+        if self.state == HALF_OPEN:
+            self._probe_out = False
+
     def failure(self) -> None:
         self.failures += 1
         if self.state == HALF_OPEN:

@@ -108,8 +108,63 @@ def upstream_timeout(backend: str, what: str) -> ProxyError:
     )
 
 
+def upstream_response_too_large(backend: str, limit: int) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Backend '{backend}' sent a response larger than {limit} bytes "
+        "(server.max_response_size); it was not relayed.",
+        type="api_error",
+        code="upstream_response_too_large",
+    )
+
+
+def upstream_redirect(backend: str, status: int) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Backend '{backend}' answered with a redirect ({status}); the proxy never follows "
+        "redirects: check the backend's base_url.",
+        type="api_error",
+        code="upstream_redirect",
+    )
+
+
+def keys_refused(backend: str, key_ids: list[str]) -> ProxyError:
+    """The upstream refused the proxy's own keys: say so, instead of passing on a 401 the
+    client would read as "your API key is wrong"."""
+    keys = ", ".join(f"'{k}'" for k in key_ids)
+    return ProxyError(
+        503,
+        f"Backend '{backend}' refused the proxy's API key {keys} (the operator must fix the "
+        "key in the proxy's config; your own key is fine).",
+        type="server_error",
+        code="no_usable_key",
+        headers=NO_RETRY,
+    )
+
+
+def invalid_path(path: str) -> ProxyError:
+    return ProxyError(400, f"Invalid request path: {path!r}.", code="invalid_path")
+
+
+def unsupported_encoding(encoding: str) -> ProxyError:
+    return ProxyError(
+        415,
+        f"Content-Encoding {encoding!r} is not supported: send the JSON body uncompressed.",
+        code="unsupported_content_encoding",
+    )
+
+
+_MAX_ADVERTISED_WAIT = 24 * 3600.0
+
+
 def retry_after_headers(seconds: float) -> dict[str, str]:
-    """``Retry-After`` in whole seconds (rounded up) and ``retry-after-ms``: the SDK reads both."""
+    """``Retry-After`` in whole seconds (rounded up) and ``retry-after-ms``: the SDK reads both.
+
+    Defensive: a wait computed from outside values is bounded to [1 ms, 1 day] here, so a
+    non-finite one can never reach ``math.ceil``."""
+    if not math.isfinite(seconds):
+        seconds = _MAX_ADVERTISED_WAIT
+    seconds = min(max(seconds, 0.001), _MAX_ADVERTISED_WAIT)
     return {
         "retry-after": str(max(1, math.ceil(seconds))),
         "retry-after-ms": str(max(1, math.ceil(seconds * 1000))),

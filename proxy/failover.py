@@ -2,10 +2,13 @@
 
 For the route's backend, then each of its fallbacks in order, before any byte has reached
 the client: skip a backend whose circuit is open or whose outbound limit is spent; send with
-the next usable key; on 401/403 take the key out and try once more with another key; on 429
-cool the key down and try once more with another. A 5xx, a 429, a connect error or a timeout
-moves on to the next fallback. When everything failed, the last failure is answered:
-an upstream error passed through unchanged, or the proxy's own error.
+the next usable key; when the upstream refuses the key itself (``classify``) take it out and
+try once more with another key; on 429 cool the key down and try once more with another. A
+5xx, a 429, refused keys, a connect error or a timeout move on to the next fallback. An
+error about the request itself (a 400, a 403 about a model or a path) is relayed as it is:
+nothing is learnt from it and nothing is retried. When everything failed, the last failure
+is answered: an upstream error passed through unchanged, or the proxy's own error (503
+``no_usable_key`` when the upstream refused the proxy's keys, never the upstream's 401).
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import orjson
 
 from proxy import errors, rewrite
 from proxy.access_log import RequestRecord
+from proxy.classify import Verdict, classify, parse_seconds
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
 from proxy.keys import NoUsableKey
@@ -75,9 +79,12 @@ class FailedAnswer:
     body: bytes
     target: Target
     key_id: str
+    verdict: Verdict
 
 
 Result = Delivery | FailedAnswer
+
+_ERROR_BODY_LIMIT = 1024 * 1024  # error bodies are small; a huge one is not relayed
 
 
 async def deliver(
@@ -107,107 +114,165 @@ async def deliver(
 async def _try_backend(
     runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
 ) -> Result | ProxyError:
-    backend = target.backend
-    breaker = runtime.breakers[backend]
+    breaker = runtime.breakers[target.backend]
     wait = breaker.admit()
     if wait:
         record.throttled = "circuit_open"
-        return errors.circuit_open(backend, wait)
-    decision = await runtime.throttle.hit_backend(backend)
-    if decision is not None and not decision.allowed:
-        record.throttled = "backend_rate_limit"
-        return errors.backend_rate_limited(backend, decision.reset_seconds)
-
-    pool = runtime.pools[backend]
-    upstream = runtime.upstreams[backend]
-    url = upstream.url(parts.path, parts.query)
-    body = parts.body_for(target)
-    no_retry = runtime.config.backends[backend].no_retry_errors
-    tried: list[str] = []
-    last_answer: FailedAnswer | None = None
-    while True:
-        try:
-            key = pool.pick(target.pinned_key, exclude=tried)
-        except NoUsableKey as exc:
-            if last_answer is not None:  # no other key for the retry: answer what we got
-                return last_answer
-            return _no_key_error(exc)
-        tried.append(key.id)
-        record.key = key.id
-        if record.sent_at is None:
-            record.sent_at = time.perf_counter()
-        headers = forwarded_request_headers(
-            parts.client_headers, upstream.extra_headers, "Bearer " + key.value
-        )
-        try:
-            response = await upstream.send("POST", url, headers, body)
-        except ProxyError as err:
+        return errors.circuit_open(target.backend, wait)
+    attempt = _Attempt(runtime, target, parts, record)
+    try:
+        return await attempt.run()
+    finally:
+        # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
+        # the breaker hears an outcome, so a half-open probe slot is never left taken.
+        if attempt.verdict is Verdict.BACKEND_FAILED:
             breaker.failure()
-            record.upstream_error = "timeout" if err.status == 504 else "connect"
-            record.attempt_errors.append((backend, key.id, record.upstream_error))
-            return err
-        status = response.status
-        if status < 400 or (status < 500 and status not in (401, 403, 429)):
-            breaker.success()
-            pool.mark_success(key.id)
-            return Delivery(response, target, key.id)
-        last_answer = await _read_failed(response, target, key.id, no_retry)
-        if status >= 500:
-            breaker.failure()
-            record.upstream_error = "status_5xx"
-            record.attempt_errors.append((backend, key.id, "status_5xx"))
-            return last_answer
-        breaker.success()  # the backend is up: it is the key that is refused or limited
-        if status == 429:
-            record.upstream_error = "status_429"
-            pool.cool_down(key.id, _retry_after(last_answer), _reason(last_answer))
+        elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
+            breaker.release()
         else:
-            record.upstream_error = "status_4xx"
-            pool.mark_invalid(key.id, _reason(last_answer))
-        record.attempt_errors.append((backend, key.id, record.upstream_error))
-        if len(tried) > 1:
-            return last_answer  # one retry per request, never a storm of them
+            breaker.success()  # the backend answered: up, whatever it thought of the request
+
+
+class _Attempt:
+    """Sending one request to one backend: one key, and once more with another key when
+    the first is refused or rate limited."""
+
+    def __init__(
+        self, runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
+    ) -> None:
+        self.runtime = runtime
+        self.target = target
+        self.parts = parts
+        self.record = record
+        self.verdict: Verdict | None = None  # the last upstream verdict; None: no answer
+
+    async def run(self) -> Result | ProxyError:
+        runtime, target, parts, record = self.runtime, self.target, self.parts, self.record
+        backend = target.backend
+        decision = await runtime.throttle.hit_backend(backend)
+        if decision is not None and not decision.allowed:
+            record.throttled = "backend_rate_limit"
+            return errors.backend_rate_limited(backend, decision.reset_seconds)
+        pool = runtime.pools[backend]
+        upstream = runtime.upstreams[backend]
+        url = upstream.url(parts.path, parts.query)
+        body = parts.body_for(target)
+        tried: list[str] = []
+        refused: list[str] = []
+        last_answer: FailedAnswer | None = None
+        while True:
+            try:
+                key = pool.pick(target.pinned_key, exclude=tried)
+            except NoUsableKey as exc:
+                return self._nothing_left(exc, last_answer, refused)
+            tried.append(key.id)
+            record.key = key.id
+            if record.sent_at is None:
+                record.sent_at = time.perf_counter()
+            headers = forwarded_request_headers(
+                parts.client_headers, upstream.extra_headers, "Bearer " + key.value
+            )
+            try:
+                response = await upstream.send("POST", url, headers, body)
+            except ProxyError as err:
+                self.verdict = Verdict.BACKEND_FAILED
+                self._attempt_failed(key.id, "timeout" if err.status == 504 else "connect")
+                return err
+            status = response.status
+            if status < 400:
+                self.verdict = classify(status)
+                if self.verdict is Verdict.REDIRECT:
+                    response.release()
+                    self._attempt_failed(key.id, "redirect")
+                    return errors.upstream_redirect(backend, status)
+                pool.mark_success(key.id)
+                return Delivery(response, target, key.id)
+            try:
+                last_answer = await self._read_failed(response, key.id)
+            except ProxyError as err:  # an error body past the size cap
+                self.verdict = classify(status)
+                return err
+            self.verdict = last_answer.verdict
+            if self.verdict is Verdict.CLIENT_ERROR:
+                # About this request only: relayed as it is, nothing learnt, no retry.
+                self._attempt_failed(key.id, "status_4xx")
+                return last_answer
+            if self.verdict is Verdict.BACKEND_FAILED:
+                self._attempt_failed(key.id, "status_5xx")
+                return last_answer
+            reason = self._reason(last_answer)
+            if self.verdict is Verdict.KEY_LIMITED:
+                self._attempt_failed(key.id, "status_429")
+                pool.cool_down(key.id, _retry_after(last_answer), reason)
+            else:
+                self._attempt_failed(key.id, "status_4xx")
+                pool.mark_invalid(key.id, reason)
+                refused.append(key.id)
+            if len(tried) > 1:  # one retry per request, never a storm of them
+                return self._nothing_left(None, last_answer, refused)
+
+    def _nothing_left(
+        self, exc: NoUsableKey | None, last: FailedAnswer | None, refused: list[str]
+    ) -> Result | ProxyError:
+        """No (further) key: the proxy's own keys refused → 503 naming them; a 429 from
+        the upstream → relayed; nothing tried at all → why no key could be picked."""
+        if refused and last is not None and last.verdict is Verdict.KEY_REFUSED:
+            return errors.keys_refused(self.target.backend, refused)
+        if last is not None:
+            return last
+        assert exc is not None
+        if exc.retry_after is not None:
+            return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
+        return errors.no_usable_key(exc.backend, exc.hint)
+
+    def _attempt_failed(self, key_id: str, kind: str) -> None:
+        self.record.upstream_error = kind
+        self.record.attempt_errors.append((self.target.backend, key_id, kind))
+
+    async def _read_failed(self, response: aiohttp.ClientResponse, key_id: str) -> FailedAnswer:
+        backend = self.target.backend
+        upstream = self.runtime.upstreams[backend]
+        try:
+            body = await upstream.read_all(response, _ERROR_BODY_LIMIT)
+        except ProxyError as err:
+            if err.code == "upstream_response_too_large":
+                raise
+            body = b""
+        finally:
+            response.release()
+        body = self.runtime.redactor.bytes(body)  # an upstream may echo the key it got
+        headers = kept_response_headers(response.raw_headers)
+        no_retry = self.runtime.config.backends[backend].no_retry_errors
+        headers += rewrite.error_annotations(response.status, headers, body, no_retry)
+        verdict = classify(response.status, body)
+        return FailedAnswer(response.status, headers, body, self.target, key_id, verdict)
+
+    def _reason(self, answer: FailedAnswer) -> str:
+        """``401 from upstream: <its message>``, for logs and /admin; secrets scrubbed."""
+        return self.runtime.redactor.text(_reason(answer))
 
 
 def _worth_a_fallback(result: Result | ProxyError) -> bool:
-    status = result.status
-    return status >= 500 or status in (401, 403, 429)
-
-
-def _no_key_error(exc: NoUsableKey) -> ProxyError:
-    if exc.retry_after is not None:
-        return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
-    return errors.no_usable_key(exc.backend, exc.hint)
-
-
-async def _read_failed(
-    response: aiohttp.ClientResponse, target: Target, key_id: str, no_retry: frozenset[str]
-) -> FailedAnswer:
-    try:
-        body = await response.read()  # error bodies are small
-    except (aiohttp.ClientError, TimeoutError):
-        body = b""
-    finally:
-        response.release()
-    headers = kept_response_headers(response.raw_headers)
-    headers += rewrite.error_annotations(response.status, headers, body, no_retry)
-    return FailedAnswer(response.status, headers, body, target, key_id)
+    """A fallback may help when this backend failed or its keys are refused or limited;
+    never for an answer about the request itself (a 4xx relayed to the client)."""
+    if isinstance(result, FailedAnswer):
+        return result.verdict is not Verdict.CLIENT_ERROR
+    return result.status >= 500 or result.status == 429
 
 
 def _retry_after(answer: FailedAnswer) -> float | None:
-    """The upstream's retry-after (seconds), or the "try again after N seconds" it wrote."""
+    """The upstream's retry-after (seconds), or the "try again after N seconds" it wrote;
+    None when it gave none that is a sane number."""
     for name, value in answer.headers:
         if name == b"retry-after-ms":
-            try:
-                return float(value) / 1000
-            except ValueError:
-                pass
+            ms = parse_seconds(value)
+            if ms is not None:
+                return ms / 1000
         if name == b"retry-after":
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    return rewrite.retry_after_in_message(answer.body)
+            seconds = parse_seconds(value)
+            if seconds is not None:
+                return seconds
+    return parse_seconds(rewrite.retry_after_in_message(answer.body))
 
 
 def _reason(answer: FailedAnswer) -> str:

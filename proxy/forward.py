@@ -12,6 +12,7 @@ import difflib
 import itertools
 import logging
 import os
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -26,7 +27,7 @@ from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.streaming import relay_stream, tokens, usage_of
+from proxy.streaming import StreamKind, relay_stream, tokens, usage_of
 from proxy.throttle import Outcome
 
 Scope = MutableMapping[str, Any]
@@ -70,14 +71,15 @@ class _Exchange:
 async def handle(
     runtime: Runtime, access_log: AccessLog, scope: Scope, receive: Receive, send: Send
 ) -> None:
-    client_request_id = header_value(scope["headers"], REQUEST_ID)
-    request_id = client_request_id.decode("latin-1") if client_request_id else new_request_id()
+    request_id = client_request_id(scope["headers"]) or new_request_id()
     record = RequestRecord(scope["method"], scope["path"], request_id)
     exchange = _Exchange(record, request_id)
     try:
+        path = forwarded_path(scope, runtime.config.server.forward_paths)
+        refuse_content_encoding(scope["headers"])
         body = await read_request_body(scope, receive, runtime.config.server.max_body_size)
         await _cancel_on_disconnect(
-            receive, exchange, forward(runtime, scope, send, body, exchange)
+            receive, exchange, forward(runtime, scope, send, path, body, exchange)
         )
     except ProxyError as err:
         await _answer_error(runtime, send, exchange, err)
@@ -105,7 +107,7 @@ async def handle(
 
 
 async def forward(
-    runtime: Runtime, scope: Scope, send: Send, body: bytes, exchange: _Exchange
+    runtime: Runtime, scope: Scope, send: Send, path: str, body: bytes, exchange: _Exchange
 ) -> None:
     record = exchange.record
     # auth
@@ -144,7 +146,7 @@ async def forward(
 
     # key → upstream, with retries on another key and fallbacks
     parts = RequestParts(
-        _upstream_path(scope),
+        path,
         scope["query_string"].decode("latin-1"),
         scope["headers"],
         payload,
@@ -161,11 +163,11 @@ async def forward(
         exchange.outcome = _outcome(result.status)
         await _send_failed(runtime, send, exchange, result)
     else:
-        await _relay(runtime, send, exchange, result, parts.path.endswith(_DONE_PATHS))
+        await _relay(runtime, send, exchange, result, stream_kind(path))
 
 
 async def _relay(
-    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, expects_done: bool
+    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, kind: StreamKind
 ) -> None:
     record = exchange.record
     response = delivery.response
@@ -174,8 +176,6 @@ async def _relay(
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
-        if response.status >= 400:  # a client error passed through (the rest never get here)
-            record.attempt_errors.append((backend, delivery.key_id, "status_4xx"))
         kept = kept_response_headers(response.raw_headers)
         headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
         if response.content_type == _EVENT_STREAM:
@@ -187,7 +187,7 @@ async def _relay(
             streams = metrics.streams_child(backend)
             streams.inc()
             try:
-                result = await relay_stream(response, send, backend, expects_done)
+                result = await relay_stream(response, send, backend, kind)
             finally:
                 streams.dec()
             if result.first_data_at is not None:
@@ -198,9 +198,9 @@ async def _relay(
                 record.attempt_errors.append((backend, delivery.key_id, result.error))
                 exchange.outcome = Outcome.FAILURE
         else:
-            data = await runtime.upstreams[backend].read_all(response)
-            if response.status == 404:
-                data = _with_model_hint(runtime, delivery.target, data)
+            limit = runtime.config.server.max_response_size
+            data = await runtime.upstreams[backend].read_all(response, limit)
+            data = runtime.redactor.bytes(data)
             read_at = time.perf_counter()
             headers.append((b"content-length", str(len(data)).encode()))
             exchange.response_started = True
@@ -220,16 +220,20 @@ async def _relay(
 async def _send_failed(
     runtime: Runtime, send: Send, exchange: _Exchange, answer: FailedAnswer
 ) -> None:
-    """Pass an upstream's error through unchanged: status, body and the headers SDKs read."""
+    """Pass an upstream's error through unchanged: status, body and the headers SDKs read
+    (a 404 for a model gets a ``proxy_hint`` naming the closest ids)."""
     exchange.record.status = answer.status
     started = time.perf_counter()
+    body = answer.body
+    if answer.status == 404:
+        body = _with_model_hint(runtime, answer.target, body)
     headers = _response_headers(
         runtime, exchange, answer.target, answer.key_id, list(answer.headers)
     )
-    headers.append((b"content-length", str(len(answer.body)).encode()))
+    headers.append((b"content-length", str(len(body)).encode()))
     exchange.response_started = True
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
-    await send({"type": "http.response.body", "body": answer.body, "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
     _add_overhead(exchange.record, time.perf_counter() - started)
 
 
@@ -325,7 +329,13 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
+MAX_MODEL_LENGTH = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def requested_model(payload: dict[str, Any]) -> str:
+    """The body's model id, refused before routing when it could hurt: too long for a
+    header or a cache entry, or holding control characters (CR/LF would break headers)."""
     model = payload.get("model")
     if model is None:
         raise errors.bad_request(
@@ -335,7 +345,61 @@ def requested_model(payload: dict[str, Any]) -> str:
         raise errors.bad_request(
             "The model parameter must be a non-empty string.", param="model", code="invalid_model"
         )
+    if len(model) > MAX_MODEL_LENGTH or _CONTROL.search(model):
+        raise errors.bad_request(
+            f"The model parameter must be at most {MAX_MODEL_LENGTH} characters, with no "
+            "control characters.",
+            param="model",
+            code="invalid_model",
+        )
     return model
+
+
+def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
+    """The path after ``/v1`` when it is one the proxy forwards; 400 for dot-segments or
+    encoded slashes and dots (never normalised and forwarded), 404 for any other path.
+
+    The upstream URL is built from the allowed path itself, never from the client's bytes.
+    """
+    raw = scope.get("raw_path") or scope["path"].encode()
+    lowered = raw.lower()
+    if b"%2e" in lowered or b"%2f" in lowered or b"%5c" in lowered or b"\\" in raw:
+        raise errors.invalid_path(raw.decode("latin-1")[:200])
+    path: str = scope["path"]
+    if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
+        raise errors.invalid_path(path[:200])
+    tail = path[3:]
+    if tail not in allowed:
+        raise errors.unknown_url(scope["method"], path[:200])
+    return tail
+
+
+def refuse_content_encoding(headers: list[tuple[bytes, bytes]]) -> None:
+    """The body is read as JSON and never sent on with the client's encoding header: a
+    compressed body is refused here, not forwarded for the upstream to choke on (its 5xx
+    would count against the backend for everyone)."""
+    encoding = header_value(headers, b"content-encoding")
+    if encoding is not None and encoding.strip().lower() not in (b"", b"identity"):
+        raise errors.unsupported_encoding(encoding.decode("latin-1")[:50])
+
+
+_REQUEST_ID_OK = re.compile(rb"[\x21-\x7e]{1,128}")
+
+
+def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
+    """The client's X-Request-Id when it is short and printable; else the proxy makes one."""
+    value = header_value(headers, REQUEST_ID)
+    if value is None or not _REQUEST_ID_OK.fullmatch(value):
+        return None
+    return value.decode("ascii")
+
+
+def stream_kind(path: str) -> StreamKind:
+    if path in _DONE_PATHS:
+        return StreamKind.DONE_TERMINATED
+    if path == "/responses":
+        return StreamKind.RESPONSES
+    return StreamKind.PLAIN
 
 
 _ID_PREFIX = "req_" + os.urandom(6).hex()  # random per process: unique across replicas
@@ -345,13 +409,6 @@ _id_counter = itertools.count(1)
 def new_request_id() -> str:
     # A counter, not os.urandom per request: a syscall on every request showed in profiles.
     return f"{_ID_PREFIX}{next(_id_counter):010x}"
-
-
-def _upstream_path(scope: Scope) -> str:
-    """The client's path after ``/v1``, still percent-encoded, appended to the base URL."""
-    raw = scope.get("raw_path")
-    path = raw.decode("latin-1") if raw else scope["path"]
-    return path[3:]
 
 
 def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple[bytes, bytes]]:

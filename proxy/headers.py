@@ -1,44 +1,34 @@
 """Which headers cross the proxy, in each direction.
 
-Client → upstream: everything but hop-by-hop headers and the client's own credentials; the
-proxy sets ``Authorization`` from the selected key. Upstream → client: only what SDKs and
-users read (content type and encoding, request id, rate-limit and retry hints, ``openai-*``).
+Client → upstream is an allow-list: what SDKs send to describe the request (content type,
+accept, user agent, the SDK's ``x-stainless-*`` telemetry, ``openai-beta``, idempotency
+keys, the request id). Nothing else crosses: not the client's credentials (the proxy sets
+``Authorization`` from the selected key), not ``OpenAI-Organization``/``OpenAI-Project``
+(a client could otherwise make the upstream refuse the operator's key for everyone; a
+backend sets them in its config ``headers``), not encodings or hop-by-hop headers the
+proxy does not handle, not cookies or forwarding headers. Upstream → client: only what
+SDKs and users read (content type and encoding, request id, rate-limit and retry hints,
+``openai-*``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-_HOP_BY_HOP = {
-    "connection",
-    "keep-alive",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "trailers",
-    "transfer-encoding",
-    "upgrade",
-}
-# The client's credentials are for the proxy, never for the provider; host and length are
-# the upstream connection's own; cookies belong to neither.
-_NOT_FORWARDED = frozenset(
-    name.encode()
-    for name in (
-        *_HOP_BY_HOP,
-        "host",
-        "content-length",
-        "expect",
-        "authorization",
-        "api-key",
-        "x-api-key",
-        "cookie",
-        # Answers come back uncompressed, so token usage can be read without inflating them
-        # (LLM answers are small JSON or SSE, which gains little from compression anyway).
-        "accept-encoding",
-    )
+FORWARDED_CLIENT_HEADERS = (
+    "content-type",
+    "accept",
+    "user-agent",
+    "openai-beta",
+    "idempotency-key",
+    "x-request-id",
+    "anthropic-version",
+    "anthropic-beta",
 )
+FORWARDED_CLIENT_PREFIXES = ("x-stainless-",)  # the openai/anthropic SDKs' own metadata
+
+_FORWARDED = frozenset(name.encode() for name in FORWARDED_CLIENT_HEADERS)
+_FORWARDED_PREFIXES = tuple(prefix.encode() for prefix in FORWARDED_CLIENT_PREFIXES)
 _KEPT_ON_RESPONSE = frozenset(
     name.encode()
     for name in (
@@ -61,11 +51,11 @@ def forwarded_request_headers(
     extra: Mapping[str, str],
     authorization: str,
 ) -> dict[str, str]:
-    """The upstream request's headers: the client's (minus the excluded ones), then ours."""
+    """The upstream request's headers: the client's allowed ones, then ours."""
     headers = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in client_headers  # ASGI gives lower-cased names
-        if name not in _NOT_FORWARDED
+        if name in _FORWARDED or name.startswith(_FORWARDED_PREFIXES)
     }
     headers.update(extra)
     headers["authorization"] = authorization

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import difflib
+import json
 import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -17,9 +18,11 @@ from typing import Any
 import httpx
 
 from proxy.config import BackendConfig, Config, KeyConfig
+from proxy.redact import Redactor
 from proxy.routing import Router
 
 TIMEOUT = httpx.Timeout(8.0, connect=4.0)
+_BODY_LIMIT = 16 * 1024 * 1024
 
 # Hints for a refused key, by the backend's host: data, not code paths. The classic: a key
 # from one of Moonshot's two platforms used against the other platform's API.
@@ -80,9 +83,10 @@ class _KeyResult:
 
 
 async def check_online(config: Config) -> Report:
+    redactor = Redactor.for_config(config)
     async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
         jobs = [
-            _probe(client, backend, key)
+            _probe(client, backend, key, redactor)
             for backend in config.backends.values()
             for key in backend.keys
             if key.present
@@ -102,29 +106,48 @@ async def check_online(config: Config) -> Report:
 
 
 async def _probe(
-    client: httpx.AsyncClient, backend: BackendConfig, key: KeyConfig
+    client: httpx.AsyncClient, backend: BackendConfig, key: KeyConfig, redactor: Redactor
 ) -> tuple[str, _KeyResult]:
     result = _KeyResult(key)
-    headers = {"authorization": f"Bearer {key.value}", **backend.headers}
+    headers = {**backend.headers, "authorization": f"Bearer {key.value}"}
     try:
-        response = await client.get(f"{backend.base_url}/models", headers=headers)
+        status, data = await _get_capped(client, f"{backend.base_url}/models", headers)
     except httpx.TimeoutException:
         result.error = "timed out"
     except httpx.HTTPError as exc:
         result.error = f"unreachable ({type(exc).__name__})"
     else:
-        result.status = response.status_code
+        result.status = status
         try:
-            body = response.json()
+            body = json.loads(redactor.bytes(data)) if data else None
         except ValueError:
             body = None
-        if response.status_code == 200 and isinstance(body, dict):
+        if 300 <= status < 400:
+            result.message = "redirected (redirects are not followed: check base_url)"
+        elif status == 200 and isinstance(body, dict):
             result.models = [
                 str(m["id"]) for m in body.get("data") or () if isinstance(m, dict) and "id" in m
             ]
         elif isinstance(body, dict) and isinstance(body.get("error"), dict):
-            result.message = str(body["error"].get("message") or body["error"].get("type") or "")
+            message = str(body["error"].get("message") or body["error"].get("type") or "")
+            result.message = message[:300]
     return backend.name, result
+
+
+async def _get_capped(
+    client: httpx.AsyncClient, url: str, headers: dict[str, str]
+) -> tuple[int, bytes]:
+    """GET ``url``: the status and at most ``_BODY_LIMIT`` bytes of the body (a model list;
+    a hostile or broken upstream cannot make the check eat memory)."""
+    async with client.stream("GET", url, headers=headers) as response:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.aiter_bytes():
+            size += len(chunk)
+            if size > _BODY_LIMIT:
+                return response.status_code, b""
+            chunks.append(chunk)
+        return response.status_code, b"".join(chunks)
 
 
 def _key_findings(backend: BackendConfig, results: list[_KeyResult]) -> list[Finding]:

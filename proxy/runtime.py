@@ -18,6 +18,7 @@ from proxy.breaker import Breaker
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
+from proxy.redact import NO_SECRETS, Redactor
 from proxy.routing import Router
 from proxy.shared import SYNC_INTERVAL, SharedState
 from proxy.throttle import Throttle, make_storage
@@ -35,6 +36,7 @@ class Runtime:
     pools: Mapping[str, KeyPool]
     breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
+    redactor: Redactor = NO_SECRETS  # every configured secret, scrubbed from what we write
     loaded_at: float = field(default_factory=time.time)
     in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
     discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
@@ -186,6 +188,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         pools=pools,
         breakers=breakers,
         upstreams=upstreams,
+        redactor=Redactor.for_config(config),
     )
 
 

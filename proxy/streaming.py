@@ -7,9 +7,11 @@ the end of the response, so SDKs raise instead of mistaking the failure for a cl
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any
 
 import aiohttp
@@ -20,6 +22,14 @@ from proxy.errors import error_body
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
+
+
+class StreamKind(Enum):
+    """How a stream says it is complete, and how a failure must be told to its SDK."""
+
+    DONE_TERMINATED = "done"  # chat and text completions: must end with data: [DONE]
+    RESPONSES = "responses"  # Responses API: typed events; a failure is `event: error`
+    PLAIN = "plain"  # anything else: a clean end is an end
 
 
 @dataclass(slots=True)
@@ -93,13 +103,15 @@ class _UsageReader:
 
 
 async def relay_stream(
-    response: aiohttp.ClientResponse, send: Send, backend: str, expects_done: bool = False
+    response: aiohttp.ClientResponse,
+    send: Send,
+    backend: str,
+    kind: StreamKind = StreamKind.PLAIN,
 ) -> RelayResult:
     """Pass every chunk through untouched; end with an error event if the upstream fails.
 
-    With ``expects_done`` (chat and text completions), a stream that ends cleanly but
-    without ``data: [DONE]`` was cut short too: the SDK would otherwise return a truncated
-    answer as if it were complete.
+    For chat and text completions a stream that ends cleanly but without ``data: [DONE]``
+    was cut short too: the SDK would otherwise return a truncated answer as if complete.
     """
     result = RelayResult()
     usage = _UsageReader()
@@ -117,24 +129,51 @@ async def relay_stream(
     except (TimeoutError, aiohttp.SocketTimeoutError):
         result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
-        await send_stream_error(send, message, "upstream_timeout", last)
+        await send_stream_error(send, message, "upstream_timeout", last, kind)
         return result
     except aiohttp.ClientError:
         result.error = "stream_broken"
         message = f"Backend '{backend}' closed the stream before it was complete."
-        await send_stream_error(send, message, "upstream_stream_broken", last)
+        await send_stream_error(send, message, "upstream_stream_broken", last, kind)
         return result
-    if expects_done and b"[DONE]" not in previous[-16:] + last:
+    if kind is StreamKind.DONE_TERMINATED and b"[DONE]" not in previous[-16:] + last:
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without [DONE]."
-        await send_stream_error(send, message, "upstream_stream_broken", last)
+        await send_stream_error(send, message, "upstream_stream_broken", last, kind)
         return result
     await send({"type": "http.response.body", "body": b"", "more_body": False})
     return result
 
 
-async def send_stream_error(send: Send, message: str, code: str, last_chunk: bytes) -> None:
+async def send_stream_error(
+    send: Send, message: str, code: str, last_chunk: bytes, kind: StreamKind = StreamKind.PLAIN
+) -> None:
     # A half-sent event is closed first so the error is an event of its own.
     separator = b"" if last_chunk.endswith(_EVENT_ENDS) else b"\n\n"
-    event = separator + b"data: " + error_body(message, "api_error", code) + b"\n\n"
-    await send({"type": "http.response.body", "body": event, "more_body": False})
+    if kind is StreamKind.RESPONSES:
+        event = b"event: error\ndata: " + _responses_error(message, code, last_chunk)
+    else:
+        event = b"data: " + error_body(message, "api_error", code)
+    await send(
+        {"type": "http.response.body", "body": separator + event + b"\n\n", "more_body": False}
+    )
+
+
+_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d{1,18})')
+
+
+def _responses_error(message: str, code: str, last_chunk: bytes) -> bytes:
+    """A Responses-API ``error`` event (``type: error``, what its SDKs parse), numbered
+    after the last event seen; its ``error`` object makes the openai SDK raise."""
+    numbers = _SEQUENCE.findall(last_chunk)
+    sequence = int(numbers[-1]) + 1 if numbers else 0
+    error = {"message": message, "type": "api_error", "param": None, "code": code}
+    event = {
+        "type": "error",
+        "code": code,
+        "message": message,
+        "param": None,
+        "sequence_number": sequence,
+        "error": error,
+    }
+    return orjson.dumps(event)

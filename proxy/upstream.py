@@ -12,9 +12,15 @@ import orjson
 from yarl import URL
 
 from proxy.config import BackendConfig
-from proxy.errors import ProxyError, upstream_timeout, upstream_unreachable
+from proxy.errors import (
+    ProxyError,
+    upstream_response_too_large,
+    upstream_timeout,
+    upstream_unreachable,
+)
 
 _URL_CACHE_LIMIT = 1024
+_PROBE_BODY_LIMIT = 16 * 1024 * 1024  # a model list; anything bigger is not one
 # Headers aiohttp would add on its own; the client's own values are forwarded instead.
 _NO_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 
@@ -80,7 +86,11 @@ class Upstream:
         if self._session is None:
             raise ProxyError(503, "The proxy is starting up.", type="server_error")
         try:
-            response = await self._session.request(method, url, headers=headers, data=body)
+            # Redirects are never followed: a 307 would re-send the prompt and the backend's
+            # headers to another host, a 301 would turn a stream into a GET.
+            response = await self._session.request(
+                method, url, headers=headers, data=body, allow_redirects=False
+            )
         except aiohttp.ConnectionTimeoutError:
             raise upstream_timeout(self.name, "connecting") from None
         except (TimeoutError, aiohttp.SocketTimeoutError):
@@ -91,9 +101,24 @@ class Upstream:
             ) from None
         except aiohttp.ClientError as exc:
             raise upstream_unreachable(self.name, _describe(exc)) from None
-        if self._idle is not None and response.connection is not None:
-            response.connection.protocol.read_timeout = self._idle  # type: ignore[union-attr]
+        if self._idle is not None:
+            self._switch_to_idle_timeout(response)
         return response
+
+    def _switch_to_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
+        """From the head on, the longest silence allowed is ``idle``, not ``first_byte``.
+
+        When the head and the first chunk came in one read, the timer already running was
+        armed with ``first_byte``: re-arm it, unless the body is complete (a timer armed on
+        a finished response would fire on the pooled connection).
+        """
+        connection = response.connection
+        protocol = connection.protocol if connection is not None else None
+        if protocol is None:
+            return
+        protocol.read_timeout = self._idle
+        if not response.content.is_eof():
+            protocol.start_timeout()
 
     async def list_models(self, key: str) -> tuple[int | str, list[str]]:
         """``GET {base_url}/models`` with ``key``: the status (or why it could not be sent)
@@ -106,12 +131,15 @@ class Upstream:
                 self.url("/models"),
                 headers={**self.extra_headers, **headers},
                 timeout=self._probe_timeout,
+                allow_redirects=False,
             ) as response:
-                body = await response.read()
                 if response.status != 200:
                     return response.status, []
+                body = await self._read_capped(response, _PROBE_BODY_LIMIT)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _describe(exc), []
+        except ProxyError:
+            return "model list too large", []
         try:
             data = orjson.loads(body).get("data") or []
             ids = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
@@ -119,14 +147,29 @@ class Upstream:
             ids = []
         return 200, ids
 
-    async def read_all(self, response: aiohttp.ClientResponse) -> bytes:
-        """The whole body of a response that is not streamed to the client."""
+    async def read_all(self, response: aiohttp.ClientResponse, limit: int) -> bytes:
+        """The whole body of a response that is not streamed to the client, at most
+        ``limit`` bytes (502 ``upstream_response_too_large`` beyond: never buffered whole)."""
         try:
-            return await response.read()
+            return await self._read_capped(response, limit)
         except (TimeoutError, aiohttp.SocketTimeoutError):
             raise upstream_timeout(self.name, "reading the response body") from None
         except aiohttp.ClientError as exc:
             raise upstream_unreachable(self.name, _describe(exc)) from None
+
+    async def _read_capped(self, response: aiohttp.ClientResponse, limit: int) -> bytes:
+        declared = response.content_length
+        if declared is not None and declared > limit:
+            raise upstream_response_too_large(self.name, limit)
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                response.close()  # the rest is never read: drop the connection
+                raise upstream_response_too_large(self.name, limit)
+            chunks.append(chunk)
+        return b"".join(chunks)
 
 
 def _describe(exc: BaseException) -> str:

@@ -99,7 +99,7 @@ def test_key_state_resets_for_changed_keys_and_stays_for_unchanged_ones(upstream
     path = tmp_path / "config.yaml"
     try:
         upstream.configure(invalid_keys=[KEY_A, KEY_B])
-        assert post(proxy, "kimi-k2").status_code == 401  # both keys tried, both refused
+        assert post(proxy, "kimi-k2").status_code == 503  # both keys tried, both refused
         assert post(proxy, "kimi-k2").status_code == 503  # both out of rotation
         upstream.configure(invalid_keys=[KEY_B])  # KEY_B is still bad; KEY_A2 will be good
         path.write_text(config(upstream, key_a=KEY_A2))

@@ -188,8 +188,11 @@ def test_a_429_cools_the_key_down_and_retries_on_another(proxy, upstream):
 def test_when_every_key_is_refused_the_backend_answers_503_naming_why(proxy, upstream):
     upstream.configure(invalid_keys=[KEY_BAD, KEY_GOOD])
     first = post(proxy, {"model": "kimi-c"})
-    assert first.status_code == 401  # the upstream's answer, passed through unchanged
-    assert first.json()["error"]["type"] == "invalid_authentication_error"
+    # Not the upstream's 401: the client would read it as "your API key is wrong".
+    assert first.status_code == 503
+    assert first.headers["x-should-retry"] == "false"
+    assert first.json()["error"]["code"] == "no_usable_key"
+    assert "refused the proxy's API key 'key-bad', 'key-good'" in first.json()["error"]["message"]
     second = post(proxy, {"model": "kimi-c"})
     assert second.status_code == 503
     message = second.json()["error"]["message"]

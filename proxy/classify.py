@@ -1,0 +1,87 @@
+"""What an upstream answer means: the one place that reads an upstream status.
+
+Key health, the circuit breaker, failover and the reconnect throttle all act on a
+``Verdict`` from here; nobody else compares status codes. The rule that matters most: only
+an error about the key itself (401, or a 403 whose type or code says the key is invalid or
+revoked) may take a shared key out of rotation. A 403 about a model, a path or a permission
+is that one client's problem: it is passed through and changes nothing for anyone else.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+
+import orjson
+
+
+class Verdict(StrEnum):
+    OK = "ok"  # 1xx/2xx: relay it
+    CLIENT_ERROR = "client_error"  # a 4xx about this request: relay it, learn nothing
+    KEY_REFUSED = "key_refused"  # the key itself is refused: take it out, try another key
+    KEY_LIMITED = "key_limited"  # 429: cool the key down, try another key
+    BACKEND_FAILED = "backend_failed"  # 5xx: counts for the breaker, worth a fallback
+    REDIRECT = "redirect"  # 3xx: never followed (it would re-send the prompt elsewhere)
+
+
+# Error types and codes that say "this key is bad", as providers write them. Wire
+# vocabulary, not provider names: a 403 carrying one of these is about the key.
+_KEY_ERRORS = frozenset(
+    {
+        "invalid_api_key",
+        "invalid_authentication",
+        "invalid_authentication_error",
+        "authentication_error",
+        "api_key_revoked",
+        "revoked_api_key",
+        "expired_api_key",
+        "account_deactivated",
+        "unauthorized",
+    }
+)
+
+# A wait longer than this from an upstream is nonsense (or hostile): it is capped here and
+# again by each consumer's own maximum (key cooldown, breaker).
+MAX_UPSTREAM_WAIT = 24 * 3600.0
+
+
+def classify(status: int, body: bytes = b"") -> Verdict:
+    """The verdict for an upstream answer with ``status`` (``body`` read for 403 only)."""
+    if status < 300:
+        return Verdict.OK
+    if status < 400:
+        return Verdict.REDIRECT
+    if status == 401:
+        return Verdict.KEY_REFUSED
+    if status == 403:
+        return Verdict.KEY_REFUSED if error_kinds(body) & _KEY_ERRORS else Verdict.CLIENT_ERROR
+    if status == 429:
+        return Verdict.KEY_LIMITED
+    if status >= 500:
+        return Verdict.BACKEND_FAILED
+    return Verdict.CLIENT_ERROR
+
+
+def error_kinds(body: bytes) -> set[str]:
+    """The ``type`` and ``code`` of an OpenAI-style error body, lower-cased."""
+    try:
+        error = orjson.loads(body).get("error")
+    except (orjson.JSONDecodeError, AttributeError):
+        return set()
+    if not isinstance(error, dict):
+        return set()
+    return {str(v).lower() for v in (error.get("type"), error.get("code")) if v}
+
+
+def parse_seconds(value: bytes | str | None) -> float | None:
+    """A wait in seconds from an upstream header value; None when absent or not a sane
+    number (non-finite, negative, an HTTP date). Large values are capped."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    if not math.isfinite(seconds) or seconds < 0:
+        return None
+    return min(seconds, MAX_UPSTREAM_WAIT)
