@@ -16,6 +16,9 @@ forwards unknown fields unchanged; the openai SDK sends it with ``extra_body``):
   drop_after, stall_after     after N events: cut the connection / go silent for 60 s
   no_done                     end the stream cleanly but without data: [DONE]
   crlf, comments              use \\r\\n line endings / send ": keep-alive" comments
+  echo_key                    with status: the error message quotes the key it was sent
+  pad_bytes                   a 200 JSON answer padded to about this many bytes
+  glue_head                   a timed stream's head goes out in one write with its first event
 Control endpoints: ``GET /_mock/requests`` (what was received), ``GET /_mock/stats`` (how
 many timed answers were cut short by the client leaving), ``DELETE /_mock/requests``,
 ``POST /_mock/config`` with ``{"invalid_keys": [...], "limited_keys": {key: retry_after},
@@ -45,6 +48,11 @@ RECORDED_HEADERS = (
     b"cookie",
     b"x-api-key",
     b"x-extra",
+    b"openai-organization",
+    b"openai-project",
+    b"content-encoding",
+    b"x-forwarded-for",
+    b"x-stainless-lang",
 )
 
 
@@ -290,7 +298,11 @@ class Connection(asyncio.Protocol):
                 "param": None,
                 "code": None,
             }
+            if mock.get("echo_key"):  # as some providers do: the key, quoted back
+                error = {**error, "message": f"Incorrect API key provided: {auth}"}
             answer = json_response(int(mock["status"]), {"error": error}, extra)
+        elif mock.get("pad_bytes"):
+            answer = json_response(200, {"pad": "x" * int(mock["pad_bytes"])}, extra)
         elif request.get("stream") is True and path.endswith(("/chat/completions", "/responses")):
             return self.stream_plan(path, model, request, mock, extra)
         else:
@@ -354,6 +366,7 @@ class Connection(asyncio.Protocol):
             "chunk_delay": float(mock.get("chunk_delay", 0)),
             "drop_after": mock.get("drop_after"),
             "stall_after": mock.get("stall_after"),
+            "glue_head": bool(mock.get("glue_head")),
         }
         timed = plan["delay"] or plan["first_chunk_delay"] or plan["chunk_delay"]
         if not timed and plan["drop_after"] is None and plan["stall_after"] is None:
@@ -397,8 +410,15 @@ class Connection(asyncio.Protocol):
         if "whole" in plan:
             transport.write(plan["whole"])
         else:
-            transport.write(plan["head"])
-            for i, event in enumerate(plan["events"]):
+            events = plan["events"]
+            if plan["glue_head"]:  # head and first event in one read at the other end
+                transport.write(plan["head"] + _chunk(events[0]))
+                events = [b"", *events[1:]]
+            else:
+                transport.write(plan["head"])
+            for i, event in enumerate(events):
+                if not event:
+                    continue
                 if i == plan["drop_after"]:
                     transport.abort()  # mid-stream death: no terminating chunk
                     return
