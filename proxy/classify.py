@@ -73,7 +73,7 @@ def error_kinds(body: bytes) -> set[str]:
     return {str(v).lower() for v in (error.get("type"), error.get("code")) if v}
 
 
-def parse_seconds(value: bytes | str | None) -> float | None:
+def parse_seconds(value: bytes | str | float | None) -> float | None:
     """A wait in seconds from an upstream header value; None when absent or not a sane
     number (non-finite, negative, an HTTP date). Large values are capped."""
     if value is None:

@@ -252,7 +252,7 @@ class _Attempt:
         return self.runtime.redactor.text(_reason(answer))
 
 
-def _worth_a_fallback(result: Result | ProxyError) -> bool:
+def _worth_a_fallback(result: FailedAnswer | ProxyError) -> bool:
     """A fallback may help when this backend failed or its keys are refused or limited;
     never for an answer about the request itself (a 4xx relayed to the client)."""
     if isinstance(result, FailedAnswer):

@@ -55,6 +55,7 @@ class Redactor:
 
 
 NO_SECRETS = Redactor(())
+_PASSWORD_PARAMS = ("password", "pass", "pwd")
 
 
 def url_without_password(url: str) -> str:
@@ -63,13 +64,18 @@ def url_without_password(url: str) -> str:
         parts = urlsplit(url)
     except ValueError:
         return "(unparsable URL)"
+    secret_query = any(
+        item.partition("=")[0].lower() in _PASSWORD_PARAMS for item in parts.query.split("&")
+    )
+    if parts.password is None and not secret_query:
+        return url
     netloc = parts.netloc
     if parts.password is not None:
         userinfo, _, host = netloc.rpartition("@")
         user = userinfo.partition(":")[0]
         netloc = f"{user}:***@{host}"
     query = "&".join(
-        f"{name}=***" if name.lower() in ("password", "pass", "pwd") else f"{name}={value}"
+        f"{name}=***" if name.lower() in _PASSWORD_PARAMS else f"{name}={value}"
         for name, _, value in (item.partition("=") for item in parts.query.split("&") if item)
     )
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))

@@ -54,11 +54,15 @@ def usage_of(event_json: Any) -> dict[str, Any] | None:
     if isinstance(usage, dict):
         return usage
     response = event_json.get("response")  # Responses API: response.completed
-    if isinstance(response, dict) and isinstance(response.get("usage"), dict):
-        return response["usage"]
+    if isinstance(response, dict):
+        inner = response.get("usage")
+        if isinstance(inner, dict):
+            return inner
     for choice in event_json.get("choices") or ():
-        if isinstance(choice, dict) and isinstance(choice.get("usage"), dict):
-            return choice["usage"]
+        if isinstance(choice, dict):
+            inner = choice.get("usage")
+            if isinstance(inner, dict):
+                return inner
     return None
 
 

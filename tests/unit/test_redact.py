@@ -1,0 +1,42 @@
+"""Secrets never leave the process: every configured key is replaced by its fingerprint."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from proxy.redact import Redactor, url_without_password
+
+KEY = "sk-live-0123456789abcdefXYZ/+="
+OTHER = "sk-other-aaaaaaaaaaaa9999"
+
+
+def test_a_key_and_its_percent_encoded_form_are_replaced_by_the_fingerprint() -> None:
+    redactor = Redactor([KEY, OTHER])
+    text = f"Incorrect API key provided: {KEY}; in a URL: ?key={quote(KEY, safe='')}"
+    cleaned = redactor.text(text)
+    assert KEY not in cleaned and quote(KEY, safe="") not in cleaned
+    assert cleaned.count("sk-…Z/+=") == 2
+    assert redactor.bytes(text.encode()) == cleaned.encode()
+
+
+def test_a_key_that_contains_another_is_replaced_whole() -> None:
+    short = "sk-abcdefghijkl"
+    long = short + "-and-more-secret"
+    cleaned = Redactor([short, long]).text(f"{long} {short}")
+    assert "and-more-secret" not in cleaned and short not in cleaned
+
+
+def test_short_placeholders_are_not_secrets_and_text_is_left_alone() -> None:
+    redactor = Redactor(["ollama"])
+    assert redactor.text("served by ollama") == "served by ollama"
+    assert Redactor([KEY]).bytes(b"nothing secret here") == b"nothing secret here"
+
+
+def test_urls_lose_their_passwords() -> None:
+    assert url_without_password("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert url_without_password("redis://:s3cret@host") == "redis://:***@host"
+    assert (
+        url_without_password("redis://host:6379?password=s3cret&db=1")
+        == "redis://host:6379?password=***&db=1"
+    )
+    assert url_without_password("memory://") == "memory://"
