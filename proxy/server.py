@@ -178,7 +178,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # bytes fed while the current head is incomplete
         self.head_timer: TimerHandle | None = None
         self.body_timer: TimerHandle | None = None
-        self.idle_since = 0.0  # loop time the last response ended
         self.lingering = False
         self.probe_only = False
 
@@ -223,8 +222,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._feed_up_to_head_limit(data, room)
                 return
             self.head_bytes += len(data)
+        keep_alive = self.timeout_keep_alive_task  # the parent cancels it: read it first
         super().data_received(data)
-        self._arm_timers()
+        # Timers only when a head or a body did not arrive whole in this read.
+        if self.reading_head:
+            if self.head_bytes and self.head_timer is None:
+                self._arm_head_timer(keep_alive)
+        elif self.body_timer is None and not self.transport.is_closing():
+            self.body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
     def _feed_up_to_head_limit(self, data: bytes, room: int) -> None:
         """Feed only what fits under the limit; a head still incomplete then is too large."""
@@ -241,19 +246,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             return
         self.data_received(data[room:])  # the head ended inside: the rest is body or next
 
-    def _arm_timers(self) -> None:
-        """A timer only when a head or body did not arrive whole in this read."""
+    def _arm_head_timer(self, keep_alive: TimerHandle | None) -> None:
+        """The head's deadline counts from the end of the previous response when the
+        connection was idle in keep-alive (its timer says when that was), else from now."""
         if self.transport.is_closing():
             return
-        if self.reading_head:
-            if self.head_bytes and self.head_timer is None:
-                cycle = self.cycle
-                start = self.idle_since if cycle is None or cycle.response_complete else 0.0
-                now = self.loop.time()
-                deadline = (start or now) + self.limits.header_timeout
-                self.head_timer = self.loop.call_at(deadline, self._head_timed_out)
-        elif self.body_timer is None:
-            self.body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        now = self.loop.time()
+        since = keep_alive.when() - self.timeout_keep_alive if keep_alive is not None else now
+        self.head_timer = self.loop.call_at(
+            min(since, now) + self.limits.header_timeout, self._head_timed_out
+        )
 
     # ------------------------------------------------------------ parser callbacks
 
@@ -273,10 +275,6 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None
-
-    def on_response_complete(self) -> None:
-        self.idle_since = self.loop.time()
-        super().on_response_complete()
 
     # ------------------------------------------------------------ timeouts
 
