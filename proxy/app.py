@@ -213,27 +213,26 @@ def error_response(err: ProxyError) -> Response:
     )
 
 
-def _route(path: str, endpoint: Endpoint, *methods: str) -> Route:
-    """A route answering any other method with an OpenAI-shaped 405 (Starlette's is text)."""
-    if "GET" in methods and "HEAD" not in methods:
-        methods = (*methods, "HEAD")  # as Starlette does for GET
-    allowed = frozenset(methods)
-    allow = ", ".join(methods)
+class _Route(Route):
+    """Starlette's route, answering other methods with an OpenAI-shaped 405 (Starlette's
+    is plain text)."""
 
-    async def checked(request: Request) -> Response:
-        if request.method not in allowed:
-            return error_response(
-                ProxyError(
-                    405,
-                    f"Method {request.method} is not allowed on {request.url.path}; "
-                    f"allowed: {allow}.",
-                    code="method_not_allowed",
-                    headers={"allow": allow},
-                )
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            allow = ", ".join(sorted(self.methods))
+            err = ProxyError(
+                405,
+                f"Method {scope['method']} is not allowed on {scope['path']}; allowed: {allow}.",
+                code="method_not_allowed",
+                headers={"allow": allow},
             )
-        return await endpoint(request)
+            await error_response(err)(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
 
-    return Route(path, checked)  # no `methods`: every method reaches `checked`
+
+def _route(path: str, endpoint: Endpoint, *methods: str) -> Route:
+    return _Route(path, endpoint, methods=list(methods))  # GET brings HEAD, as in Starlette
 
 
 def _may_use(runtime: Runtime, client: Client, model_id: str) -> bool:
