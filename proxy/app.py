@@ -14,6 +14,7 @@ only the models that client may use.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
@@ -39,6 +40,7 @@ log = logging.getLogger("proxy")
 # How `proxy serve --workers N` hands its options to the worker processes.
 CONFIG_ENV = "PROXY_CONFIG"
 LOG_FORMAT_ENV = "PROXY_LOG_FORMAT"
+ADMIN_PORT_ENV = "PROXY_ADMIN_PORT"  # `serve --admin-port`, over server.admin_port
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -207,6 +209,11 @@ def _with_request_id(scope: Scope, send: Send) -> Send:
     return send_with_id
 
 
+def with_admin_port(config: Config, port: int) -> Config:
+    """``config`` with its internal endpoints on ``port`` (``serve --admin-port``)."""
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, admin_port=port))
+
+
 def error_response(err: ProxyError) -> Response:
     return Response(
         err.body(), status_code=err.status, headers=err.headers, media_type="application/json"
@@ -251,5 +258,8 @@ def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
 def create_app() -> ProxyApp:
     """Factory for uvicorn workers: the config path comes from ``$PROXY_CONFIG``."""
     config = load_config(os.environ.get(CONFIG_ENV, "config.yaml"))
+    admin_port = os.environ.get(ADMIN_PORT_ENV)
+    if admin_port:
+        config = with_admin_port(config, int(admin_port))
     logging.captureWarnings(True)  # in each worker too: warnings become (JSON) log records
     return ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))

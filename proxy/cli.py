@@ -69,9 +69,13 @@ def check(config: Config, args: argparse.Namespace) -> int:
 
 def serve(config: Config, args: argparse.Namespace) -> int:
     from proxy import server
+    from proxy.app import ADMIN_PORT_ENV, with_admin_port
 
     host = args.host or config.server.host
     port = args.port or config.server.port
+    if args.admin_port is not None:
+        config = with_admin_port(config, args.admin_port)
+        os.environ[ADMIN_PORT_ENV] = str(args.admin_port)  # for the workers' own load
     log_format = _log_format(args)
     log_config = _log_config(args.log_level, log_format)
     _configure_logging(log_config)
@@ -135,6 +139,11 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
     serve.add_argument("--host", help="listen address (default: server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve /metrics and /admin/* only on this port (default: server.admin_port)",
+    )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
