@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
 import httpx
 import openai
 
-from tests.conftest import KEYS_ENV, ROOT, mock_config, start_proxy
+from tests.conftest import KEYS_ENV, ROOT, free_port, mock_config, start_proxy
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,3 +97,41 @@ def test_serve_with_two_workers_answers_on_one_port(mock_upstream, tmp_path):
         "2 workers with storage memory://: rate limits and reconnect backoff are counted "
         "per worker" in proxy.log()
     )
+
+
+def test_serve_refuses_an_admin_port_equal_to_the_main_port(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server: {admin_port: 18999}\n"
+        "backends:\n  a: {base_url: 'http://127.0.0.1:9/v1', keys: [{id: k, key: sk-x}]}\n"
+        "routes:\n  - {prefix: '', backend: a}\n"
+    )
+    result = run("serve", "--config", str(config), "--port", "18999", "--log-format", "text")
+    assert result.returncode == 2
+    assert "server.admin_port 18999 is the main port too" in result.stderr
+
+
+def test_serve_admin_port_flag_moves_the_internal_endpoints(mock_upstream, tmp_path):
+    admin_port = free_port()
+    proxy = start_proxy(
+        mock_config(mock_upstream), tmp_path, KEYS_ENV, ("--admin-port", str(admin_port))
+    )
+    try:
+        assert httpx.get(f"{proxy.url}/metrics").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/metrics").status_code == 200
+    finally:
+        proxy.stop()
+    assert f"internal endpoints (/metrics, /admin/*) on http://127.0.0.1:{admin_port}" in (
+        proxy.log()
+    )
+
+
+def test_serve_with_json_logs_reports_an_invalid_config_as_json(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  a: {base_url: 'not a url'}\n")
+    result = run("serve", "--config", str(bad), "--log-format", "json")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error"
+    assert "backends.a.base_url: bad URL 'not a url'" in entry["message"]
