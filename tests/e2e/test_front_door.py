@@ -140,7 +140,8 @@ def test_fifty_megabyte_heads_on_ten_connections_do_not_grow_memory(guarded):
                 sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Flood: ")
                 for _ in range(50):
                     sock.sendall(block)
-                outcomes.append("sent")  # all 50 MB went out: the proxy read and dropped it
+                answer = sock.recv(64)  # all 50 MB went out: the proxy read and dropped it
+                outcomes.append(answer[:12].decode())
             except OSError:
                 outcomes.append("cut off")  # the proxy closed while we were sending
 
@@ -154,6 +155,7 @@ def test_fifty_megabyte_heads_on_ten_connections_do_not_grow_memory(guarded):
     stop.set()
     sampler.join()
     assert len(outcomes) == 10
+    assert set(outcomes) <= {"HTTP/1.1 431", "cut off"}, outcomes
     growth_mb = (peak[0] - before) / 1024
     print(f"RSS before {before / 1024:.1f} MB, peak {peak[0] / 1024:.1f} MB, +{growth_mb:.1f} MB")
     assert growth_mb < 5, f"RSS grew by {growth_mb:.1f} MB under the header flood"
@@ -177,7 +179,7 @@ def test_slowloris_head_gets_408_after_the_header_timeout(guarded):
     assert status == 408
     assert error_of(body)["code"] == "request_timeout"
     assert closed
-    assert 0.9 <= elapsed < 2.0, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
 
 
 def test_slow_head_on_a_kept_alive_connection_gets_408(guarded):
@@ -189,7 +191,7 @@ def test_slow_head_on_a_kept_alive_connection_gets_408(guarded):
         status, _, _, closed = read_response(sock)
         elapsed = time.monotonic() - served
     assert status == 408 and closed
-    assert 0.9 <= elapsed < 2.0, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
 
 
 def read_response_keep(sock: socket.socket) -> int:
@@ -214,7 +216,7 @@ def test_a_connection_that_sends_nothing_is_closed_quietly_after_the_header_time
         started = time.monotonic()
         assert sock.recv(1) == b""  # closed, with no answer to a request never made
         elapsed = time.monotonic() - started
-    assert 0.9 <= elapsed < 2.0, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
 
 
 def test_a_never_ending_chunked_body_gets_408_after_the_body_timeout(guarded, upstream):
@@ -240,7 +242,7 @@ def test_a_never_ending_chunked_body_gets_408_after_the_body_timeout(guarded, up
     assert response.startswith(b"HTTP/1.1 408 "), response
     body = response.partition(b"\r\n\r\n")[2]
     assert json.loads(body)["error"]["code"] == "request_timeout"
-    assert 0.9 <= elapsed < 2.0, elapsed
+    assert 0.9 <= elapsed < 2.5, elapsed
     assert upstream.requests() == []  # nothing half-received went upstream
 
 
