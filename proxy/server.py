@@ -69,7 +69,6 @@ PROBE_PATHS = frozenset({"/health", "/ready"})
 INTERNAL_PATHS = frozenset({"/metrics", "/health", "/ready"})
 PROBE_HEAD_TIMEOUT = 2.0  # a connection in the reserve has this long to send its head
 LINGER_SECONDS = 1.0  # after a 408/431: read and drop what is in flight, so the answer is seen
-LOW_WATER = 0.9  # the at-cap episode ends below this share of the cap (no log flapping)
 
 
 def probe_reserve(cap: int) -> int:
@@ -115,7 +114,7 @@ class FrontDoor:
             log.warning(
                 "connection cap reached: %d open connections (server.max_connections, per "
                 "process); new connections are served only for /health and /ready (503 for the "
-                "rest) until fewer than %d are open",
+                "rest) until at most %d are open",
                 cap,
                 self.low_water,
             )
@@ -126,10 +125,12 @@ class FrontDoor:
 
     @property
     def low_water(self) -> int:
-        return int(self.limits.max_connections * LOW_WATER)
+        """The episode ends at or under this: a tenth under the cap, so it does not flap."""
+        cap = self.limits.max_connections
+        return cap - max(1, cap // 10)
 
     def released(self, open_connections: int) -> None:
-        if self.episode_since is not None and open_connections < self.low_water:
+        if self.episode_since is not None and open_connections <= self.low_water:
             log.info(
                 "connections back under the cap: %d open; %d connections were served "
                 "probe-only or refused in the last %.1f s",

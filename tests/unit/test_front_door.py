@@ -9,7 +9,13 @@ import sys
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from proxy.logfmt import JsonFormatter, TextFormatter, escape_controls
 from proxy.server import FD_HEADROOM, FrontDoor, Limits, effective_cap, probe_reserve
@@ -43,13 +49,23 @@ class CapMachine(RuleBasedStateMachine):
         self.logger.addHandler(handler)
         self.logger.setLevel(logging.INFO)
         self.handler = handler
-        self.cap = 6
-        self.door = FrontDoor(Limits(1024, 1.0, 1.0, self.cap))
         self.open: list[FakeConnection] = []
         self.served: dict[FakeConnection, str] = {}
 
+    @initialize(cap=st.integers(1, 12))
+    def configure(self, cap: int) -> None:
+        self.cap = cap
+        self.door = FrontDoor(Limits(1024, 1.0, 1.0, cap))
+
     def teardown(self) -> None:
         self.logger.removeHandler(self.handler)
+
+    @rule()
+    def every_connection_closes(self) -> None:
+        """What the timeouts guarantee: in the end every connection closes."""
+        for conn in list(self.open):
+            self._close(conn)
+        assert self.door.episode_since is None
 
     @rule()
     def connect(self) -> None:
@@ -98,9 +114,9 @@ class CapMachine(RuleBasedStateMachine):
         assert (reached == ended + 1) == (self.door.episode_since is not None)
 
     @invariant()
-    def under_the_low_water_there_is_no_episode(self) -> None:
-        if len(self.open) < self.door.low_water:
-            assert self.door.episode_since is None
+    def an_episode_lasts_only_while_above_the_low_water(self) -> None:
+        if self.door.episode_since is not None:
+            assert len(self.open) > self.door.low_water
 
     @invariant()
     def only_waiting_probe_connections_are_evictable(self) -> None:
