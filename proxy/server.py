@@ -10,7 +10,9 @@ probes included, and still accepts every socket). None of these is a setting, so
 
 - head size: the bytes fed to the parser while a request head is incomplete are counted;
   past ``server.max_header_size`` the connection answers 431 and stops parsing, so memory
-  never grows with what the client sends;
+  never grows with what the client sends (a pipelined head that starts in the same read
+  as the end of the previous body is counted from the next read: at most one read, 256 KiB,
+  more);
 - head timeout: from the connection's opening (or, on keep-alive, the end of the previous
   response) to the end of the head: ``server.header_timeout``, then 408. An idle keep-alive
   connection keeps uvicorn's own keep-alive timeout (5 s);
@@ -25,8 +27,10 @@ probes included, and still accepts every socket). None of these is a setting, so
   probes out, and file descriptors stay bounded. One log line when the cap is reached,
   one when the count is back under it.
 
-Cost on the hot path: a few attribute checks per ``data_received`` and one extra call per
-request; a timer only when a head or a body does not arrive in one read.
+Cost on the hot path: three thin overrides (``data_received``, ``on_headers_complete``,
+``on_message_complete``) of a few attribute checks each, and a timer only when a head or a
+body does not arrive in one read: measured in-process, +0.2 to 1.2 us per request on
+about 18 us for uvicorn's own handling.
 
 ``serve`` raises ``RLIMIT_NOFILE`` to its hard limit, keeps the cap below what the file
 descriptors allow, binds the main socket and (``server.admin_port``) the internal one, and
