@@ -1,9 +1,14 @@
 # The two commands: `make run` starts the proxy, `make test` runs the whole suite.
+#   make run                                  config.yaml, on the port it names (server.port)
+#   make run PORT=9000 CONFIG=my-config.yaml  another port and/or config file
+# `make run` installs only what running needs; `make test` adds the test tools.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
+PORT ?=
 
 .PHONY: run test lint format bench bench-peers soak clean
 
@@ -11,10 +16,16 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
 
-run: $(STAMP)
-	$(BIN)/proxy serve --config $(CONFIG)
+$(RUN_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e .
+	touch $(RUN_STAMP)
+
+run: $(RUN_STAMP)
+	$(BIN)/proxy serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
 test: $(STAMP)
 	bash scripts/install-test-services.sh

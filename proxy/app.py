@@ -3,14 +3,22 @@
 ``POST /v1/...`` goes straight to the forwarding pipeline (pure ASGI, nothing buffered, no
 middleware stack); the few cold endpoints (``/health``, ``/v1/models``) use Starlette's
 router. The lifespan opens the upstream connection pools and closes them again.
+
+``/metrics`` and ``/admin/*`` are internal: with ``server.admin_port`` set they answer only
+on that listener (404 on the main port; see ``proxy.server``), otherwise on the main port,
+which must then not be exposed as is (the shipped nginx config passes only ``/v1/`` and
+``/health``). With ``clients:`` configured, ``/v1/models`` needs a client key and lists
+only the models that client may use.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hmac
 import logging
 import os
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from starlette.requests import Request
@@ -19,6 +27,7 @@ from starlette.routing import Route, Router
 
 from proxy import admin, errors, forward, metrics
 from proxy.access_log import AccessLog
+from proxy.clients import Client
 from proxy.config import Config, load_config
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
@@ -31,6 +40,9 @@ log = logging.getLogger("proxy")
 # How `proxy serve --workers N` hands its options to the worker processes.
 CONFIG_ENV = "PROXY_CONFIG"
 LOG_FORMAT_ENV = "PROXY_LOG_FORMAT"
+ADMIN_PORT_ENV = "PROXY_ADMIN_PORT"  # `serve --admin-port`, over server.admin_port
+
+Endpoint = Callable[[Request], Awaitable[Response]]
 
 
 class ProxyApp:
@@ -39,14 +51,16 @@ class ProxyApp:
         self.access_log = AccessLog(fmt=log_format)
         self.reloader = Reloader(config.path, lambda: self.runtime, self._swap)
         self._watch: asyncio.Task[None] | None = None
+        # Listeners are bound once: a reload cannot move the internal endpoints.
+        self.admin_port = config.server.admin_port
         self.cold = Router(
             routes=[
-                Route("/health", self.health, methods=["GET", "HEAD"]),
-                Route("/ready", self.ready, methods=["GET", "HEAD"]),
-                Route("/metrics", self.metrics, methods=["GET"]),
-                Route("/admin/status", self.admin_status, methods=["GET"]),
-                Route("/v1/models", self.list_models, methods=["GET"]),
-                Route("/v1/models/{model_id:path}", self.get_model, methods=["GET"]),
+                _route("/health", self.health, "GET"),
+                _route("/ready", self.ready, "GET"),
+                _route("/metrics", self._internal(self.metrics), "GET"),
+                _route("/admin/status", self._internal(self.admin_status), "GET"),
+                _route("/v1/models", self.list_models, "GET"),
+                _route("/v1/models/{model_id:path}", self.get_model, "GET"),
             ],
             default=self.not_found,
         )
@@ -109,6 +123,17 @@ class ProxyApp:
         status = 200 if serving else 503
         return JSONResponse({"ready": bool(serving), "backends": serving}, status_code=status)
 
+    def _internal(self, endpoint: Endpoint) -> Endpoint:
+        """``endpoint`` on the admin listener only, when there is one: 404 elsewhere."""
+
+        async def internal(request: Request) -> Response:
+            server = request.scope.get("server")
+            if self.admin_port is not None and (server is None or server[1] != self.admin_port):
+                return await self._not_found_response(request)
+            return await endpoint(request)
+
+        return internal
+
     async def metrics(self, request: Request) -> Response:
         self.runtime.publish_gauges()
         body, content_type = metrics.exposition()
@@ -133,22 +158,36 @@ class ProxyApp:
         return error_response(errors.unknown_url(request.method, request.url.path))
 
     async def list_models(self, request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": list(self._models().values())})
-
-    def _models(self) -> dict[str, dict[str, Any]]:
-        """Aliases and listed models from the config, then each backend's discovered ids."""
         runtime = self.runtime
+        try:
+            client = runtime.auth.authenticate(request.headers.raw)
+        except ProxyError as err:
+            return error_response(err)
+        models = self._models(runtime, client)
+        return JSONResponse({"object": "list", "data": list(models.values())})
+
+    def _models(self, runtime: Runtime, client: Client | None) -> dict[str, dict[str, Any]]:
+        """Aliases and listed models from the config, then each backend's discovered ids;
+        with client keys, only those the client may use (the rule of the POST path)."""
         models = {e.id: _model_object(e.id, e.owned_by) for e in runtime.router.models}
         for backend, ids in runtime.discovered.items():
             for model_id in ids:
                 models.setdefault(model_id, _model_object(model_id, backend))
-        return models
+        if client is None or client.models is None:
+            return models
+        return {i: m for i, m in models.items() if _may_use(runtime, client, i)}
 
     async def get_model(self, request: Request) -> Response:
+        runtime = self.runtime
+        try:
+            client = runtime.auth.authenticate(request.headers.raw)
+        except ProxyError as err:
+            return error_response(err)
         model_id = request.path_params["model_id"]
-        model = self._models().get(model_id)
+        model = self._models(runtime, client).get(model_id)
         if model is not None:
             return JSONResponse(model)
+        # A model the client may not use is "not listed" to it: nothing to learn from a 403.
         return error_response(
             errors.model_not_found(f"The model '{model_id}' is not listed by this proxy.")
         )
@@ -170,8 +209,46 @@ def _with_request_id(scope: Scope, send: Send) -> Send:
     return send_with_id
 
 
+def with_admin_port(config: Config, port: int) -> Config:
+    """``config`` with its internal endpoints on ``port`` (``serve --admin-port``)."""
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, admin_port=port))
+
+
 def error_response(err: ProxyError) -> Response:
-    return Response(err.body(), status_code=err.status, media_type="application/json")
+    return Response(
+        err.body(), status_code=err.status, headers=err.headers, media_type="application/json"
+    )
+
+
+class _Route(Route):
+    """Starlette's route, answering other methods with an OpenAI-shaped 405 (Starlette's
+    is plain text)."""
+
+    async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.methods and scope["method"] not in self.methods:
+            allow = ", ".join(sorted(self.methods))
+            err = ProxyError(
+                405,
+                f"Method {scope['method']} is not allowed on {scope['path']}; allowed: {allow}.",
+                code="method_not_allowed",
+                headers={"allow": allow},
+            )
+            await error_response(err)(scope, receive, send)
+            return
+        await super().handle(scope, receive, send)
+
+
+def _route(path: str, endpoint: Endpoint, *methods: str) -> Route:
+    return _Route(path, endpoint, methods=list(methods))  # GET brings HEAD, as in Starlette
+
+
+def _may_use(runtime: Runtime, client: Client, model_id: str) -> bool:
+    target = runtime.router.resolve(model_id)
+    try:
+        runtime.auth.check_model(client, model_id, target.model if target else model_id)
+    except ProxyError:
+        return False
+    return True
 
 
 def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
@@ -181,4 +258,8 @@ def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
 def create_app() -> ProxyApp:
     """Factory for uvicorn workers: the config path comes from ``$PROXY_CONFIG``."""
     config = load_config(os.environ.get(CONFIG_ENV, "config.yaml"))
+    admin_port = os.environ.get(ADMIN_PORT_ENV)
+    if admin_port:
+        config = with_admin_port(config, int(admin_port))
+    logging.captureWarnings(True)  # in each worker too: warnings become (JSON) log records
     return ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
+import logging.config
 import os
 import shutil
 import sys
@@ -14,6 +16,8 @@ from typing import Any
 
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
+
+log = logging.getLogger("proxy")
 
 EXIT_OK = 0
 EXIT_PROBLEMS = 1  # `check --online` found a key or model that does not work
@@ -32,6 +36,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check" and args.json:
             error = {"file": exc.file, "place": exc.place, "message": exc.message}
             print(json.dumps({"valid": False, "error": error}))
+        elif args.command == "serve" and _log_format(args) == "json":
+            _configure_logging(_log_config(args.log_level, "json"))
+            log.error("error: %s", exc)
         else:
             print(f"error: {exc}", file=sys.stderr)
         return EXIT_INVALID_CONFIG
@@ -61,46 +68,66 @@ def check(config: Config, args: argparse.Namespace) -> int:
 
 
 def serve(config: Config, args: argparse.Namespace) -> int:
-    import uvicorn
+    from proxy import server
+    from proxy.app import ADMIN_PORT_ENV, with_admin_port
 
     host = args.host or config.server.host
     port = args.port or config.server.port
-    options: dict[str, Any] = {
-        "host": host,
-        "port": port,
-        "loop": "uvloop",
-        "http": "httptools",
-        "lifespan": "on",
-        "access_log": False,  # the proxy writes its own line per request
-        "server_header": False,
-        "proxy_headers": False,  # never trust X-Forwarded-For blindly
-        "log_config": _log_config(args.log_level),
-        "timeout_graceful_shutdown": 30,
-    }
-    log_format = args.log_format or ("text" if sys.stderr.isatty() else "json")
-    if args.workers > 1:
-        from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV
-
-        if config.storage.startswith("memory://"):
-            print(
-                f"warning: {args.workers} workers with storage memory://: rate limits and "
-                "reconnect backoff are counted per worker (set storage: redis://... to share)",
-                file=sys.stderr,
-            )
-        os.environ[CONFIG_ENV] = os.path.abspath(args.config)
-        os.environ[LOG_FORMAT_ENV] = log_format
-        # Workers sum their metrics through files here; made fresh at every start.
-        metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
-        try:
-            uvicorn.run("proxy.app:create_app", factory=True, workers=args.workers, **options)
-        finally:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
-    else:
+    if args.admin_port is not None:
+        config = with_admin_port(config, args.admin_port)
+        os.environ[ADMIN_PORT_ENV] = str(args.admin_port)  # for the workers' own load
+    log_format = _log_format(args)
+    log_config = _log_config(args.log_level, log_format)
+    _configure_logging(log_config)
+    if args.workers <= 1:
         from proxy.app import ProxyApp
 
-        uvicorn.run(ProxyApp(config, log_format=log_format), **options)
-    return EXIT_OK
+        app = ProxyApp(config, log_format=log_format)
+        return server.serve(
+            config,
+            app,
+            host=host,
+            port=port,
+            workers=1,
+            log_config=log_config,
+            log_level=args.log_level,
+        )
+    from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV
+
+    if config.storage.startswith("memory://"):
+        log.warning(
+            "%d workers with storage memory://: rate limits and reconnect backoff are "
+            "counted per worker (set storage: redis://... to share)",
+            args.workers,
+        )
+    os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    os.environ[LOG_FORMAT_ENV] = log_format
+    # Workers sum their metrics through files here; made fresh at every start.
+    metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        return server.serve(
+            config,
+            "proxy.app:create_app",
+            host=host,
+            port=port,
+            workers=args.workers,
+            log_config=log_config,
+            log_level=args.log_level,
+        )
+    finally:
+        shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def _log_format(args: argparse.Namespace) -> str:
+    fmt: str | None = getattr(args, "log_format", None)
+    return fmt or ("text" if sys.stderr.isatty() else "json")
+
+
+def _configure_logging(config: dict[str, Any]) -> None:
+    """Before anything logs: uvicorn applies the same config again (in each worker too)."""
+    logging.config.dictConfig(config)
+    logging.captureWarnings(True)  # Python warnings become records, JSON ones included
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -112,12 +139,17 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
     serve.add_argument("--host", help="listen address (default: server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument(
+        "--admin-port",
+        type=int,
+        help="serve /metrics and /admin/* only on this port (default: server.admin_port)",
+    )
     serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--log-format",
         choices=["text", "json"],
-        help="access log format (default: text on a terminal, json otherwise)",
+        help="format of every log line (default: text on a terminal, json otherwise)",
     )
 
     check = commands.add_parser("check", help="validate the config, print the routing table")
@@ -129,18 +161,7 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _log_config(level: str) -> dict[str, Any]:
-    return {
-        "version": 1,
-        "disable_existing_loggers": False,
-        "formatters": {
-            "plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"},
-        },
-        "handlers": {
-            "stderr": {"class": "logging.StreamHandler", "formatter": "plain"},
-        },
-        "loggers": {
-            "proxy": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
-            "uvicorn": {"handlers": ["stderr"], "level": level.upper(), "propagate": False},
-        },
-    }
+def _log_config(level: str, fmt: str = "text") -> dict[str, Any]:
+    from proxy.logfmt import log_config
+
+    return log_config(level, fmt)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import resource
 import subprocess
 import sys
+import time
 
 import httpx
 import openai
+import pytest
 
-from tests.conftest import KEYS_ENV, ROOT, mock_config, start_proxy
+from tests.conftest import KEYS_ENV, ROOT, free_port, mock_config, start_proxy
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -96,3 +100,90 @@ def test_serve_with_two_workers_answers_on_one_port(mock_upstream, tmp_path):
         "2 workers with storage memory://: rate limits and reconnect backoff are counted "
         "per worker" in proxy.log()
     )
+
+
+def test_serve_refuses_an_admin_port_equal_to_the_main_port(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "server: {admin_port: 18999}\n"
+        "backends:\n  a: {base_url: 'http://127.0.0.1:9/v1', keys: [{id: k, key: sk-x}]}\n"
+        "routes:\n  - {prefix: '', backend: a}\n"
+    )
+    result = run("serve", "--config", str(config), "--port", "18999", "--log-format", "text")
+    assert result.returncode == 2
+    assert "server.admin_port 18999 is the main port too" in result.stderr
+
+
+def test_serve_admin_port_flag_moves_the_internal_endpoints(mock_upstream, tmp_path):
+    admin_port = free_port()
+    proxy = start_proxy(
+        mock_config(mock_upstream), tmp_path, KEYS_ENV, ("--admin-port", str(admin_port))
+    )
+    try:
+        assert httpx.get(f"{proxy.url}/metrics").status_code == 404
+        assert httpx.get(f"http://127.0.0.1:{admin_port}/metrics").status_code == 200
+    finally:
+        proxy.stop()
+    assert f"internal endpoints (/metrics, /admin/*) on http://127.0.0.1:{admin_port}" in (
+        proxy.log()
+    )
+
+
+def test_serve_with_json_logs_reports_an_invalid_config_as_json(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("backends:\n  a: {base_url: 'not a url'}\n")
+    result = run("serve", "--config", str(bad), "--log-format", "json")
+    assert result.returncode == 2
+    [line] = result.stderr.splitlines()
+    entry = json.loads(line)
+    assert entry["level"] == "error"
+    assert "backends.a.base_url: bad URL 'not a url'" in entry["message"]
+
+
+def start_with_open_files(tmp_path, soft: int, hard: int) -> str:
+    """Start `proxy serve` under the given RLIMIT_NOFILE; return its start-up log."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "backends:\n  a: {base_url: 'http://127.0.0.1:9/v1', keys: [{id: k, key: sk-x}]}\n"
+        "routes:\n  - {prefix: '', backend: a}\n"
+    )
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+    with log_path.open("wb") as log_file:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "serve", "--config", str(config), "--port", str(port)],
+            stderr=log_file,
+            cwd=ROOT,
+            preexec_fn=limit,
+        )
+    try:
+        deadline = time.monotonic() + 15
+        while "Application startup complete" not in log_path.read_text():
+            assert time.monotonic() < deadline, log_path.read_text()
+            assert process.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        assert httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return log_path.read_text()
+
+
+def test_serve_raises_the_open_file_limit_to_the_hard_limit(tmp_path):
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY or hard < 8192:
+        pytest.skip(f"the hard open-file limit here ({hard}) leaves nothing to show")
+    log = start_with_open_files(tmp_path, 1024, 8192)
+    assert "at most 2048 connections per process" in log
+    assert "open-file limit 8192" in log
+
+
+def test_serve_keeps_the_connection_cap_under_what_the_open_files_allow(tmp_path):
+    log = start_with_open_files(tmp_path, 600, 600)
+    # (600 - 256 spare - 64 probe slots) / 2 descriptors per proxied connection
+    assert "server.max_connections 2048 is more than 600 open files allow" in log
+    assert "at most 140 connections per process" in log
