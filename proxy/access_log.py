@@ -8,7 +8,6 @@ of CPU per request, a third of the proxy's whole budget.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -16,18 +15,15 @@ from typing import TextIO
 
 import orjson
 
+from proxy.logfmt import escape_controls
+
 FLUSH_INTERVAL = 0.05
-_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 def escaped(text: str | None) -> str:
-    """A field for the text line, with control characters escaped (``\\x0a``): a client
-    cannot forge a second log line with ``%0A`` in its path (pre-auth)."""
-    if not text:
-        return "-"
-    if _CONTROL.search(text) is None:
-        return text
-    return _CONTROL.sub(lambda m: f"\\x{ord(m[0]):02x}", text)
+    """A field for the text line, control characters escaped: a client cannot forge a
+    second log line with ``%0A`` in its path (pre-auth)."""
+    return escape_controls(text) if text else "-"
 
 
 @dataclass(slots=True)

@@ -227,12 +227,7 @@ class _Route(Route):
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.methods and scope["method"] not in self.methods:
             allow = ", ".join(sorted(self.methods))
-            err = ProxyError(
-                405,
-                f"Method {scope['method']} is not allowed on {scope['path']}; allowed: {allow}.",
-                code="method_not_allowed",
-                headers={"allow": allow},
-            )
+            err = errors.method_not_allowed(scope["method"], scope["path"], allow)
             await error_response(err)(scope, receive, send)
             return
         await super().handle(scope, receive, send)

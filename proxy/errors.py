@@ -62,6 +62,15 @@ def unknown_url(method: str, path: str) -> ProxyError:
     return ProxyError(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
 
 
+def method_not_allowed(method: str, path: str, allow: str) -> ProxyError:
+    return ProxyError(
+        405,
+        f"Method {method} is not allowed on {path}; allowed: {allow}.",
+        code="method_not_allowed",
+        headers={"allow": allow},
+    )
+
+
 def invalid_client_key(detail: str) -> ProxyError:
     return ProxyError(401, detail, code="invalid_api_key", headers={"x-should-retry": "false"})
 

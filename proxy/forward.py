@@ -156,7 +156,10 @@ async def forward(
     try:
         result = await deliver(runtime, target, parts, record)
     except ProxyError as err:
-        if err.status >= 500 or err.code == "upstream_rate_limited":
+        # No usable key is the operator's to fix (and x-should-retry: false): no storm to damp.
+        if err.code == "upstream_rate_limited" or (
+            err.status >= 500 and err.code != "no_usable_key"
+        ):
             exchange.outcome = Outcome.FAILURE
         raise
     if isinstance(result, FailedAnswer):
@@ -370,6 +373,8 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
         raise errors.invalid_path(path[:200])
     tail = path[3:]
     if tail not in allowed:
+        if tail == "/models" or tail.startswith("/models/"):
+            raise errors.method_not_allowed(scope["method"], path[:200], "GET, HEAD")
         raise errors.unknown_url(scope["method"], path[:200])
     return tail
 

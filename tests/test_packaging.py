@@ -80,10 +80,14 @@ def test_service_monitor_pdb_and_hpa_point_at_the_proxy():
     [service] = documents("service.yaml")
     assert service["spec"]["selector"] == labels
     [monitor] = documents("servicemonitor.yaml")
+    internal = documents("service-internal.yaml")[0]
+    assert internal["spec"]["selector"] == labels
     assert monitor["kind"] == "ServiceMonitor"
-    assert monitor["spec"]["selector"]["matchLabels"] == service["metadata"]["labels"]
+    # Prometheus scrapes the admin listener through the internal Service, never the public one.
+    assert monitor["spec"]["selector"]["matchLabels"] == internal["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"] != service["metadata"]["labels"]
     assert monitor["spec"]["endpoints"][0] == {
-        "port": "http",
+        "port": "admin",
         "path": "/metrics",
         "interval": "15s",
     }

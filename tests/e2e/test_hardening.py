@@ -302,4 +302,13 @@ def test_a_forged_log_line_in_the_path_is_escaped(guarded, upstream):
     time.sleep(0.2)
     lines = guarded.log().splitlines()
     assert not any(line.startswith("2026-01-01T00:00:00.000Z access FORGED") for line in lines)
-    assert any("/v1/chat\\x0a2026-01-01" in line for line in lines)
+    assert any("/v1/chat\\n2026-01-01" in line for line in lines)
+
+
+@pytest.mark.parametrize("path", ["/v1/models", "/v1/models/kimi-k2"])
+def test_posting_to_the_model_list_is_an_openai_shaped_405(proxy, upstream, path):
+    answer = post(proxy, chat(), path=path)
+    assert answer.status_code == 405
+    assert answer.headers["allow"] == "GET, HEAD"
+    assert answer.json()["error"]["code"] == "method_not_allowed"
+    assert upstream.requests() == []
