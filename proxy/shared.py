@@ -33,6 +33,7 @@ log = logging.getLogger("proxy.shared")
 SYNC_INTERVAL = 0.5
 INVALID_TTL = 24 * 3600  # a key nobody re-validates is tried again after a day
 _REPUBLISH_MS = 1000  # an end time that moved by less than this is not published again
+_DRIFT_MS = 60_000  # replicas' clocks may disagree, but not by more than this
 
 
 class SharedState:
@@ -66,7 +67,9 @@ class SharedState:
     ) -> None:
         base = _key_base(pool.backend, key)
         invalid_key = base + "/invalid"
-        remote_invalid = _valid_time(remote.get(invalid_key)) is not None
+        marked = _valid_time(remote.get(invalid_key))
+        # The value is when it was marked: one in the future is nothing a replica wrote.
+        remote_invalid = marked is not None and marked <= now_ms + _DRIFT_MS
         state = pool.state_of(key.id)
         local_invalid = state is KeyState.INVALID
         known = invalid_key in self._known_invalid

@@ -53,6 +53,7 @@ _STRATEGIES: dict[str, type[RateLimiter]] = {
 }
 _JITTER = 0.2  # a wait is shortened by up to 20% so clients blocked together spread out
 WINDOW = 10  # the failure ratio weighs about the last 10 outcomes of a (client, model)
+_DRIFT = 1.0  # seconds two replicas' clocks may disagree by
 MEMORY_ENTRIES = 20_000  # (client, model) pairs remembered in memory; the oldest go first
 
 # Redis on the request path: a call waits at most CALL_TIMEOUT for Redis itself. Past that,
@@ -339,8 +340,11 @@ def _forget_after(config: ReconnectConfig) -> float:
 
 
 def _valid_wait(seconds: float, cap: float) -> float:
-    """A wait read back from storage: 0 unless finite and positive; never above ``cap``."""
-    if not math.isfinite(seconds) or seconds <= 0:
+    """A wait read back from storage, read again on every request: 0 unless finite and
+    positive, and 0 when absurd (beyond ``cap`` by more than a clock's drift: nothing we
+    wrote, and a value that would block for as long as it stays there); else at most ``cap``.
+    """
+    if not math.isfinite(seconds) or seconds <= 0 or seconds > cap + _DRIFT:
         return 0.0
     return min(seconds, cap)
 
@@ -440,7 +444,7 @@ class Throttle:
             if not await self._limiter.hit(item, kind, name):
                 # Window stats only on a refusal: they cost as much as the hit itself.
                 stats = await self._limiter.get_window_stats(item, kind, name)
-                reset = _valid_wait(stats.reset_time - time.time(), item.get_expiry())
+                reset = min(max(stats.reset_time - time.time(), 0.0), item.get_expiry())
                 return RateDecision(False, item.amount, 0, reset)
         return RateDecision(True, items[0].amount, -1, 0.0)
 
