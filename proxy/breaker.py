@@ -93,7 +93,7 @@ class Breaker:
         """Seconds left in the open period (0 when closed or half-open)."""
         if not self._opened:
             return 0.0
-        return max(0.0, self.open_until - self._clock())
+        return min(max(0.0, self.open_until - self._clock()), self._config.max_open)
 
     # ------------------------------------------------------------ the request path
 
@@ -107,7 +107,7 @@ class Breaker:
             return 0.0
         now = self._clock()
         if now < self.open_until:
-            return self.open_until - now
+            return min(self.open_until - now, self._config.max_open)  # (float rounding)
         if self._probe_deadline and now < self._probe_deadline:  # a probe is out
             return min(1.0, self._probe_deadline - now)
         self._probe_deadline = now + self.probe_timeout

@@ -105,7 +105,7 @@ class KeyPool:
         health = self.health[key_id]
         if self._current(health, self._clock()) is not KeyState.COOLDOWN:
             return 0.0
-        return max(0.0, health.cooldown_until - self._clock())
+        return min(max(0.0, health.cooldown_until - self._clock()), self.max_cooldown)
 
     def _usable(self, key_id: str, now: float) -> bool:
         health = self.health[key_id]

@@ -154,6 +154,8 @@ class Store:
     limits: Storage
     redis: redis.asyncio.Redis | None = None
     health: RedisHealth | None = None
+    # In memory, reconnect streaks live here: kept, like the storage, across reloads.
+    streaks: MemoryStreaks | None = None
 
     async def call(
         self, make: Callable[[], Awaitable[T]], default: T, failed: Callable[[Exception], None]
@@ -193,10 +195,11 @@ class Store:
             await self.redis.connection_pool.disconnect()
 
 
-def make_storage(uri: str) -> Store:
-    """``memory://`` or ``redis://host:port`` from the config. Raises on a URI it cannot use."""
+def make_storage(uri: str, clock: Callable[[], float] = time.monotonic) -> Store:
+    """``memory://`` or ``redis://host:port`` from the config. Raises on a URI it cannot use.
+    ``clock`` times the reconnect streaks kept in memory (Redis ones use wall time)."""
     if uri.startswith("memory://"):
-        return Store(uri, LeanMemoryStorage())
+        return Store(uri, LeanMemoryStorage(), streaks=MemoryStreaks(clock))
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         uri,
         max_connections=POOL_SIZE,
@@ -365,9 +368,7 @@ def _streak_key(client: str, model: str) -> str:
 
 
 class Throttle:
-    def __init__(
-        self, config: Config, storage: Store, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, config: Config, storage: Store) -> None:
         self.storage = storage
         self.reconnect: ReconnectConfig = config.throttle.reconnect
         self._limiter = _STRATEGIES[config.throttle.rate_limit_strategy](storage.limits)
@@ -379,7 +380,7 @@ class Throttle:
             for name, b in config.backends.items()
             if b.rate_limit
         }
-        self._memory = MemoryStreaks(clock) if storage.redis is None else None
+        self._memory = storage.streaks
         self._redis = RedisStreaks(storage.redis) if storage.redis is not None else None
         self._last_storage_error = 0.0
         self.storage_errors = 0

@@ -27,7 +27,7 @@ class Clock:
 
 def throttle(text: str = CONFIG, clock: Clock | None = None) -> Throttle:
     config = parse_config(text, "t.yaml", {})
-    return Throttle(config, make_storage("memory://"), clock or Clock())
+    return Throttle(config, make_storage("memory://", clock or Clock()))
 
 
 @pytest.mark.parametrize(
