@@ -191,7 +191,7 @@ class KeyPool:
 
     def _no_usable_key(self, candidates: tuple[KeyConfig, ...], now: float) -> NoUsableKey:
         cooling = [
-            max(0.0, self.health[k.id].cooldown_until - now)
+            min(max(0.0, self.health[k.id].cooldown_until - now), self.max_cooldown)
             for k in candidates
             if self._current(self.health[k.id], now) is KeyState.COOLDOWN
         ]
