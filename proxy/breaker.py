@@ -154,7 +154,8 @@ class Breaker:
         self._opened = True
         self.open_until = self._clock() + seconds
         self._probe_deadline = 0.0
-        log.warning("backend %s: circuit open for %.0f s %s", self.backend, seconds, why)
+        shown = f"{round(seconds, 1):g}"  # 0.5 s, 1 s, 60 s
+        log.warning("backend %s: circuit open for %s s %s", self.backend, shown, why)
 
 
 def _bounded(value: float, default: float, cap: float) -> float:
