@@ -208,11 +208,18 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     storage when its URI is unchanged (backoff and limits go on counting).
     """
     old = previous.config if previous is not None else None
+    # What can fail is built first, so a failed reload leaves nothing half-changed.
+    router, auth = Router(config), ClientAuth(config)
+    reuse_storage = previous is not None and old is not None and old.storage == config.storage
     storage: Store = (
-        previous.throttle.storage
-        if previous is not None and old is not None and old.storage == config.storage
-        else make_storage(config.storage)
+        previous.throttle.storage if previous and reuse_storage else make_storage(config.storage)
     )
+    try:
+        throttle = Throttle(config, storage)
+    except Exception:
+        if not reuse_storage:
+            storage.abandon()
+        raise
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
@@ -238,9 +245,9 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     return Runtime(
         config=config,
         discovered=discovered,
-        router=Router(config),
-        auth=ClientAuth(config),
-        throttle=Throttle(config, storage),
+        router=router,
+        auth=auth,
+        throttle=throttle,
         pools=pools,
         breakers=breakers,
         upstreams=upstreams,

@@ -188,6 +188,11 @@ class Store:
                 failed(TimeoutError(f"storage call took more than {CALL_TIMEOUT} s"))
                 return default
 
+    def abandon(self) -> None:
+        """Never used (a reload that failed): stop the health thread; no connection is open."""
+        if self.health is not None:
+            self.health.close()
+
     async def close(self) -> None:
         if self.health is not None:
             self.health.close()
