@@ -62,8 +62,9 @@ MEMORY_ENTRIES = 20_000  # (client, model) pairs remembered in memory; the oldes
 CALL_TIMEOUT = 0.15
 CALL_HARD_TIMEOUT = 2.0
 POOL_SIZE = 64  # connections per process; more callers queue for one (BlockingConnectionPool)
-HEALTH_INTERVAL = 0.2  # the health thread pings Redis this often...
-HEALTH_TIMEOUT = 0.3  # ...and calls it down when a ping takes longer
+HEALTH_INTERVAL = 0.1  # the health thread pings Redis this often...
+HEALTH_TIMEOUT = 0.2  # ...and calls it down when a ping takes longer
+_RECHECK = 0.05  # past CALL_TIMEOUT, how often a waiting call looks at the health again
 
 
 class Outcome(Enum):
@@ -182,7 +183,7 @@ class Store:
                 except Exception as exc:
                     failed(exc)
                     return default
-            timeout = min(CALL_TIMEOUT, hard - loop.time())
+            timeout = min(_RECHECK, hard - loop.time())
             if not self.health.up or timeout <= 0:
                 task.cancel()
                 failed(TimeoutError(f"storage call took more than {CALL_TIMEOUT} s"))

@@ -120,7 +120,7 @@ def test_a_hung_redis_adds_almost_no_latency_and_limits_come_back(proxy, own_red
         f"(healthy median {statistics.median(healthy) * 1000:.1f} ms)"
     )
     assert added_median < 0.05
-    assert max(hung) < 1.0  # only the first request pays, until the health ping notices
+    assert max(hung) < 0.6  # only the first request pays, until the health ping notices
     assert sum(t > 0.2 for t in hung) <= 2
     assert storage_errors(proxy) > 0
     assert "failing open" in proxy.log()
