@@ -160,7 +160,7 @@ class KeyPool:
             seconds = min(seconds, _COOLDOWN_MAX)
         seconds = min(seconds, self.max_cooldown)
         health.last_error = reason
-        if health.state is KeyState.INVALID:
+        if self._current(health, self._clock()) is KeyState.INVALID:
             return  # refused outright: a cooldown would only hide that
         health.state = KeyState.COOLDOWN
         health.cooldown_until = self._clock() + seconds
