@@ -1,16 +1,38 @@
-"""``GET /admin/status``: what the proxy is doing, for an operator. Never a secret."""
+"""``GET /admin/status``: what the proxy is doing, for an operator. Never a secret, never a
+500: whatever the state holds (a value from another replica, a nan from an upstream), every
+number on the page is finite or null."""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from typing import Any
 
 from proxy.runtime import Runtime
 
+# userinfo in a URL: keep a user name, never a password (``redis://user:pw@host``,
+# ``redis://:pw@host``); a bare ``token@`` could be a password too: hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
+_SECRET_PARAMS = re.compile(
+    r"(?P<name>[?&;](?:password|passwd|pass|pwd|secret|token|key|auth)=)[^&#;]*", re.IGNORECASE
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: in the userinfo and in the query."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        info = match["userinfo"]
+        user, colon, _ = info.rpartition(":") if ":" in info else ("", "", info)
+        shown = f"{user}:***" if colon else "***"
+        return f"{match['scheme']}{shown}@"
+
+    return _SECRET_PARAMS.sub(r"\g<name>***", _USERINFO.sub(userinfo, url))
+
 
 def status(runtime: Runtime) -> dict[str, Any]:
     config = runtime.config
-    now = time.monotonic()
     backends = {}
     for name, backend in config.backends.items():
         breaker = runtime.breakers[name]
@@ -18,15 +40,13 @@ def status(runtime: Runtime) -> dict[str, Any]:
         keys = []
         for key in backend.keys:
             health = pool.health[key.id]
-            state = health.state
-            if state == "cooldown" and health.cooldown_until <= now:
-                state = "ok"
+            state = pool.state_of(key.id)
             keys.append(
                 {
                     "id": key.id,
                     "fingerprint": key.fingerprint,
-                    "state": state,
-                    "cooldown_seconds": max(0.0, round(health.cooldown_until - now, 1))
+                    "state": str(state),
+                    "cooldown_seconds": _seconds(pool.cooldown_left(key.id))
                     if state == "cooldown"
                     else None,
                     "last_error": health.last_error,
@@ -34,25 +54,23 @@ def status(runtime: Runtime) -> dict[str, Any]:
                 }
             )
         backends[name] = {
-            "base_url": backend.base_url,
+            "base_url": redact_url(backend.base_url),
             "breaker": {
-                "state": breaker.state,
+                "state": str(breaker.state),
                 "consecutive_failures": breaker.failures,
-                "open_seconds": round(max(0.0, breaker.open_until - now), 1)
-                if breaker.is_open
-                else None,
+                "open_seconds": _seconds(breaker.open_seconds()) if breaker.is_open else None,
             },
             "rate_limit": backend.rate_limit,
             "models": list(backend.models),
             "keys": keys,
         }
-    return {
+    page: dict[str, Any] = {
         "config": {
             "path": config.path,
             "sha256": config.digest,
             "loaded_at": _iso(runtime.loaded_at),
         },
-        "storage": config.storage.split("@")[-1],  # never a password in a Redis URL
+        "storage": redact_url(config.storage),
         "backends": backends,
         "aliases": dict(config.aliases),
         "routes": [
@@ -70,9 +88,28 @@ def status(runtime: Runtime) -> dict[str, Any]:
             for c in config.clients
         ],
     }
+    return {name: finite(value) for name, value in page.items()}
+
+
+def finite(value: Any) -> Any:
+    """``value`` with every non-finite float (which JSON cannot carry) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def _seconds(value: float) -> float | None:
+    return round(max(0.0, value), 1) if math.isfinite(value) else None
 
 
 def _iso(timestamp: float | None) -> str | None:
-    if timestamp is None:
+    if timestamp is None or not math.isfinite(timestamp):
         return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    try:
+        return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(timestamp))
+    except (OverflowError, OSError, ValueError):
+        return None

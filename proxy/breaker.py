@@ -1,56 +1,124 @@
 """Per-backend circuit breaker: stop hammering an upstream that keeps failing.
 
-closed ──(N failures in a row)──▶ open ──(cooldown over)──▶ half-open ──(probe ok)──▶ closed
-                                   ▲                            │
-                                   └──(probe fails: cooldown x2)┘
+closed ──(N failures in a row)──▶ open ──(cooldown over: by time alone)──▶ half_open
+   ▲                               ▲                                          │
+   │                               └──────(probe fails: cooldown x2)──────────┤
+   └─────────────────────────(probe succeeds)─────────────────────────────────┘
 
 Failures are connect errors, timeouts and 5xx; the cooldown doubles from ``min_open`` to
 ``max_open`` while the backend keeps failing and resets when a probe succeeds.
+
+Every state leaves by time alone: ``open`` lasts at most ``max_open``; in ``half_open`` one
+probe at a time is let through, and a probe whose outcome is never reported (its client
+left, its key was cooling down...) frees its slot after ``probe_timeout`` at the latest.
+The state is computed from the clock on every read, not only when a request arrives, so
+``/ready`` and the gauges see ``half_open`` with no traffic at all (the runtime's
+background probe then closes the circuit when the backend answers again).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
+from collections.abc import Callable
+from enum import StrEnum
 
 from proxy.config import BreakerConfig
 
 log = logging.getLogger("proxy.breaker")
 
-CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+PROBE_TIMEOUT = 60.0  # the default (and the cap) for a probe that never reports back
+
+
+class BreakerState(StrEnum):
+    CLOSED = "closed"
+    OPEN = "open"
+    HALF_OPEN = "half_open"
+
+
+CLOSED, OPEN, HALF_OPEN = BreakerState.CLOSED, BreakerState.OPEN, BreakerState.HALF_OPEN
 
 
 class Breaker:
-    def __init__(self, backend: str, config: BreakerConfig) -> None:
+    def __init__(
+        self,
+        backend: str,
+        config: BreakerConfig,
+        clock: Callable[[], float] = time.monotonic,
+        probe_timeout: float = PROBE_TIMEOUT,
+    ) -> None:
         self.backend = backend
-        self.config = config
-        self.state = CLOSED
+        self._clock = clock
+        self.probe_timeout = _bounded(probe_timeout, PROBE_TIMEOUT, PROBE_TIMEOUT)
         self.failures = 0
+        self._opened = False  # closed when False; open or half-open (by the clock) when True
+        self.open_until = 0.0  # clock time the open period ends
+        self._probe_deadline = 0.0  # clock time an unreported probe frees its slot; 0: none
+        self._config = config
         self.open_for = config.min_open
-        self.open_until = 0.0  # monotonic
-        self._probe_out = False
+
+    # ------------------------------------------------------------ configuration
+
+    @property
+    def config(self) -> BreakerConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: BreakerConfig) -> None:
+        self.reconfigure(config)
+
+    def reconfigure(self, config: BreakerConfig) -> None:
+        """A reload kept this breaker: the new bounds apply at once, to the state it holds."""
+        self._config = config
+        self.open_for = min(max(self.open_for, config.min_open), config.max_open)
+        latest = self._clock() + config.max_open
+        if self.open_until > latest:
+            self.open_until = latest
+
+    # ------------------------------------------------------------ reading the state
+
+    @property
+    def state(self) -> BreakerState:
+        if not self._opened:
+            return CLOSED
+        return OPEN if self._clock() < self.open_until else HALF_OPEN
+
+    @property
+    def is_open(self) -> bool:
+        """Not closed: open, or half-open waiting for a probe to say the backend is back."""
+        return self._opened
+
+    def open_seconds(self) -> float:
+        """Seconds left in the open period (0 when closed or half-open)."""
+        if not self._opened:
+            return 0.0
+        return min(max(0.0, self.open_until - self._clock()), self._config.max_open)
+
+    # ------------------------------------------------------------ the request path
 
     def admit(self) -> float:
-        """0 when a request may go upstream now; otherwise seconds until it may."""
-        if self.state == CLOSED:
+        """0 when a request may go upstream now; otherwise seconds until it may.
+
+        In half-open, a 0 hands the caller the one probe slot: it must then report exactly
+        one of ``success()``, ``failure()`` or ``release()``.
+        """
+        if not self._opened:
             return 0.0
-        now = time.monotonic()
-        if self.state == OPEN:
-            if now < self.open_until:
-                return self.open_until - now
-            self.state = HALF_OPEN
-            self._probe_out = False
-        if self._probe_out:  # half-open: one probe at a time
-            return min(1.0, self.open_for)
-        self._probe_out = True
+        now = self._clock()
+        if now < self.open_until:
+            return min(self.open_until - now, self._config.max_open)  # (float rounding)
+        if self._probe_deadline and now < self._probe_deadline:  # a probe is out
+            return min(1.0, self._probe_deadline - now)
+        self._probe_deadline = now + self.probe_timeout
         return 0.0
 
     def success(self) -> None:
-        if self.state != CLOSED:
+        if self._opened:
             log.warning("backend %s: circuit closed again (probe succeeded)", self.backend)
-            self.state = CLOSED
-            self.open_for = self.config.min_open
-            self._probe_out = False
+            self._opened = False
+            self.open_for = self._config.min_open
+            self._probe_deadline = 0.0
         self.failures = 0
 
     def release(self) -> None:
@@ -60,33 +128,42 @@ class Breaker:
 
     def failure(self) -> None:
         self.failures += 1
-        if self.state == HALF_OPEN:
-            self.open_for = min(self.open_for * 2, self.config.max_open)
-            self._open()
-        elif self.state == CLOSED and self.failures >= self.config.failures:
-            self.open_for = self.config.min_open
-            self._open()
+        state = self.state
+        if state is HALF_OPEN:
+            self.open_for = min(self.open_for * 2, self._config.max_open)
+            self._open(self.open_for, "after a failed probe")
+        elif state is CLOSED and self.failures >= self._config.failures:
+            self.open_for = self._config.min_open
+            self._open(self.open_for, f"after {self.failures} failures in a row")
+
+    def release(self) -> None:
+        """The attempt holding the probe slot ended with no verdict on the backend (client
+        gone, key cooling down, backend limit, 4xx): the next request may probe."""
+        self._probe_deadline = 0.0
 
     def force_open(self, seconds: float) -> None:
-        """Another replica opened this backend's circuit: stay away here too."""
-        self.state = OPEN
-        self.open_until = time.monotonic() + seconds
-        self._probe_out = False
-        log.warning(
-            "backend %s: circuit open for %.0f s (opened by another replica)", self.backend, seconds
-        )
+        """Another replica opened this backend's circuit: stay away here too.
 
-    def _open(self) -> None:
-        self.state = OPEN
-        self.open_until = time.monotonic() + self.open_for
-        self._probe_out = False
-        log.warning(
-            "backend %s: circuit open for %.0f s after %d failures in a row",
-            self.backend,
-            self.open_for,
-            self.failures,
-        )
+        The value comes from shared storage: a non-finite or negative one is ignored, a
+        large one is capped at ``max_open``; an open period here is never shortened.
+        """
+        if not math.isfinite(seconds) or seconds <= 0:
+            return
+        seconds = min(seconds, self._config.max_open)
+        until = self._clock() + seconds
+        if self.state is OPEN and self.open_until >= until:
+            return
+        self._open(seconds, "(opened by another replica)")
 
-    @property
-    def is_open(self) -> bool:
-        return self.state != CLOSED
+    def _open(self, seconds: float, why: str) -> None:
+        self._opened = True
+        self.open_until = self._clock() + seconds
+        self._probe_deadline = 0.0
+        shown = f"{round(seconds, 1):g}"  # 0.5 s, 1 s, 60 s
+        log.warning("backend %s: circuit open for %s s %s", self.backend, shown, why)
+
+
+def _bounded(value: float, default: float, cap: float) -> float:
+    if not math.isfinite(value) or value <= 0:
+        return default
+    return min(value, cap)

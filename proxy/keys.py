@@ -4,21 +4,37 @@ A key is usable when it has a value (an unset ``${VAR}`` leaves it missing), the
 has not refused it (401/403 make it ``invalid`` until a background probe succeeds), and it
 is not cooling down after a 429. The pool only ever hands out ``KeyConfig`` objects;
 callers log and return ``key.id``, never ``key.value``.
+
+Every failure state leaves by time alone: ``cooldown`` lasts at most the backend's
+``max_cooldown``, whatever retry-after the upstream (or another replica) sent; ``invalid``
+lasts until the background probe succeeds, and at most ``INVALID_MAX`` (then the key is
+tried again, and a refusal takes it out again). ``missing`` is configuration, not a failure:
+it changes with the config.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from enum import StrEnum
 
 from proxy.config import BackendConfig, KeyConfig
 
 log = logging.getLogger("proxy.keys")
 
 _COOLDOWN_BASE = 1.0  # a 429 without retry-after: 1 s, 2 s, 4 s ... while it repeats
-_COOLDOWN_MAX = 60.0
+_COOLDOWN_MAX = 60.0  # ...up to this (or the backend's max_cooldown, when smaller)
+INVALID_MAX = 24 * 3600.0  # an invalid key nobody re-validated is tried again after a day
+
+
+class KeyState(StrEnum):
+    OK = "ok"
+    MISSING = "missing"  # no value: an unset ${VAR}
+    INVALID = "invalid"  # the upstream refused it (401, or a 403 about the key)
+    COOLDOWN = "cooldown"  # rate limited: unusable until cooldown_until
 
 
 class NoUsableKey(Exception):
@@ -33,25 +49,30 @@ class NoUsableKey(Exception):
 
 @dataclass(slots=True)
 class KeyHealth:
-    state: str = "ok"  # ok | missing | invalid | cooldown
+    state: KeyState = KeyState.OK  # as last set; see KeyPool.state_of for the one in force
     last_error: str | None = None
     last_used: float | None = None  # wall-clock time, for /admin
-    cooldown_until: float = 0.0  # monotonic
+    cooldown_until: float = 0.0  # pool clock
+    invalid_until: float = 0.0  # pool clock
     cooldown_streak: int = 0
 
 
 class KeyPool:
-    def __init__(self, backend: BackendConfig) -> None:
+    def __init__(self, backend: BackendConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend.name
         self.keys: tuple[KeyConfig, ...] = backend.keys
+        self.max_cooldown = backend.max_cooldown
+        self._clock = clock
         self._by_id = {k.id: k for k in backend.keys}
-        self.health = {k.id: KeyHealth(state="ok" if k.present else "missing") for k in self.keys}
+        self.health = {
+            k.id: KeyHealth(state=KeyState.OK if k.present else KeyState.MISSING) for k in self.keys
+        }
         self._next = 0
 
     # ------------------------------------------------------------ picking
 
     def pick(self, pinned: str | None = None, exclude: Collection[str] = ()) -> KeyConfig:
-        now = time.monotonic()
+        now = self._clock()
         if pinned is not None:
             candidates: tuple[KeyConfig, ...] = (self._by_id[pinned],)
         else:
@@ -68,48 +89,81 @@ class KeyPool:
         raise self._no_usable_key(candidates, now)
 
     def states(self) -> list[tuple[KeyConfig, bool]]:
-        now = time.monotonic()
+        now = self._clock()
         return [(k, self._usable(k.id, now)) for k in self.keys]
 
     def usable(self) -> list[KeyConfig]:
-        now = time.monotonic()
+        now = self._clock()
         return [k for k in self.keys if self._usable(k.id, now)]
+
+    def state_of(self, key_id: str) -> KeyState:
+        """The state in force now: a cooldown or an invalid mark whose time is over is ok."""
+        return self._current(self.health[key_id], self._clock())
+
+    def cooldown_left(self, key_id: str) -> float:
+        """Seconds until a cooling key is usable again; 0 when it is not cooling down."""
+        health = self.health[key_id]
+        if self._current(health, self._clock()) is not KeyState.COOLDOWN:
+            return 0.0
+        return min(max(0.0, health.cooldown_until - self._clock()), self.max_cooldown)
 
     def _usable(self, key_id: str, now: float) -> bool:
         health = self.health[key_id]
-        if health.state == "ok":
-            return True
-        if health.state == "cooldown" and now >= health.cooldown_until:
-            health.state = "ok"
-            return True
-        return False
+        state = self._current(health, now)
+        if state is not health.state:  # its time is over: write it down once
+            health.state = state
+        return state is KeyState.OK
+
+    @staticmethod
+    def _current(health: KeyHealth, now: float) -> KeyState:
+        if health.state is KeyState.COOLDOWN and now >= health.cooldown_until:
+            return KeyState.OK
+        if health.state is KeyState.INVALID and now >= health.invalid_until:
+            return KeyState.OK
+        return health.state
 
     def adopt_health(self, previous: KeyPool) -> None:
-        """After a reload: keep what was learnt about keys whose id and value are unchanged."""
+        """After a reload: keep what was learnt about keys whose id and value are unchanged,
+        bounded by this config's ``max_cooldown``."""
+        latest = self._clock() + self.max_cooldown
         for key in self.keys:
             before = previous._by_id.get(key.id)
             if before is not None and before.value == key.value and key.present:
-                self.health[key.id] = previous.health[key.id]
+                health = previous.health[key.id]
+                health.cooldown_until = min(health.cooldown_until, latest)
+                self.health[key.id] = health
 
     # ------------------------------------------------------------ what the upstream said
 
     def mark_invalid(self, key_id: str, reason: str) -> None:
         health = self.health[key_id]
-        if health.state != "invalid":  # logged once, not once per request
+        if health.state is KeyState.MISSING:
+            return
+        if self._current(health, self._clock()) is not KeyState.INVALID:  # logged once
             log.warning(
                 "backend %s: key %s taken out of rotation: %s", self.backend, key_id, reason
             )
-        health.state = "invalid"
+        health.state = KeyState.INVALID
+        health.invalid_until = self._clock() + INVALID_MAX
         health.last_error = reason
 
     def cool_down(self, key_id: str, seconds: float | None, reason: str) -> None:
+        """A 429: out of rotation for ``seconds`` (the upstream's retry-after) or, when that is
+        absent, not a finite non-negative number, 1 s, 2 s, 4 s ... while 429s repeat; never
+        longer than the backend's ``max_cooldown``."""
         health = self.health[key_id]
-        health.cooldown_streak += 1
-        if seconds is None:
-            seconds = min(_COOLDOWN_BASE * 2 ** (health.cooldown_streak - 1), _COOLDOWN_MAX)
-        health.state = "cooldown"
-        health.cooldown_until = time.monotonic() + seconds
+        if health.state is KeyState.MISSING:
+            return
+        health.cooldown_streak = min(health.cooldown_streak + 1, 64)
+        if seconds is None or not math.isfinite(seconds) or seconds < 0:
+            seconds = _COOLDOWN_BASE * 2.0 ** (health.cooldown_streak - 1)
+            seconds = min(seconds, _COOLDOWN_MAX)
+        seconds = min(seconds, self.max_cooldown)
         health.last_error = reason
+        if self._current(health, self._clock()) is KeyState.INVALID:
+            return  # refused outright: a cooldown would only hide that
+        health.state = KeyState.COOLDOWN
+        health.cooldown_until = self._clock() + seconds
 
     def mark_success(self, key_id: str) -> None:
         health = self.health[key_id]
@@ -119,24 +173,27 @@ class KeyPool:
     def restore(self, key_id: str) -> None:
         """A background probe succeeded: the key serves again."""
         health = self.health[key_id]
-        if health.state == "invalid":
+        if health.state is KeyState.MISSING:
+            return
+        if self._current(health, self._clock()) is KeyState.INVALID:
             log.warning("backend %s: key %s is valid again (probe succeeded)", self.backend, key_id)
-        health.state = "ok"
+        health.state = KeyState.OK
         health.cooldown_streak = 0
 
     def invalid_keys(self) -> list[KeyConfig]:
-        return [k for k in self.keys if self.health[k.id].state == "invalid"]
+        now = self._clock()
+        return [k for k in self.keys if self._current(self.health[k.id], now) is KeyState.INVALID]
 
     # ------------------------------------------------------------ hints
 
     def missing_hint(self) -> str:
-        return self._describe(self.keys, time.monotonic())
+        return self._describe(self.keys, self._clock())
 
     def _no_usable_key(self, candidates: tuple[KeyConfig, ...], now: float) -> NoUsableKey:
         cooling = [
-            self.health[k.id].cooldown_until - now
+            min(max(0.0, self.health[k.id].cooldown_until - now), self.max_cooldown)
             for k in candidates
-            if self.health[k.id].state == "cooldown"
+            if self._current(self.health[k.id], now) is KeyState.COOLDOWN
         ]
         retry_after = min(cooling) if cooling else None
         if not candidates:
@@ -150,13 +207,14 @@ class KeyPool:
 
     def _state_text(self, key: KeyConfig, now: float) -> str:
         health = self.health[key.id]
-        if health.state == "missing":
+        state = self._current(health, now)
+        if state is KeyState.MISSING:
             if key.env_vars:
                 return "missing: set " + " or ".join(key.env_vars)
             return "empty in the config"
-        if health.state == "invalid":
+        if state is KeyState.INVALID:
             return f"invalid ({health.last_error})"
-        if health.state == "cooldown" and health.cooldown_until > now:
+        if state is KeyState.COOLDOWN:
             return f"cooling down for {health.cooldown_until - now:.0f} s ({health.last_error})"
         return "usable"
 

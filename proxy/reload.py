@@ -1,7 +1,11 @@
 """Config hot reload: SIGHUP, or the file changing on disk (polled; no watcher dependency).
 
-The new file is validated fully first. If it is invalid, the config in force stays, and the
-error is logged and counted. Otherwise a new runtime snapshot is built (carrying over what
+The new file is read and validated fully first, in a thread (a big or hostile file never
+blocks the event loop). If anything goes wrong, whatever it is (an invalid file, bytes that
+are not UTF-8, nesting deep enough to exhaust the parser, a storage URI that cannot be
+used, an error while building the runtime), the config in force stays, the error is logged
+and counted in ``llm_proxy_config_reloads_total{result="failure"}``, and the watcher goes
+on: a later valid file is picked up. Otherwise a new runtime snapshot is built (carrying over what
 is still true, see ``build_runtime``) and swapped in with one assignment; requests that
 began on the old snapshot, streams included, finish on it.
 """
@@ -39,36 +43,58 @@ class Reloader:
         self._stamp = self._file_stamp()
         self._lock = asyncio.Lock()
         self._retiring: set[asyncio.Task[None]] = set()
+        self._pending: set[asyncio.Future[bool]] = set()
 
     def install_signal_handler(self) -> None:
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             loop = asyncio.get_running_loop()
-            loop.add_signal_handler(
-                signal.SIGHUP, lambda: asyncio.ensure_future(self.reload("SIGHUP"))
-            )
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        task = asyncio.ensure_future(self.reload("SIGHUP"))
+        self._pending.add(task)  # a reference, so the task is not collected half-way
+        task.add_done_callback(self._pending.discard)
 
     async def watch(self) -> None:
-        """Poll the file's modification time and size; reload when they change."""
+        """Poll the file's modification time and size; reload when they change. Survives
+        anything a reload can raise."""
         while True:
             await asyncio.sleep(self.interval)
-            stamp = self._file_stamp()
-            if stamp != self._stamp:
-                self._stamp = stamp
-                await self.reload("file changed")
+            try:
+                stamp = self._file_stamp()
+                if stamp != self._stamp:
+                    self._stamp = stamp
+                    await self.reload("file changed")
+            except Exception:  # reload() catches everything; this is the last resort
+                metrics.CONFIG_RELOADS.labels("failure").inc()
+                log.exception("config watcher: unexpected error; watching on")
 
     async def reload(self, reason: str) -> bool:
+        """Load the file and swap the runtime in; False (logged, counted) when anything fails."""
         async with self._lock:
-            old = self._current()
             try:
-                config = load_config(self.path)
-            except ConfigError as exc:
+                return await self._reload(reason)
+            except Exception as exc:
                 metrics.CONFIG_RELOADS.labels("failure").inc()
-                log.error("config reload (%s) failed; the config in force stays: %s", reason, exc)
+                log.error(
+                    "config reload (%s) failed; the config in force stays: %s",
+                    reason,
+                    _describe(exc),
+                )
                 return False
-            if config.digest == old.config.digest:
-                return True  # touched, not changed
-            new = build_runtime(config, previous=old)
+
+    async def _reload(self, reason: str) -> bool:
+        old = self._current()
+        config = await asyncio.to_thread(load_config, self.path)
+        if config.digest == old.config.digest:
+            return True  # touched, not changed
+        new = build_runtime(config, previous=old)
+        try:
             await new.start()
+        except BaseException:
+            await new.retire(old)  # stop what started; close only what old does not use
+            raise
+        else:
             self._swap(new)
             metrics.CONFIG_RELOADS.labels("success").inc()
             log.warning(
@@ -86,3 +112,11 @@ class Reloader:
         except OSError:
             return None
         return st.st_mtime_ns, st.st_size
+
+
+def _describe(exc: Exception) -> str:
+    """The error for the log: a config error says where and why; anything else its type and
+    a bounded message (never a secret: values in config errors are the config's business)."""
+    if isinstance(exc, ConfigError):
+        return str(exc)
+    return f"{type(exc).__name__}: {str(exc)[:300]}"

@@ -14,17 +14,20 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy import metrics
-from proxy.breaker import Breaker
+from proxy.breaker import PROBE_TIMEOUT, Breaker
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.routing import Router
 from proxy.shared import SYNC_INTERVAL, SharedState
-from proxy.throttle import Throttle, make_storage
+from proxy.throttle import Store, Throttle, make_storage
 from proxy.upstream import Upstream
 
 log = logging.getLogger("proxy")
+
+BREAKER_TICK = 1.0  # how often a closed circuit is looked at by its background probe
+LOOP_RETRY = 5.0  # a background loop that failed unexpectedly tries again after this
 
 
 @dataclass(frozen=True)
@@ -47,16 +50,18 @@ class Runtime:
             await upstream.start()
         for name, backend in self.config.backends.items():
             self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
+            self._tasks.append(asyncio.create_task(self._probe_breaker(name)))
             if backend.discover_models:
                 self._tasks.append(asyncio.create_task(self._discover(name)))
         self._tasks.append(asyncio.create_task(self._refresh_gauges()))
-        if not self.config.storage.startswith("memory://"):
+        if self.throttle.storage.redis is not None:
             self._tasks.append(asyncio.create_task(self._share_state()))
 
     async def close(self) -> None:
         await self._stop_tasks()
         for upstream in self.upstreams.values():
             await upstream.close()
+        await self.throttle.storage.close()
 
     async def retire(self, successor: Runtime) -> None:
         """After a reload: stop background work now; close pools the successor does not
@@ -68,6 +73,8 @@ class Runtime:
         for upstream in self.upstreams.values():
             if id(upstream) not in reused:
                 await upstream.close()
+        if self.throttle.storage is not successor.throttle.storage:
+            await self.throttle.storage.close()
 
     async def _stop_tasks(self) -> None:
         for task in self._tasks:
@@ -82,33 +89,81 @@ class Runtime:
         interval = self.config.backends[backend].key_probe_interval
         while True:
             await asyncio.sleep(interval)
-            for key in pool.invalid_keys():
-                status, _ = await upstream.list_models(key.value)
-                if status == 200:
-                    pool.restore(key.id)
+            try:
+                for key in pool.invalid_keys():
+                    status, _ = await upstream.list_models(key.value)
+                    if status == 200:
+                        pool.restore(key.id)
+            except Exception:  # a bug must not end the probing for good
+                log.exception("backend %s: invalid-key probe failed; trying again", backend)
+
+    async def _probe_breaker(self, backend: str) -> None:
+        """While the circuit is open: once the cooldown is over, take the probe slot and try
+        ``GET /models``, so the circuit (and ``/ready``) recovers with no client traffic."""
+        breaker, pool = self.breakers[backend], self.pools[backend]
+        while True:
+            try:
+                # No usable key to probe with: a request (or a restored key) will do it.
+                wait = breaker.admit() if breaker.is_open and pool.usable() else BREAKER_TICK
+                if wait:
+                    await asyncio.sleep(min(wait, BREAKER_TICK))
+                    continue
+                await self._probe_backend_once(backend)  # we hold the probe slot
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("backend %s: circuit probe failed; trying again", backend)
+                await asyncio.sleep(LOOP_RETRY)
+
+    async def _probe_backend_once(self, backend: str) -> None:
+        """One probe with the slot held: always reports an outcome, even when cancelled."""
+        breaker, pool = self.breakers[backend], self.pools[backend]
+        upstream = self.upstreams[backend]
+        verdict: bool | None = None
+        try:
+            usable = pool.usable()
+            if not usable:
+                return
+            status, _ = await upstream.list_models(usable[0].value)
+            # Any answer below 500 means the backend is up (a 401 is about the key).
+            verdict = isinstance(status, int) and status < 500
+            if not verdict:
+                log.warning("backend %s: circuit probe GET /models got %s", backend, status)
+        finally:
+            if verdict is None:
+                breaker.release()
+            elif verdict:
+                breaker.success()
+            else:
+                breaker.failure()
 
     async def _discover(self, backend: str) -> None:
         """At start and every ``discover_interval``: the backend's own model list."""
         pool, upstream = self.pools[backend], self.upstreams[backend]
         while True:
-            for key in pool.usable()[:2]:  # a second key if the first one is refused
-                status, ids = await upstream.list_models(key.value)
-                if status == 200:
-                    self.discovered[backend] = tuple(ids)
-                    break
-                log.warning(
-                    "backend %s: model discovery with key %s got %s", backend, key.id, status
-                )
+            try:
+                for key in pool.usable()[:2]:  # a second key if the first one is refused
+                    status, ids = await upstream.list_models(key.value)
+                    if status == 200:
+                        self.discovered[backend] = tuple(ids)
+                        break
+                    log.warning(
+                        "backend %s: model discovery with key %s got %s", backend, key.id, status
+                    )
+            except Exception:
+                log.exception("backend %s: model discovery failed; trying again", backend)
             await asyncio.sleep(self.config.backends[backend].discover_interval)
 
     async def _share_state(self) -> None:
         """Several replicas on one Redis: exchange key and breaker state twice a second."""
-        shared = SharedState(self.throttle.storage)
+        store = self.throttle.storage
+        assert store.redis is not None
+        shared = SharedState(store.redis)
         while True:
-            try:
-                await shared.sync(self.pools, self.breakers)
-            except Exception as exc:  # Redis down: local state goes on, and it is counted
-                self.throttle.storage_failed(exc)
+            # Redis down or hung: local state goes on, and it is counted (in Store.call).
+            await store.call(
+                lambda: shared.sync(self.pools, self.breakers), None, self.throttle.storage_failed
+            )
             await asyncio.sleep(SYNC_INTERVAL)
 
     async def _refresh_gauges(self) -> None:
@@ -155,11 +210,18 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     storage when its URI is unchanged (backoff and limits go on counting).
     """
     old = previous.config if previous is not None else None
-    storage = (
-        previous.throttle.storage
-        if previous is not None and old is not None and old.storage == config.storage
-        else make_storage(config.storage)
+    # What can fail is built first, so a failed reload leaves nothing half-changed.
+    router, auth = Router(config), ClientAuth(config)
+    reuse_storage = previous is not None and old is not None and old.storage == config.storage
+    storage: Store = (
+        previous.throttle.storage if previous and reuse_storage else make_storage(config.storage)
     )
+    try:
+        throttle = Throttle(config, storage)
+    except Exception:
+        if not reuse_storage:
+            storage.abandon()
+        raise
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
@@ -171,9 +233,12 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 upstreams[name] = previous.upstreams[name]
             if before.base_url == backend.base_url:
                 breakers[name] = previous.breakers[name]
-                breakers[name].config = backend.breaker
+                breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
+                breakers[name].probe_timeout = _probe_timeout(backend)
         upstreams.setdefault(name, Upstream(backend))
-        breakers.setdefault(name, Breaker(name, backend.breaker))
+        breakers.setdefault(
+            name, Breaker(name, backend.breaker, probe_timeout=_probe_timeout(backend))
+        )
     discovered = {
         name: ids
         for name, ids in (previous.discovered.items() if previous is not None else ())
@@ -182,14 +247,20 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     return Runtime(
         config=config,
         discovered=discovered,
-        router=Router(config),
-        auth=ClientAuth(config),
-        throttle=Throttle(config, storage),
+        router=router,
+        auth=auth,
+        throttle=throttle,
         pools=pools,
         breakers=breakers,
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
     )
+
+
+def _probe_timeout(backend: BackendConfig) -> float:
+    """How long a half-open probe may go unreported before its slot is free again: as long
+    as the backend may take to answer, bounded."""
+    return min(backend.timeout.connect + backend.timeout.first_byte_seconds, PROBE_TIMEOUT)
 
 
 def _same_connection(a: BackendConfig, b: BackendConfig) -> bool:

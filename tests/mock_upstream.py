@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import random
 import sys
 from typing import Any
 
@@ -291,6 +292,8 @@ class Connection(asyncio.Protocol):
         mock = request.get("mock") or {}
         model = str(request.get("model"))
         extra = [(str(k), str(v)) for k, v in (mock.get("headers") or {}).items()]
+        if random.random() < float(mock.get("fail_ratio", 0)):  # a flaky upstream: 500 at random
+            mock = {**mock, "status": 500}
         if "status" in mock:
             error = mock.get("error") or {
                 "message": f"mock error {mock['status']}",

@@ -145,3 +145,65 @@ def test_sighup_reloads_when_polling_is_off(upstream, tmp_path):
         assert proxy.process.poll() is None  # still the same process
     finally:
         proxy.stop()
+
+
+HOSTILE_FILES = {
+    "a byte that is not UTF-8": lambda good: good.encode() + b"# \xff\xfe\n",
+    "20,000-level nesting": lambda good: (good + "x: " + "[" * 20_000 + "]" * 20_000).encode(),
+    "a storage URI that cannot be used": lambda good: (
+        'storage: "redis://:bad:port"\n' + good
+    ).encode(),
+}
+
+
+def test_the_watcher_survives_any_file_and_picks_up_the_next_valid_one(upstream, tmp_path):
+    proxy = start_proxy(config(upstream), tmp_path)
+    path = tmp_path / "config.yaml"
+    failure = 'llm_proxy_config_reloads_total{result="failure"}'
+    try:
+        for count, (what, make) in enumerate(HOSTILE_FILES.items(), start=1):
+            path.write_bytes(make(config(upstream, alias="kimi-k2-turbo-preview")))
+            assert wait_for(lambda n=count: metric(proxy, failure) == n), what
+            # The config in force stays, and the event loop was never held up.
+            started = time.perf_counter()
+            assert post(proxy, "kimi-k2").json()["model"] == "kimi-k2-0711-preview", what
+            assert time.perf_counter() - started < 0.5, what
+        log = proxy.log()
+        assert "UnicodeDecodeError" in log
+        assert "RecursionError" in log
+        assert "Port could not be cast to integer" in log
+        assert log.count("config reload (file changed) failed; the config in force stays") == 3
+        # SIGHUP goes through the same guarded path: counted, the process lives on.
+        proxy.process.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: metric(proxy, failure) == 4)
+        assert "config reload (SIGHUP) failed; the config in force stays" in proxy.log()
+        assert proxy.process.poll() is None
+        # A valid file is picked up again.
+        path.write_text(config(upstream, alias="kimi-k2-turbo-preview"))
+        assert wait_for(lambda: post(proxy, "kimi-k2").json()["model"] == "kimi-k2-turbo-preview")
+        assert metric(proxy, 'llm_proxy_config_reloads_total{result="success"}') == 1
+    finally:
+        proxy.stop()
+
+
+def test_a_reload_applies_new_breaker_bounds_to_the_breaker_it_keeps(upstream, tmp_path):
+    breaker = "    breaker: {failures: 1, min_open: 30s, max_open: 30s}\n"
+    first = config(upstream).replace("    keys:\n", breaker + "    keys:\n", 1)
+    proxy = start_proxy(first, tmp_path)
+    path = tmp_path / "config.yaml"
+    try:
+        body = {"model": "kimi-k2", "mock": {"status": 500}}
+        assert httpx.post(f"{proxy.base_url}/chat/completions", json=body).status_code == 500
+        refused = post(proxy, "kimi-k2")
+        assert refused.json()["error"]["code"] == "backend_unavailable"
+        assert float(refused.headers["retry-after"]) > 20  # open for 30 s
+        # A new max_open of 1 s applies to the circuit that is open now: it ends by time, and
+        # the background probe closes it without any client request.
+        path.write_text(first.replace("min_open: 30s, max_open: 30s", "min_open: 1s, max_open: 1s"))
+        assert wait_for(
+            lambda: metric(proxy, 'llm_proxy_config_reloads_total{result="success"}') == 1
+        )
+        assert wait_for(lambda: httpx.get(f"{proxy.url}/ready").status_code == 200, seconds=4)
+        assert post(proxy, "kimi-k2").status_code == 200
+    finally:
+        proxy.stop()

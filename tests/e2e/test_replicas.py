@@ -71,12 +71,15 @@ def test_a_client_limit_of_10_per_minute_holds_across_both_replicas(replicas, up
 
 def test_a_reconnect_storm_alternating_between_replicas_is_throttled_as_one(replicas, upstream):
     a, b = replicas
-    assert post(a, "storm", status=500).status_code == 500
+    # Three failures in a row, alternating replicas: one streak, so the fourth waits.
+    for proxy in (a, b, a):
+        assert post(proxy, "storm", status=500).status_code == 500
     refused = post(b, "storm", status=500)
     assert refused.status_code == 429
     assert refused.json()["error"]["code"] == "reconnect_throttled"
+    assert 1.5 <= float(refused.headers["retry-after-ms"]) / 1000 <= 2.0  # base 2 s, jittered
     assert post(a, "storm", status=500).status_code == 429
-    assert len(upstream.requests()) == 1
+    assert len(upstream.requests()) == 3
 
 
 def test_a_key_refused_on_one_replica_is_taken_out_on_the_other(replicas, upstream):

@@ -1,17 +1,40 @@
 from __future__ import annotations
 
-import time
+import math
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker
+import pytest
+
+from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerState
 from proxy.config import BreakerConfig
 
 
-def breaker() -> Breaker:
-    return Breaker("b", BreakerConfig(failures=3, min_open=0.05, max_open=0.2))
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def breaker(clock: Clock, probe_timeout: float = 10.0) -> Breaker:
+    config = BreakerConfig(failures=3, min_open=1.0, max_open=4.0)
+    return Breaker("b", config, clock=clock, probe_timeout=probe_timeout)
+
+
+def opened(clock: Clock) -> Breaker:
+    b = breaker(clock)
+    for _ in range(3):
+        b.failure()
+    return b
+
+
+def test_states_are_a_str_enum_with_the_documented_names():
+    assert [str(s) for s in BreakerState] == ["closed", "open", "half_open"]
 
 
 def test_opens_after_n_consecutive_failures_only():
-    b = breaker()
+    clock = Clock()
+    b = breaker(clock)
     b.failure()
     b.failure()
     b.success()  # a success in between resets the count
@@ -19,34 +42,93 @@ def test_opens_after_n_consecutive_failures_only():
     b.failure()
     assert b.state == CLOSED and b.admit() == 0
     b.failure()
-    assert b.state == OPEN
-    assert 0 < b.admit() <= 0.05
+    assert b.state == OPEN and b.is_open
+    assert b.admit() == pytest.approx(1.0)
+
+
+def test_open_becomes_half_open_by_time_alone_without_any_request():
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 1.0
+    assert b.state == HALF_OPEN  # read from the clock: /ready and the gauges see it
+    assert b.is_open  # ...and it is still not serving until a probe says so
 
 
 def test_half_open_lets_exactly_one_probe_through():
-    b = breaker()
-    for _ in range(3):
-        b.failure()
-    time.sleep(0.06)
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 1.0
     assert b.admit() == 0  # the probe
-    assert b.state == HALF_OPEN
     assert b.admit() > 0  # everyone else waits for the probe's result
     b.success()
     assert b.state == CLOSED and b.admit() == 0
 
 
+def test_a_released_probe_frees_the_slot_at_once():
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 1.0
+    assert b.admit() == 0
+    b.release()  # the probe's client left, or its key was cooling down: no verdict
+    assert b.state == HALF_OPEN
+    assert b.admit() == 0  # the next request probes
+
+
+def test_an_unreported_probe_frees_the_slot_after_its_deadline():
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 1.0
+    assert b.admit() == 0  # a probe that never reports back
+    clock.now += 9.9
+    assert b.admit() > 0
+    clock.now += 0.2
+    assert b.admit() == 0  # never wedged half-open
+
+
 def test_a_failed_probe_doubles_the_cooldown_up_to_the_cap():
-    b = breaker()
-    for _ in range(3):
-        b.failure()
-    opened = []
+    clock = Clock()
+    b = opened(clock)
+    periods = []
     for _ in range(4):
-        time.sleep(b.open_for + 0.01)
+        clock.now += b.open_for
         assert b.admit() == 0
         b.failure()
-        opened.append(b.open_for)
-    assert opened == [0.1, 0.2, 0.2, 0.2]
-    time.sleep(0.21)
+        periods.append(b.open_for)
+        assert b.state == OPEN
+    assert periods == [2.0, 4.0, 4.0, 4.0]
+    clock.now += 4.0
     b.admit()
     b.success()
-    assert b.open_for == 0.05  # reset for the next time
+    assert b.open_for == 1.0  # reset for the next time
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -math.inf, -1.0, 0.0])
+def test_force_open_ignores_values_that_are_not_a_time(seconds):
+    b = breaker(Clock())
+    b.force_open(seconds)
+    assert b.state == CLOSED
+
+
+def test_force_open_is_capped_at_max_open_and_never_shortens():
+    clock = Clock()
+    b = breaker(clock)
+    b.force_open(1e30)
+    assert b.state == OPEN and b.open_seconds() == 4.0
+    b.force_open(1.0)
+    assert b.open_seconds() == 4.0
+    clock.now += 4.0
+    assert b.state == HALF_OPEN
+
+
+def test_reconfigure_applies_new_bounds_to_the_state_held():
+    clock = Clock()
+    b = opened(clock)
+    for _ in range(3):  # 2 s, 4 s, 4 s
+        clock.now += b.open_for
+        b.admit()
+        b.failure()
+    assert b.open_seconds() == 4.0
+    b.config = BreakerConfig(failures=3, min_open=0.5, max_open=1.0)
+    assert b.open_seconds() == 1.0 and b.open_for == 1.0
+    clock.now += 1.0
+    assert b.admit() == 0

@@ -1,9 +1,11 @@
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from proxy.config import parse_config
-from proxy.keys import KeyPool, NoUsableKey
+from proxy.keys import INVALID_MAX, KeyPool, KeyState, NoUsableKey
 
 CONFIG = """
 backends:
@@ -51,23 +53,75 @@ def test_invalid_key_is_skipped_until_restored():
     assert {p.pick().id for _ in range(2)} == {"one", "two"}
 
 
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def clocked_pool(clock: Clock, max_cooldown: str = "") -> KeyPool:
+    text = CONFIG + (f"    max_cooldown: {max_cooldown}\n" if max_cooldown else "")
+    return KeyPool(parse_config(text, "t.yaml", {"K1": "sk-1"}).backends["b"], clock=clock)
+
+
+def test_key_states_are_a_str_enum_with_the_documented_names():
+    assert [str(s) for s in KeyState] == ["ok", "missing", "invalid", "cooldown"]
+
+
 def test_cooldown_ends_by_itself_and_defaults_to_exponential():
-    p = pool(K1="sk-1")
+    clock = Clock()
+    p = clocked_pool(clock)
     p.cool_down("one", 0.05, "429 from upstream")
     with pytest.raises(NoUsableKey) as info:
         p.pick()
     assert 0 < info.value.retry_after <= 0.05
     assert "cooling down" in info.value.hint
-    import time
-
-    time.sleep(0.06)
+    assert p.state_of("one") is KeyState.COOLDOWN
+    clock.now += 0.05
+    assert p.state_of("one") is KeyState.OK  # by time alone
     assert p.pick().id == "one"
     p.cool_down("one", None, "429")  # no retry-after: 2^(streak-1) s, streak 2 -> 2 s
     p.cool_down("one", None, "429")  # streak 3 -> 4 s
-    remaining = p.health["one"].cooldown_until - time.monotonic()
-    assert 3.9 < remaining <= 4.0
+    assert p.cooldown_left("one") == 4.0
     p.mark_success("one")  # a successful answer ends the streak
     assert p.health["one"].cooldown_streak == 0
+
+
+@pytest.mark.parametrize("seconds", [math.nan, math.inf, -math.inf, -1.0])
+def test_a_cooldown_that_is_not_a_time_falls_back_to_the_exponential_one(seconds):
+    p = clocked_pool(Clock())
+    p.cool_down("one", seconds, "429")
+    assert p.cooldown_left("one") == 1.0
+    assert "cooling down for 1 s" in p.missing_hint()
+
+
+def test_a_huge_cooldown_is_capped_at_max_cooldown():
+    clock = Clock()
+    p = clocked_pool(clock, max_cooldown="30s")
+    p.cool_down("one", 1e308, "429 with retry-after: 1e308")
+    assert p.cooldown_left("one") == 30.0
+    clock.now += 30.0
+    assert p.pick().id == "one"
+
+
+def test_an_invalid_mark_ends_after_a_day_at_most():
+    clock = Clock()
+    p = clocked_pool(clock)
+    p.mark_invalid("one", "401")
+    assert p.state_of("one") is KeyState.INVALID and p.usable() == []
+    clock.now += INVALID_MAX
+    assert p.state_of("one") is KeyState.OK
+
+
+def test_a_reload_caps_cooldowns_at_the_new_max_cooldown():
+    clock = Clock()
+    before = clocked_pool(clock, max_cooldown="300s")
+    before.cool_down("one", 200.0, "429")
+    after = clocked_pool(clock, max_cooldown="10s")
+    after.adopt_health(before)
+    assert after.cooldown_left("one") == 10.0
 
 
 def test_exclude_skips_keys_already_tried_in_this_request():

@@ -5,7 +5,7 @@ import asyncio
 import pytest
 
 from proxy.config import parse_config
-from proxy.throttle import Outcome, Throttle, make_storage
+from proxy.throttle import LeanMemoryStorage, Outcome, Throttle, make_storage
 
 CONFIG = """
 backends:
@@ -17,49 +17,108 @@ throttle:
 """
 
 
-def throttle(text: str = CONFIG) -> Throttle:
-    return Throttle(parse_config(text, "t.yaml", {}), make_storage("memory://"))
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def throttle(text: str = CONFIG, clock: Clock | None = None) -> Throttle:
+    config = parse_config(text, "t.yaml", {})
+    return Throttle(config, make_storage("memory://", clock or Clock()))
 
 
 @pytest.mark.parametrize(
-    ("streak", "low", "high"), [(1, 0.8, 1), (2, 1.6, 2), (3, 3.2, 4), (4, 6.4, 8), (9, 6.4, 8)]
+    ("streak", "low", "high"),
+    [(1, 0, 0), (2, 0, 0), (3, 0.8, 1), (4, 1.6, 2), (5, 3.2, 4), (6, 6.4, 8), (40, 6.4, 8)],
 )
-def test_backoff_doubles_from_base_and_caps_with_jitter(streak, low, high):
+def test_backoff_starts_after_3_failures_doubles_from_base_and_caps_with_jitter(streak, low, high):
     t = throttle()
     waits = [t.backoff(streak) for _ in range(200)]
     assert low <= min(waits) and max(waits) <= high
-    assert max(waits) - min(waits) > 0  # jittered, so blocked clients spread out
+    if high:
+        assert max(waits) - min(waits) > 0  # jittered, so blocked clients spread out
 
 
-def test_failures_block_and_a_success_resets_the_streak():
+def run_outcomes(t: Throttle, outcomes: str, client: str = "c") -> list[float]:
+    """Record each outcome (F failure, S success, N neutral); the wait after each."""
+    kinds = {"F": Outcome.FAILURE, "S": Outcome.SUCCESS, "N": Outcome.NEUTRAL}
+
     async def run() -> list[float]:
-        t = throttle()
-        seen = [await t.reconnect_wait("c", "m")]
-        await t.record("c", "m", Outcome.FAILURE)
-        seen.append(await t.reconnect_wait("c", "m"))
-        await t.record("c", "m", Outcome.FAILURE)
-        seen.append(await t.reconnect_wait("c", "m"))
-        seen.append(await t.reconnect_wait("other", "m"))
-        await t.record("c", "m", Outcome.NEUTRAL)
-        await t.record("c", "m", Outcome.SUCCESS)
-        await t.record("c", "m", Outcome.FAILURE)
-        seen.append(await t.reconnect_wait("c", "m"))
-        return seen
+        waits = []
+        for letter in outcomes:
+            await t.record(client, "m", kinds[letter])
+            waits.append(await t.reconnect_wait(client, "m"))
+        return waits
 
-    free, first, second, other, after_reset = asyncio.run(run())
-    assert free == 0 and other == 0
-    assert 0.7 < first <= 1.0
-    assert 1.5 < second <= 2.0
-    assert 0.7 < after_reset <= 1.0
+    return asyncio.run(run())
+
+
+def test_no_wait_before_three_failures_in_a_row_so_sdk_retries_pass():
+    waits = run_outcomes(throttle(), "FF")
+    assert waits == [0, 0]
+
+
+def test_the_third_failure_in_a_row_waits_base_then_doubles():
+    waits = run_outcomes(throttle(), "FFFF")
+    assert waits[:2] == [0, 0]
+    assert 0.8 <= waits[2] <= 1.0
+    assert 1.6 <= waits[3] <= 2.0
+
+
+def test_a_success_resets_the_streak_and_the_wait():
+    waits = run_outcomes(throttle(), "FFFSFF")
+    assert waits[2] > 0
+    assert waits[3:] == [0, 0, 0]
+
+
+def test_client_errors_count_for_nothing():
+    assert run_outcomes(throttle(), "FFNNN")[-1] == 0
+    assert run_outcomes(throttle(), "FFNF")[-1] > 0
+
+
+def test_a_mostly_healthy_stream_never_waits_even_after_a_streak():
+    # 10% failures, then 3 in a row: the failure ratio stays under 0.5, so no wait.
+    waits = run_outcomes(throttle(), "SSSSFSSSSSSSSSFFF")
+    assert waits[-1] == 0
+    # ...while 3 more failures in a row tip the ratio over 0.5: a client hammering a dead
+    # upstream is throttled whatever came before.
+    assert run_outcomes(throttle(), "SSSSFSSSSSSSSSFFFFFFFF")[-1] > 0
+
+
+def test_the_wait_ends_by_time_and_the_streak_is_forgotten_after_a_quiet_spell():
+    clock = Clock()
+    t = throttle(clock=clock)
+    assert run_outcomes(t, "FFF")[-1] > 0
+    clock.now += 1.0
+    assert asyncio.run(t.reconnect_wait("c", "m")) == 0
+    clock.now += 4 * 8 + 1  # 4 maximum waits of quiet: a new streak starts from scratch
+    assert run_outcomes(t, "F") == [0]
+
+
+def test_other_clients_and_models_are_not_throttled():
+    t = throttle()
+    run_outcomes(t, "FFFFF")
+    assert asyncio.run(t.reconnect_wait("other", "m")) == 0
+    assert asyncio.run(t.reconnect_wait("c", "other-model")) == 0
+
+
+def test_memory_holds_a_bounded_number_of_streaks():
+    from proxy.throttle import MemoryStreaks
+
+    clock = Clock()
+    streaks = MemoryStreaks(clock, entries=100)
+    config = throttle().reconnect
+    for i in range(1000):
+        streaks.record(f"client-{i}", "m", True, config)
+    assert len(streaks._streaks) == 100
 
 
 def test_disabled_reconnect_throttle_never_blocks():
-    async def run() -> float:
-        t = throttle(CONFIG.replace("{base: 1s, max: 8s}", "{enabled: false}"))
-        await t.record("c", "m", Outcome.FAILURE)
-        return await t.reconnect_wait("c", "m")
-
-    assert asyncio.run(run()) == 0
+    t = throttle(CONFIG.replace("{base: 1s, max: 8s}", "{enabled: false}"))
+    assert run_outcomes(t, "FFFFF") == [0] * 5
 
 
 def test_client_and_backend_limits_count_separately():
@@ -78,18 +137,20 @@ def test_client_and_backend_limits_count_separately():
 
 def test_a_failing_storage_fails_open_and_is_counted():
     class Broken:
-        async def get(self, key):
+        async def hit(self, *args):
             raise ConnectionError("redis down")
 
     t = throttle()
-    t.storage = Broken()  # type: ignore[assignment]
-    assert asyncio.run(t.reconnect_wait("c", "m")) == 0
+    t._limiter = Broken()  # type: ignore[assignment]
+    decision = asyncio.run(t.hit_client("c"))
+    assert decision is not None and decision.allowed
     assert t.storage_errors == 1
 
 
 def test_memory_storage_sweeps_expired_entries_at_most_once_a_second():
     async def run() -> int:
-        storage = make_storage("memory://")
+        storage = make_storage("memory://").limits
+        assert isinstance(storage, LeanMemoryStorage)
         for i in range(500):
             await storage.incr(f"k{i % 7}", 60)
         return storage.sweeps
