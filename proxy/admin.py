@@ -5,30 +5,11 @@ number on the page is finite or null."""
 from __future__ import annotations
 
 import math
-import re
 import time
 from typing import Any
 
+from proxy.redact import redact_url
 from proxy.runtime import Runtime
-
-# userinfo in a URL: keep a user name, never a password (``redis://user:pw@host``,
-# ``redis://:pw@host``); a bare ``token@`` could be a password too: hidden whole.
-_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
-_SECRET_PARAMS = re.compile(
-    r"(?P<name>[?&;](?:password|passwd|pass|pwd|secret|token|key|auth)=)[^&#;]*", re.IGNORECASE
-)
-
-
-def redact_url(url: str) -> str:
-    """``url`` with any password replaced by ``***``: in the userinfo and in the query."""
-
-    def userinfo(match: re.Match[str]) -> str:
-        info = match["userinfo"]
-        user, colon, _ = info.rpartition(":") if ":" in info else ("", "", info)
-        shown = f"{user}:***" if colon else "***"
-        return f"{match['scheme']}{shown}@"
-
-    return _SECRET_PARAMS.sub(r"\g<name>***", _USERINFO.sub(userinfo, url))
 
 
 def status(runtime: Runtime) -> dict[str, Any]:

@@ -121,11 +121,6 @@ class Breaker:
             self._probe_deadline = 0.0
         self.failures = 0
 
-    def release(self) -> None:
-        """The attempt ended with no verdict on the backend: free the probe slot."""
-        if self.state == HALF_OPEN:
-            self._probe_out = False
-
     def failure(self) -> None:
         self.failures += 1
         state = self.state

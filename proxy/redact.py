@@ -8,8 +8,9 @@ replaced with its fingerprint (``sk-…a1b2``) before it leaves the process.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import quote
 
 from proxy.config import Config, fingerprint
 
@@ -55,27 +56,23 @@ class Redactor:
 
 
 NO_SECRETS = Redactor(())
-_PASSWORD_PARAMS = ("password", "pass", "pwd")
 
 
-def url_without_password(url: str) -> str:
-    """``redis://user:pw@host/0?password=x`` → ``redis://user:***@host/0?password=***``."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "(unparsable URL)"
-    secret_query = any(
-        item.partition("=")[0].lower() in _PASSWORD_PARAMS for item in parts.query.split("&")
-    )
-    if parts.password is None and not secret_query:
-        return url
-    netloc = parts.netloc
-    if parts.password is not None:
-        userinfo, _, host = netloc.rpartition("@")
-        user = userinfo.partition(":")[0]
-        netloc = f"{user}:***@{host}"
-    query = "&".join(
-        f"{name}=***" if name.lower() in _PASSWORD_PARAMS else f"{name}={value}"
-        for name, _, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+# userinfo in a URL: keep a user name, never a password (``redis://user:pw@host``,
+# ``redis://:pw@host``); a bare ``token@`` could be a password too: hidden whole.
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<userinfo>[^/?#]*)@")
+_SECRET_PARAMS = re.compile(
+    r"(?P<name>[?&;](?:password|passwd|pass|pwd|secret|token|key|auth)=)[^&#;]*", re.IGNORECASE
+)
+
+
+def redact_url(url: str) -> str:
+    """``url`` with any password replaced by ``***``: in the userinfo and in the query."""
+
+    def userinfo(match: re.Match[str]) -> str:
+        info = match["userinfo"]
+        user, colon, _ = info.rpartition(":") if ":" in info else ("", "", info)
+        shown = f"{user}:***" if colon else "***"
+        return f"{match['scheme']}{shown}@"
+
+    return _SECRET_PARAMS.sub(r"\g<name>***", _USERINFO.sub(userinfo, url))

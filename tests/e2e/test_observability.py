@@ -20,7 +20,7 @@ ADMIN = "adm-obs-000000000000000777"
 def config(mock: MockUpstream) -> str:
     return f"""
 server: {{admin_key: "{ADMIN}"}}
-throttle: {{reconnect: {{base: 5s, max: 10s}}}}
+throttle: {{reconnect: {{base: 5s, max: 10s, after: 1, min_failure_ratio: 0}}}}
 clients:
   - {{id: team-obs, key: "{CLIENT}"}}
 backends:

@@ -21,8 +21,8 @@ def config(mock: MockUpstream, storage: str = "memory://", probe: str = "0.5") -
     dead = f"http://127.0.0.1:{free_port()}/v1"
     return f"""
 storage: {storage}
-throttle:
-  reconnect: {{base: 1s, max: 60s}}
+throttle:  # waits from the first failure: these tests look at one failure at a time
+  reconnect: {{base: 1s, max: 60s, after: 1, min_failure_ratio: 0}}
 clients:
   - {{id: team-a, key: "{CLIENT_A}"}}
   - {{id: team-b, key: "{CLIENT_B}", rate_limit: 3/minute, models: ["kimi-*", "storm-*"]}}

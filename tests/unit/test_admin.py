@@ -6,8 +6,9 @@ import math
 
 import pytest
 
-from proxy.admin import redact_url, status
+from proxy.admin import status
 from proxy.config import parse_config
+from proxy.redact import redact_url
 from proxy.runtime import build_runtime
 
 CONFIG = """

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from proxy.redact import Redactor, url_without_password
+from proxy.redact import Redactor, redact_url
 
 KEY = "sk-live-0123456789abcdefXYZ/+="
 OTHER = "sk-other-aaaaaaaaaaaa9999"
@@ -33,10 +33,10 @@ def test_short_placeholders_are_not_secrets_and_text_is_left_alone() -> None:
 
 
 def test_urls_lose_their_passwords() -> None:
-    assert url_without_password("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
-    assert url_without_password("redis://:s3cret@host") == "redis://:***@host"
+    assert redact_url("redis://user:s3cret@host:6379/0") == "redis://user:***@host:6379/0"
+    assert redact_url("redis://:s3cret@host") == "redis://:***@host"
     assert (
-        url_without_password("redis://host:6379?password=s3cret&db=1")
+        redact_url("redis://host:6379?password=s3cret&db=1")
         == "redis://host:6379?password=***&db=1"
     )
-    assert url_without_password("memory://") == "memory://"
+    assert redact_url("memory://") == "memory://"
