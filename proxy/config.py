@@ -19,6 +19,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from functools import cache
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args
@@ -26,8 +27,8 @@ from urllib.parse import urlsplit
 
 import limits
 import pydantic
+from annotated_types import Ge, Gt, Interval, MinLen
 from pydantic import AfterValidator, BeforeValidator, Field
-from pydantic.dataclasses import dataclass
 from pydantic.json_schema import SkipJsonSchema
 
 from proxy.config_yaml import Document, Env, Path, YamlRefused, read_yaml
@@ -118,27 +119,27 @@ _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR/LF split a header line;
 _NO_CONTROL = _check(lambda v: not _CONTROL.search(v), "must not contain control characters")
 _DURATION_TEXT = "seconds or a duration like '500ms', '5m'"
 
-Text = Annotated[str, BeforeValidator(_text), Field(min_length=1)]
+Text = Annotated[str, BeforeValidator(_text), MinLen(1)]
 AnyText = Annotated[str, BeforeValidator(_text)]
 Secret = Annotated[str, BeforeValidator(_text), AfterValidator(str.strip), _NO_CONTROL]
 Bool = Annotated[bool, pydantic.Strict()]
-Whole = Annotated[int, pydantic.Strict(), Field(ge=1)]
+Whole = Annotated[int, pydantic.Strict(), Ge(1)]
 Number = Annotated[float, pydantic.Strict()]
 Seconds = Annotated[
     float, *_units(_DURATION, _SECONDS, _DURATION_TEXT, {"type": "number", "minimum": 0})
 ]
-Positive = Annotated[Seconds, Field(gt=0)]
+Positive = Annotated[Seconds, Gt(0)]
 Size = Annotated[
     int,
     *_units(_SIZE, _BYTES, "a size like '10MiB'", {"type": "integer", "exclusiveMinimum": 0}),
     pydantic.Strict(),
-    Field(gt=0),
+    Gt(0),
 ]
 Port = Annotated[
     int,
     BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v),
     pydantic.Strict(),
-    Field(ge=1, le=65535),
+    Interval(ge=1, le=65535),
 ]
 Rate = Annotated[
     Text, _check(_ok(limits.parse_many), "expected a rate like '600/minute', got {!r}")
@@ -182,6 +183,19 @@ Bounds = Annotated[
 ]
 _FROZEN = AfterValidator(MappingProxyType)
 
+
+def _empty() -> Any:
+    return MappingProxyType({})
+
+
+SetField = Annotated[str, _check(lambda k: k != "model", "the model is set by routing")]
+
+
+def doc(text: str) -> Any:
+    """A field's one-line description: into the JSON Schema and the reference table."""
+    return Field(description=text)
+
+
 if TYPE_CHECKING:  # what the rest of the proxy sees
     Headers = Mapping[str, str]
     Rewrite = RewriteRules
@@ -190,8 +204,14 @@ else:
     Headers = Annotated[dict[Annotated[str, AfterValidator(_header_name)], HeaderValue], _FROZEN]
 
 
-@dataclass(frozen=True, config=pydantic.ConfigDict(extra="forbid", allow_inf_nan=False))
+@dataclass(frozen=True)
 class _Section:
+    """What every section shares: unknown fields and nan/inf refused, nulls are defaults."""
+
+    __pydantic_config__ = pydantic.ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
+
     @pydantic.model_validator(mode="before")
     @classmethod
     def _prepare(cls, data: Any) -> Any:
@@ -206,12 +226,12 @@ class _Section:
 
 @dataclass(frozen=True)
 class _RewriteSpec(_Section):
-    rename: dict[str, Text] = Field(default_factory=dict, description="field: new name")
-    clamp: dict[str, Bounds] = Field(default_factory=dict, description="field: [low, high]")
-    drop: tuple[Text, ...] = Field((), description="fields removed from the body")
-    set: dict[
-        Annotated[str, _check(lambda k: k != "model", "the model is set by routing")], Any
-    ] = Field(default_factory=dict, description="field: value, always sent")
+    rename: Annotated[dict[str, Text], doc("field: new name")] = field(default_factory=dict)
+    clamp: Annotated[dict[str, Bounds], doc("field: [low, high]")] = field(default_factory=dict)
+    drop: Annotated[tuple[Text, ...], doc("fields removed from the body")] = ()
+    set: Annotated[dict[SetField, Any], doc("field: value, always sent")] = field(
+        default_factory=dict
+    )
 
     def rules(self) -> RewriteRules:
         clamp = tuple((name, low, high) for name, (low, high) in self.clamp.items())
@@ -225,10 +245,12 @@ if not TYPE_CHECKING:
 # ---------------------------------------------------------------- the definition
 
 
-@dataclass(frozen=True, config={"populate_by_name": True})
+@dataclass(frozen=True)
 class KeyConfig(_Section):
-    id: Text = Field(description="the key's name in logs, metrics and route pins")
-    value: Secret = Field("", alias="key", repr=False, description="the secret; empty: missing")
+    id: Annotated[Text, doc("the key's name in logs, metrics and route pins")]
+    value: Annotated[Secret, Field(alias="key", description="the secret; empty: missing")] = field(
+        default="", repr=False
+    )
     env_vars: SkipJsonSchema[tuple[str, ...]] = ()  # the variables the value was read from
 
     @property
@@ -242,10 +264,10 @@ class KeyConfig(_Section):
 
 @dataclass(frozen=True)
 class Timeouts(_Section):
-    connect: Positive = Field(5.0, description="seconds to open the connection")
-    read: Positive = Field(600.0, description="the default for first_byte and idle")
-    first_byte: Positive | None = Field(None, description="request sent -> response head")
-    idle: Positive | None = Field(None, description="longest silent gap inside a response")
+    connect: Annotated[Positive, doc("seconds to open the connection")] = 5.0
+    read: Annotated[Positive, doc("the default for first_byte and idle")] = 600.0
+    first_byte: Annotated[Positive | None, doc("request sent -> response head")] = None
+    idle: Annotated[Positive | None, doc("longest silent gap inside a response")] = None
 
     @property
     def first_byte_seconds(self) -> float:
@@ -258,33 +280,29 @@ class Timeouts(_Section):
 
 @dataclass(frozen=True)
 class BreakerConfig(_Section):
-    failures: Whole = Field(5, description="consecutive failures that open the circuit")
-    min_open: Positive = Field(1.0, description="the first open period; doubles while failing")
-    max_open: Positive = Field(60.0, description="the longest open period")
+    failures: Annotated[Whole, doc("consecutive failures that open the circuit")] = 5
+    min_open: Annotated[Positive, doc("the first open period; doubles while failing")] = 1.0
+    max_open: Annotated[Positive, doc("the longest open period")] = 60.0
 
 
 @dataclass(frozen=True)
 class BackendConfig(_Section):
     name: SkipJsonSchema[str]  # its key under `backends:`
-    base_url: Annotated[Text, AfterValidator(_base_url)] = Field(
-        description="http(s)://host[:port]/path, e.g. https://api.openai.com/v1"
+    base_url: Annotated[Text, AfterValidator(_base_url), doc("http(s)://host[:port]/path")]
+    keys: Annotated[tuple[KeyConfig, ...], doc("upstream keys, used in turn")] = ()
+    models: Annotated[tuple[Text, ...], doc("model ids served (routed as they are)")] = ()
+    timeout: Annotated[Timeouts, doc("upstream timeouts")] = Timeouts()
+    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(default_factory=_empty)
+    rate_limit: Annotated[Rate | None, doc("outbound limit, e.g. 500/minute")] = None
+    breaker: Annotated[BreakerConfig, doc("circuit breaker")] = BreakerConfig()
+    key_probe_interval: Annotated[Positive, doc("how often an invalid key is retried")] = 300.0
+    request_rewrite: Annotated[Rewrite, doc("the provider's quirks, as data")] = NO_RULES
+    no_retry_errors: Annotated[frozenset[Text], doc("upstream error types never retried")] = (
+        frozenset()
     )
-    keys: tuple[KeyConfig, ...] = Field((), description="upstream keys, used in turn")
-    models: tuple[Text, ...] = Field((), description="model ids served (routed as they are)")
-    timeout: Timeouts = Field(Timeouts(), description="upstream timeouts")
-    headers: Headers = Field(
-        default_factory=lambda: MappingProxyType({}), description="extra headers sent upstream"
-    )
-    rate_limit: Rate | None = Field(None, description="outbound limit, e.g. 500/minute")
-    breaker: BreakerConfig = Field(BreakerConfig(), description="circuit breaker")
-    key_probe_interval: Positive = Field(300.0, description="how often an invalid key is retried")
-    request_rewrite: Rewrite = Field(NO_RULES, description="the provider's quirks, as data")
-    no_retry_errors: frozenset[Text] = Field(
-        frozenset(), description="upstream error types/codes never worth a retry"
-    )
-    discover_models: Bool = Field(False, description="list the backend's own /models too")
-    discover_interval: Positive = Field(600.0, description="seconds between /models refreshes")
-    max_cooldown: Positive = Field(300.0, description="cap on a key's cooldown (retry-after)")
+    discover_models: Annotated[Bool, doc("list the backend's own /models too")] = False
+    discover_interval: Annotated[Positive, doc("seconds between /models refreshes")] = 600.0
+    max_cooldown: Annotated[Positive, doc("cap on a key's cooldown (retry-after)")] = 300.0
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -292,36 +310,38 @@ class BackendConfig(_Section):
 
 @dataclass(frozen=True)
 class FallbackConfig(_Section):
-    backend: Text = Field(description="the backend tried next")
-    model: Text | None = Field(None, description="the id sent there; default: the same id")
+    backend: Annotated[Text, doc("the backend tried next")]
+    model: Annotated[Text | None, doc("the id sent there; default: the same id")] = None
 
 
 @dataclass(frozen=True)
 class RouteConfig(_Section):
-    prefix: AnyText = Field(description='model ids starting with this ("" matches all)')
-    backend: Text = Field(description="the backend that serves them")
-    strip_prefix: Bool = Field(False, description="send the id without the prefix")
-    key: Text | None = Field(None, description="pin one key id of the backend")
-    fallback: tuple[FallbackConfig, ...] = Field((), description="tried in order on failure")
-    request_rewrite: Rewrite = Field(NO_RULES, description="applied after the backend's rules")
+    prefix: Annotated[AnyText, doc('model ids starting with this ("" matches all)')]
+    backend: Annotated[Text, doc("the backend that serves them")]
+    strip_prefix: Annotated[Bool, doc("send the id without the prefix")] = False
+    key: Annotated[Text | None, doc("pin one key id of the backend")] = None
+    fallback: Annotated[tuple[FallbackConfig, ...], doc("tried in order on failure")] = ()
+    request_rewrite: Annotated[Rewrite, doc("applied after the backend's rules")] = NO_RULES
 
 
 @dataclass(frozen=True)
 class ClientConfig(_Section):
-    id: Text = Field(description="the client's name in logs and metrics")
-    key: Secret = Field(repr=False, description='its Bearer key, e.g. "${TEAM_A_KEY}"')
+    id: Annotated[Text, doc("the client's name in logs and metrics")]
+    key: Annotated[Secret, doc('its Bearer key, e.g. "${TEAM_A_KEY}"')] = field(repr=False)
     env_vars: SkipJsonSchema[tuple[str, ...]] = ()
-    rate_limit: Rate | None = Field(None, description="e.g. 600/minute")
-    models: tuple[Text, ...] = Field((), description="glob patterns allowed; empty: every model")
+    rate_limit: Annotated[Rate | None, doc("e.g. 600/minute")] = None
+    models: Annotated[tuple[Text, ...], doc("glob patterns allowed; empty: every model")] = ()
 
 
 @dataclass(frozen=True)
 class ReconnectConfig(_Section):
-    enabled: Bool = Field(True, description="slow down clients whose requests keep failing")
-    base: Positive = Field(1.0, description="the first wait")
-    max: Positive = Field(60.0, description="the longest wait")
-    after: Whole = Field(3, description="failures in a row (client, model) before a wait")
-    min_failure_ratio: Number = Field(0.5, ge=0, le=1, description="...while this share fails")
+    enabled: Annotated[Bool, doc("slow down clients whose requests keep failing")] = True
+    base: Annotated[Positive, doc("the first wait")] = 1.0
+    max: Annotated[Positive, doc("the longest wait")] = 60.0
+    after: Annotated[Whole, doc("failures in a row (client, model) before a wait")] = 3
+    min_failure_ratio: Annotated[Number, Interval(ge=0, le=1), doc("...while this share fails")] = (
+        0.5
+    )
 
 
 Strategy = Literal["moving-window", "sliding-window-counter", "fixed-window"]
@@ -330,10 +350,10 @@ RATE_LIMIT_STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 @dataclass(frozen=True)
 class ThrottleConfig(_Section):
-    reconnect: ReconnectConfig = Field(ReconnectConfig(), description="reconnect backoff")
+    reconnect: Annotated[ReconnectConfig, doc("reconnect backoff")] = ReconnectConfig()
     # moving-window is exact but keeps one entry per request in the window (in memory, each
     # request costs O(limit)); sliding-window-counter is O(1): better for limits in thousands.
-    rate_limit_strategy: Strategy = Field("moving-window", description="how rates are counted")
+    rate_limit_strategy: Annotated[Strategy, doc("how rates are counted")] = "moving-window"
 
 
 # The OpenAI inference endpoints that take a JSON body with a model: only these are
@@ -351,38 +371,38 @@ DEFAULT_FORWARD_PATHS = (
 
 @dataclass(frozen=True)
 class ServerConfig(_Section):
-    host: Text = Field("127.0.0.1", description="listen address")
-    port: Port = Field(8080, description="listen port")
-    routing_headers: Bool = Field(True, description="x-proxy-backend/-key/-model on responses")
-    max_body_size: Size = Field(10 * 2**20, description="request bodies; 413 beyond")
-    trusted_proxies: tuple[Network, ...] = Field((), description="whose X-Forwarded-For counts")
-    admin_key: Secret = Field("", repr=False, description="Bearer for /admin/*; empty: no admin")
-    config_poll_interval: Seconds = Field(1.0, description="file checks; 0: SIGHUP only")
-    admin_port: Port | None = Field(None, description="/metrics and /admin/* on their own port")
-    max_header_size: Size = Field(64 * 2**10, description="request line + headers; 431 beyond")
-    header_timeout: Positive = Field(10.0, description="connection open -> headers in; 408")
-    body_timeout: Positive = Field(60.0, description="headers in -> whole body in; 408")
-    max_connections: Whole = Field(2048, description="beyond, only /health and /ready answer")
-    max_response_size: Size = Field(64 * 2**20, description="non-streamed bodies; 502 beyond")
-    forward_paths: tuple[ForwardPath, ...] = Field(
-        DEFAULT_FORWARD_PATHS, description="POST paths after /v1 that are forwarded"
+    host: Annotated[Text, doc("listen address")] = "127.0.0.1"
+    port: Annotated[Port, doc("listen port")] = 8080
+    routing_headers: Annotated[Bool, doc("x-proxy-backend/-key/-model on responses")] = True
+    max_body_size: Annotated[Size, doc("request bodies; 413 beyond")] = 10 * 2**20
+    trusted_proxies: Annotated[tuple[Network, ...], doc("whose X-Forwarded-For counts")] = ()
+    admin_key: Annotated[Secret, doc("Bearer for /admin/*; empty: none")] = field(
+        default="", repr=False
+    )
+    config_poll_interval: Annotated[Seconds, doc("file checks; 0: SIGHUP only")] = 1.0
+    admin_port: Annotated[Port | None, doc("/metrics and /admin/* on their own port")] = None
+    max_header_size: Annotated[Size, doc("request line + headers; 431 beyond")] = 64 * 2**10
+    header_timeout: Annotated[Positive, doc("connection open -> headers in; 408")] = 10.0
+    body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
+    max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
+    max_response_size: Annotated[Size, doc("non-streamed bodies; 502 beyond")] = 64 * 2**20
+    forward_paths: Annotated[tuple[ForwardPath, ...], doc("POST paths after /v1 forwarded")] = (
+        DEFAULT_FORWARD_PATHS
     )
 
 
 @dataclass(frozen=True)
 class Config(_Section):
     path: SkipJsonSchema[str]  # these two come from the caller, not the file
-    backends: Annotated[dict[str, BackendConfig], Field(min_length=1), _FROZEN] = Field(
-        description="upstream providers by name"
+    backends: Annotated[dict[str, BackendConfig], MinLen(1), _FROZEN, doc("by name")]
+    server: Annotated[ServerConfig, doc("the listener")] = ServerConfig()
+    aliases: Annotated[dict[str, Text], _FROZEN, doc("alias: model id")] = field(
+        default_factory=_empty
     )
-    server: ServerConfig = Field(ServerConfig(), description="the listener")
-    aliases: Annotated[dict[str, Text], _FROZEN] = Field(
-        default_factory=lambda: MappingProxyType({}), description="alias: model id"
-    )
-    routes: tuple[RouteConfig, ...] = Field((), description="first match wins")
-    clients: tuple[ClientConfig, ...] = Field((), description="client keys; none: open proxy")
-    throttle: ThrottleConfig = Field(ThrottleConfig(), description="backoff and rate counting")
-    storage: Storage = Field("memory://", description="memory:// or redis://host:port (shared)")
+    routes: Annotated[tuple[RouteConfig, ...], doc("first match wins")] = ()
+    clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
+    throttle: Annotated[ThrottleConfig, doc("backoff and rate counting")] = ThrottleConfig()
+    storage: Annotated[Storage, doc("memory:// or redis://host:port (shared)")] = "memory://"
     digest: SkipJsonSchema[str] = ""  # sha256 of the file's text: which version is in force
 
 
@@ -561,7 +581,6 @@ def _scalar(value: Any) -> str | None:
 
 _MESSAGES = {
     "missing": "is required",
-    "string_too_short": "must not be empty",
     "greater_than": "must be greater than {gt}",
     "greater_than_equal": "must be at least {ge}",
     "less_than_equal": "must be at most {le}",
@@ -584,6 +603,8 @@ def _problem(error: Any, doc: Document) -> tuple[int | None, Path, str]:
     elif kind.endswith("_type") or kind.endswith("_parsing"):
         what = _EXPECTED.get(kind.rsplit("_", 1)[0], "a list")
         message = f"expected {what}, got {_kind(value)}"
+    elif kind in ("too_short", "string_too_short") and isinstance(value, str):
+        message = "must not be empty"
     else:
         message = _MESSAGES.get(kind, error["msg"]).format(got=_kind(value), **ctx)
     if isinstance(value, Env):  # show what the file says, never the environment's value
