@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 
 import limits
 import pydantic
-from annotated_types import Ge, Gt, Interval, MinLen
+from annotated_types import Ge, Gt, Le, MinLen
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
@@ -137,9 +137,11 @@ Size = Annotated[
 ]
 Port = Annotated[
     int,
-    BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v),
+    BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v),  # ${PORT}
     pydantic.Strict(),
-    Interval(ge=1, le=65535),
+    Ge(1),
+    Le(65535),
+    pydantic.WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535}),
 ]
 Rate = Annotated[
     Text, _check(_ok(limits.parse_many), "expected a rate like '600/minute', got {!r}")
@@ -339,9 +341,7 @@ class ReconnectConfig(_Section):
     base: Annotated[Positive, doc("the first wait")] = 1.0
     max: Annotated[Positive, doc("the longest wait")] = 60.0
     after: Annotated[Whole, doc("failures in a row (client, model) before a wait")] = 3
-    min_failure_ratio: Annotated[Number, Interval(ge=0, le=1), doc("...while this share fails")] = (
-        0.5
-    )
+    min_failure_ratio: Annotated[Number, Ge(0), Le(1), doc("...while this share fails")] = 0.5
 
 
 Strategy = Literal["moving-window", "sliding-window-counter", "fixed-window"]
@@ -394,7 +394,7 @@ class ServerConfig(_Section):
 @dataclass(frozen=True)
 class Config(_Section):
     path: SkipJsonSchema[str]  # these two come from the caller, not the file
-    backends: Annotated[dict[str, BackendConfig], MinLen(1), _FROZEN, doc("by name")]
+    backends: Annotated[dict[str, BackendConfig], MinLen(1), _FROZEN, doc("providers by name")]
     server: Annotated[ServerConfig, doc("the listener")] = ServerConfig()
     aliases: Annotated[dict[str, Text], _FROZEN, doc("alias: model id")] = field(
         default_factory=_empty
@@ -443,12 +443,13 @@ def parse_config(text: str, path: str, environ: Mapping[str, str]) -> Config:
     config = None
     try:
         config = _adapter().validate_python(_named(doc.data, path, text))
-    except pydantic.ValidationError as exc:
-        problems += [_problem(error, doc) for error in exc.errors(include_url=False)]
+    except pydantic.ValidationError as exc:  # not again where the reader found a problem
+        more = (_problem(error, doc) for error in exc.errors(include_url=False))
+        problems += [p for p in more if p[1] not in {place for _, place, _ in doc.problems}]
     if config is not None and not problems:
         problems += [(doc.line_of(p), p, m) for p, m in _built_checks(config)]
     if config is None or problems:
-        problems.sort(key=lambda p: p[0] or 0)
+        problems.sort(key=lambda p: (p[0] or 0, _place(p[1])))
         error = ConfigError(path, "", "")
         error.problems = tuple(Problem(path, ln, _place(p), _redact(m)) for ln, p, m in problems)
         _, error.line, error.place, error.message = error.problems[0]
@@ -608,8 +609,10 @@ def _problem(error: Any, doc: Document) -> tuple[int | None, Path, str]:
     else:
         message = _MESSAGES.get(kind, error["msg"]).format(got=_kind(value), **ctx)
     if isinstance(value, Env):  # show what the file says, never the environment's value
-        message = message.replace(repr(str(value)), repr(value.raw))
-        message = message.replace(value, value.raw) if value else message
+        if (shown := repr(str(value))) in message:
+            message = message.replace(shown, repr(value.raw))
+        elif value:
+            message = message.replace(value, value.raw)
         message += f" ({' and '.join(value.unset)} not set)" if value.unset else ""
     return doc.line_of(place), place, message
 
