@@ -642,7 +642,8 @@ def _unknown_field(place: Path) -> str:
             key = "items" if isinstance(part, int) else "additionalProperties"
             node = node.get("properties", {}).get(part) or node.get(key) or {}
     known = sorted(node.get("properties", {}))
-    guess = difflib.get_close_matches(str(place[-1]), known, n=1)
+    name = str(place[-1])
+    guess = difflib.get_close_matches(name, known, n=1) or [k for k in known if name in k][:1]
     hint = f", did you mean '{guess[0]}'?" if guess else ""
     return f"unknown field{hint} (known: {', '.join(known)})"
 

@@ -192,7 +192,8 @@ def test_no_message_shows_a_value_from_the_environment_or_a_url_password():
         pytest.param(
             "a: &a [x, x, x, x, x, x, x, x, x, x]\n"
             + "".join(
-                f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n" for p, c in zip("abcdefgh", "bcdefghi")
+                f"{c}: &{c} [{', '.join([f'*{p}'] * 10)}]\n"
+                for p, c in zip("abcdefgh", "bcdefghi", strict=True)
             ),
             5,
             "more than 100000 values once aliases are expanded",
