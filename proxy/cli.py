@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args.config)
     except ConfigError as exc:  # every problem of the file, one per line
         if args.command == "check" and args.json:
-            errors = [p.as_json() for p in exc.problems]
+            errors = [p._asdict() for p in exc.problems]
             print(json.dumps({"valid": False, "error": errors[0], "errors": errors}))
         else:
             print("\n".join(f"error: {p}" for p in exc.problems), file=sys.stderr)

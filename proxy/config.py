@@ -20,7 +20,7 @@ import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from functools import cache
+from functools import cache, partial
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args
 from urllib.parse import urlsplit
@@ -43,12 +43,7 @@ class Problem(NamedTuple):
 
     def __str__(self) -> str:
         where = f"{self.file}:{self.line}" if self.line else self.file
-        return (
-            f"{where}: {self.place}: {self.message}" if self.place else f"{where}: {self.message}"
-        )
-
-    def as_json(self) -> dict[str, Any]:
-        return self._asdict()
+        return ": ".join(part for part in (where, self.place, self.message) if part)
 
 
 class ConfigError(Exception):
@@ -63,9 +58,6 @@ class ConfigError(Exception):
         return "\n".join(map(str, self.problems))
 
 
-# ---------------------------------------------------------------- value types
-
-
 def _text(value: Any) -> Any:
     """Numbers are text where text is expected (a key id `1`); an ``Env`` becomes a plain str."""
     plain = isinstance(value, int | float | Env) and not isinstance(value, bool)
@@ -73,10 +65,14 @@ def _text(value: Any) -> Any:
 
 
 def _check(test: Callable[[Any], object], message: str) -> AfterValidator:
-    """Refuse a value ``test`` is false for; ``message`` may show it as ``{!r}``."""
+    """Refuse a value ``test`` is false for (or raises ValueError); ``message`` may show it."""
 
     def check(value: Any) -> Any:
-        if not test(value):
+        try:
+            ok = test(value)
+        except ValueError:
+            ok = False
+        if not ok:
             raise ValueError(message.format(value))
         return value
 
@@ -98,17 +94,6 @@ def _units(pattern: str, units: dict[str, float], kind: str, schema: dict[str, A
 
     text = {"type": "string", "pattern": pattern}
     return (BeforeValidator(parse), pydantic.WithJsonSchema({"anyOf": [schema, text]}))
-
-
-def _ok(parse: Callable[[str], object]) -> Callable[[str], bool]:
-    def ok(text: str) -> bool:
-        try:
-            parse(text)
-        except ValueError:
-            return False
-        return True
-
-    return ok
 
 
 _DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
@@ -143,9 +128,7 @@ Port = Annotated[
     Le(65535),
     pydantic.WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535}),
 ]
-Rate = Annotated[
-    Text, _check(_ok(limits.parse_many), "expected a rate like '600/minute', got {!r}")
-]
+Rate = Annotated[Text, _check(limits.parse_many, "expected a rate like '600/minute', got {!r}")]
 
 
 def _base_url(url: str) -> str:
@@ -168,7 +151,7 @@ def _header_name(name: str) -> str:
     return header
 
 
-_network = _ok(lambda text: ipaddress.ip_network(text, strict=False))
+_network = partial(ipaddress.ip_network, strict=False)
 Network = Annotated[Text, _check(_network, "not an IP address or CIDR: {!r}")]
 ForwardPath = Annotated[
     Text,
@@ -184,10 +167,7 @@ Bounds = Annotated[
     tuple[Number, Number], _check(lambda pair: pair[0] <= pair[1], "low must not be above high")
 ]
 _FROZEN = AfterValidator(MappingProxyType)
-
-
-def _empty() -> Any:
-    return MappingProxyType({})
+_NONE = partial(MappingProxyType, {})  # an empty mapping nobody can change
 
 
 SetField = Annotated[str, _check(lambda k: k != "model", "the model is set by routing")]
@@ -244,9 +224,6 @@ if not TYPE_CHECKING:
     Rewrite = Annotated[_RewriteSpec, AfterValidator(_RewriteSpec.rules)]
 
 
-# ---------------------------------------------------------------- the definition
-
-
 @dataclass(frozen=True)
 class KeyConfig(_Section):
     id: Annotated[Text, doc("the key's name in logs, metrics and route pins")]
@@ -294,7 +271,9 @@ class BackendConfig(_Section):
     keys: Annotated[tuple[KeyConfig, ...], doc("upstream keys, used in turn")] = ()
     models: Annotated[tuple[Text, ...], doc("model ids served (routed as they are)")] = ()
     timeout: Annotated[Timeouts, doc("upstream timeouts")] = Timeouts()
-    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(default_factory=_empty)
+    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(
+        default_factory=lambda: MappingProxyType({})
+    )
     rate_limit: Annotated[Rate | None, doc("outbound limit, e.g. 500/minute")] = None
     breaker: Annotated[BreakerConfig, doc("circuit breaker")] = BreakerConfig()
     key_probe_interval: Annotated[Positive, doc("how often an invalid key is retried")] = 300.0
@@ -397,7 +376,7 @@ class Config(_Section):
     backends: Annotated[dict[str, BackendConfig], MinLen(1), _FROZEN, doc("providers by name")]
     server: Annotated[ServerConfig, doc("the listener")] = ServerConfig()
     aliases: Annotated[dict[str, Text], _FROZEN, doc("alias: model id")] = field(
-        default_factory=_empty
+        default_factory=_NONE
     )
     routes: Annotated[tuple[RouteConfig, ...], doc("first match wins")] = ()
     clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
@@ -414,9 +393,6 @@ def fingerprint(secret: str) -> str:
         return "…"  # too short to show any of it safely
     head = secret[:3] if secret[2] == "-" else secret[:2]
     return f"{head}…{secret[-4:]}"
-
-
-# ---------------------------------------------------------------- loading
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
@@ -484,17 +460,11 @@ def json_schema() -> dict[str, Any]:
 
 def _tidy(node: Any) -> Any:
     """Without pydantic's generated titles and whole-section defaults: noise in an editor."""
-    if isinstance(node, list):
-        return [_tidy(n) for n in node]
-    if not isinstance(node, dict):
-        return node
-    tidy = {k: _tidy(v) for k, v in node.items() if k != "title"}
-    if "$ref" in tidy:
-        tidy.pop("default", None)
-    return tidy
-
-
-# ---------------------------------------------------------------- checks across sections
+    if isinstance(node, list | dict) and "$ref" in node:
+        node = {k: v for k, v in node.items() if k != "default"}
+    if isinstance(node, dict):
+        return {k: _tidy(v) for k, v in node.items() if k != "title"}
+    return [_tidy(n) for n in node] if isinstance(node, list) else node
 
 
 def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
@@ -573,12 +543,8 @@ def _list(value: Any) -> list[Any]:
 
 
 def _scalar(value: Any) -> str | None:
-    return (
-        str(value) if isinstance(value, str | int | float) and not isinstance(value, bool) else None
-    )
+    return None if value is None or isinstance(value, bool | dict | list) else str(value)
 
-
-# ---------------------------------------------------------------- messages
 
 _MESSAGES = {
     "missing": "is required",
@@ -621,9 +587,7 @@ def _locate(loc: tuple[Any, ...], data: Any, missing: bool) -> tuple[Path, Any]:
     """The place in the file of a pydantic ``loc`` (which also names union members)."""
     place: list[str | int] = []
     for i, part in enumerate(loc):
-        if isinstance(data, dict | list) and part in (
-            data if isinstance(data, dict) else range(len(data))
-        ):
+        if part in (data if isinstance(data, dict) else range(len(_list(data)))):
             data = data[part]
         elif missing and i == len(loc) - 1:
             data = None
@@ -662,14 +626,8 @@ def _redact(message: str) -> str:
 
 
 def _kind(value: Any) -> str:
-    if isinstance(value, Env):
-        return repr(value.raw)
-    if value is None or isinstance(value, dict | list | bool):
-        return {type(None): "nothing", dict: "a mapping", list: "a list"}.get(
-            type(value), "a boolean"
-        )
-    return (
-        str(value)
-        if isinstance(value, float) and not math.isfinite(value)
-        else f"{type(value).__name__} {value!r}"
-    )
+    names = {type(None): "nothing", dict: "a mapping", list: "a list", bool: "a boolean"}
+    if isinstance(value, Env) or type(value) in names:
+        return repr(value.raw) if isinstance(value, Env) else names[type(value)]
+    finite = not isinstance(value, float) or math.isfinite(value)
+    return f"{type(value).__name__} {value!r}" if finite else str(value)
