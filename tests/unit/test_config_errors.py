@@ -196,21 +196,23 @@ def test_no_message_shows_a_value_from_the_environment_or_a_url_password():
                 for p, c in zip("abcdefgh", "bcdefghi", strict=True)
             ),
             5,
-            "more than 100000 values once aliases are expanded",
+            "more than 50000 values once aliases are expanded",
             id="billion-laughs",
         ),
-        pytest.param("a: &x\n  b: *x\n", 2, "recursive alias *x", id="recursion"),
+        pytest.param(
+            "a: &x\n  b: *x\n", 1, "an alias refers to a value that contains it", id="recursion"
+        ),
         pytest.param(
             "a: " + "[" * 40 + "]" * 40 + "\n", 1, "nested deeper than 32 levels", id="deep"
         ),
-        pytest.param("a: *nowhere\n", 1, "unknown alias *nowhere", id="unknown-alias"),
+        pytest.param("a: *nowhere\n", 1, "invalid YAML: found undefined alias", id="unknown-alias"),
         pytest.param(
             "a: !!python/object:os.system x\n",
             1,
             "unsupported tag tag:yaml.org,2002:python/object:os.system",
             id="python-tag",
         ),
-        pytest.param("a: 1\n---\nb: 2\n", 2, "expected one YAML document, found more", id="docs"),
+        pytest.param("a: 1\n---\nb: 2\n", 2, "invalid YAML: but found another document", id="docs"),
         pytest.param("x" * (1024 * 1024 + 1), None, "file too large: over 1024 KiB", id="size"),
     ],
 )
