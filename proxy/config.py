@@ -178,12 +178,8 @@ def doc(text: str) -> Any:
     return Field(description=text)
 
 
-if TYPE_CHECKING:  # what the rest of the proxy sees
-    Headers = Mapping[str, str]
-    Rewrite = RewriteRules
-else:
-    HeaderValue = Annotated[AnyText, _NO_CONTROL]
-    Headers = Annotated[dict[Annotated[str, AfterValidator(_header_name)], HeaderValue], _FROZEN]
+HeaderName = Annotated[str, AfterValidator(_header_name)]
+Headers = Annotated[Mapping[HeaderName, Annotated[AnyText, _NO_CONTROL]], _FROZEN]
 
 
 @dataclass(frozen=True)
@@ -220,7 +216,9 @@ class _RewriteSpec(_Section):
         return RewriteRules(tuple(self.rename.items()), clamp, self.drop, tuple(self.set.items()))
 
 
-if not TYPE_CHECKING:
+if TYPE_CHECKING:  # what the rest of the proxy sees; the file holds a _RewriteSpec
+    Rewrite = RewriteRules
+else:
     Rewrite = Annotated[_RewriteSpec, AfterValidator(_RewriteSpec.rules)]
 
 
@@ -373,9 +371,9 @@ class ServerConfig(_Section):
 @dataclass(frozen=True)
 class Config(_Section):
     path: SkipJsonSchema[str]  # these two come from the caller, not the file
-    backends: Annotated[dict[str, BackendConfig], MinLen(1), _FROZEN, doc("providers by name")]
+    backends: Annotated[Mapping[str, BackendConfig], MinLen(1), _FROZEN, doc("providers by name")]
     server: Annotated[ServerConfig, doc("the listener")] = ServerConfig()
-    aliases: Annotated[dict[str, Text], _FROZEN, doc("alias: model id")] = field(
+    aliases: Annotated[Mapping[str, Text], _FROZEN, doc("alias: model id")] = field(
         default_factory=_NONE
     )
     routes: Annotated[tuple[RouteConfig, ...], doc("first match wins")] = ()
@@ -460,7 +458,7 @@ def json_schema() -> dict[str, Any]:
 
 def _tidy(node: Any) -> Any:
     """Without pydantic's generated titles and whole-section defaults: noise in an editor."""
-    if isinstance(node, list | dict) and "$ref" in node:
+    if isinstance(node, dict) and "$ref" in node:
         node = {k: v for k, v in node.items() if k != "default"}
     if isinstance(node, dict):
         return {k: _tidy(v) for k, v in node.items() if k != "title"}
@@ -492,10 +490,10 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
                 f"unknown key id '{key}' for backend '{backend}' (known: {have})",
             )
         for j, step in enumerate(_list(route.get("fallback"))):
-            if (name := _scalar(_dict(step).get("backend"))) is not None and name not in backends:
+            if (other := _scalar(_dict(step).get("backend"))) is not None and other not in backends:
                 yield (
                     ("routes", i, "fallback", j, "backend"),
-                    f"unknown backend '{name}' (known: {known})",
+                    f"unknown backend '{other}' (known: {known})",
                 )
     seen: dict[str | None, int] = {}
     for i, client in enumerate(map(_dict, _list(top.get("clients")))):

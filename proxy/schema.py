@@ -76,7 +76,7 @@ def _kind(schema: dict[str, Any], node: Any) -> str:
     if kind == "object":
         extra = node.get("additionalProperties")
         return f"mapping of {_kind(schema, extra)}" if isinstance(extra, dict) else "mapping"
-    return {"integer": "whole number", "number": "number", "string": "text"}.get(kind, kind)
+    return str({"integer": "whole number", "number": "number", "string": "text"}.get(kind, kind))
 
 
 def _default(node: dict[str, Any]) -> str:
