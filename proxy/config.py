@@ -549,7 +549,7 @@ _MESSAGES = {
     "greater_than": "must be greater than {gt}",
     "greater_than_equal": "must be at least {ge}",
     "less_than_equal": "must be at most {le}",
-    "too_short": "expected at least {min_length}",
+    "too_short": "expected at least {min_length} values",
     "too_long": "expected at most {max_length} values",
     "literal_error": "expected one of {expected}",
     "finite_number": "expected a finite number, got {got}",
@@ -568,7 +568,7 @@ def _problem(error: Any, doc: Document) -> tuple[int | None, Path, str]:
     elif kind.endswith("_type") or kind.endswith("_parsing"):
         what = _EXPECTED.get(kind.rsplit("_", 1)[0], "a list")
         message = f"expected {what}, got {_kind(value)}"
-    elif kind in ("too_short", "string_too_short") and isinstance(value, str):
+    elif kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
         message = "must not be empty"
     else:
         message = _MESSAGES.get(kind, error["msg"]).format(got=_kind(value), **ctx)
