@@ -142,15 +142,6 @@ def _base_url(url: str) -> str:
     return url.rstrip("/")
 
 
-def _header_name(name: str) -> str:
-    header = name.strip().lower()
-    if header in ("authorization", "host", "content-length"):
-        raise ValueError("is set by the proxy itself")
-    if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9a-z-]+", header):
-        raise ValueError("not a valid header name (letters, digits and -)")
-    return header
-
-
 _network = partial(ipaddress.ip_network, strict=False)
 Network = Annotated[Text, _check(_network, "not an IP address or CIDR: {!r}")]
 ForwardPath = Annotated[
@@ -178,7 +169,14 @@ def doc(text: str) -> Any:
     return Field(description=text)
 
 
-HeaderName = Annotated[str, AfterValidator(_header_name)]
+_RESERVED = ("authorization", "host", "content-length")  # the proxy sets these itself
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # RFC 9110 token: no space, colon, CR or LF
+HeaderName = Annotated[
+    str,
+    AfterValidator(lambda name: name.strip().lower()),
+    _check(lambda header: header not in _RESERVED, "is set by the proxy itself"),
+    _check(_TOKEN.fullmatch, "not a valid header name (letters, digits and -)"),
+]
 Headers = Annotated[Mapping[HeaderName, Annotated[AnyText, _NO_CONTROL]], _FROZEN]
 
 
@@ -471,13 +469,11 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
     backends = _dict(top.get("backends"))
     key_ids: dict[str, list[str]] = {}
     for name, backend in backends.items():
-        ids = key_ids.setdefault(name, [])
-        for i, key_id in enumerate(
-            _scalar(_dict(k).get("id")) for k in _list(_dict(backend).get("keys"))
-        ):
-            if key_id is not None and key_id in ids:
+        ids = [_scalar(_dict(k).get("id")) or "" for k in _list(_dict(backend).get("keys"))]
+        for i, key_id in enumerate(ids):
+            if key_id and key_id in ids[:i]:
                 yield ("backends", name, "keys", i, "id"), f"duplicate key id '{key_id}'"
-            ids.append(key_id or "")
+        key_ids[name] = ids
     known = ", ".join(backends) or "none"
     for i, route in enumerate(map(_dict, _list(top.get("routes")))):
         backend, key = _scalar(route.get("backend")), _scalar(route.get("key"))
@@ -485,27 +481,21 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
             yield ("routes", i, "backend"), f"unknown backend '{backend}' (known: {known})"
         elif key is not None and backend is not None and key not in key_ids[backend]:
             have = ", ".join(dict.fromkeys(key_ids[backend])) or "none"
-            yield (
-                ("routes", i, "key"),
-                f"unknown key id '{key}' for backend '{backend}' (known: {have})",
-            )
+            message = f"unknown key id '{key}' for backend '{backend}' (known: {have})"
+            yield ("routes", i, "key"), message
         for j, step in enumerate(_list(route.get("fallback"))):
             if (other := _scalar(_dict(step).get("backend"))) is not None and other not in backends:
-                yield (
-                    ("routes", i, "fallback", j, "backend"),
-                    f"unknown backend '{other}' (known: {known})",
-                )
+                message = f"unknown backend '{other}' (known: {known})"
+                yield ("routes", i, "fallback", j, "backend"), message
     seen: dict[str | None, int] = {}
     for i, client in enumerate(map(_dict, _list(top.get("clients")))):
         for what in ("id", "key"):
             value = _scalar(client.get(what))
             value = value.strip() if what == "key" and value else value
-            if value and seen.setdefault(f"{what}:{value}", i) != i:  # a key is never shown
-                shown = f"client id '{value}'" if what == "id" else "key"
-                yield (
-                    ("clients", i, what),
-                    f"duplicate {shown}: the same as clients[{seen[f'{what}:{value}']}]",
-                )
+            if value and seen.setdefault(f"{what}:{value}", i) != i:
+                shown = f"client id '{value}'" if what == "id" else "key"  # a key is never shown
+                message = f"duplicate {shown}: the same as clients[{seen[f'{what}:{value}']}]"
+                yield ("clients", i, what), message
     aliases = {k: str(v) for k, v in _dict(top.get("aliases")).items() if _scalar(v) is not None}
     for name in aliases:
         chain = [name]
@@ -526,10 +516,8 @@ def _built_checks(config: Config) -> Iterator[tuple[Path, str]]:
     router = Router(config)
     for alias, target in config.aliases.items():
         if router.resolve(alias) is None:
-            yield (
-                ("aliases", alias),
-                f"'{target}' routes nowhere: no route matches, no backend lists it",
-            )
+            message = f"'{target}' routes nowhere: no route matches, no backend lists it"
+            yield ("aliases", alias), message
 
 
 def _dict(value: Any) -> dict[str, Any]:
