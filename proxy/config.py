@@ -1,13 +1,11 @@
 """The config file's one definition: YAML → ``${ENV}`` → validation → frozen dataclasses.
 
-The classes below declare the file's shape (names, types, units, defaults, limits and a
-line of description per field) and, once validated, are the immutable objects the rest of
-the proxy reads by plain attribute access. Validation, ``config.schema.json`` and the
-reference table (``proxy schema [--markdown]``) all come from them. pydantic runs at
-start-up and on reload only: its dataclasses are ordinary frozen dataclasses afterwards.
-
-Every problem of a file is reported at once, each as ``file:line: place: message``, e.g.
-``config.yaml:23: routes[2].backend: unknown backend 'opena' (known: moonshot, openai)``.
+The dataclasses below declare the file's shape (types, units, defaults, limits, a line of
+description per field); validation, ``config.schema.json`` and the reference table (``proxy
+schema [--markdown]``) come from them. pydantic validates at start-up and reload only: the
+rest of the proxy reads plain frozen dataclasses. Every problem of a file is reported at
+once as ``file:line: place: message``, e.g. ``config.yaml:23: routes[2].backend: unknown
+backend 'opena' (known: moonshot, openai)``.
 """
 
 from __future__ import annotations
@@ -205,9 +203,7 @@ class _RewriteSpec(_Section):
     rename: Annotated[dict[str, Text], doc("field: new name")] = field(default_factory=dict)
     clamp: Annotated[dict[str, Bounds], doc("field: [low, high]")] = field(default_factory=dict)
     drop: Annotated[tuple[Text, ...], doc("fields removed from the body")] = ()
-    set: Annotated[dict[SetField, Any], doc("field: value, always sent")] = field(
-        default_factory=dict
-    )
+    set: Annotated[dict[SetField, Any], doc("field: value sent")] = field(default_factory=dict)
 
     def rules(self) -> RewriteRules:
         clamp = tuple((name, low, high) for name, (low, high) in self.clamp.items())
@@ -267,16 +263,12 @@ class BackendConfig(_Section):
     keys: Annotated[tuple[KeyConfig, ...], doc("upstream keys, used in turn")] = ()
     models: Annotated[tuple[Text, ...], doc("model ids served (routed as they are)")] = ()
     timeout: Annotated[Timeouts, doc("upstream timeouts")] = Timeouts()
-    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(
-        default_factory=lambda: MappingProxyType({})
-    )
+    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(default_factory=_NONE)
     rate_limit: Annotated[Rate | None, doc("outbound limit, e.g. 500/minute")] = None
     breaker: Annotated[BreakerConfig, doc("circuit breaker")] = BreakerConfig()
     key_probe_interval: Annotated[Positive, doc("how often an invalid key is retried")] = 300.0
     request_rewrite: Annotated[Rewrite, doc("the provider's quirks, as data")] = NO_RULES
-    no_retry_errors: Annotated[frozenset[Text], doc("upstream error types never retried")] = (
-        frozenset()
-    )
+    no_retry_errors: Annotated[frozenset[Text], doc("error types never retried")] = frozenset()
     discover_models: Annotated[Bool, doc("list the backend's own /models too")] = False
     discover_interval: Annotated[Positive, doc("seconds between /models refreshes")] = 600.0
     max_cooldown: Annotated[Positive, doc("cap on a key's cooldown (retry-after)")] = 300.0
@@ -351,9 +343,7 @@ class ServerConfig(_Section):
     routing_headers: Annotated[Bool, doc("x-proxy-backend/-key/-model on responses")] = True
     max_body_size: Annotated[Size, doc("request bodies; 413 beyond")] = 10 * 2**20
     trusted_proxies: Annotated[tuple[Network, ...], doc("whose X-Forwarded-For counts")] = ()
-    admin_key: Annotated[Secret, doc("Bearer for /admin/*; empty: none")] = field(
-        default="", repr=False
-    )
+    admin_key: Annotated[Secret, doc("Bearer for /admin/*")] = field(default="", repr=False)
     config_poll_interval: Annotated[Seconds, doc("file checks; 0: SIGHUP only")] = 1.0
     admin_port: Annotated[Port | None, doc("/metrics and /admin/* on their own port")] = None
     max_header_size: Annotated[Size, doc("request line + headers; 431 beyond")] = 64 * 2**10
