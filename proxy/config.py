@@ -29,7 +29,7 @@ from annotated_types import Ge, Gt, Le, MinLen
 from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
-from proxy.config_yaml import Document, Env, Path, YamlRefused, read_yaml
+from proxy.config_yaml import MAX_CHARS, Document, Env, Path, YamlRefused, read_yaml
 from proxy.rewrite import NO_RULES, RewriteRules
 
 
@@ -385,7 +385,9 @@ def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
     """Read, interpolate and validate ``path``; raise ``ConfigError`` with every problem."""
     try:
         with open(path, "rb") as f:
-            data = f.read(8 * 2**20)  # read_yaml refuses far less: this bounds the memory
+            data = f.read(MAX_CHARS + 1)  # never more than read_yaml accepts
+        if len(data) > MAX_CHARS:
+            raise ConfigError(path, "", f"file too large: over {MAX_CHARS // 1024} KiB")
         text = data.decode("utf-8-sig")
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read file: {exc.strerror or exc}") from None
