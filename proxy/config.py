@@ -159,6 +159,16 @@ _FROZEN = AfterValidator(MappingProxyType)
 _NONE = partial(MappingProxyType, {})  # an empty mapping nobody can change
 
 
+def _plain(value: Any) -> Any:
+    """Values as orjson takes them: no ``Env`` (a str subclass) left anywhere inside."""
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        plain = {k: _plain(v) for k, v in items}
+        return plain if isinstance(value, dict) else list(plain.values())
+    return str(value) if isinstance(value, Env) else value
+
+
+_Plain = Annotated[Any, BeforeValidator(_plain)]
 SetField = Annotated[str, _check(lambda k: k != "model", "the model is set by routing")]
 
 
@@ -203,7 +213,7 @@ class _RewriteSpec(_Section):
     rename: Annotated[dict[str, Text], doc("field: new name")] = field(default_factory=dict)
     clamp: Annotated[dict[str, Bounds], doc("field: [low, high]")] = field(default_factory=dict)
     drop: Annotated[tuple[Text, ...], doc("fields removed from the body")] = ()
-    set: Annotated[dict[SetField, Any], doc("field: value sent")] = field(default_factory=dict)
+    set: Annotated[dict[SetField, _Plain], doc("field: value sent")] = field(default_factory=dict)
 
     def rules(self) -> RewriteRules:
         clamp = tuple((name, low, high) for name, (low, high) in self.clamp.items())
@@ -320,7 +330,9 @@ class ThrottleConfig(_Section):
     reconnect: Annotated[ReconnectConfig, doc("reconnect backoff")] = ReconnectConfig()
     # moving-window is exact but keeps one entry per request in the window (in memory, each
     # request costs O(limit)); sliding-window-counter is O(1): better for limits in thousands.
-    rate_limit_strategy: Annotated[Strategy, doc("how rates are counted")] = "moving-window"
+    rate_limit_strategy: Annotated[
+        Strategy, BeforeValidator(_text), doc("how rates are counted")
+    ] = "moving-window"
 
 
 # The OpenAI inference endpoints that take a JSON body with a model: only these are

@@ -248,3 +248,31 @@ backends:
     config = parse_config(text, "c.yaml", {})
     assert [config.backends[n].timeout.read for n in "abc"] == [30.0, 5.0, 30.0]
     assert config.backends["b"].timeout.connect == 2.0
+
+
+def test_no_value_read_through_a_variable_stays_a_str_subclass_in_the_config():
+    """orjson refuses str subclasses: the request path must only ever see plain values."""
+    import dataclasses
+
+    import orjson
+
+    from proxy.config_yaml import Env
+
+    text = GOOD.replace(
+        "    keys:", '    request_rewrite: {set: {user: "${U}", tags: ["${U}"]}}\n    keys:'
+    )
+    text += 'throttle: {rate_limit_strategy: "${S}"}\naliases: {x: "gpt-${U}"}\n'
+    config = parse_config(text, "c.yaml", {"U": "u", "S": "fixed-window", "OPENAI_API_KEY": "k"})
+
+    def walk(value):
+        assert not isinstance(value, Env), value
+        if dataclasses.is_dataclass(value):
+            for f in dataclasses.fields(value):
+                walk(getattr(value, f.name))
+        elif isinstance(value, dict | list | tuple | frozenset) or hasattr(value, "items"):
+            for item in value.items() if hasattr(value, "items") else value:
+                walk(item)
+
+    walk(config)
+    rules = config.backends["openai"].request_rewrite
+    assert orjson.dumps(dict(rules.set)) == b'{"user":"u","tags":["u"]}'
