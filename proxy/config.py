@@ -10,7 +10,6 @@ backend 'opena' (known: moonshot, openai)``.
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import ipaddress
 import math
@@ -596,6 +595,8 @@ def _unknown_field(place: Path) -> str:
             key = "items" if isinstance(part, int) else "additionalProperties"
             node = node.get("properties", {}).get(part) or node.get(key) or {}
     known = sorted(node.get("properties", {}))
+    import difflib  # only ever needed for a broken file
+
     name = str(place[-1])
     guess = difflib.get_close_matches(name, known, n=1) or [k for k in known if name in k][:1]
     hint = f", did you mean '{guess[0]}'?" if guess else ""
