@@ -25,7 +25,7 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TAG = "tag:yaml.org,2002:"
 _CONSTRUCT = {_TAG + t: f"construct_yaml_{t}" for t in ("null", "bool", "int", "float", "str")}
 _CONSTRUCT[_TAG + "timestamp"] = "construct_yaml_str"  # `2025-01-01`: text, not a date
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$}]|\$(?!\{))*))?\}")
 
 
 class YamlRefused(Exception):
@@ -90,14 +90,25 @@ class Document:
         return result
 
     def interpolate(self, text: str, place: Path, line: int) -> str:
+        """``${VAR}``, ``${VAR:-default}``, innermost first (a default may hold ``${OTHER}``)."""
         names: list[str] = []
-        try:
-            result = Env(_expand(text, 0, self.environ, names, nested=False)[0])
-        except ValueError:
+        values: list[str] = []  # what each \0n\0 marker stands for: never expanded again
+
+        def ref(match: re.Match[str]) -> str:
+            names.append(match[1])
+            values.append(self.environ.get(match[1]) or _restore(match[2] or "", values))
+            return f"\0{len(values) - 1}\0"
+
+        expanded, before = text, ""
+        while expanded != before:
+            before, expanded = expanded, _REF.sub(ref, expanded)
+        if "${" in expanded:
             message = f"malformed reference in {text!r}: expected ${{VAR}} or ${{VAR:-default}}"
             self.problems.append((line, place, message))
             return text
-        result.raw, result.names = text, tuple(dict.fromkeys(names))
+        result = Env(_restore(expanded, values))
+        result.raw = text
+        result.names = tuple(sorted(set(names), key=lambda name: text.index("${" + name)))
         result.unset = tuple(n for n in result.names if not self.environ.get(n))
         return result
 
@@ -138,30 +149,5 @@ def _size(node: yaml.Node, sizes: dict[int, int], inside: frozenset[int]) -> int
     return sizes[id(node)]
 
 
-def _expand(
-    text: str, i: int, environ: Mapping[str, str], names: list[str], *, nested: bool
-) -> tuple[str, int]:
-    """``text[i:]`` with references replaced; nested: up to the ``}`` that closes a default."""
-    out: list[str] = []
-    while i < len(text):
-        if text.startswith("${", i):
-            if not (match := _NAME.match(text, i + 2)):
-                raise ValueError(text)
-            names.append(match[0])
-            value, i = environ.get(match[0], ""), match.end()
-            if text.startswith(":-", i):  # the default may itself hold ${OTHER}
-                default, i = _expand(text, i + 2, environ, names, nested=True)
-                value = value or default
-            elif text.startswith("}", i):
-                i += 1
-            else:
-                raise ValueError(text)
-            out.append(value)
-        elif nested and text[i] == "}":
-            return "".join(out), i + 1
-        else:
-            out.append(text[i])
-            i += 1
-    if nested:
-        raise ValueError(text)  # a default never closed
-    return "".join(out), i
+def _restore(text: str, values: list[str]) -> str:
+    return re.sub(r"\0(\d+)\0", lambda match: values[int(match[1])], text)
