@@ -152,6 +152,13 @@ def test_nested_defaults_are_expanded_and_a_malformed_reference_is_refused():
     assert parse_config(text, "c.yaml", {"A": "http://a/v1"}).backends["openai"].base_url == (
         "http://a/v1"
     )
+    key = parse_config(GOOD, "c.yaml", {"OPENAI_API_KEY": "sk-${HOME}"}).backends["openai"].keys[0]
+    assert key.value == "sk-${HOME}"  # a value from the environment is never expanded again
+    nested = GOOD.replace('"${OPENAI_API_KEY}"', '"${OPENAI_API_KEY:-${OPENAI_KEY_FILE_VALUE}}"')
+    assert parse_config(nested, "c.yaml", {}).backends["openai"].keys[0].env_vars == (
+        "OPENAI_API_KEY",
+        "OPENAI_KEY_FILE_VALUE",
+    )
     bad = GOOD.replace("https://api.openai.com/v1", "${A:-http://x/v1")
     assert problems(bad) == [
         "c.yaml:3: backends.openai.base_url: malformed reference in '${A:-http://x/v1': "
