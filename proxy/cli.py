@@ -30,17 +30,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_OK
+    if args.command == "schema":
+        from proxy.schema import print_schema
+
+        return print_schema(sys.stdout, markdown=args.markdown)
     try:
         config = load_config(args.config)
-    except ConfigError as exc:
+    except ConfigError as exc:  # every problem of the file, one per line
         if args.command == "check" and args.json:
-            error = {"file": exc.file, "place": exc.place, "message": exc.message}
-            print(json.dumps({"valid": False, "error": error}))
+            errors = [p._asdict() for p in exc.problems]
+            print(json.dumps({"valid": False, "error": errors[0], "errors": errors}))
         elif args.command == "serve" and _log_format(args) == "json":
             _configure_logging(_log_config(args.log_level, "json"))
-            log.error("error: %s", exc)
+            for problem in exc.problems:
+                log.error("error: %s", problem)
         else:
-            print(f"error: {exc}", file=sys.stderr)
+            print("\n".join(f"error: {p}" for p in exc.problems), file=sys.stderr)
         return EXIT_INVALID_CONFIG
     if args.command == "check":
         return check(config, args)
@@ -158,6 +163,9 @@ def _parser() -> argparse.ArgumentParser:
         "--online", action="store_true", help="try every key and model id against the backends"
     )
     check.add_argument("--json", action="store_true", help="machine-readable output")
+
+    schema = commands.add_parser("schema", help="print the config file's JSON Schema")
+    schema.add_argument("--markdown", action="store_true", help="the reference table instead")
     return parser
 
 

@@ -1,44 +1,237 @@
-"""YAML file → ``${ENV}`` interpolation → validation → frozen dataclasses.
+"""The config file's one definition: YAML → ``${ENV}`` → validation → frozen dataclasses.
 
-The config file is the single source of truth: no provider or model list lives in code.
-Every problem is reported as ``ConfigError(file, place, message)``, e.g.
-``config.yaml: routes[2].backend: unknown backend 'opena' (known: moonshot, openai)``.
+The dataclasses below declare the file's shape (types, units, defaults, limits, a line of
+description per field); validation, ``config.schema.json`` and the reference table (``proxy
+schema [--markdown]``) come from them. pydantic validates at start-up and reload only: the
+rest of the proxy reads plain frozen dataclasses. Every problem of a file is reported at
+once as ``file:line: place: message``, e.g. ``config.yaml:23: routes[2].backend: unknown
+backend 'opena' (known: moonshot, openai)``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import ipaddress
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cache, partial
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, NamedTuple, get_args
 from urllib.parse import urlsplit
 
 import limits
-import yaml
+import pydantic
+from annotated_types import Ge, Gt, Le, MinLen
+from pydantic import AfterValidator, BeforeValidator, Field
+from pydantic.json_schema import SkipJsonSchema
 
+from proxy.config_yaml import MAX_CHARS, Document, Env, Path, YamlRefused, read_yaml
 from proxy.rewrite import NO_RULES, RewriteRules
 
 
+class Problem(NamedTuple):
+    file: str
+    line: int | None
+    place: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return ": ".join(part for part in (where, self.place, self.message) if part)
+
+
 class ConfigError(Exception):
-    def __init__(self, file: str, place: str, message: str) -> None:
-        self.file = file
-        self.place = place
-        self.message = message
-        where = f"{file}: {place}" if place else file
-        super().__init__(f"{where}: {message}")
+    """Every problem of a file; ``file``, ``line``, ``place`` and ``message`` are the first's."""
+
+    def __init__(self, file: str, place: str, message: str, line: int | None = None) -> None:
+        self.problems: tuple[Problem, ...] = (Problem(file, line, place, message),)
+        self.file, self.line, self.place, self.message = file, line, place, message
+        super().__init__(str(self.problems[0]))
+
+    def __str__(self) -> str:
+        return "\n".join(map(str, self.problems))
+
+
+def _text(value: Any) -> Any:
+    """Numbers are text where text is expected (a key id `1`); an ``Env`` becomes a plain str."""
+    plain = isinstance(value, int | float | Env) and not isinstance(value, bool)
+    return str(value) if plain else value
+
+
+def _check(test: Callable[[Any], object], message: str) -> AfterValidator:
+    """Refuse a value ``test`` is false for (or raises ValueError); ``message`` may show it."""
+
+    def check(value: Any) -> Any:
+        try:
+            ok = test(value)
+        except ValueError:
+            ok = False
+        if not ok:
+            raise ValueError(message.format(value))
+        return value
+
+    return AfterValidator(check)
+
+
+def _units(pattern: str, units: dict[str, float], kind: str, schema: dict[str, Any]) -> Any:
+    """``5m``, ``10MiB``: a number with a unit; the pattern goes into the JSON Schema too."""
+
+    def parse(value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError(f"expected {kind}, got a boolean")
+        if not isinstance(value, str):
+            return value
+        if not (match := re.match(pattern, value)):
+            raise ValueError(f"expected {kind}, got {value!r}")
+        number = float(match[1]) * units[(match[2] or "").lower()]
+        return int(number) if number.is_integer() else number
+
+    text = {"type": "string", "pattern": pattern}
+    return (BeforeValidator(parse), pydantic.WithJsonSchema({"anyOf": [schema, text]}))
+
+
+_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
+_SIZE = r"^\s*(\d+)\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "": 1}
+_BYTES = {"": 1, "b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR/LF split a header line; tab may stay
+_NO_CONTROL = _check(lambda v: not _CONTROL.search(v), "must not contain control characters")
+_DURATION_TEXT = "seconds or a duration like '500ms', '5m'"
+
+Text = Annotated[str, BeforeValidator(_text), MinLen(1)]
+AnyText = Annotated[str, BeforeValidator(_text)]
+Secret = Annotated[str, BeforeValidator(_text), AfterValidator(str.strip), _NO_CONTROL]
+Bool = Annotated[bool, pydantic.Strict()]
+Whole = Annotated[int, pydantic.Strict(), Ge(1)]
+Number = Annotated[float, pydantic.Strict()]
+Seconds = Annotated[
+    float, *_units(_DURATION, _SECONDS, _DURATION_TEXT, {"type": "number", "minimum": 0})
+]
+Positive = Annotated[Seconds, Gt(0)]
+Size = Annotated[
+    int,
+    *_units(_SIZE, _BYTES, "a size like '10MiB'", {"type": "integer", "exclusiveMinimum": 0}),
+    pydantic.Strict(),
+    Gt(0),
+]
+Port = Annotated[
+    int,
+    BeforeValidator(lambda v: int(v) if isinstance(v, str) and v.isdigit() else v),  # ${PORT}
+    pydantic.Strict(),
+    Ge(1),
+    Le(65535),
+    pydantic.WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535}),
+]
+Rate = Annotated[Text, _check(limits.parse_many, "expected a rate like '600/minute', got {!r}")]
+
+
+def _base_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or _CONTROL.search(url):
+        raise ValueError(f"bad URL {url!r}: expected http(s)://host[:port]/path")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("no user:password@ in a URL: put credentials under keys or headers")
+    if parts.query or parts.fragment:
+        raise ValueError(f"bad URL {url!r}: no query or fragment allowed")
+    return url.rstrip("/")
+
+
+_network = partial(ipaddress.ip_network, strict=False)
+Network = Annotated[Text, _check(_network, "not an IP address or CIDR: {!r}")]
+ForwardPath = Annotated[
+    Text,
+    _check(lambda p: p.startswith("/") and ".." not in p and "%" not in p, "bad path {!r}"),
+    AfterValidator(lambda p: p.rstrip("/")),
+]
+_STORES = ("memory://", "redis://", "rediss://")
+Storage = Annotated[
+    Text,
+    _check(lambda u: u.startswith(_STORES), "expected memory:// or redis://host:port, got {!r}"),
+]
+Bounds = Annotated[
+    tuple[Number, Number], _check(lambda pair: pair[0] <= pair[1], "low must not be above high")
+]
+_FROZEN = AfterValidator(MappingProxyType)
+_NONE = partial(MappingProxyType, {})  # an empty mapping nobody can change
+
+
+def _plain(value: Any) -> Any:
+    """Values as orjson takes them: no ``Env`` (a str subclass) left anywhere inside."""
+    if isinstance(value, list | dict):
+        items = value.items() if isinstance(value, dict) else enumerate(value)
+        plain = {k: _plain(v) for k, v in items}
+        return plain if isinstance(value, dict) else list(plain.values())
+    return str(value) if isinstance(value, Env) else value
+
+
+_Plain = Annotated[Any, BeforeValidator(_plain)]
+SetField = Annotated[str, _check(lambda k: k != "model", "the model is set by routing")]
+
+
+def doc(text: str) -> Any:
+    """A field's one-line description: into the JSON Schema and the reference table."""
+    return Field(description=text)
+
+
+_RESERVED = ("authorization", "host", "content-length")  # the proxy sets these itself
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]+")  # RFC 9110 token: no space, colon, CR or LF
+HeaderName = Annotated[
+    str,
+    AfterValidator(lambda name: name.strip().lower()),
+    _check(lambda header: header not in _RESERVED, "is set by the proxy itself"),
+    _check(_TOKEN.fullmatch, "not a valid header name (letters, digits and -)"),
+]
+Headers = Annotated[Mapping[HeaderName, Annotated[AnyText, _NO_CONTROL]], _FROZEN]
 
 
 @dataclass(frozen=True)
-class KeyConfig:
-    id: str
-    value: str = field(repr=False)  # the secret: never printed, logged or returned
-    env_vars: tuple[str, ...] = ()  # the variables the value was read from, for "set X" hints
+class _Section:
+    """What every section shares: unknown fields and nan/inf refused, nulls are defaults."""
+
+    __pydantic_config__ = pydantic.ConfigDict(
+        extra="forbid", allow_inf_nan=False, populate_by_name=True
+    )
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _prepare(cls, data: Any) -> Any:
+        """``key:`` with nothing after it means the default; ``env_vars`` are never read."""
+        if not isinstance(data, dict):
+            return data
+        data = {k: v for k, v in data.items() if v is not None}
+        if "env_vars" in cls.__dataclass_fields__:  # where the key came from, for hints
+            data["env_vars"] = getattr(data.get("key"), "names", ())
+        return data
+
+
+@dataclass(frozen=True)
+class _RewriteSpec(_Section):
+    rename: Annotated[dict[str, Text], doc("field: new name")] = field(default_factory=dict)
+    clamp: Annotated[dict[str, Bounds], doc("field: [low, high]")] = field(default_factory=dict)
+    drop: Annotated[tuple[Text, ...], doc("fields removed from the body")] = ()
+    set: Annotated[dict[SetField, _Plain], doc("field: value sent")] = field(default_factory=dict)
+
+    def rules(self) -> RewriteRules:
+        clamp = tuple((name, low, high) for name, (low, high) in self.clamp.items())
+        return RewriteRules(tuple(self.rename.items()), clamp, self.drop, tuple(self.set.items()))
+
+
+if TYPE_CHECKING:  # what the rest of the proxy sees; the file holds a _RewriteSpec
+    Rewrite = RewriteRules
+else:
+    Rewrite = Annotated[_RewriteSpec, AfterValidator(_RewriteSpec.rules)]
+
+
+@dataclass(frozen=True)
+class KeyConfig(_Section):
+    id: Annotated[Text, doc("the key's name in logs, metrics and route pins")]
+    value: Annotated[Secret, Field(alias="key", description="the secret; empty: missing")] = field(
+        default="", repr=False
+    )
+    env_vars: SkipJsonSchema[tuple[str, ...]] = ()  # the variables the value was read from
 
     @property
     def present(self) -> bool:
@@ -50,11 +243,11 @@ class KeyConfig:
 
 
 @dataclass(frozen=True)
-class Timeouts:
-    connect: float = 5.0
-    read: float = 600.0  # the default for both of the next two
-    first_byte: float | None = None  # request sent → response head; None: `read`
-    idle: float | None = None  # longest silent gap inside a response; None: `read`
+class Timeouts(_Section):
+    connect: Annotated[Positive, doc("seconds to open the connection")] = 5.0
+    read: Annotated[Positive, doc("the default for first_byte and idle")] = 600.0
+    first_byte: Annotated[Positive | None, doc("request sent -> response head")] = None
+    idle: Annotated[Positive | None, doc("longest silent gap inside a response")] = None
 
     @property
     def first_byte_seconds(self) -> float:
@@ -66,76 +259,79 @@ class Timeouts:
 
 
 @dataclass(frozen=True)
-class BreakerConfig:
-    failures: int = 5  # consecutive connect errors / 5xx / timeouts that open the circuit
-    min_open: float = 1.0  # the first open period; doubles while the backend keeps failing
-    max_open: float = 60.0
+class BreakerConfig(_Section):
+    failures: Annotated[Whole, doc("consecutive failures that open the circuit")] = 5
+    min_open: Annotated[Positive, doc("the first open period; doubles while failing")] = 1.0
+    max_open: Annotated[Positive, doc("the longest open period")] = 60.0
 
 
 @dataclass(frozen=True)
-class BackendConfig:
-    name: str
-    base_url: str  # without a trailing slash
-    keys: tuple[KeyConfig, ...]
-    models: tuple[str, ...] = ()
-    timeout: Timeouts = Timeouts()
-    headers: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
-    rate_limit: str | None = None  # outbound limit, e.g. "500/minute" (the limits library)
-    breaker: BreakerConfig = BreakerConfig()
-    key_probe_interval: float = 300.0  # how often an invalid key is tried again
-    request_rewrite: RewriteRules = NO_RULES  # the provider's quirks, as data
-    no_retry_errors: frozenset[str] = frozenset()  # upstream error types/codes never worth a retry
-    discover_models: bool = False  # list the backend's own /models in GET /v1/models
-    discover_interval: float = 600.0
-    max_cooldown: float = 300.0  # cap on a key's cooldown, whatever retry-after the upstream sends
+class BackendConfig(_Section):
+    name: SkipJsonSchema[str]  # its key under `backends:`
+    base_url: Annotated[Text, AfterValidator(_base_url), doc("http(s)://host[:port]/path")]
+    keys: Annotated[tuple[KeyConfig, ...], doc("upstream keys, used in turn")] = ()
+    models: Annotated[tuple[Text, ...], doc("model ids served (routed as they are)")] = ()
+    timeout: Annotated[Timeouts, doc("upstream timeouts")] = Timeouts()
+    headers: Annotated[Headers, doc("extra headers sent upstream")] = field(default_factory=_NONE)
+    rate_limit: Annotated[Rate | None, doc("outbound limit, e.g. 500/minute")] = None
+    breaker: Annotated[BreakerConfig, doc("circuit breaker")] = BreakerConfig()
+    key_probe_interval: Annotated[Positive, doc("how often an invalid key is retried")] = 300.0
+    request_rewrite: Annotated[Rewrite, doc("the provider's quirks, as data")] = NO_RULES
+    no_retry_errors: Annotated[frozenset[Text], doc("error types never retried")] = frozenset()
+    discover_models: Annotated[Bool, doc("list the backend's own /models too")] = False
+    discover_interval: Annotated[Positive, doc("seconds between /models refreshes")] = 600.0
+    max_cooldown: Annotated[Positive, doc("cap on a key's cooldown (retry-after)")] = 300.0
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
 
 
 @dataclass(frozen=True)
-class FallbackConfig:
-    backend: str
-    model: str | None = None  # the id to send there; None: the same upstream id
+class FallbackConfig(_Section):
+    backend: Annotated[Text, doc("the backend tried next")]
+    model: Annotated[Text | None, doc("the id sent there; default: the same id")] = None
 
 
 @dataclass(frozen=True)
-class RouteConfig:
-    prefix: str
-    backend: str
-    strip_prefix: bool = False
-    key: str | None = None  # pin one key id of the backend
-    fallback: tuple[FallbackConfig, ...] = ()  # tried in order when the backend fails first
-    request_rewrite: RewriteRules = NO_RULES  # applied after the backend's own rules
+class RouteConfig(_Section):
+    prefix: Annotated[AnyText, doc('model ids starting with this ("" matches all)')]
+    backend: Annotated[Text, doc("the backend that serves them")]
+    strip_prefix: Annotated[Bool, doc("send the id without the prefix")] = False
+    key: Annotated[Text | None, doc("pin one key id of the backend")] = None
+    fallback: Annotated[tuple[FallbackConfig, ...], doc("tried in order on failure")] = ()
+    request_rewrite: Annotated[Rewrite, doc("applied after the backend's rules")] = NO_RULES
 
 
 @dataclass(frozen=True)
-class ClientConfig:
-    id: str
-    key: str = field(repr=False)
-    env_vars: tuple[str, ...] = ()
-    rate_limit: str | None = None  # e.g. "600/minute"
-    models: tuple[str, ...] = ()  # glob patterns; empty: every model
+class ClientConfig(_Section):
+    id: Annotated[Text, doc("the client's name in logs and metrics")]
+    key: Annotated[Secret, doc('its Bearer key, e.g. "${TEAM_A_KEY}"')] = field(repr=False)
+    env_vars: SkipJsonSchema[tuple[str, ...]] = ()
+    rate_limit: Annotated[Rate | None, doc("e.g. 600/minute")] = None
+    models: Annotated[tuple[Text, ...], doc("glob patterns allowed; empty: every model")] = ()
 
 
 @dataclass(frozen=True)
-class ReconnectConfig:
-    enabled: bool = True
-    base: float = 1.0
-    max: float = 60.0
-    after: int = 3  # failures in a row (client, model) before the first wait: SDK retries pass
-    min_failure_ratio: float = 0.5  # ...and only while most recent requests fail
+class ReconnectConfig(_Section):
+    enabled: Annotated[Bool, doc("slow down clients whose requests keep failing")] = True
+    base: Annotated[Positive, doc("the first wait")] = 1.0
+    max: Annotated[Positive, doc("the longest wait")] = 60.0
+    after: Annotated[Whole, doc("failures in a row (client, model) before a wait")] = 3
+    min_failure_ratio: Annotated[Number, Ge(0), Le(1), doc("...while this share fails")] = 0.5
 
 
-RATE_LIMIT_STRATEGIES = ("moving-window", "sliding-window-counter", "fixed-window")
+Strategy = Literal["moving-window", "sliding-window-counter", "fixed-window"]
+RATE_LIMIT_STRATEGIES: tuple[str, ...] = get_args(Strategy)
 
 
 @dataclass(frozen=True)
-class ThrottleConfig:
-    reconnect: ReconnectConfig = ReconnectConfig()
+class ThrottleConfig(_Section):
+    reconnect: Annotated[ReconnectConfig, doc("reconnect backoff")] = ReconnectConfig()
     # moving-window is exact but keeps one entry per request in the window (in memory, each
     # request costs O(limit)); sliding-window-counter is O(1): better for limits in thousands.
-    rate_limit_strategy: str = "moving-window"
+    rate_limit_strategy: Annotated[
+        Strategy, BeforeValidator(_text), doc("how rates are counted")
+    ] = "moving-window"
 
 
 # The OpenAI inference endpoints that take a JSON body with a model: only these are
@@ -152,34 +348,38 @@ DEFAULT_FORWARD_PATHS = (
 
 
 @dataclass(frozen=True)
-class ServerConfig:
-    host: str = "127.0.0.1"
-    port: int = 8080
-    routing_headers: bool = True  # x-proxy-backend / x-proxy-key / x-proxy-model on responses
-    max_body_size: int = 10 * 1024 * 1024
-    trusted_proxies: tuple[str, ...] = ()  # addresses/CIDRs whose X-Forwarded-For is believed
-    admin_key: str = field(default="", repr=False)  # Bearer for /admin/status; empty: no admin
-    config_poll_interval: float = 1.0  # seconds between checks of the file; 0: SIGHUP only
-    admin_port: int | None = None  # /metrics and /admin/* on their own listener; None: main port
-    max_header_size: int = 64 * 1024  # request line + headers; 431 beyond
-    header_timeout: float = 10.0  # connection open (or previous response) -> headers in; 408
-    body_timeout: float = 60.0  # headers in -> whole body in; 408
-    max_connections: int = 2048  # open client connections; beyond, only /health and /ready
-    max_response_size: int = 64 * 1024 * 1024  # non-streamed upstream bodies; 502 beyond
-    forward_paths: tuple[str, ...] = DEFAULT_FORWARD_PATHS  # POST paths after /v1 forwarded
+class ServerConfig(_Section):
+    host: Annotated[Text, doc("listen address")] = "127.0.0.1"
+    port: Annotated[Port, doc("listen port")] = 8080
+    routing_headers: Annotated[Bool, doc("x-proxy-backend/-key/-model on responses")] = True
+    max_body_size: Annotated[Size, doc("request bodies; 413 beyond")] = 10 * 2**20
+    trusted_proxies: Annotated[tuple[Network, ...], doc("whose X-Forwarded-For counts")] = ()
+    admin_key: Annotated[Secret, doc("Bearer for /admin/*")] = field(default="", repr=False)
+    config_poll_interval: Annotated[Seconds, doc("file checks; 0: SIGHUP only")] = 1.0
+    admin_port: Annotated[Port | None, doc("/metrics and /admin/* on their own port")] = None
+    max_header_size: Annotated[Size, doc("request line + headers; 431 beyond")] = 64 * 2**10
+    header_timeout: Annotated[Positive, doc("connection open -> headers in; 408")] = 10.0
+    body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
+    max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
+    max_response_size: Annotated[Size, doc("non-streamed bodies; 502 beyond")] = 64 * 2**20
+    forward_paths: Annotated[tuple[ForwardPath, ...], doc("POST paths after /v1 forwarded")] = (
+        DEFAULT_FORWARD_PATHS
+    )
 
 
 @dataclass(frozen=True)
-class Config:
-    path: str
-    server: ServerConfig
-    backends: Mapping[str, BackendConfig]
-    aliases: Mapping[str, str]
-    routes: tuple[RouteConfig, ...]
-    clients: tuple[ClientConfig, ...] = ()
-    throttle: ThrottleConfig = ThrottleConfig()
-    storage: str = "memory://"  # or redis://host:port: shared by replicas
-    digest: str = ""  # sha256 of the file's text, to tell which version is in force
+class Config(_Section):
+    path: SkipJsonSchema[str]  # these two come from the caller, not the file
+    backends: Annotated[Mapping[str, BackendConfig], MinLen(1), _FROZEN, doc("providers by name")]
+    server: Annotated[ServerConfig, doc("the listener")] = ServerConfig()
+    aliases: Annotated[Mapping[str, Text], _FROZEN, doc("alias: model id")] = field(
+        default_factory=_NONE
+    )
+    routes: Annotated[tuple[RouteConfig, ...], doc("first match wins")] = ()
+    clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
+    throttle: Annotated[ThrottleConfig, doc("backoff and rate counting")] = ThrottleConfig()
+    storage: Annotated[Storage, doc("memory:// or redis://host:port (shared)")] = "memory://"
+    digest: SkipJsonSchema[str] = ""  # sha256 of the file's text: which version is in force
 
 
 def fingerprint(secret: str) -> str:
@@ -192,538 +392,233 @@ def fingerprint(secret: str) -> str:
     return f"{head}…{secret[-4:]}"
 
 
-# ---------------------------------------------------------------- loading
-
-
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:
-    """Read, interpolate and validate ``path``; raise ``ConfigError`` on any problem."""
+    """Read, interpolate and validate ``path``; raise ``ConfigError`` with every problem."""
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
+        with open(path, "rb") as f:
+            data = f.read(MAX_CHARS + 1)  # never more than read_yaml accepts
+        if len(data) > MAX_CHARS:
+            raise ConfigError(path, "", f"file too large: over {MAX_CHARS // 1024} KiB")
+        text = data.decode("utf-8-sig")
     except OSError as exc:
         raise ConfigError(path, "", f"cannot read file: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        line = data.count(b"\n", 0, exc.start) + 1
+        message = f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start}"
+        raise ConfigError(path, "", message, line) from None
     return parse_config(text, path, os.environ if environ is None else environ)
 
 
 def parse_config(text: str, path: str, environ: Mapping[str, str]) -> Config:
     try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        place = f"line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(path, place, f"invalid YAML: {problem}") from None
-    config = _Validator(path, environ).config(raw if raw is not None else {})
-    return dataclasses.replace(config, digest=hashlib.sha256(text.encode()).hexdigest())
+        doc = read_yaml(text, environ)
+    except YamlRefused as exc:
+        raise ConfigError(path, "", exc.message, exc.line) from None
+    problems = [*doc.problems, *((doc.line_of(p), p, m) for p, m in _cross_checks(doc.data))]
+    config = None
+    try:
+        config = _adapter().validate_python(_named(doc.data, path, text))
+    except pydantic.ValidationError as exc:  # not again where the reader found a problem
+        more = (_problem(error, doc) for error in exc.errors(include_url=False))
+        problems += [p for p in more if p[1] not in {place for _, place, _ in doc.problems}]
+    if config is not None and not problems:
+        problems += [(doc.line_of(p), p, m) for p, m in _built_checks(config)]
+    if config is None or problems:
+        problems.sort(key=lambda p: (p[0] or 0, _place(p[1])))
+        error = ConfigError(path, "", "")
+        error.problems = tuple(Problem(path, ln, _place(p), _redact(m)) for ln, p, m in problems)
+        _, error.line, error.place, error.message = error.problems[0]
+        raise error
+    return config
 
 
-_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
-_SIZE = re.compile(r"^\s*(\d+)\s*(b|kb|kib|mb|mib|gb|gib)?\s*$", re.IGNORECASE)
-_SIZE_UNITS = {
-    "b": 1,
-    "kb": 1000,
-    "kib": 1024,
-    "mb": 1000**2,
-    "mib": 1024**2,
-    "gb": 1000**3,
-    "gib": 1024**3,
+def _named(data: Any, path: str, text: str) -> Any:
+    """Each backend learns its name, the config its file and digest: none of them is written."""
+    if not isinstance(data, dict):
+        return data
+    named = {**data, "path": path, "digest": hashlib.sha256(text.encode()).hexdigest()}
+    if isinstance(backends := data.get("backends"), dict):
+        named["backends"] = {
+            k: {**v, "name": k} if isinstance(v, dict) else v for k, v in backends.items()
+        }
+    return named
+
+
+@cache
+def _adapter() -> pydantic.TypeAdapter[Config]:
+    return pydantic.TypeAdapter(Config)
+
+
+@cache
+def json_schema() -> dict[str, Any]:
+    """The JSON Schema of the file (for editors: yaml-language-server). Do not modify it."""
+    schema = _tidy(_adapter().json_schema())
+    head = {"$schema": "https://json-schema.org/draft/2020-12/schema", "title": "llm-proxy config"}
+    return {**head, **schema}
+
+
+def _tidy(node: Any) -> Any:
+    """Without pydantic's generated titles and whole-section defaults: noise in an editor."""
+    if isinstance(node, dict) and "$ref" in node:
+        node = {k: v for k, v in node.items() if k != "default"}
+    if isinstance(node, dict):
+        return {k: _tidy(v) for k, v in node.items() if k != "title"}
+    return [_tidy(n) for n in node] if isinstance(node, list) else node
+
+
+def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
+    """What one field cannot know: references between sections, duplicates, alias cycles."""
+    top = _dict(raw)
+    backends = _dict(top.get("backends"))
+    key_ids: dict[str, list[str]] = {}
+    for name, backend in backends.items():
+        ids = [_scalar(_dict(k).get("id")) or "" for k in _list(_dict(backend).get("keys"))]
+        for i, key_id in enumerate(ids):
+            if key_id and key_id in ids[:i]:
+                yield ("backends", name, "keys", i, "id"), f"duplicate key id '{key_id}'"
+        key_ids[name] = ids
+    known = ", ".join(backends) or "none"
+    for i, route in enumerate(map(_dict, _list(top.get("routes")))):
+        backend, key = _scalar(route.get("backend")), _scalar(route.get("key"))
+        if backend is not None and backend not in backends:
+            yield ("routes", i, "backend"), f"unknown backend '{backend}' (known: {known})"
+        elif key is not None and backend is not None and key not in key_ids[backend]:
+            have = ", ".join(dict.fromkeys(key_ids[backend])) or "none"
+            message = f"unknown key id '{key}' for backend '{backend}' (known: {have})"
+            yield ("routes", i, "key"), message
+        for j, step in enumerate(_list(route.get("fallback"))):
+            if (other := _scalar(_dict(step).get("backend"))) is not None and other not in backends:
+                message = f"unknown backend '{other}' (known: {known})"
+                yield ("routes", i, "fallback", j, "backend"), message
+    seen: dict[str | None, int] = {}
+    for i, client in enumerate(map(_dict, _list(top.get("clients")))):
+        for what in ("id", "key"):
+            value = _scalar(client.get(what))
+            value = value.strip() if what == "key" and value else value
+            if value and seen.setdefault(f"{what}:{value}", i) != i:
+                shown = f"client id '{value}'" if what == "id" else "key"  # a key is never shown
+                message = f"duplicate {shown}: the same as clients[{seen[f'{what}:{value}']}]"
+                yield ("clients", i, what), message
+    aliases = {k: str(v) for k, v in _dict(top.get("aliases")).items() if _scalar(v) is not None}
+    for name in aliases:
+        chain = [name]
+        while chain[-1] in aliases and chain[-1] not in chain[:-1]:
+            chain.append(aliases[chain[-1]])
+        if chain[-1] in chain[:-1]:
+            yield ("aliases", name), f"alias cycle: {' -> '.join(chain)}"
+
+
+def _built_checks(config: Config) -> Iterator[tuple[Path, str]]:
+    """Checks of values only known once parsed (durations, routing)."""
+    from proxy.routing import Router  # routing reads the config: imported late
+
+    if config.server.admin_port == config.server.port:
+        yield ("server", "admin_port"), "must differ from server.port"
+    if config.throttle.reconnect.max < config.throttle.reconnect.base:
+        yield ("throttle", "reconnect", "max"), "must not be smaller than base"
+    router = Router(config)
+    for alias, target in config.aliases.items():
+        if router.resolve(alias) is None:
+            message = f"'{target}' routes nowhere: no route matches, no backend lists it"
+            yield ("aliases", alias), message
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _scalar(value: Any) -> str | None:
+    return None if value is None or isinstance(value, bool | dict | list) else str(value)
+
+
+_MESSAGES = {
+    "missing": "is required",
+    "greater_than": "must be greater than {gt}",
+    "greater_than_equal": "must be at least {ge}",
+    "less_than_equal": "must be at most {le}",
+    "too_short": "expected at least {min_length} values",
+    "too_long": "expected at most {max_length} values",
+    "literal_error": "expected one of {expected}",
+    "finite_number": "expected a finite number, got {got}",
 }
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+_EXPECTED = {"string": "a string", "bool": "true or false", "int": "a whole number"}
+_EXPECTED |= {"float": "a number", "dict": "a mapping", "dataclass": "a mapping"}
 
 
-class _Validator:
-    """Walks the raw YAML tree once, building dataclasses and naming the place of every error."""
-
-    def __init__(self, path: str, environ: Mapping[str, str]) -> None:
-        self.path = path
-        self.environ = environ
-
-    def fail(self, place: str, message: str) -> ConfigError:
-        return ConfigError(self.path, place, message)
-
-    # -- generic readers
-
-    def mapping(self, value: Any, place: str, allowed: frozenset[str] | None) -> dict[str, Any]:
-        """``value`` as a dict; with ``allowed``, any other field is an error."""
-        if not isinstance(value, dict):
-            raise self.fail(place or "(top level)", f"expected a mapping, got {_kind(value)}")
-        for name in value if allowed is not None else ():
-            if name not in allowed:
-                known = ", ".join(sorted(allowed))
-                raise self.fail(_join(place, str(name)), f"unknown field (known: {known})")
-        return value
-
-    def string(self, value: Any, place: str, *, allow_empty: bool = False) -> str:
-        if isinstance(value, bool) or not isinstance(value, str | int | float):
-            raise self.fail(place, f"expected a string, got {_kind(value)}")
-        text = self.interpolate(str(value), place)
-        if not text and not allow_empty:
-            raise self.fail(place, "must not be empty")
-        return text
-
-    def boolean(self, value: Any, place: str) -> bool:
-        if not isinstance(value, bool):
-            raise self.fail(place, f"expected true or false, got {_kind(value)}")
-        return value
-
-    def number(self, value: Any, place: str, *, minimum: float = 0.0) -> float:
-        if isinstance(value, str):
-            value = self.interpolate(value, place)
-            match = _DURATION.match(value)
-            if not match:
-                raise self.fail(
-                    place, f"expected seconds or a duration like '500ms', got {value!r}"
-                )
-            value = float(match[1]) * _DURATION_UNITS[match[2] or "s"]
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise self.fail(place, f"expected a number, got {_kind(value)}")
-        if not math.isfinite(value):
-            raise self.fail(place, f"expected a finite number, got {value!r}")
-        if value < minimum:
-            raise self.fail(place, f"must be at least {minimum}")
-        return float(value)
-
-    def size(self, value: Any, place: str) -> int:
-        if isinstance(value, str):
-            match = _SIZE.match(self.interpolate(value, place))
-            if not match:
-                raise self.fail(place, f"expected a size like '10MiB', got {value!r}")
-            value = int(match[1]) * _SIZE_UNITS[(match[2] or "b").lower()]
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise self.fail(place, "expected a positive number of bytes")
-        return value
-
-    def string_list(self, value: Any, place: str) -> tuple[str, ...]:
-        if not isinstance(value, list):
-            raise self.fail(place, f"expected a list, got {_kind(value)}")
-        return tuple(self.string(v, f"{place}[{i}]") for i, v in enumerate(value))
-
-    def interpolate(self, text: str, place: str) -> str:
-        def replace(match: re.Match[str]) -> str:
-            name, default = match[1], match[2]
-            value = self.environ.get(name, "")
-            if value == "" and default is not None:
-                return default
-            return value
-
-        if "${" not in text:
-            return text
-        result = _ENV_REF.sub(replace, text)
-        if "${" in result:
-            raise self.fail(place, f"malformed ${{VAR}} reference in {text!r}")
-        return result
-
-    # -- sections
-
-    def config(self, raw: Any) -> Config:
-        sections = {"server", "backends", "aliases", "routes", "clients", "throttle", "storage"}
-        top = self.mapping(raw, "", frozenset(sections))
-        backends = self.backends(top.get("backends"))
-        aliases = self.aliases(top.get("aliases") or {})
-        routes = tuple(self.routes(top.get("routes") or [], backends))
-        return Config(
-            path=self.path,
-            server=self.server(top.get("server") or {}),
-            backends=MappingProxyType(backends),
-            aliases=MappingProxyType(aliases),
-            routes=routes,
-            clients=self.clients(top.get("clients") or []),
-            throttle=self.throttle(top.get("throttle") or {}),
-            storage=self.storage(top.get("storage", "memory://")),
-        )
-
-    def storage(self, raw: Any) -> str:
-        uri = self.string(raw, "storage")
-        if not uri.startswith(("memory://", "redis://", "rediss://")):
-            raise self.fail("storage", f"expected memory:// or redis://host:port, got {uri!r}")
-        return uri
-
-    def rate_limit(self, raw: Any, place: str) -> str | None:
-        if raw is None:
-            return None
-        text = self.string(raw, place)
-        try:
-            limits.parse_many(text)
-        except ValueError:
-            raise self.fail(place, f"expected a rate like '600/minute', got {text!r}") from None
-        return text
-
-    def clients(self, raw: Any) -> tuple[ClientConfig, ...]:
-        if not isinstance(raw, list):
-            raise self.fail("clients", f"expected a list of clients, got {_kind(raw)}")
-        clients: list[ClientConfig] = []
-        for i, item in enumerate(raw):
-            place = f"clients[{i}]"
-            fields = frozenset({"id", "key", "rate_limit", "models"})
-            entry = self.mapping(item, place, fields)
-            for required in ("id", "key"):
-                if required not in entry:
-                    raise self.fail(f"{place}.{required}", "is required")
-            client_id = self.string(entry["id"], f"{place}.id")
-            if any(c.id == client_id for c in clients):
-                raise self.fail(f"{place}.id", f"duplicate client id '{client_id}'")
-            raw_key = entry["key"]
-            clients.append(
-                ClientConfig(
-                    id=client_id,
-                    key=self.string(raw_key, f"{place}.key", allow_empty=True).strip(),
-                    env_vars=tuple(m[1] for m in _ENV_REF.finditer(str(raw_key))),
-                    rate_limit=self.rate_limit(entry.get("rate_limit"), f"{place}.rate_limit"),
-                    models=self.string_list(entry.get("models", []), f"{place}.models"),
-                )
-            )
-        return tuple(clients)
-
-    def throttle(self, raw: Any) -> ThrottleConfig:
-        section = self.mapping(raw, "throttle", frozenset({"reconnect", "rate_limit_strategy"}))
-        strategy = self.string(
-            section.get("rate_limit_strategy", "moving-window"), "throttle.rate_limit_strategy"
-        )
-        if strategy not in RATE_LIMIT_STRATEGIES:
-            known = ", ".join(RATE_LIMIT_STRATEGIES)
-            raise self.fail("throttle.rate_limit_strategy", f"expected one of {known}")
-        place = "throttle.reconnect"
-        fields = frozenset({"enabled", "base", "max", "after", "min_failure_ratio"})
-        reconnect = self.mapping(section.get("reconnect") or {}, place, fields)
-        defaults = ReconnectConfig()
-        after = reconnect.get("after", defaults.after)
-        if isinstance(after, bool) or not isinstance(after, int) or after < 1:
-            raise self.fail(f"{place}.after", "expected a whole number of at least 1")
-        ratio = self.number(
-            reconnect.get("min_failure_ratio", defaults.min_failure_ratio),
-            f"{place}.min_failure_ratio",
-        )
-        if ratio > 1:
-            raise self.fail(f"{place}.min_failure_ratio", "expected a number from 0 to 1")
-        result = ReconnectConfig(
-            enabled=self.boolean(reconnect.get("enabled", True), f"{place}.enabled"),
-            base=self.positive(reconnect.get("base", defaults.base), f"{place}.base"),
-            max=self.positive(reconnect.get("max", defaults.max), f"{place}.max"),
-            after=after,
-            min_failure_ratio=ratio,
-        )
-        if result.max < result.base:
-            raise self.fail(f"{place}.max", "must not be smaller than base")
-        return ThrottleConfig(reconnect=result, rate_limit_strategy=strategy)
-
-    def server(self, raw: Any) -> ServerConfig:
-        fields = frozenset(
-            {"host", "port", "routing_headers", "max_body_size", "trusted_proxies", "admin_key"}
-            | {"config_poll_interval", "admin_port", "max_header_size", "header_timeout"}
-            | {"body_timeout", "max_connections", "max_response_size", "forward_paths"}
-        )
-        section = self.mapping(raw, "server", fields)
-        defaults = ServerConfig()
-        port = self.port(section.get("port", defaults.port), "server.port")
-        admin_port = section.get("admin_port")
-        if admin_port is not None:
-            admin_port = self.port(admin_port, "server.admin_port")
-            if admin_port == port:
-                raise self.fail("server.admin_port", "must differ from server.port")
-        max_connections = section.get("max_connections", defaults.max_connections)
-        if (
-            isinstance(max_connections, bool)
-            or not isinstance(max_connections, int)
-            or max_connections < 1
-        ):
-            raise self.fail("server.max_connections", "expected a whole number of at least 1")
-        forward_paths = self.string_list(
-            section.get("forward_paths", list(defaults.forward_paths)), "server.forward_paths"
-        )
-        for i, path in enumerate(forward_paths):
-            if not path.startswith("/") or ".." in path or "%" in path:
-                raise self.fail(
-                    f"server.forward_paths[{i}]",
-                    f"expected a path like '/chat/completions', got {path!r}",
-                )
-        return ServerConfig(
-            host=self.string(section.get("host", defaults.host), "server.host"),
-            port=port,
-            admin_port=admin_port,
-            max_header_size=self.size(
-                section.get("max_header_size", defaults.max_header_size), "server.max_header_size"
-            ),
-            header_timeout=self.positive(
-                section.get("header_timeout", defaults.header_timeout), "server.header_timeout"
-            ),
-            body_timeout=self.positive(
-                section.get("body_timeout", defaults.body_timeout), "server.body_timeout"
-            ),
-            max_connections=max_connections,
-            max_response_size=self.size(
-                section.get("max_response_size", defaults.max_response_size),
-                "server.max_response_size",
-            ),
-            forward_paths=tuple(p.rstrip("/") for p in forward_paths),
-            routing_headers=self.boolean(
-                section.get("routing_headers", True), "server.routing_headers"
-            ),
-            max_body_size=self.size(
-                section.get("max_body_size", defaults.max_body_size), "server.max_body_size"
-            ),
-            trusted_proxies=self.networks(
-                section.get("trusted_proxies", []), "server.trusted_proxies"
-            ),
-            admin_key=self.string(
-                section.get("admin_key", ""), "server.admin_key", allow_empty=True
-            ).strip(),
-            config_poll_interval=self.number(
-                section.get("config_poll_interval", 1.0), "server.config_poll_interval"
-            ),
-        )
-
-    def port(self, raw: Any, place: str) -> int:
-        if isinstance(raw, str):
-            raw = self.interpolate(raw, place)
-            raw = int(raw) if raw.isdigit() else raw
-        if isinstance(raw, bool) or not isinstance(raw, int) or not 0 < raw < 65536:
-            raise self.fail(place, f"expected a port number 1-65535, got {raw!r}")
-        return raw
-
-    def networks(self, raw: Any, place: str) -> tuple[str, ...]:
-        entries = self.string_list(raw, place)
-        for i, entry in enumerate(entries):
-            try:
-                ipaddress.ip_network(entry, strict=False)
-            except ValueError:
-                raise self.fail(f"{place}[{i}]", f"not an IP address or CIDR: {entry!r}") from None
-        return entries
-
-    def backends(self, raw: Any) -> dict[str, BackendConfig]:
-        if raw is None:
-            raise self.fail("backends", "at least one backend is required")
-        if not isinstance(raw, dict) or not raw:
-            raise self.fail("backends", "expected a mapping of backend names to settings")
-        return {str(name): self.backend(str(name), value) for name, value in raw.items()}
-
-    def backend(self, name: str, raw: Any) -> BackendConfig:
-        place = f"backends.{name}"
-        fields = frozenset(
-            {"base_url", "keys", "models", "timeout", "headers", "rate_limit", "breaker"}
-            | {"key_probe_interval", "request_rewrite", "no_retry_errors"}
-            | {"discover_models", "discover_interval", "max_cooldown"}
-        )
-        section = self.mapping(raw, place, fields)
-        if "base_url" not in section:
-            raise self.fail(f"{place}.base_url", "is required")
-        return BackendConfig(
-            name=name,
-            base_url=self.base_url(section["base_url"], f"{place}.base_url"),
-            keys=self.keys(section.get("keys", []), f"{place}.keys"),
-            models=self.string_list(section.get("models", []), f"{place}.models"),
-            timeout=self.timeouts(section.get("timeout") or {}, f"{place}.timeout"),
-            headers=MappingProxyType(
-                self.headers(section.get("headers") or {}, f"{place}.headers")
-            ),
-            rate_limit=self.rate_limit(section.get("rate_limit"), f"{place}.rate_limit"),
-            breaker=self.breaker(section.get("breaker") or {}, f"{place}.breaker"),
-            key_probe_interval=self.positive(
-                section.get("key_probe_interval", 300.0), f"{place}.key_probe_interval"
-            ),
-            request_rewrite=self.rewrite(
-                section.get("request_rewrite"), f"{place}.request_rewrite"
-            ),
-            no_retry_errors=frozenset(
-                self.string_list(section.get("no_retry_errors", []), f"{place}.no_retry_errors")
-            ),
-            discover_models=self.boolean(
-                section.get("discover_models", False), f"{place}.discover_models"
-            ),
-            discover_interval=self.positive(
-                section.get("discover_interval", 600.0), f"{place}.discover_interval"
-            ),
-            max_cooldown=self.positive(section.get("max_cooldown", 300.0), f"{place}.max_cooldown"),
-        )
-
-    def rewrite(self, raw: Any, place: str) -> RewriteRules:
-        if raw is None:
-            return NO_RULES
-        section = self.mapping(raw, place, frozenset({"rename", "clamp", "drop", "set"}))
-        rename = self.mapping(section.get("rename") or {}, f"{place}.rename", None)
-        clamp = self.mapping(section.get("clamp") or {}, f"{place}.clamp", None)
-        bounds = []
-        for name, pair in clamp.items():
-            where = f"{place}.clamp.{name}"
-            if not isinstance(pair, list) or len(pair) != 2:
-                raise self.fail(where, "expected [low, high]")
-            low, high = (self.number(v, where, minimum=float("-inf")) for v in pair)
-            if low > high:
-                raise self.fail(where, "low must not be above high")
-            bounds.append((str(name), low, high))
-        values = self.mapping(section.get("set") or {}, f"{place}.set", None)
-        for name in values:
-            if name == "model":
-                raise self.fail(f"{place}.set.model", "the model is set by routing")
-        return RewriteRules(
-            rename=tuple(
-                (str(a), self.string(b, f"{place}.rename.{a}")) for a, b in rename.items()
-            ),
-            clamp=tuple(bounds),
-            drop=self.string_list(section.get("drop", []), f"{place}.drop"),
-            set=tuple((str(k), v) for k, v in values.items()),
-        )
-
-    def breaker(self, raw: Any, place: str) -> BreakerConfig:
-        section = self.mapping(raw, place, frozenset({"failures", "min_open", "max_open"}))
-        defaults = BreakerConfig()
-        failures = section.get("failures", defaults.failures)
-        if isinstance(failures, bool) or not isinstance(failures, int) or failures < 1:
-            raise self.fail(f"{place}.failures", "expected a whole number of at least 1")
-        return BreakerConfig(
-            failures=failures,
-            min_open=self.positive(section.get("min_open", defaults.min_open), f"{place}.min_open"),
-            max_open=self.positive(section.get("max_open", defaults.max_open), f"{place}.max_open"),
-        )
-
-    def base_url(self, raw: Any, place: str) -> str:
-        url = self.string(raw, place, allow_empty=True)
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise self.fail(place, f"bad URL {url!r}: expected http(s)://host[:port]/path")
-        if parts.query or parts.fragment:
-            raise self.fail(place, f"bad URL {url!r}: no query or fragment allowed")
-        return url.rstrip("/")
-
-    def keys(self, raw: Any, place: str) -> tuple[KeyConfig, ...]:
-        if not isinstance(raw, list):
-            raise self.fail(place, f"expected a list of {{id, key}}, got {_kind(raw)}")
-        keys: list[KeyConfig] = []
-        seen: set[str] = set()
-        for i, item in enumerate(raw):
-            item_place = f"{place}[{i}]"
-            entry = self.mapping(item, item_place, frozenset({"id", "key"}))
-            if "id" not in entry:
-                raise self.fail(f"{item_place}.id", "is required")
-            key_id = self.string(entry["id"], f"{item_place}.id")
-            if key_id in seen:
-                raise self.fail(f"{item_place}.id", f"duplicate key id '{key_id}'")
-            seen.add(key_id)
-            raw_value = entry.get("key", "")
-            env_vars = tuple(m[1] for m in _ENV_REF.finditer(str(raw_value)))
-            # An empty key is "missing" (reported at start-up, 503 on use), not an error.
-            value = self.string(raw_value, f"{item_place}.key", allow_empty=True).strip()
-            keys.append(KeyConfig(id=key_id, value=value, env_vars=env_vars))
-        return tuple(keys)
-
-    def timeouts(self, raw: Any, place: str) -> Timeouts:
-        section = self.mapping(raw, place, frozenset({"connect", "read", "first_byte", "idle"}))
-        defaults = Timeouts()
-        optional = {
-            name: self.positive(section[name], f"{place}.{name}")
-            for name in ("first_byte", "idle")
-            if section.get(name) is not None
-        }
-        return Timeouts(
-            connect=self.positive(section.get("connect", defaults.connect), f"{place}.connect"),
-            read=self.positive(section.get("read", defaults.read), f"{place}.read"),
-            **optional,
-        )
-
-    def positive(self, raw: Any, place: str) -> float:
-        value = self.number(raw, place)
-        if value <= 0:
-            raise self.fail(place, "must be greater than 0")
-        return value
-
-    def headers(self, raw: Any, place: str) -> dict[str, str]:
-        if not isinstance(raw, dict):
-            raise self.fail(
-                place, f"expected a mapping of header names to values, got {_kind(raw)}"
-            )
-        result = {}
-        for name, value in raw.items():
-            header = str(name).strip().lower()
-            if header in ("authorization", "host", "content-length"):
-                raise self.fail(_join(place, str(name)), "is set by the proxy itself")
-            result[header] = self.string(value, _join(place, str(name)), allow_empty=True)
-        return result
-
-    def aliases(self, raw: Any) -> dict[str, str]:
-        if not isinstance(raw, dict):
-            raise self.fail("aliases", f"expected a mapping of alias to model id, got {_kind(raw)}")
-        aliases = {
-            str(name): self.string(target, _join("aliases", str(name)))
-            for name, target in raw.items()
-        }
-        for name in aliases:
-            chain = [name]
-            while chain[-1] in aliases:
-                chain.append(aliases[chain[-1]])
-                if chain[-1] in chain[:-1]:
-                    cycle = " -> ".join(chain)
-                    raise self.fail(_join("aliases", name), f"alias cycle: {cycle}")
-        return aliases
-
-    def routes(self, raw: Any, backends: Mapping[str, BackendConfig]) -> list[RouteConfig]:
-        if not isinstance(raw, list):
-            raise self.fail("routes", f"expected a list of routes, got {_kind(raw)}")
-        routes = []
-        for i, item in enumerate(raw):
-            place = f"routes[{i}]"
-            fields = frozenset(
-                {"prefix", "backend", "strip_prefix", "key", "fallback", "request_rewrite"}
-            )
-            entry = self.mapping(item, place, fields)
-            for required in ("prefix", "backend"):
-                if required not in entry:
-                    raise self.fail(f"{place}.{required}", "is required")
-            backend = self.string(entry["backend"], f"{place}.backend")
-            if backend not in backends:
-                known = ", ".join(backends)
-                raise self.fail(f"{place}.backend", f"unknown backend '{backend}' (known: {known})")
-            key = entry.get("key")
-            if key is not None:
-                key = self.string(key, f"{place}.key")
-                if backends[backend].key(key) is None:
-                    known = ", ".join(k.id for k in backends[backend].keys) or "none"
-                    message = f"unknown key id '{key}' for backend '{backend}' (known: {known})"
-                    raise self.fail(f"{place}.key", message)
-            routes.append(
-                RouteConfig(
-                    prefix=self.string(entry["prefix"], f"{place}.prefix", allow_empty=True),
-                    backend=backend,
-                    strip_prefix=self.boolean(
-                        entry.get("strip_prefix", False), f"{place}.strip_prefix"
-                    ),
-                    key=key,
-                    fallback=self.fallbacks(
-                        entry.get("fallback", []), f"{place}.fallback", backends
-                    ),
-                    request_rewrite=self.rewrite(
-                        entry.get("request_rewrite"), f"{place}.request_rewrite"
-                    ),
-                )
-            )
-        return routes
-
-    def fallbacks(
-        self, raw: Any, place: str, backends: Mapping[str, BackendConfig]
-    ) -> tuple[FallbackConfig, ...]:
-        if not isinstance(raw, list):
-            raise self.fail(place, f"expected a list of {{backend, model}}, got {_kind(raw)}")
-        result = []
-        for i, item in enumerate(raw):
-            entry = self.mapping(item, f"{place}[{i}]", frozenset({"backend", "model"}))
-            if "backend" not in entry:
-                raise self.fail(f"{place}[{i}].backend", "is required")
-            backend = self.string(entry["backend"], f"{place}[{i}].backend")
-            if backend not in backends:
-                known = ", ".join(backends)
-                message = f"unknown backend '{backend}' (known: {known})"
-                raise self.fail(f"{place}[{i}].backend", message)
-            model = entry.get("model")
-            model = self.string(model, f"{place}[{i}].model") if model is not None else None
-            result.append(FallbackConfig(backend=backend, model=model))
-        return tuple(result)
+def _problem(error: Any, doc: Document) -> tuple[int | None, Path, str]:
+    kind, ctx = error["type"], error.get("ctx") or {}
+    place, value = _locate(error["loc"], doc.data, kind == "missing")
+    if kind == "value_error":
+        message = str(ctx["error"])
+    elif kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        message = _unknown_field(place)
+    elif kind.endswith("_type") or kind.endswith("_parsing"):
+        what = _EXPECTED.get(kind.rsplit("_", 1)[0], "a list")
+        message = f"expected {what}, got {_kind(value)}"
+    elif kind in ("too_short", "string_too_short") and ctx.get("min_length") == 1:
+        message = "must not be empty"
+    else:
+        message = _MESSAGES.get(kind, error["msg"]).format(got=_kind(value), **ctx)
+    if isinstance(value, Env):  # show what the file says, never the environment's value
+        if (shown := repr(str(value))) in message:
+            message = message.replace(shown, repr(value.raw))
+        elif value:
+            message = message.replace(value, value.raw)
+        message += f" ({' and '.join(value.unset)} not set)" if value.unset else ""
+    return doc.line_of(place), place, message
 
 
-def _join(place: str, name: str) -> str:
-    return f"{place}.{name}" if place else name
+def _locate(loc: tuple[Any, ...], data: Any, missing: bool) -> tuple[Path, Any]:
+    """The place in the file of a pydantic ``loc`` (which also names union members)."""
+    place: list[str | int] = []
+    for i, part in enumerate(loc):
+        if part in (data if isinstance(data, dict) else range(len(_list(data)))):
+            data = data[part]
+        elif missing and i == len(loc) - 1:
+            data = None
+        else:
+            continue
+        place.append(part)
+    return tuple(place), data
+
+
+def _unknown_field(place: Path) -> str:
+    node, schema = json_schema(), json_schema()
+    for part in (*place[:-1], None):
+        while "$ref" in node or "anyOf" in node:
+            node = schema["$defs"][node["$ref"][8:]] if "$ref" in node else node["anyOf"][0]
+        if part is not None:
+            key = "items" if isinstance(part, int) else "additionalProperties"
+            node = node.get("properties", {}).get(part) or node.get(key) or {}
+    known = sorted(node.get("properties", {}))
+    import difflib  # only ever needed for a broken file
+
+    name = str(place[-1])
+    guess = difflib.get_close_matches(name, known, n=1) or [k for k in known if name in k][:1]
+    hint = f", did you mean '{guess[0]}'?" if guess else ""
+    return f"unknown field{hint} (known: {', '.join(known)})"
+
+
+def _place(place: Path) -> str:
+    text = ""
+    for part in place:
+        text += f"[{part}]" if isinstance(part, int) else f".{part}" if text else str(part)
+    return text
+
+
+def _redact(message: str) -> str:
+    """No password of a URL in a message: ``user:***@``, ``password=***``."""
+    message = re.sub(r"(//[^/\s:@]*:)[^@\s/]*@", r"\1***@", message)
+    return re.sub(r"(password=)[^&\s'\"]*", r"\1***", message)
 
 
 def _kind(value: Any) -> str:
-    names: dict[type, str] = {dict: "a mapping", list: "a list", bool: "a boolean"}
-    if value is None:
-        return "nothing"
-    return names.get(type(value), f"{type(value).__name__} {value!r}")
+    names = {type(None): "nothing", dict: "a mapping", list: "a list", bool: "a boolean"}
+    if isinstance(value, Env) or type(value) in names:
+        return repr(value.raw) if isinstance(value, Env) else names[type(value)]
+    finite = not isinstance(value, float) or math.isfinite(value)
+    return f"{type(value).__name__} {value!r}" if finite else str(value)

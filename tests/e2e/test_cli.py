@@ -51,7 +51,7 @@ def test_check_of_an_invalid_file_exits_2_with_file_place_and_reason(tmp_path):
     result = run("check", "--config", str(bad))
     assert result.returncode == 2
     assert result.stderr.strip() == (
-        f"error: {bad}: routes[0].backend: unknown backend 'b' (known: a)"
+        f"error: {bad}:4: routes[0].backend: unknown backend 'b' (known: a)"
     )
     assert "Traceback" not in result.stderr
 
