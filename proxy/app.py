@@ -113,12 +113,15 @@ class ProxyApp:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
-        """Ready when the config is loaded and at least one backend can serve."""
+        """Ready when the config is loaded and at least one backend can serve: a usable key,
+        a closed circuit, and seen answering since it was configured."""
         runtime = self.runtime
         serving = [
             name
             for name, pool in runtime.pools.items()
-            if pool.usable() and not runtime.breakers[name].is_open
+            if pool.usable()
+            and not runtime.breakers[name].is_open
+            and name not in runtime.unverified
         ]
         status = 200 if serving else 503
         return JSONResponse({"ready": bool(serving), "backends": serving}, status_code=status)

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 from proxy import metrics
 from proxy.breaker import PROBE_TIMEOUT, Breaker
+from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
@@ -43,12 +44,18 @@ class Runtime:
     loaded_at: float = field(default_factory=time.time)
     in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
     discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
+    # Backends not yet seen answering (new ones, at start or after a reload): /ready does
+    # not count them until their first GET /models comes back (a dummy key for a local
+    # server that is not running must not make the proxy look ready).
+    unverified: set[str] = field(default_factory=set)
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
         for name, backend in self.config.backends.items():
+            if name in self.unverified:
+                self._tasks.append(asyncio.create_task(self._verify(name)))
             self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
             self._tasks.append(asyncio.create_task(self._probe_breaker(name)))
             if backend.discover_models:
@@ -136,6 +143,29 @@ class Runtime:
                 breaker.success()
             else:
                 breaker.failure()
+
+    async def _verify(self, backend: str) -> None:
+        """Once, at start: does the backend answer, and does it take the key? An unreachable
+        or failing backend has its circuit opened (the circuit probe then watches it); a
+        refused key is taken out. Either way the backend is verified: /ready may count it."""
+        pool, upstream = self.pools[backend], self.upstreams[backend]
+        try:
+            usable = pool.usable()
+            if not usable:
+                return  # nothing to verify with: not ready anyway, and a set key reloads
+            key = usable[0]
+            status, _ = await upstream.list_models(key.value)
+            verdict = classify(status) if isinstance(status, int) else Verdict.BACKEND_FAILED
+            if verdict is Verdict.BACKEND_FAILED:
+                breaker = self.breakers[backend]
+                breaker.force_open(breaker.config.min_open)
+                log.warning("backend %s: not answering at start (%s)", backend, status)
+            elif verdict is Verdict.KEY_REFUSED:
+                pool.mark_invalid(key.id, f"{status} from upstream on GET /models at start")
+        except Exception:
+            log.exception("backend %s: start-up check failed", backend)
+        finally:
+            self.unverified.discard(backend)
 
     async def _discover(self, backend: str) -> None:
         """At start and every ``discover_interval``: the backend's own model list."""
@@ -225,6 +255,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
+    unverified: set[str] = set()
     for name, backend in config.backends.items():
         before = old.backends.get(name) if old is not None else None
         if previous is not None and before is not None:
@@ -236,9 +267,9 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
                 breakers[name].probe_timeout = _probe_timeout(backend)
         upstreams.setdefault(name, Upstream(backend))
-        breakers.setdefault(
-            name, Breaker(name, backend.breaker, probe_timeout=_probe_timeout(backend))
-        )
+        if name not in breakers:  # a new backend, or a new URL: seen answering from scratch
+            breakers[name] = Breaker(name, backend.breaker, probe_timeout=_probe_timeout(backend))
+            unverified.add(name)
     discovered = {
         name: ids
         for name, ids in (previous.discovered.items() if previous is not None else ())
@@ -254,6 +285,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         breakers=breakers,
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
+        unverified=unverified,
     )
 
 

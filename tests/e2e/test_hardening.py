@@ -312,3 +312,40 @@ def test_posting_to_the_model_list_is_an_openai_shaped_405(proxy, upstream, path
     assert answer.headers["allow"] == "GET, HEAD"
     assert answer.json()["error"]["code"] == "method_not_allowed"
     assert upstream.requests() == []
+
+
+def test_ready_counts_only_backends_seen_answering(upstream, tmp_path):
+    dead_port = socket.socket()
+    dead_port.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    text = f"""
+backends:
+  local:   # a dummy key for a local server that is not running
+    base_url: http://127.0.0.1:{dead_port.getsockname()[1]}/v1
+    keys: [{{id: local, key: ollama}}]
+  mock:
+    base_url: {upstream.url}/v1
+    keys: [{{id: bad, key: "sk-refused-0000000000000"}}]
+routes: [{{prefix: "", backend: local}}]
+"""
+    upstream.configure(invalid_keys=["sk-refused-0000000000000"])
+    proxy = start_proxy(text, tmp_path)
+    try:
+        time.sleep(1.0)  # the start-up checks have answered by now
+        ready = httpx.get(proxy.url + "/ready")
+        assert ready.status_code == 503
+        assert ready.json() == {"ready": False, "backends": []}
+        assert "backend local: not answering at start" in proxy.log()
+        assert "key bad taken out of rotation" in proxy.log()  # refused at start, not later
+    finally:
+        proxy.stop()
+        dead_port.close()
+    good = text.replace('key: "sk-refused-0000000000000"', f'key: "{KEY_A}"')
+    proxy = start_proxy(good, tmp_path)
+    try:
+        deadline = time.monotonic() + 3
+        while httpx.get(proxy.url + "/ready").status_code != 200:
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.05)
+        assert httpx.get(proxy.url + "/ready").json() == {"ready": True, "backends": ["mock"]}
+    finally:
+        proxy.stop()
