@@ -136,7 +136,7 @@ class Breaker:
         gone, key cooling down, backend limit, 4xx): the next request may probe."""
         self._probe_deadline = 0.0
 
-    def force_open(self, seconds: float) -> None:
+    def force_open(self, seconds: float, why: str = "(opened by another replica)") -> None:
         """Another replica opened this backend's circuit: stay away here too.
 
         The value comes from shared storage: a non-finite or negative one is ignored, a
@@ -148,7 +148,7 @@ class Breaker:
         until = self._clock() + seconds
         if self.state is OPEN and self.open_until >= until:
             return
-        self._open(seconds, "(opened by another replica)")
+        self._open(seconds, why)
 
     def _open(self, seconds: float, why: str) -> None:
         self._opened = True

@@ -158,7 +158,7 @@ class Runtime:
             verdict = classify(status) if isinstance(status, int) else Verdict.BACKEND_FAILED
             if verdict is Verdict.BACKEND_FAILED:
                 breaker = self.breakers[backend]
-                breaker.force_open(breaker.config.min_open)
+                breaker.force_open(breaker.config.min_open, "(not answering at start)")
                 log.warning("backend %s: not answering at start (%s)", backend, status)
             elif verdict is Verdict.KEY_REFUSED:
                 pool.mark_invalid(key.id, f"{status} from upstream on GET /models at start")
