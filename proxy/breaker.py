@@ -6,7 +6,10 @@ closed ──(N failures in a row)──▶ open ──(cooldown over: by time a
    └─────────────────────────(probe succeeds)─────────────────────────────────┘
 
 Failures are connect errors, timeouts and 5xx; the cooldown doubles from ``min_open`` to
-``max_open`` while the backend keeps failing and resets when a probe succeeds.
+``max_open`` while the backend keeps failing and resets when a probe succeeds. A streak
+whose failures all come from one client, while another client succeeded in the last
+``SOLO_WINDOW`` seconds, does not open the circuit: one client's failing requests must not
+shut a backend for everybody (its own reconnect throttle slows it down instead).
 
 Every state leaves by time alone: ``open`` lasts at most ``max_open``; in ``half_open`` one
 probe at a time is let through, and a probe whose outcome is never reported (its client
@@ -29,6 +32,7 @@ from proxy.config import BreakerConfig
 log = logging.getLogger("proxy.breaker")
 
 PROBE_TIMEOUT = 60.0  # the default (and the cap) for a probe that never reports back
+SOLO_WINDOW = 10.0  # another client's success this recent makes a one-client streak its own
 
 
 class BreakerState(StrEnum):
@@ -57,6 +61,8 @@ class Breaker:
         self._probe_deadline = 0.0  # clock time an unreported probe frees its slot; 0: none
         self._config = config
         self.open_for = config.min_open
+        self._streak_clients: set[str] = set()  # who failed in the current streak (<= 2)
+        self._recent_successes: dict[str, float] = {}  # client -> clock time (<= 2 entries)
 
     # ------------------------------------------------------------ configuration
 
@@ -113,23 +119,50 @@ class Breaker:
         self._probe_deadline = now + self.probe_timeout
         return 0.0
 
-    def success(self) -> None:
+    def success(self, client: str | None = None) -> None:
         if self._opened:
             log.warning("backend %s: circuit closed again (probe succeeded)", self.backend)
             self._opened = False
             self.open_for = self._config.min_open
             self._probe_deadline = 0.0
         self.failures = 0
+        self._streak_clients.clear()
+        if client is not None:
+            self._note_success(client)
 
-    def failure(self) -> None:
+    def failure(self, client: str | None = None) -> None:
         self.failures += 1
+        if client is not None and len(self._streak_clients) < 2:  # one, or "several"
+            self._streak_clients.add(client)
         state = self.state
         if state is HALF_OPEN:
             self.open_for = min(self.open_for * 2, self._config.max_open)
             self._open(self.open_for, "after a failed probe")
         elif state is CLOSED and self.failures >= self._config.failures:
+            if self._one_clients_problem():
+                return
             self.open_for = self._config.min_open
             self._open(self.open_for, f"after {self.failures} failures in a row")
+
+    def _note_success(self, client: str) -> None:
+        """Remember the last two clients that succeeded, and when (bounded: two entries)."""
+        self._recent_successes[client] = self._clock()
+        if len(self._recent_successes) > 2:
+            oldest = min(self._recent_successes, key=self._recent_successes.__getitem__)
+            del self._recent_successes[oldest]
+
+    def _one_clients_problem(self) -> bool:
+        """Every failure of the streak came from one client while another client succeeded
+        within ``SOLO_WINDOW``: that client's requests fail (a poisoned body, say), the
+        backend does not, and the circuit stays closed for everybody else."""
+        if len(self._streak_clients) != 1:
+            return False
+        (only,) = self._streak_clients
+        now = self._clock()
+        return any(
+            client != only and now - at <= SOLO_WINDOW
+            for client, at in self._recent_successes.items()
+        )
 
     def release(self) -> None:
         """The attempt holding the probe slot ended with no verdict on the backend (client

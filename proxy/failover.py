@@ -126,11 +126,12 @@ async def _try_backend(
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
         # the breaker hears an outcome, so a half-open probe slot is never left taken.
         if attempt.verdict is Verdict.BACKEND_FAILED:
-            breaker.failure()
+            breaker.failure(record.client)
         elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
             breaker.release()
         else:
-            breaker.success()  # the backend answered: up, whatever it thought of the request
+            # The backend answered: up, whatever it thought of the request.
+            breaker.success(record.client)
 
 
 class _Attempt:

@@ -38,8 +38,14 @@ class MockUpstream:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def requests(self) -> list[dict[str, Any]]:
-        return httpx.get(f"{self.url}/_mock/requests").json()
+    def requests(self, probes: bool = False) -> list[dict[str, Any]]:
+        """What the mock received; without ``probes``, the proxy's own ``GET .../models``
+        (start-up checks, key and circuit probes, discovery) are left out: they are never
+        a client's request, and they come whenever their timers say."""
+        received: list[dict[str, Any]] = httpx.get(f"{self.url}/_mock/requests").json()
+        if probes:
+            return received
+        return [r for r in received if not (r["method"] == "GET" and r["path"].endswith("/models"))]
 
     def aborted(self) -> int:
         """How many timed answers the mock could not finish because its client went away."""

@@ -61,7 +61,7 @@ def test_ready_recovers_with_no_client_traffic(proxy, upstream):
     while time.monotonic() < deadline and httpx.get(f"{proxy.url}/ready").status_code != 200:
         time.sleep(0.1)
     assert httpx.get(f"{proxy.url}/ready").json() == {"ready": True, "backends": ["mock"]}
-    probes = [r for r in upstream.requests() if r["method"] == "GET"]
+    probes = [r for r in upstream.requests(probes=True) if r["method"] == "GET"]
     assert [r["path"] for r in probes] == ["/v1/models"]
     assert probes[0]["key"] == KEY
     assert circuit_gauge(proxy, "mock") == 0

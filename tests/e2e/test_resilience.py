@@ -219,6 +219,18 @@ def test_circuit_opens_after_n_failures_and_half_opens_after_the_cooldown(proxy,
     assert "circuit open for 1 s after 3 failures" in proxy.log()
 
 
+def test_one_clients_failing_requests_do_not_open_the_circuit_for_another(proxy, upstream):
+    assert post(proxy, {"model": "storm-ok"}, key=CLIENT_B).status_code == 200
+    # team-a's requests make the upstream fail (a poisoned body, say), again and again:
+    # more than the 5 failures in a row that open the mock backend's circuit.
+    for i in range(8):
+        failed = post(proxy, {"model": f"kimi-{i}", "mock": {"status": 500}})
+        assert failed.status_code == 500
+    for i in range(2):  # team-b (3/minute) is still served: the circuit stayed closed
+        assert post(proxy, {"model": f"storm-{i}"}, key=CLIENT_B).status_code == 200
+    assert "backend mock: circuit open" not in proxy.log()
+
+
 def test_backend_outbound_rate_limit_is_answered_by_the_proxy(proxy, upstream):
     statuses = [post(proxy, {"model": f"limited-{i}"}).status_code for i in range(5)]
     assert statuses == [200, 200, 200, 429, 429]

@@ -132,3 +132,33 @@ def test_reconfigure_applies_new_bounds_to_the_state_held():
     assert b.open_seconds() == 1.0 and b.open_for == 1.0
     clock.now += 1.0
     assert b.admit() == 0
+
+
+def test_one_clients_failing_requests_do_not_open_the_circuit_for_others() -> None:
+    now = [0.0]
+    breaker = Breaker("b", BreakerConfig(failures=3, min_open=1, max_open=4), lambda: now[0])
+    breaker.success("good-client")
+    for _ in range(10):  # a flood of requests that fail upstream, all from one client
+        now[0] += 0.1
+        breaker.failure("bad-client")
+    assert breaker.state == "closed"
+    assert breaker.admit() == 0.0
+
+
+def test_a_one_client_streak_opens_it_when_nobody_else_succeeded_lately() -> None:
+    now = [0.0]
+    breaker = Breaker("b", BreakerConfig(failures=3, min_open=1, max_open=4), lambda: now[0])
+    breaker.success("other")
+    now[0] = 11.0  # the other client's success is older than the window
+    for _ in range(3):
+        breaker.failure("only-client")
+    assert breaker.state == "open"
+
+
+def test_failures_from_two_clients_open_it_whoever_succeeded() -> None:
+    now = [0.0]
+    breaker = Breaker("b", BreakerConfig(failures=3, min_open=1, max_open=4), lambda: now[0])
+    breaker.success("third")
+    for client in ("a", "b", "a"):
+        breaker.failure(client)
+    assert breaker.state == "open"
