@@ -372,7 +372,7 @@ class Gen:
                 "status_line": 4,
             }
         )
-        plan = getattr(self, f"plan_{kind}")(stream)
+        plan: dict[str, Any] = getattr(self, f"plan_{kind}")(stream)
         plan["kind"] = kind
         return plan
 
@@ -670,6 +670,7 @@ class Gen:
             read=read,
             plan_status=_plan_status(plan),
             plan_kind=plan.get("kind") if plan else None,
+            plan_broken=plan is not None and plan.get("after") in ("abort", "hang"),
         )
 
     def headers(self, body: bytes) -> list[list[str]]:
@@ -894,6 +895,7 @@ class Case:
     read: str = "all"  # all | head_then_close | first_chunk_then_close
     plan_status: int | None = None  # the upstream's status, when passing it through is right
     plan_kind: str | None = None
+    plan_broken: bool = False  # the upstream's answer ends in a cut or a silence
     started: float = 0.0
 
     def head_bytes(self) -> bytes:
@@ -1189,8 +1191,8 @@ def check_case(case: Case, result: Result, in_config_window: bool) -> list[tuple
                     f"{path} plan {case.plan_kind}: last event {tail[:80]!r}",
                 )
             )
-        finished = b"response.completed" in tail or b"error" in tail
-        if path == "/v1/responses" and case.plan_kind is not None and not finished:
+        # A Responses stream has no [DONE]: only a cut or a silence must end in an error event.
+        if path == "/v1/responses" and case.plan_broken and b"error" not in tail:
             problems.append(
                 (
                     "stream ended silently",

@@ -34,7 +34,8 @@ def test_short_fuzz_run_breaks_no_invariant(tmp_path):
 def _case(**kwargs) -> Case:
     body = kwargs.pop("body", '{"model": "h-a"}')
     headers = [["Host", "x"], ["Content-Length", str(len(body))]]
-    return Case(method="POST", target="/v1/chat/completions", headers=headers, body=body, **kwargs)
+    target = kwargs.pop("target", "/v1/chat/completions")
+    return Case(method="POST", target=target, headers=headers, body=body, **kwargs)
 
 
 def _error(status: int, code: str = "x") -> Result:
@@ -89,6 +90,10 @@ def test_hangs_and_silent_streams_are_breaks_but_slow_clients_may_be_closed():
     assert "stream ended silently" in _invariants(_case(plan_kind="stream_cut"), silent)
     assert _invariants(_case(plan_kind="stream_cut"), errored) == set()
     assert _invariants(_case(plan_kind="ok"), done) == set()
+    responses = {"target": "/v1/responses", "plan_kind": "stream_cut"}
+    cut = Result(200, sse, b"event: response.created\ndata: {}\n\n", True)
+    assert "stream ended silently" in _invariants(_case(plan_broken=True, **responses), cut)
+    assert _invariants(_case(plan_broken=False, **responses), cut) == set()
 
 
 def test_a_closed_connection_is_a_break_only_for_a_well_formed_request():
