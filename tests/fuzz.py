@@ -71,7 +71,6 @@ HOSTILE = ROOT / "tests" / "hostile_upstream.py"
 SECRETS_ENV = {
     "FUZZ_UPSTREAM_KEY_A": "sk-fuzzUPSTREAM-a1b2c3d4e5f6g7h8",
     "FUZZ_UPSTREAM_KEY_B": "sk-fuzz+UP/stream=b9c8d7e6f5e4",
-    "FUZZ_UPSTREAM_KEY_C": "sk-fuzzCALM-0a9b8c7d6e5f4a3b",
     "FUZZ_CLIENT_KEY": "sk-fuzzCLIENT-4d3c2b1a0f9e8d7c",
     "FUZZ_CLIENT_KEY_2": "sk-fuzzLIMITED-77aa88bb99cc00dd",
     "FUZZ_ADMIN_KEY": "fuzz-ADMIN-5e6f7a8b9c0d1e2f3a4b",
@@ -96,7 +95,8 @@ MAX_READ = 4 * 1024 * 1024
 
 
 def fuzz_config(upstream_url: str, generation: int) -> str:
-    """The good config: a hostile backend (two keys), a calm one, short timeouts, an admin key."""
+    """The good config: one backend (two keys) on the hostile upstream, short timeouts, an
+    admin key. One backend only, so /ready says whether *it* recovered."""
     return f"""# fuzz config, generation {generation}
 server:
   routing_headers: true
@@ -122,15 +122,11 @@ backends:
     breaker: {{failures: 5, min_open: 0.5, max_open: 2}}
     key_probe_interval: 1
     max_cooldown: 3
-  calm:
-    base_url: {upstream_url}/calm/v1
-    keys: [{{id: calm-main, key: "${{FUZZ_UPSTREAM_KEY_C}}"}}]
-    timeout: {{connect: 1, first_byte: 3, idle: 2}}
 aliases:
   fz-alias: h-aliased
 routes:
   - {{prefix: "h-", backend: hostile}}
-  - {{prefix: "calm-", backend: calm}}
+  - {{prefix: "calm-", backend: hostile}}
 """
 
 
@@ -218,9 +214,10 @@ CHAT_JSON = orjson.dumps(
 class Gen:
     """Every random choice of a run, from one seeded generator."""
 
-    def __init__(self, seed: int) -> None:
+    def __init__(self, seed: int, sent_strings: set[str] | None = None) -> None:
         self.rng = random.Random(seed)
-        self.sent_strings: set[str] = set()  # model ids sent: never a metrics label value
+        # Model ids sent (shared by all generators of a run): never a metrics label value.
+        self.sent_strings: set[str] = set() if sent_strings is None else sent_strings
 
     def pick(self, weighted: dict[str, float]) -> str:
         return self.rng.choices(list(weighted), weights=list(weighted.values()))[0]
@@ -670,7 +667,7 @@ class Gen:
             read=read,
             plan_status=_plan_status(plan),
             plan_kind=plan.get("kind") if plan else None,
-            plan_broken=plan is not None and plan.get("after") in ("abort", "hang"),
+            plan_broken=_plan_broken(plan),
         )
 
     def headers(self, body: bytes) -> list[list[str]]:
@@ -795,6 +792,9 @@ class Gen:
             targets = [i for i, line in enumerate(lines) if re.search(r":\s*\S", line)]
             i = rng.choice(targets)
             line = lines[i]
+            if "id:" in line or "prefix:" in line:
+                # A secret written into a name is the operator publishing it, not a leak.
+                values = [v for v in values if "${FUZZ" not in v]
             if "{" in line and rng.random() < 0.5:  # inside a flow mapping
                 lines[i] = re.sub(r"(:\s*)([^,}\]]+)", r"\g<1>" + rng.choice(values), line, count=1)
             else:
@@ -869,6 +869,15 @@ class Gen:
             )
             return kind, (good + f"\nstorage: '{uri}'\n").encode()
         return kind, (good + "\n# " + "c" * (2 * 1024 * 1024) + "\n").encode()  # big
+
+
+def _plan_broken(plan: dict[str, Any] | None) -> bool:
+    """The upstream's answer visibly breaks off: a silence, or a cut inside a framed body
+    (a cut of a close-delimited body looks like its end, to anyone)."""
+    if plan is None:
+        return False
+    after = plan.get("after", "end")
+    return after == "hang" or (after == "abort" and plan.get("framing", "length") != "close")
 
 
 def _plan_status(plan: dict[str, Any] | None) -> int | None:
@@ -1027,8 +1036,14 @@ async def send_case(port: int, case: Case, timeout: float | None = None) -> Resu
             reader.feed(data)
 
     pumping = asyncio.ensure_future(pump())
+    write_error = None
     try:
-        await asyncio.wait_for(_write(w, case, reader), timeout)
+        try:
+            await asyncio.wait_for(_write(w, case, reader), timeout)
+        except (OSError, ConnectionError) as exc:
+            # The server hung up before taking the whole request (e.g. an early 413): its
+            # answer may still be in flight, or lost with the reset.
+            write_error = f"reset while sending: {type(exc).__name__}"
         if case.send == "partial_close":
             return Result(complete=True, seconds=time.monotonic() - started)
         wanted = {"all": reader.done, "head_then_close": reader.head_done}.get(case.read)
@@ -1061,6 +1076,8 @@ async def send_case(port: int, case: Case, timeout: float | None = None) -> Resu
         with contextlib.suppress(Exception):
             await asyncio.wait_for(w.wait_closed(), 1)
     reader.result.seconds = time.monotonic() - started
+    if reader.result.status is None and write_error is not None:
+        reader.result.error = write_error
     if reader.done.is_set() and reader.result.status is None and reader.result.error is None:
         reader.result.error = "connection closed without a response"
     return reader.result
@@ -1147,7 +1164,8 @@ def check_case(case: Case, result: Result, in_config_window: bool) -> list[tuple
             )
         return problems
     left = case.read != "all" or case.send == "partial_close"
-    if result.error and not left and status is None and well_formed(case):
+    reset_early = (result.error or "").startswith("reset while sending")
+    if result.error and not left and status is None and well_formed(case) and not reset_early:
         problems.append(("no response", f"{result.error} (plan {case.plan_kind})"))
         return problems
     if status is None:
@@ -1283,9 +1301,10 @@ def check_log(text: str, log_format: str) -> list[tuple[str, str, str]]:
         if "Traceback (most recent call last)" in line:
             # One break per traceback, named by its last line (the exception).
             j = i
-            while j < len(lines) and not _is_event_start(lines[j], log_format):
+            while j < len(lines) and not _is_event_start(lines[j], "any"):
                 j += 1
-            last = next((x for x in reversed(lines[i:j]) if x.strip()), line)
+            last = next((x for x in reversed(lines[i:j]) if x.strip()), None)
+            last = last or _exception_of_json_line(line)
             problems.append(("traceback in log", _log_signature(last, 60), last.strip()[:300]))
             i = j
             continue
@@ -1303,13 +1322,26 @@ def check_log(text: str, log_format: str) -> list[tuple[str, str, str]]:
     return problems
 
 
+def _exception_of_json_line(line: str) -> str:
+    """The exception (last line of the traceback) inside a JSON log line."""
+    try:
+        doc = json.loads(line)
+    except ValueError:
+        doc = None
+    text = str(doc.get("exception") or line) if isinstance(doc, dict) else line
+    return next((x for x in reversed(text.split("\n")) if x.strip()), line)
+
+
 def _is_event_start(line: str, log_format: str) -> bool:
-    if log_format == "json":
-        try:
-            return isinstance(json.loads(line), dict)
-        except ValueError:
-            return False
-    return bool(_LINE_START.match(line))
+    """A line that begins an event: a JSON object (json), a timestamp (text), either (any)."""
+    if log_format != "json" and _LINE_START.match(line):
+        return True
+    if log_format == "text" or not line.startswith("{"):
+        return False
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
 
 
 def _log_signature(line: str, length: int = 40) -> str:
@@ -1341,6 +1373,8 @@ class Report:
     rss_start_mb: float = 0.0
     rss_end_mb: float = 0.0
     max_series: int = 0
+    breaker_open_seen: int = 0  # scrapes that saw the breaker not closed
+    storm_took_ready: bool = False  # the final storm made /ready 503: its recovery is tested
     breaks: dict[tuple[str, str], Break] = field(default_factory=dict)
 
     def add(
@@ -1381,7 +1415,9 @@ class Report:
             f"  statuses: {dict(sorted(self.statuses.items()))}",
             f"  upstream plans: {dict(sorted(self.plan_kinds.items()))}",
             f"  proxy RSS {self.rss_start_mb:.1f} MB after warm-up, "
-            f"{self.rss_end_mb:.1f} MB at the end; /metrics series at most {self.max_series}",
+            f"{self.rss_end_mb:.1f} MB at the end; /metrics series at most {self.max_series}; "
+            f"breaker seen not closed in {self.breaker_open_seen} scrapes; /ready 503 after the "
+            f"final storm: {self.storm_took_ready}",
             f"  invariant breaks: {len(self.breaks)}",
         ]
         for b in sorted(self.breaks.values(), key=lambda b: (b.invariant, b.signature)):
@@ -1435,7 +1471,13 @@ class Fuzz:
         self.rss_bound_mb = rss_bound_mb
         self.config_every = config_every
         self.check_every = check_every
-        self.gen = Gen(seed)
+        # One generator per stream of choices, so each stream replays alike for one seed
+        # whatever the timing: worker i, the probes' answers, reloaded files, checked files.
+        self.sent_strings: set[str] = set()
+        self.gens = [Gen(seed * 1000 + i, self.sent_strings) for i in range(concurrency)]
+        self.probe_gen = Gen(seed * 1000 + 997)
+        self.reload_gen = Gen(seed * 1000 + 998)
+        self.check_gen = Gen(seed * 1000 + 999)
         self.report = Report()
         self.windows: list[tuple[float, float]] = []  # hostile config possibly in force
         self.window_open: float | None = None
@@ -1496,10 +1538,10 @@ class Fuzz:
 
     # ------------------------------------------------------------ tasks
 
-    async def worker(self, deadline: float) -> None:
+    async def worker(self, gen: Gen, deadline: float) -> None:
         while time.monotonic() < deadline:
             await self.up.wait()
-            case = self.gen.case()
+            case = gen.case()
             case.started = time.monotonic()
             token = id(case)
             self.in_flight[token] = case
@@ -1630,6 +1672,8 @@ class Fuzz:
                 invariant, signature, "GET /admin/status after the hostile requests", ""
             )
         self.check_metric_labels(metrics_text)
+        if admin_status == 200 and '"state":"closed"' not in admin_text.replace(" ", ""):
+            self.report.breaker_open_seen += 1
 
     def check_metric_labels(self, text: str) -> None:
         series = metric_series(text)
@@ -1641,7 +1685,7 @@ class Fuzz:
         known = {"h-listed", "fz-alias", "h-aliased"}
         for name, labels in series:
             for label, value in labels.items():
-                if value in self.gen.sent_strings and value not in known:
+                if value in self.sent_strings and value not in known:
                     self.report.add(
                         "/metrics labels only from config",
                         f"{name}{{{label}}} took a client's model id",
@@ -1652,7 +1696,7 @@ class Fuzz:
     async def hostile_probes(self, session: aiohttp.ClientSession, stop: asyncio.Event) -> None:
         """Every few seconds the probes' GET /models gets a different hostile answer."""
         while not stop.is_set():
-            plan = self.gen.models_plan()
+            plan = self.probe_gen.models_plan()
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 await session.post(f"{self.upstream_url}/_hostile/models", json={"plan": plan})
             with contextlib.suppress(TimeoutError):
@@ -1664,7 +1708,7 @@ class Fuzz:
                 await asyncio.wait_for(stop.wait(), self.config_every)
             if stop.is_set():
                 return
-            kind, bad = self.gen.config_file(self.good)
+            kind, bad = self.reload_gen.config_file(self.good)
             proxy = self.proxy
             self.window_open = time.monotonic()
             self.last_bad_config = self.save("reload", bad)
@@ -1715,10 +1759,10 @@ class Fuzz:
     async def check_loop(self, stop: asyncio.Event) -> None:
         """``proxy check`` on hostile files: exit 0/1/2, bounded time, no traceback, no secret."""
         while not stop.is_set():
-            kind, data = self.gen.config_file(self.good)
+            kind, data = self.check_gen.config_file(self.good)
             path = self.save("check", data)
             args = [sys.executable, "-m", "proxy", "check", "--config", str(path)]
-            if self.gen.rng.random() < 0.3:
+            if self.check_gen.rng.random() < 0.3:
                 args.append("--json")
             started = time.monotonic()
             code, output = await asyncio.to_thread(_run_check, args)
@@ -1767,9 +1811,10 @@ class Fuzz:
                 asyncio.ensure_future(self.check_loop(stop)),
             ]
             warm = asyncio.ensure_future(self.warm_rss(started + min(5.0, self.seconds * 0.2)))
-            await asyncio.gather(*(self.worker(deadline) for _ in range(self.concurrency)))
+            await asyncio.gather(*(self.worker(gen, deadline) for gen in self.gens))
             stop.set()
             await asyncio.gather(*background, warm)
+            await self.storm(session)
             await self.calm_down(session)
             await self.scrape(session)
         self.report.seconds = time.monotonic() - started
@@ -1779,6 +1824,29 @@ class Fuzz:
         await asyncio.sleep(max(0.0, at - time.monotonic()))
         if not self.report.rss_start_mb:
             self.report.rss_start_mb = rss_mb(self.proxy.process.pid)
+
+    async def storm(self, session: aiohttp.ClientSession) -> None:
+        """End the hostile phase with the backend down for sure (keys refused, connections
+        reset, 500s; the probes refused too), so that recovering by time is really tested."""
+        refused: dict[str, Any] = {"status": 401, "headers": [["content-type", "application/json"]]}
+        refused["parts"] = [['{"error": {"message": "bad key", "code": "invalid_api_key"}}', 0]]
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            await session.post(f"{self.upstream_url}/_hostile/models", json={"plan": refused})
+        plans: list[dict[str, Any]] = [{"before_head": "abort"}, {"status": 500}, refused]
+        keys = [CLIENT_KEY, SECRETS_ENV["FUZZ_CLIENT_KEY_2"]]
+        for i in range(15):
+            body = orjson.dumps({"model": f"h-storm-{i % 3}", "hostile": plans[i % 3]})
+            headers = [
+                ["Host", "127.0.0.1"],
+                ["Authorization", f"Bearer {keys[i % 2]}"],
+                ["Content-Type", "application/json"],
+                ["Content-Length", str(len(body))],
+            ]
+            case = Case("POST", "/v1/chat/completions", headers, body.decode("latin-1"))
+            await send_case(self.proxy.port, case, timeout=10)
+        with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+            async with session.get(f"{self.proxy.url}/ready") as r:
+                self.report.storm_took_ready = r.status != 200
 
     async def calm_down(self, session: aiohttp.ClientSession) -> None:
         """After the hostile phase: everything returns to normal by time alone."""
@@ -1944,6 +2012,8 @@ def _merge(total: Report, part: Report) -> None:
     total.rss_start_mb = max(total.rss_start_mb, part.rss_start_mb)
     total.rss_end_mb = max(total.rss_end_mb, part.rss_end_mb)
     total.max_series = max(total.max_series, part.max_series)
+    total.breaker_open_seen += part.breaker_open_seen
+    total.storm_took_ready = total.storm_took_ready or part.storm_took_ready
     for key, b in part.breaks.items():
         if key in total.breaks:
             total.breaks[key].count += b.count

@@ -25,7 +25,7 @@ UPSTREAM_KEY = SECRETS_ENV["FUZZ_UPSTREAM_KEY_A"]
 
 
 def test_short_fuzz_run_breaks_no_invariant(tmp_path):
-    report = run_fuzz(seconds=16, seed=10, concurrency=6, out=tmp_path)
+    report = run_fuzz(seconds=14, seed=10, concurrency=6, out=tmp_path)
     assert report.cases > 100  # it did throw things (a stuck harness finds nothing)
     assert report.reloads >= 2 and report.checks >= 2
     assert report.ok, "\n" + report.render()
@@ -117,6 +117,8 @@ def test_log_checks_catch_forged_lines_tracebacks_secrets_and_plain_lines_in_jso
     assert check_log(f"{good}key {UPSTREAM_KEY}\n", "text")[0][0] == "secret in log"
     assert [p[0] for p in check_log(good, "json")] == ["log line not JSON"]
     assert check_log('{"a": "x\u2028y"}\n', "json") == []  # U+2028 is no line break
+    exc = '{"exception": "Traceback (most recent call last):\\n  File x\\nKeyError: 989"}\n'
+    assert [(p[0], p[2]) for p in check_log(exc, "json")] == [("traceback in log", "KeyError: 989")]
 
 
 def test_metric_labels_are_parsed_for_the_label_check():
