@@ -876,8 +876,9 @@ def _plan_broken(plan: dict[str, Any] | None) -> bool:
     (a cut of a close-delimited body looks like its end, to anyone)."""
     if plan is None:
         return False
-    after = plan.get("after", "end")
-    return after == "hang" or (after == "abort" and plan.get("framing", "length") != "close")
+    after = str(plan.get("after", "end"))
+    framing = str(plan.get("framing", "length"))
+    return after == "hang" or (after == "abort" and framing != "close")
 
 
 def _plan_status(plan: dict[str, Any] | None) -> int | None:
@@ -1029,7 +1030,10 @@ async def send_case(port: int, case: Case, timeout: float | None = None) -> Resu
 
     async def pump() -> None:
         while True:
-            data = await r.read(65536)
+            try:
+                data = await r.read(65536)
+            except (OSError, ConnectionError):  # a reset ends the answer like a close
+                data = b""
             if not data:
                 reader.eof()
                 return
@@ -1064,8 +1068,7 @@ async def send_case(port: int, case: Case, timeout: float | None = None) -> Resu
             remaining = max(0.1, timeout - (time.monotonic() - started))
             await asyncio.wait_for(wanted.wait(), remaining)
         if case.read != "all" and not reader.done.is_set():
-            reader.result.status = reader.result.status  # left on purpose, mid-answer
-            reader.result.error = "left on purpose"
+            reader.result.error = "left on purpose"  # mid-answer
     except TimeoutError:
         reader.result.timed_out = True
     except (OSError, ConnectionError) as exc:
