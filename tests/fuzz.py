@@ -2024,11 +2024,40 @@ def _merge(total: Report, part: Report) -> None:
             total.breaks[key] = b
 
 
-def replay(path: Path) -> int:
-    """Send one saved case to a fresh proxy (same config) and print what came back."""
+def plan_case(plan: dict[str, Any]) -> Case:
+    """A plain chat request whose upstream answer is ``plan`` (``--plan``)."""
+    body = orjson.dumps({"model": "h-repro", "stream": True, "hostile": plan}).decode("latin-1")
+    headers = [
+        ["Host", "127.0.0.1"],
+        ["Authorization", f"Bearer {CLIENT_KEY}"],
+        ["Content-Type", "application/json"],
+        ["Content-Length", str(len(body))],
+    ]
+    return Case(
+        "POST",
+        "/v1/chat/completions",
+        headers,
+        body,
+        plan_status=_plan_status(plan),
+        plan_kind="repro",
+        plan_broken=_plan_broken(plan),
+    )
+
+
+def raw_case(raw: str) -> Case:
+    """A request given as raw text with ``\r\n`` escapes (``--raw``)."""
+    data = raw.encode("latin-1").decode("unicode_escape")
+    head, _, body = data.partition("\r\n\r\n")
+    line, *fields = head.split("\r\n")
+    method, target = [*line.split(" "), "", ""][:2]
+    headers = [list(f.split(": ", 1)) if ": " in f else [f, ""] for f in fields]
+    return Case(method, target, headers, body)
+
+
+def replay(case: Case) -> int:
+    """Send one case to a fresh proxy (the fuzz config) and print what came back."""
     from tests.conftest import start_proxy
 
-    case = Case(**json.loads(path.read_text()))
     hostile, upstream_url = start_hostile()
     tmp = Path(tempfile.mkdtemp(prefix="fuzz-replay-"))
     proxy = start_proxy(fuzz_config(upstream_url, 0), tmp, SECRETS_ENV, ("--log-format", "text"))
@@ -2044,7 +2073,9 @@ def replay(path: Path) -> int:
             print(f"  {k}: {v[:200]}")
         print(f"body: {result.body[:1000]!r}")
         problems = check_case(case, result, in_config_window=False)
-        print("log:\n" + proxy.log()[-2000:])
+        log_text = proxy.log()
+        problems += [(i, f"{sig}: {ex[:120]}") for i, sig, ex in check_log(log_text, "text")]
+        print("log:\n" + log_text[-2000:])
         for invariant, signature in problems:
             print(f"BREAK [{invariant}] {signature}")
         print("no invariant broke" if not problems else f"{len(problems)} invariant(s) broke")
@@ -2063,9 +2094,15 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="where failing cases and files are saved")
     parser.add_argument("--rss-mb", type=float, default=50.0, help="allowed RSS growth")
     parser.add_argument("--replay", type=Path, help="send one saved case and show the answer")
+    parser.add_argument("--plan", help="send one chat request whose upstream answer is this plan")
+    parser.add_argument("--raw", help="send these raw request bytes (\\r\\n escapes)")
     args = parser.parse_args()
     if args.replay:
-        return replay(args.replay)
+        return replay(Case(**json.loads(args.replay.read_text())))
+    if args.plan:
+        return replay(plan_case(json.loads(args.plan)))
+    if args.raw:
+        return replay(raw_case(args.raw))
     report = run_fuzz(
         args.seconds, args.seed, args.concurrency, args.log_format, args.out, args.rss_mb
     )
