@@ -993,13 +993,14 @@ class _ResponseReader:
             return
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:  # a 101 (or CONNECT) answer: nothing follows
-            self.result.status = self.parser.get_status_code()
-            self.result.headers = self._headers
-            self.result.complete = True
-            self.done.set()
         except httptools.HttpParserError as exc:
-            self.result.error = f"unparsable response: {exc}"
+            if isinstance(exc, httptools.HttpParserUpgrade) or "Upgrade" in str(exc):
+                # A 101 answer (the parser pauses there): seen as its status, nothing follows.
+                self.result.status = self.parser.get_status_code()
+                self.result.headers = self._headers
+                self.result.complete = True
+            else:
+                self.result.error = f"unparsable response: {exc}"
             self.done.set()
 
     def eof(self) -> None:
@@ -1185,7 +1186,8 @@ def check_case(case: Case, result: Result, in_config_window: bool) -> list[tuple
         problems.append(("undocumented status", f"{status} (plan {case.plan_kind})"))
     if b"Traceback (most recent call last)" in result.body:
         problems.append(("traceback in response", f"status {status}"))
-    if status >= 400 and not left and case.method != "HEAD":
+    readiness = case.target.split("?")[0] == "/ready" and status == 503  # its own document
+    if status >= 400 and not left and case.method != "HEAD" and not readiness:
         if is_openai_error(result.body):
             error = orjson.loads(result.body)["error"]
             if error.get("code") == "internal_error" or (status == 500 and case.plan_status != 500):
