@@ -35,7 +35,10 @@ Invariants checked (each break is reported once per kind, with a reproduction):
 - ``proxy check`` on any file exits 0, 1 or 2 in bounded time without a traceback;
 - after a bad file, the good one written back is in force (``/admin/status`` sha256).
 
-Replay one case: ``python -m tests.fuzz --replay /tmp/fuzz-1/case-3.json``.
+Reproductions, each against a fresh proxy with the fuzz config and the hostile upstream:
+``--replay FILE`` (a case the run saved), ``--plan '{"status": 989}'`` (one chat request whose
+upstream answer is that plan, see ``tests/hostile_upstream.py``), ``--raw 'FOO / HTTP/1.1\r\n
+Host: x\r\n\r\n'`` (raw request bytes). Each prints the answer, the log and the breaks.
 """
 
 from __future__ import annotations
