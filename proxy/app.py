@@ -63,6 +63,7 @@ class ProxyApp:
                 _route("/v1/models/{model_id:path}", self.get_model, "GET"),
             ],
             default=self.not_found,
+            redirect_slashes=False,  # /health/ is 404, never a redirect to somewhere else
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -22,6 +22,7 @@ class Verdict(StrEnum):
     KEY_LIMITED = "key_limited"  # 429: cool the key down, try another key
     BACKEND_FAILED = "backend_failed"  # 5xx: counts for the breaker, worth a fallback
     REDIRECT = "redirect"  # 3xx: never followed (it would re-send the prompt elsewhere)
+    BAD_STATUS = "bad_status"  # not a final HTTP status: the upstream is broken
 
 
 # Error types and codes that say "this key is bad", as providers write them. Wire
@@ -47,6 +48,8 @@ MAX_UPSTREAM_WAIT = 24 * 3600.0
 
 def classify(status: int, body: bytes = b"") -> Verdict:
     """The verdict for an upstream answer with ``status`` (``body`` read for 403 only)."""
+    if status < 200 or status > 599:  # 1xx (a 101 upgrade, say) or no HTTP status at all
+        return Verdict.BAD_STATUS
     if status < 300:
         return Verdict.OK
     if status < 400:

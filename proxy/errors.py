@@ -137,6 +137,15 @@ def upstream_redirect(backend: str, status: int) -> ProxyError:
     )
 
 
+def upstream_bad_status(backend: str, status: int) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Backend '{backend}' answered with status {status}, which is not a final HTTP status.",
+        type="api_error",
+        code="upstream_bad_response",
+    )
+
+
 def keys_refused(backend: str, key_ids: list[str]) -> ProxyError:
     """The upstream refused the proxy's own keys: say so, instead of passing on a 401 the
     client would read as "your API key is wrong"."""

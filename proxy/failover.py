@@ -125,7 +125,7 @@ async def _try_backend(
     finally:
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
         # the breaker hears an outcome, so a half-open probe slot is never left taken.
-        if attempt.verdict is Verdict.BACKEND_FAILED:
+        if attempt.verdict is Verdict.BACKEND_FAILED or attempt.verdict is Verdict.BAD_STATUS:
             breaker.failure(record.client)
         elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
             breaker.release()
@@ -180,12 +180,16 @@ class _Attempt:
                 self._attempt_failed(key.id, "timeout" if err.status == 504 else "connect")
                 return err
             status = response.status
-            if status < 400:
+            if status < 400 or status > 599:
                 self.verdict = classify(status)
                 if self.verdict is Verdict.REDIRECT:
                     response.release()
                     self._attempt_failed(key.id, "redirect")
                     return errors.upstream_redirect(backend, status)
+                if self.verdict is Verdict.BAD_STATUS:
+                    response.close()
+                    self._attempt_failed(key.id, "bad_status")
+                    return errors.upstream_bad_status(backend, status)
                 pool.mark_success(key.id)
                 return Delivery(response, target, key.id)
             try:
@@ -242,7 +246,7 @@ class _Attempt:
         finally:
             response.release()
         body = self.runtime.redactor.bytes(body)  # an upstream may echo the key it got
-        headers = kept_response_headers(response.raw_headers)
+        headers = kept_response_headers(response.raw_headers, self.runtime.redactor)
         no_retry = self.runtime.config.backends[backend].no_retry_errors
         headers += rewrite.error_annotations(response.status, headers, body, no_retry)
         verdict = classify(response.status, body)

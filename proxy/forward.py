@@ -179,7 +179,7 @@ async def _relay(
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
-        kept = kept_response_headers(response.raw_headers)
+        kept = kept_response_headers(response.raw_headers, runtime.redactor)
         headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
         if response.content_type == _EVENT_STREAM:
             exchange.response_started = True
@@ -190,7 +190,7 @@ async def _relay(
             streams = metrics.streams_child(backend)
             streams.inc()
             try:
-                result = await relay_stream(response, send, backend, kind)
+                result = await relay_stream(response, send, backend, kind, runtime.redactor)
             finally:
                 streams.dec()
             if result.first_data_at is not None:

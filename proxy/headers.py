@@ -13,7 +13,10 @@ SDKs and users read (content type and encoding, request id, rate-limit and retry
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping
+
+from proxy.redact import NO_SECRETS, Redactor
 
 FORWARDED_CLIENT_HEADERS = (
     "content-type",
@@ -44,6 +47,7 @@ _KEPT_ON_RESPONSE = frozenset(
 _KEPT_PREFIXES = (b"openai-", b"x-ratelimit-")
 
 REQUEST_ID = b"x-request-id"
+_UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 
 
 def forwarded_request_headers(
@@ -62,12 +66,22 @@ def forwarded_request_headers(
     return headers
 
 
-def kept_response_headers(raw: Iterable[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+def kept_response_headers(
+    raw: Iterable[tuple[bytes, bytes]], redactor: Redactor = NO_SECRETS
+) -> list[tuple[bytes, bytes]]:
+    """The upstream headers SDKs read; a value with control bytes is dropped (it cannot be
+    sent on), and any configured secret in a value is replaced by its fingerprint."""
     kept = []
     for name, value in raw:
         lower = name.lower()
         if lower in _KEPT_ON_RESPONSE or lower.startswith(_KEPT_PREFIXES):
             kept.append((lower, value))
+    # One look at all the values together: the common case costs two scans, not 2 per header.
+    joined = b" ".join(value for _, value in kept)
+    if _UNSENDABLE.search(joined) is not None:
+        kept = [(name, value) for name, value in kept if _UNSENDABLE.search(value) is None]
+    if redactor.found_in(joined):
+        kept = [(name, redactor.bytes(value)) for name, value in kept]
     return kept
 
 

@@ -41,6 +41,9 @@ class Redactor:
         secrets.append(config.server.admin_key)
         return cls(s for s in secrets if s)
 
+    def found_in(self, data: bytes) -> bool:
+        return any(secret in data for secret, _ in self._pairs)
+
     def bytes(self, data: bytes) -> bytes:
         # ``in`` is a C memmem: one linear scan per secret, no regex.
         for secret, shown in self._pairs:

@@ -336,6 +336,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.write_eof()
         self.loop.call_later(LINGER_SECONDS, self._close_after_linger)
 
+    def send_400_response(self, msg: str) -> None:
+        """A request the HTTP parser cannot read (an unknown method, control bytes in a
+        header, broken framing) gets an OpenAI-shaped 400, not uvicorn's plain text."""
+        self.transport.write(
+            _error_bytes(400, "Invalid HTTP request: it could not be parsed.", "invalid_http")
+        )
+        self.transport.close()
+
     def _close_after_linger(self) -> None:
         if not self.transport.is_closing():
             self.transport.close()

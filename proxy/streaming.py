@@ -18,6 +18,7 @@ import aiohttp
 import orjson
 
 from proxy.errors import error_body
+from proxy.redact import NO_SECRETS, Redactor
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -111,6 +112,7 @@ async def relay_stream(
     send: Send,
     backend: str,
     kind: StreamKind = StreamKind.PLAIN,
+    redactor: Redactor = NO_SECRETS,
 ) -> RelayResult:
     """Pass every chunk through untouched; end with an error event if the upstream fails.
 
@@ -123,6 +125,8 @@ async def relay_stream(
     try:
         try:
             async for chunk in response.content.iter_any():
+                if redactor.found_in(chunk):  # an upstream echoing a key: never passed on
+                    chunk = redactor.bytes(chunk)
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 previous, last = last, chunk
                 if result.first_data_at is None and b"data:" in chunk:

@@ -7,6 +7,8 @@ Performance section). Bodies are passed through as bytes: no decompression, no r
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import orjson
 from yarl import URL
@@ -43,6 +45,7 @@ class Upstream:
         self._idle = (
             timeout.idle_seconds if timeout.idle_seconds != timeout.first_byte_seconds else None
         )
+        self._head_deadline = timeout.connect + timeout.first_byte_seconds
         self._probe_timeout = aiohttp.ClientTimeout(total=10, connect=timeout.connect)
         self._session: aiohttp.ClientSession | None = None
         self._urls: dict[str, URL] = {}
@@ -86,11 +89,15 @@ class Upstream:
         if self._session is None:
             raise ProxyError(503, "The proxy is starting up.", type="server_error")
         try:
-            # Redirects are never followed: a 307 would re-send the prompt and the backend's
-            # headers to another host, a 301 would turn a stream into a GET.
-            response = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
+            # A deadline of our own for the head: aiohttp drops its read timer after a 1xx
+            # informational answer, so an upstream that sends one and goes silent would
+            # otherwise hold the request for ever.
+            async with asyncio.timeout(self._head_deadline):
+                # Redirects are never followed: a 307 would re-send the prompt and the
+                # backend's headers to another host, a 301 would turn a stream into a GET.
+                response = await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False
+                )
         except aiohttp.ConnectionTimeoutError:
             raise upstream_timeout(self.name, "connecting") from None
         except (TimeoutError, aiohttp.SocketTimeoutError):

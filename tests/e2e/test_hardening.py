@@ -349,3 +349,43 @@ routes: [{{prefix: "", backend: local}}]
         assert httpx.get(proxy.url + "/ready").json() == {"ready": True, "backends": ["mock"]}
     finally:
         proxy.stop()
+
+
+@pytest.mark.parametrize("status", [101, 600, 989])
+def test_an_upstream_status_that_is_not_a_final_http_status_is_a_502(proxy, upstream, status):
+    answer = post(proxy, chat(status=status))
+    assert answer.status_code == 502
+    assert answer.json()["error"]["code"] == "upstream_bad_response"
+
+
+def test_upstream_headers_with_control_bytes_or_secrets_are_not_passed_on(fresh, upstream):
+    headers = {"openai-processing-ms": "1\x01", "x-ratelimit-limit-requests": KEY_A}
+    answer = post(fresh, chat(headers=headers))
+    assert answer.status_code == 200
+    assert "openai-processing-ms" not in answer.headers  # unsendable: dropped
+    assert answer.headers["x-ratelimit-limit-requests"] == "sk-…1111"
+
+
+def test_a_request_the_parser_cannot_read_gets_an_openai_shaped_400(proxy):
+    answer = raw_request(proxy, b"FOO /v1/chat/completions HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert answer.startswith(b"HTTP/1.1 400")
+    assert b'"code":"invalid_http"' in answer
+
+
+def test_a_trailing_slash_is_a_404_not_a_redirect(proxy):
+    answer = httpx.get(proxy.url + "/health/")
+    assert answer.status_code == 404
+    assert answer.json()["error"]["code"] == "unknown_url"
+
+
+def test_an_informational_answer_then_silence_times_out_instead_of_hanging(upstream, tmp_path):
+    text = guarded_config(upstream).replace("first_byte: 10", "first_byte: 1")
+    proxy = start_proxy(text, tmp_path, KEYS_ENV)
+    try:
+        started = time.monotonic()
+        answer = post(proxy, chat(status=199))  # a 1xx, then nothing aiohttp can use
+        assert answer.status_code == 504
+        assert answer.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started < 5  # connect (2 s) + first byte (1 s), not never
+    finally:
+        proxy.stop()
