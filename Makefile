@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test lint format bench bench-peers soak clean
+.PHONY: run test lint format bench bench-peers soak fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,11 +31,13 @@ test: $(STAMP)
 	bash scripts/install-test-services.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict proxy
 	$(BIN)/pytest -q
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy --strict proxy
 
 format: $(STAMP)
 	$(BIN)/ruff format .
@@ -52,6 +54,13 @@ bench-peers: $(STAMP)
 
 soak: $(STAMP)
 	$(BIN)/python -m tests.soak --requests 20000 --concurrency 64
+
+# Random requests, hostile upstream answers and hostile config files against a running
+# proxy, checking the invariants (a 12 s version runs in `make test`).
+FUZZ_SECONDS ?= 120
+SEED ?= 1
+fuzz: $(STAMP)
+	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) --seed $(SEED)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
