@@ -132,6 +132,8 @@ async def _try_backend(
         else:
             # The backend answered: up, whatever it thought of the request.
             breaker.success(record.client)
+            if runtime.unverified:
+                runtime.unverified.discard(target.backend)
 
 
 class _Attempt:

@@ -29,6 +29,7 @@ log = logging.getLogger("proxy")
 
 BREAKER_TICK = 1.0  # how often a closed circuit is looked at by its background probe
 LOOP_RETRY = 5.0  # a background loop that failed unexpectedly tries again after this
+VERIFY_MAX_WAIT = 60.0  # a backend not answering yet is asked again at least this often
 
 
 @dataclass(frozen=True)
@@ -145,27 +146,28 @@ class Runtime:
                 breaker.failure()
 
     async def _verify(self, backend: str) -> None:
-        """Once, at start: does the backend answer, and does it take the key? An unreachable
-        or failing backend has its circuit opened (the circuit probe then watches it); a
-        refused key is taken out. Either way the backend is verified: /ready may count it."""
+        """Until the backend has answered once (here, or to a request): ``GET /models``,
+        1 s, 2 s, 4 s ... 60 s apart. A refused key is taken out on the way. The breaker is
+        left to requests: this only decides whether /ready may count the backend."""
         pool, upstream = self.pools[backend], self.upstreams[backend]
-        try:
-            usable = pool.usable()
-            if not usable:
-                return  # nothing to verify with: not ready anyway, and a set key reloads
-            key = usable[0]
-            status, _ = await upstream.list_models(key.value)
-            verdict = classify(status) if isinstance(status, int) else Verdict.BACKEND_FAILED
-            if verdict is Verdict.BACKEND_FAILED:
-                breaker = self.breakers[backend]
-                breaker.force_open(breaker.config.min_open, "(not answering at start)")
-                log.warning("backend %s: not answering at start (%s)", backend, status)
-            elif verdict is Verdict.KEY_REFUSED:
-                pool.mark_invalid(key.id, f"{status} from upstream on GET /models at start")
-        except Exception:
-            log.exception("backend %s: start-up check failed", backend)
-        finally:
-            self.unverified.discard(backend)
+        wait = 1.0
+        while backend in self.unverified:
+            try:
+                usable = pool.usable()
+                if usable:
+                    status, _ = await upstream.list_models(usable[0].value)
+                    verdict = classify(status) if isinstance(status, int) else None
+                    if verdict is Verdict.KEY_REFUSED:
+                        reason = f"{status} from upstream on GET /models"
+                        pool.mark_invalid(usable[0].id, reason)
+                    if verdict is not None and verdict is not Verdict.BACKEND_FAILED:
+                        self.unverified.discard(backend)
+                        return
+                    log.warning("backend %s: not answering (%s)", backend, status)
+            except Exception:
+                log.exception("backend %s: start-up check failed", backend)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, VERIFY_MAX_WAIT)
 
     async def _discover(self, backend: str) -> None:
         """At start and every ``discover_interval``: the backend's own model list."""

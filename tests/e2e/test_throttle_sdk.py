@@ -71,9 +71,11 @@ async def sdk_batch(base_url: str) -> tuple[int, float]:
 
 
 def test_sdk_retries_on_a_10_percent_flaky_upstream_pass_the_proxy(proxy, upstream):
-    # The wall time hangs on luck: a request whose retry fails too sleeps another ~1 s at
-    # the tail. So up to 3 (direct, proxy) pairs are measured, back to back; the proxy must
-    # keep up in one of them. A throttle that blocks SDK retries (1 s each) fails all three.
+    # Both counts hang on luck (a request whose three tries all fail: about 0.2 per batch
+    # of 200), and so does the wall time (a failed retry sleeps ~1 s at the tail). So up to
+    # 3 (direct, proxy) pairs are measured, back to back; the proxy must keep up in one of
+    # them, and must never refuse anything itself. A throttle that blocks SDK retries
+    # (1 s each) fails all three.
     runs = []
     for _ in range(3):
         direct_ok, direct_time = asyncio.run(sdk_batch(f"{upstream.url}/v1"))
@@ -84,12 +86,14 @@ def test_sdk_retries_on_a_10_percent_flaky_upstream_pass_the_proxy(proxy, upstre
             f"proxy: {proxy_ok}/{REQUESTS} in {proxy_time:.2f} s"
         )
         assert direct_ok >= REQUESTS - 5  # the workload is what it claims: retries mostly win
-        assert proxy_ok >= direct_ok - 1
-        if proxy_time <= 1.5 * direct_time:
+        assert proxy_ok >= REQUESTS - 5
+        if proxy_ok >= direct_ok - 1 and proxy_time <= 1.5 * direct_time:
             break
     else:
-        pytest.fail(f"the proxy was more than 1.5x slower than direct in every run: {runs}")
-    assert "reconnect_throttled" not in proxy.log()
+        pytest.fail(f"the proxy fell behind direct in every run: {runs}")
+    log = proxy.log()
+    assert "reconnect_throttled" not in log  # every failure the SDK saw was the upstream's
+    assert "backend_unavailable" not in log
 
 
 def test_a_250ms_reconnect_loop_to_a_dead_upstream_reaches_it_a_handful_of_times(proxy):
