@@ -14,6 +14,8 @@ from typing import Any
 
 import orjson
 
+from proxy.classify import error_kinds
+
 
 @dataclass(frozen=True)
 class RewriteRules:
@@ -90,7 +92,7 @@ def error_annotations(
     """
     added: list[tuple[bytes, bytes]] = []
     names = {name for name, _ in headers}
-    if no_retry_errors and _error_kind(body) & no_retry_errors:
+    if no_retry_errors and error_kinds(body) & {e.lower() for e in no_retry_errors}:
         added.append((b"x-should-retry", b"false"))
     if status == 429 and b"retry-after" not in names and b"retry-after-ms" not in names:
         match = _RETRY_IN_MESSAGE.search(body)
@@ -102,13 +104,3 @@ def error_annotations(
 def retry_after_in_message(body: bytes) -> float | None:
     match = _RETRY_IN_MESSAGE.search(body)
     return float(match[1]) if match else None
-
-
-def _error_kind(body: bytes) -> set[str]:
-    try:
-        error = orjson.loads(body).get("error")
-    except (orjson.JSONDecodeError, AttributeError):
-        return set()
-    if not isinstance(error, dict):
-        return set()
-    return {str(v) for v in (error.get("type"), error.get("code")) if v}

@@ -23,6 +23,14 @@ KEY_B = "sk-test-bbbbbbbbbbbbbbbb2222"
 KEY_OTHER = "sk-test-cccccccccccccccc3333"
 
 
+def rss_kb(pid: int) -> int:
+    """A process's resident memory, from /proc."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for process {pid}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -67,6 +67,8 @@ import aiohttp
 import httptools
 import orjson
 
+from tests.soak import rss_mb
+
 ROOT = Path(__file__).resolve().parent.parent
 HOSTILE = ROOT / "tests" / "hostile_upstream.py"
 
@@ -1435,16 +1437,6 @@ class Report:
                 lines.append(f"      seen: {b.example}")
         lines.append("  result: " + ("OK" if self.ok else "FAILED"))
         return "\n".join(lines)
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def start_hostile() -> tuple[subprocess.Popen[str], str]:

@@ -10,12 +10,11 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import KEYS_ENV, MockUpstream, ProxyProcess, mock_config, start_proxy
+from tests.conftest import KEYS_ENV, MockUpstream, ProxyProcess, mock_config, rss_kb, start_proxy
 
 HEAD_LIMIT = 16 * 1024
 
@@ -74,13 +73,6 @@ def error_of(body: bytes) -> dict[str, object]:
     error = json.loads(body)["error"]
     assert set(error) == {"message", "type", "param", "code"}
     return error
-
-
-def rss_kb(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 # ---------------------------------------------------------------- head size

@@ -22,6 +22,7 @@ from tests.conftest import (
     MockUpstream,
     ProxyProcess,
     mock_config,
+    rss_kb,
     start_proxy,
 )
 
@@ -38,13 +39,6 @@ def chat(model: str = "kimi-k2", **mock: Any) -> dict[str, Any]:
     if mock:
         body["mock"] = mock
     return body
-
-
-def rss_kb(proxy: ProxyProcess) -> int:
-    for line in Path(f"/proc/{proxy.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1])
-    raise AssertionError("no VmRSS")
 
 
 def raw_request(proxy: ProxyProcess, request: bytes) -> bytes:
@@ -199,9 +193,9 @@ def test_a_flood_of_distinct_one_megabyte_model_ids_does_not_grow_memory(proxy, 
                 assert answer.status_code == 400
 
     flood(20, "w")  # warm up the allocator
-    before = rss_kb(proxy)
+    before = rss_kb(proxy.process.pid)
     flood(200, "m")
-    grown_mb = (rss_kb(proxy) - before) / 1024
+    grown_mb = (rss_kb(proxy.process.pid) - before) / 1024
     assert grown_mb < 30, f"RSS grew by {grown_mb:.0f} MB"
 
 
