@@ -29,6 +29,7 @@ from pydantic import AfterValidator, BeforeValidator, Field
 from pydantic.json_schema import SkipJsonSchema
 
 from proxy.config_yaml import MAX_CHARS, Document, Env, Path, YamlRefused, read_yaml
+from proxy.redact import fingerprint, redact_url
 from proxy.rewrite import NO_RULES, RewriteRules
 
 
@@ -147,10 +148,24 @@ ForwardPath = Annotated[
     AfterValidator(lambda p: p.rstrip("/")),
 ]
 _STORES = ("memory://", "redis://", "rediss://")
-Storage = Annotated[
-    Text,
-    _check(lambda u: u.startswith(_STORES), "expected memory:// or redis://host:port, got {!r}"),
-]
+
+
+def _storage(uri: str) -> str:
+    """memory://, or a Redis URL that can be used (never shown with its password)."""
+    if not uri.startswith(_STORES):
+        raise ValueError(f"expected memory:// or redis://host:port, got {redact_url(uri)!r}")
+    if not uri.startswith("memory://"):
+        parts = urlsplit(uri)
+        try:
+            parts.port  # noqa: B018  (reading it validates it)
+        except ValueError:
+            raise ValueError(f"bad port in {redact_url(uri)!r}") from None
+        if not parts.hostname and not parts.path:
+            raise ValueError(f"no host in {redact_url(uri)!r}")
+    return uri
+
+
+Storage = Annotated[Text, AfterValidator(_storage)]
 Bounds = Annotated[
     tuple[Number, Number], _check(lambda pair: pair[0] <= pair[1], "low must not be above high")
 ]
@@ -380,16 +395,6 @@ class Config(_Section):
     throttle: Annotated[ThrottleConfig, doc("backoff and rate counting")] = ThrottleConfig()
     storage: Annotated[Storage, doc("memory:// or redis://host:port (shared)")] = "memory://"
     digest: SkipJsonSchema[str] = ""  # sha256 of the file's text: which version is in force
-
-
-def fingerprint(secret: str) -> str:
-    """``sk-…a1b2``: enough to tell keys apart, never enough to use one."""
-    if not secret:
-        return "(missing)"
-    if len(secret) < 12:
-        return "…"  # too short to show any of it safely
-    head = secret[:3] if secret[2] == "-" else secret[:2]
-    return f"{head}…{secret[-4:]}"
 
 
 def load_config(path: str, environ: Mapping[str, str] | None = None) -> Config:

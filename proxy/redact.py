@@ -10,13 +10,25 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 from urllib.parse import quote
 
-from proxy.config import Config, fingerprint
+if TYPE_CHECKING:
+    from proxy.config import Config
 
 # Shorter values are placeholders (``ollama``), not secrets, and replacing them would
 # mangle ordinary text.
 _MIN_SECRET_LENGTH = 12
+
+
+def fingerprint(secret: str) -> str:
+    """``sk-…a1b2``: enough to tell keys apart, never enough to use one."""
+    if not secret:
+        return "(missing)"
+    if len(secret) < 12:
+        return "…"  # too short to show any of it safely
+    head = secret[:3] if secret[2] == "-" else secret[:2]
+    return f"{head}…{secret[-4:]}"
 
 
 class Redactor:

@@ -283,3 +283,11 @@ def test_no_value_read_through_a_variable_stays_a_str_subclass_in_the_config():
     walk(config)
     rules = config.backends["openai"].request_rewrite
     assert orjson.dumps(dict(rules.set)) == b'{"user":"u","tags":["u"]}'
+
+
+def test_an_unusable_storage_url_is_refused_without_showing_its_password() -> None:
+    text = 'storage: "redis://user:hunter2@h:port/0"\nbackends: {a: {base_url: "http://h/v1"}}\n'
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "c.yaml", {})
+    assert str(caught.value) == "c.yaml:1: storage: bad port in 'redis://user:***@h:port/0'"
+    assert "hunter2" not in str(caught.value)
