@@ -18,6 +18,7 @@ import dataclasses
 import hmac
 import logging
 import os
+import signal
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -37,6 +38,8 @@ from proxy.runtime import Runtime, build_runtime
 
 log = logging.getLogger("proxy")
 
+ORPHAN_CHECK_INTERVAL = 1.0
+
 # How `proxy serve --workers N` hands its options to the worker processes.
 CONFIG_ENV = "PROXY_CONFIG"
 LOG_FORMAT_ENV = "PROXY_LOG_FORMAT"
@@ -51,6 +54,8 @@ class ProxyApp:
         self.access_log = AccessLog(fmt=log_format)
         self.reloader = Reloader(config.path, lambda: self.runtime, self._swap)
         self._watch: asyncio.Task[None] | None = None
+        self._orphan_watch: asyncio.Task[None] | None = None
+        self.supervisor: int | None = None  # a worker's supervisor pid (--workers N)
         # Listeners are bound once: a reload cannot move the internal endpoints.
         self.admin_port = config.server.admin_port
         self.cold = Router(
@@ -92,13 +97,16 @@ class ProxyApp:
                     if self.runtime.config.server.config_poll_interval > 0:
                         self.reloader.interval = self.runtime.config.server.config_poll_interval
                         self._watch = asyncio.create_task(self.reloader.watch())
+                    if self.supervisor is not None:
+                        self._orphan_watch = asyncio.create_task(_exit_with(self.supervisor))
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
                 await send({"type": "lifespan.startup.complete"})
             elif message["type"] == "lifespan.shutdown":
-                if self._watch is not None:
-                    self._watch.cancel()
+                for task in (self._watch, self._orphan_watch):
+                    if task is not None:
+                        task.cancel()
                 await self.runtime.close()
                 self.access_log.flush()
                 metrics.worker_exit()
@@ -261,4 +269,15 @@ def create_app() -> ProxyApp:
     if admin_port:
         config = with_admin_port(config, int(admin_port))
     logging.captureWarnings(True)  # in each worker too: warnings become (JSON) log records
-    return ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))
+    app = ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))
+    app.supervisor = os.getppid()
+    return app
+
+
+async def _exit_with(supervisor: int) -> None:
+    """A worker whose supervisor is gone (killed with SIGKILL, say) shuts itself down:
+    nobody would ever stop it, and it would hold the port and its memory for good."""
+    while os.getppid() == supervisor:
+        await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
+    log.warning("the supervisor (pid %d) is gone: this worker shuts down", supervisor)
+    os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: streams may finish

@@ -383,3 +383,18 @@ def test_an_informational_answer_then_silence_times_out_instead_of_hanging(upstr
         assert time.monotonic() - started < 5  # connect (2 s) + first byte (1 s), not never
     finally:
         proxy.stop()
+
+
+def test_workers_shut_down_when_their_supervisor_is_killed(upstream, tmp_path):
+    proxy = start_proxy(mock_config(upstream), tmp_path, KEYS_ENV, ("--workers", "2"))
+    supervisor = proxy.process.pid
+    children = Path(f"/proc/{supervisor}/task/{supervisor}/children").read_text().split()
+    workers = [int(pid) for pid in children]
+    assert len(workers) >= 2
+    proxy.process.kill()  # SIGKILL: no chance to stop its workers
+    proxy.process.wait(timeout=5)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "orphaned workers are still running"
+        time.sleep(0.1)
+    assert "the supervisor (pid" in proxy.log()
