@@ -213,3 +213,54 @@ routes:
     assert serve.returncode == 2
     assert "Traceback" not in serve.stdout + serve.stderr
     assert "pw" not in serve.stdout + serve.stderr
+
+
+# ---------------------------------------------------------------- invariant 2: 429 poisoning
+
+SECOND = "sk-attack-second-0123456789ab"
+TOO_LARGE = {
+    "error": {
+        "message": "Request too large for gpt-4o in organization org-x on tokens per min (TPM): "
+        "Limit 30000, Requested 45000. The input or output tokens must be reduced in order "
+        "to run successfully.",
+        "type": "tokens",
+        "param": None,
+        "code": "rate_limit_exceeded",
+    }
+}
+
+
+@pytest.fixture
+def two_keys(hostile_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    config = hostile_config(hostile_url).replace(
+        f'      - {{id: ka, key: "{SECRET}"}}',
+        f'      - {{id: ka, key: "{SECRET}"}}\n      - {{id: kb, key: "{SECOND}"}}',
+    )
+    proxy = start_proxy(config, tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def test_one_clients_oversized_request_does_not_cool_every_key_down_for_others(two_keys):
+    """Invariant 2 (one client cannot hurt another), the 429 twin of issue 10's 403 key
+    poisoning. OpenAI answers a request larger than the key's tokens-per-minute limit with
+    429 ``type: tokens`` "Request too large ... must be reduced": no retry can ever succeed,
+    and it says nothing about the key's current load. ``classify`` makes every 429
+    ``KEY_LIMITED``, so ``failover`` cools the key down, retries on the second key (also
+    cooled) and every other client gets 429 for the cooldown. Measured: one such request a
+    second made 39 of another client's 50 requests (10/s) fail. Fix: in
+    ``proxy/classify.py`` a 429 whose message says the request is too large (or the
+    ``no_retry_errors`` of the backend) is ``CLIENT_ERROR``: relayed, no cooldown, no retry."""
+    plan = {
+        "status": 429,
+        "headers": [["content-type", "application/json"], ["connection", "close"]],
+        "parts": [[orjson.dumps(TOO_LARGE).decode(), 0]],
+    }
+    attacker = httpx.post(
+        two_keys.base_url + "/chat/completions",
+        json={"model": "m", "hostile": plan},
+        timeout=10,
+    )
+    assert attacker.status_code == 429
+    victim = httpx.post(two_keys.base_url + "/chat/completions", json={"model": "m"}, timeout=10)
+    assert victim.status_code == 200, victim.text
