@@ -7,6 +7,7 @@ whatever a request's ``"hostile"`` plan scripts (``tests/hostile_upstream.py``).
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 import time
@@ -264,3 +265,29 @@ def test_one_clients_oversized_request_does_not_cool_every_key_down_for_others(t
     assert attacker.status_code == 429
     victim = httpx.post(two_keys.base_url + "/chat/completions", json={"model": "m"}, timeout=10)
     assert victim.status_code == 200, victim.text
+
+
+# ---------------------------------------------------------------- invariant 2: front door
+
+
+@pytest.fixture
+def capped(hostile_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    yield from start(hostile_url, tmp_path, "  max_connections: 20")
+
+
+def test_idle_sockets_of_one_client_do_not_lock_a_normal_client_out(capped):
+    """Invariant 2 (one client cannot hurt another) at the front door. The cap is global:
+    one client holding ``max_connections`` sockets that never send a byte (re-opened every
+    ``header_timeout``, 10 s: ~205 connects/s against the default 2048) gets every other
+    client 503 ``too_many_connections``; only /health and /ready get through. Fix in
+    ``proxy/server.py`` (``FrontDoor.admit``): at the cap, evict the connection that has
+    waited longest for its head (as the probe reserve already does) before refusing one,
+    and/or a per-peer-address cap (documented as the balancer's job behind one)."""
+    idle = [socket.create_connection(("127.0.0.1", capped.port)) for _ in range(40)]
+    try:
+        time.sleep(0.3)
+        r = httpx.post(capped.base_url + "/chat/completions", json={"model": "m"}, timeout=10)
+        assert r.status_code == 200, r.text
+    finally:
+        for sock in idle:
+            sock.close()
