@@ -291,3 +291,36 @@ def test_idle_sockets_of_one_client_do_not_lock_a_normal_client_out(capped):
     finally:
         for sock in idle:
             sock.close()
+
+
+# ---------------------------------------------------------------- the SDK against our errors
+
+
+@pytest.fixture
+def small_answers(hostile_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    yield from start(hostile_url, tmp_path, "  max_response_size: 1KiB")
+
+
+@pytest.mark.parametrize(
+    "plan",
+    [
+        {"status": 200, "headers": [["content-type", "application/json"]], "pad": 4000},
+        {"status": 307, "headers": [["location", "{SELF}/redirected/x"]]},
+    ],
+    ids=["too_large", "redirect"],
+)
+def test_the_sdk_does_not_resend_a_request_whose_answer_cannot_change(
+    small_answers, hostile_url, plan
+):
+    """The openai SDK retries every 5xx without ``x-should-retry: false`` (twice by
+    default). ``upstream_response_too_large`` and ``upstream_redirect`` are deterministic
+    (a config or an upstream property), so each SDK call makes the upstream generate, and
+    bill, the same oversized answer three times. Fix: ``headers=NO_RETRY`` on both in
+    ``proxy/errors.py``, as ``no_usable_key`` has."""
+    import openai
+
+    client = openai.OpenAI(base_url=small_answers.base_url, api_key="x")
+    with pytest.raises(openai.InternalServerError):
+        client.chat.completions.create(model="m", messages=[], extra_body={"hostile": plan})
+    stats = httpx.get(hostile_url + "/_hostile/stats").json()
+    assert stats["plays_total"] == 1
