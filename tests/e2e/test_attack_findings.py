@@ -324,3 +324,46 @@ def test_the_sdk_does_not_resend_a_request_whose_answer_cannot_change(
         client.chat.completions.create(model="m", messages=[], extra_body={"hostile": plan})
     stats = httpx.get(hostile_url + "/_hostile/stats").json()
     assert stats["plays_total"] == 1
+
+
+# ---------------------------------------------------------------- invariant 1: breaker backoff
+
+
+@pytest.fixture
+def fast_breaker(hostile_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    config = hostile_config(hostile_url).replace("min_open: 30s", "min_open: 1s")
+    config = config.replace("backends:", "throttle: {reconnect: {enabled: false}}\nbackends:")
+    proxy = start_proxy(config, tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def test_the_open_period_doubles_while_completions_fail_even_if_models_answers(
+    fast_breaker, hostile_url
+):
+    """Invariant 1 and the README's "a cooldown that doubles while it keeps failing". The
+    background circuit probe (``runtime._probe_backend_once``) calls ``GET /models`` and
+    any answer below 500 calls ``breaker.success()``, which closes the circuit *and* resets
+    ``open_for`` to ``min_open``. When the model list answers but completions fail (a
+    common outage: the gateway is up, inference is not), the circuit flaps closed/open every
+    ``min_open`` for ever: ``failures`` real requests reach the failing upstream every
+    second instead of backing off to ``max_open``, ``/ready`` flaps and the "circuit open
+    for 5m" alert never fires. Measured: 30 upstream POSTs in 12 s (3 per 1 s cycle),
+    where doubling gives about 6. Fix: a probe success half-closes (the next real request
+    is the probe that decides), or keeps ``open_for`` until a real request succeeds."""
+    plan = {
+        "status": 500,
+        "headers": [["content-type", "application/json"]],
+        "parts": [['{"error":{"message":"boom"}}', 0]],
+    }
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        httpx.post(
+            fast_breaker.base_url + "/chat/completions",
+            json={"model": "m", "hostile": plan},
+            timeout=10,
+        )
+        time.sleep(0.05)
+    plays = httpx.get(hostile_url + "/_hostile/stats").json()["plays_total"]
+    # 3 to open, then one per open period of 1, 2, 4 s: about 6; 8 leaves room for timing.
+    assert plays <= 8, f"{plays} failing requests reached the upstream in 8 s"
