@@ -406,3 +406,39 @@ def test_distinct_query_strings_do_not_grow_memory_for_good(hostile_proxy):
     assert set(statuses) <= {200, 414, 400, 431}
     time.sleep(1)
     assert rss_mb(hostile_proxy) - before < 50
+
+
+# ---------------------------------------------------------------- invariant 4: discovery
+
+
+@pytest.fixture
+def discovering(hostile_url: str, tmp_path: Path) -> Iterator[ProxyProcess]:
+    listing = orjson.dumps(
+        {"object": "list", "data": [{"id": "model-{KEY}"}, {"id": "gpt-4o"}]}
+    ).decode()
+    plan = {
+        "status": 200,
+        "headers": [["content-type", "application/json"]],
+        "parts": [[listing, 0]],
+    }
+    httpx.post(hostile_url + "/_hostile/models", json={"plan": plan}).raise_for_status()
+    config = hostile_config(hostile_url).replace(
+        "    breaker:", "    discover_models: true\n    breaker:"
+    )
+    proxy = start_proxy(config, tmp_path)
+    yield proxy
+    proxy.stop()
+
+
+def test_a_discovered_model_list_that_echoes_the_key_is_scrubbed(discovering):
+    """Invariant 4 (every configured secret scrubbed from anything the proxy writes or
+    passes on). Ids from ``discover_models`` go into ``GET /v1/models`` (unauthenticated
+    without ``clients:``) and into the 404 ``proxy_hint`` without passing the redactor.
+    Fix: scrub (or drop) discovered ids in ``runtime._discover``."""
+    deadline = time.monotonic() + 5
+    listed = ""
+    while time.monotonic() < deadline and "gpt-4o" not in listed:
+        listed = httpx.get(discovering.base_url + "/models").text
+        time.sleep(0.1)
+    assert "gpt-4o" in listed
+    assert SECRET not in listed
