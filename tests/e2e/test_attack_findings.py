@@ -442,3 +442,31 @@ def test_a_discovered_model_list_that_echoes_the_key_is_scrubbed(discovering):
         time.sleep(0.1)
     assert "gpt-4o" in listed
     assert SECRET not in listed
+
+
+# ---------------------------------------------------------------- invariant 3: request bodies
+
+
+def test_unfinished_request_bodies_do_not_add_up_to_cap_times_body_size(hostile_proxy):
+    """Invariant 3 (memory bounded whatever arrives). Each connection may buffer up to
+    ``max_body_size`` (10 MiB) while its body is unfinished (``body_timeout``, 60 s), and
+    ``max_connections`` is 2048: the only bound is their product, 20 GiB. Measured: 40
+    connections each sending 9 MiB and withholding the last 2 bytes raised RSS from 64 MB
+    to 426 MB (a 512 MiB pod dies at ~50). Fix: a process-wide budget for buffered request
+    bodies in ``forward.read_request_body`` (or the front door's flow control): beyond it,
+    stop reading (pause the transport) or answer 503, and document it with the limits."""
+    before = rss_mb(hostile_proxy)
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n"
+    body = b'{"model":"m","pad":"' + b"a" * (9 * 1024 * 1024)
+    held = []
+    try:
+        for _ in range(40):
+            sock = socket.create_connection(("127.0.0.1", hostile_proxy.port))
+            sock.sendall(head % (len(body) + 2) + body)  # '"}' never comes
+            held.append(sock)
+        time.sleep(2)
+        grown = rss_mb(hostile_proxy) - before
+    finally:
+        for sock in held:
+            sock.close()
+    assert grown < 150, f"RSS grew by {grown:.0f} MB for 40 unfinished bodies"
