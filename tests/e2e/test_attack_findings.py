@@ -178,12 +178,22 @@ def test_a_forwarded_hop_that_is_not_an_address_is_not_taken_as_the_client(behin
 # ---------------------------------------------------------------- invariant 5: config
 
 
-@pytest.mark.parametrize("storage", ["redis://:pw@127.0.0.1:notaport", "redis://127.0.0.1:99999"])
+@pytest.mark.parametrize(
+    "storage",
+    [
+        "redis://:pw@127.0.0.1:notaport",
+        "redis://127.0.0.1:99999",
+        "redis://:pw@127.0.0.1:6379?db=abc",
+        "redis://:pw@127.0.0.1:6379?socket_timeout=abc",
+        "redis://:pw@[::1:6379",
+    ],
+)
 def test_a_redis_url_with_a_bad_port_is_refused_by_check_and_serve_alike(tmp_path, storage):
     """Invariant 5 (a config file cannot crash): ``proxy check`` says "valid" (exit 0) and
     ``proxy serve`` then dies with a ValueError traceback from redis-py's URL parser (exit
     1). Fix: the ``storage`` validator in ``proxy/config.py`` parses the port (``urlsplit(
-    uri).port`` raises for both) so that check, serve and reload refuse it with exit 2."""
+    uri).port`` raises for both; or build the pool with redis-py's own ``parse_url`` and
+    report its ValueError) so that check, serve and reload refuse it with exit 2."""
     config = tmp_path / "c.yaml"
     config.write_text(
         f"""
