@@ -513,3 +513,34 @@ def test_pipelined_requests_queued_behind_a_slow_one_do_not_grow_memory(hostile_
         for sock in held:
             sock.close()
     assert grown < 30, f"RSS grew by {grown:.0f} MB for 20 pipelining connections"
+
+
+@pytest.mark.parametrize("args", [("--port", "99999"), ("--port", "-1"), ("--admin-port", "70000")])
+def test_an_out_of_range_port_on_the_command_line_is_a_clean_exit_2(tmp_path, args):
+    """Invariant 5 in spirit (serve never crashes on what it is given): ``--port 99999`` or
+    ``--admin-port 70000`` die with an OverflowError traceback from ``bind()`` (exit 1),
+    where the config file's ``server.port: 99999`` gets a clean "must be at most 65535",
+    exit 2. Fix: range-check the flags in ``proxy/cli.py`` (argparse ``type=``), or route
+    them through the config definition. (``--workers`` is not bounded either: ``--workers
+    100000`` starts spawning processes until the machine gives up; ``0`` and ``-3`` are
+    accepted silently.)"""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        """
+backends:
+  h:
+    base_url: http://127.0.0.1:9/v1
+    keys: [{id: ka, key: "sk-ok-0123456789abcdef"}]
+routes:
+  - {prefix: "", backend: h}
+"""
+    )
+    serve = subprocess.run(
+        [sys.executable, "-m", "proxy", "serve", "--config", str(config), *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=30,
+    )
+    assert serve.returncode == 2
+    assert "Traceback" not in serve.stdout + serve.stderr
