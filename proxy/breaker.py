@@ -59,6 +59,8 @@ class Breaker:
         self._opened = False  # closed when False; open or half-open (by the clock) when True
         self.open_until = 0.0  # clock time the open period ends
         self._probe_deadline = 0.0  # clock time an unreported probe frees its slot; 0: none
+        self.probe_ticket = 0  # counts probe slots handed out: the holder's ticket
+        self._probation = False  # closed by the background probe, not yet by a real success
         self._config = config
         self.open_for = config.min_open
         self._streak_clients: set[str] = set()  # who failed in the current streak (<= 2)
@@ -117,25 +119,46 @@ class Breaker:
         if self._probe_deadline and now < self._probe_deadline:  # a probe is out
             return min(1.0, self._probe_deadline - now)
         self._probe_deadline = now + self.probe_timeout
+        self.probe_ticket += 1  # the holder's proof, for release()
         return 0.0
 
     def success(self, client: str | None = None) -> None:
         if self._opened:
             log.warning("backend %s: circuit closed again (probe succeeded)", self.backend)
             self._opened = False
-            self.open_for = self._config.min_open
             self._probe_deadline = 0.0
+        self.open_for = self._config.min_open  # a real success: the backend serves
+        self._probation = False
         self.failures = 0
         self._streak_clients.clear()
         if client is not None:
             self._note_success(client)
+
+    def probe_succeeded(self) -> None:
+        """The background probe's ``GET /models`` answered: close the circuit (so /ready
+        recovers with no traffic), on probation. A model list answering does not prove that
+        completions work: the next real failure re-opens the circuit at once, with the
+        doubled cooldown; only a real success forgets the doubling."""
+        if self._opened:
+            log.warning(
+                "backend %s: circuit closed again (background probe answered; on probation)",
+                self.backend,
+            )
+            self._opened = False
+            self._probe_deadline = 0.0
+            self._probation = True
+        self.failures = 0
 
     def failure(self, client: str | None = None) -> None:
         self.failures += 1
         if client is not None and len(self._streak_clients) < 2:  # one, or "several"
             self._streak_clients.add(client)
         state = self.state
-        if state is HALF_OPEN:
+        if state is CLOSED and self._probation:
+            self._probation = False
+            self.open_for = min(self.open_for * 2, self._config.max_open)
+            self._open(self.open_for, "after a failure on probation")
+        elif state is HALF_OPEN:
             self.open_for = min(self.open_for * 2, self._config.max_open)
             self._open(self.open_for, "after a failed probe")
         elif state is CLOSED and self.failures >= self._config.failures:
@@ -164,10 +187,13 @@ class Breaker:
             for client, at in self._recent_successes.items()
         )
 
-    def release(self) -> None:
+    def release(self, ticket: int | None = None) -> None:
         """The attempt holding the probe slot ended with no verdict on the backend (client
-        gone, key cooling down, backend limit, 4xx): the next request may probe."""
-        self._probe_deadline = 0.0
+        gone, key cooling down, backend limit, 4xx): the next request may probe. Only the
+        holder frees it (``ticket``: ``probe_ticket`` as it was when its ``admit()`` gave
+        it the slot); an attempt admitted while the circuit was closed holds no slot."""
+        if ticket is not None and ticket == self.probe_ticket:
+            self._probe_deadline = 0.0
 
     def force_open(self, seconds: float, why: str = "(opened by another replica)") -> None:
         """Another replica opened this backend's circuit: stay away here too.

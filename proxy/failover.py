@@ -115,7 +115,9 @@ async def _try_backend(
     runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
 ) -> Result | ProxyError:
     breaker = runtime.breakers[target.backend]
+    probing = breaker.is_open  # a 0 from admit() then hands this attempt the probe slot
     wait = breaker.admit()
+    ticket = breaker.probe_ticket if probing else None
     if wait:
         record.throttled = "circuit_open"
         return errors.circuit_open(target.backend, wait)
@@ -128,7 +130,7 @@ async def _try_backend(
         if attempt.verdict is Verdict.BACKEND_FAILED or attempt.verdict is Verdict.BAD_STATUS:
             breaker.failure(record.client)
         elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
-            breaker.release()
+            breaker.release(ticket)
         else:
             # The backend answered: up, whatever it thought of the request.
             breaker.success(record.client)

@@ -127,6 +127,7 @@ class Runtime:
         """One probe with the slot held: always reports an outcome, even when cancelled."""
         breaker, pool = self.breakers[backend], self.pools[backend]
         upstream = self.upstreams[backend]
+        ticket = breaker.probe_ticket  # taken by the admit() just before this call
         verdict: bool | None = None
         try:
             usable = pool.usable()
@@ -139,9 +140,9 @@ class Runtime:
                 log.warning("backend %s: circuit probe GET /models got %s", backend, status)
         finally:
             if verdict is None:
-                breaker.release()
+                breaker.release(ticket)
             elif verdict:
-                breaker.success()
+                breaker.probe_succeeded()
             else:
                 breaker.failure()
 

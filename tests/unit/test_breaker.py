@@ -69,7 +69,7 @@ def test_a_released_probe_frees_the_slot_at_once():
     b = opened(clock)
     clock.now += 1.0
     assert b.admit() == 0
-    b.release()  # the probe's client left, or its key was cooling down: no verdict
+    b.release(b.probe_ticket)  # the probe's client left, or its key cooled down: no verdict
     assert b.state == HALF_OPEN
     assert b.admit() == 0  # the next request probes
 

@@ -63,10 +63,16 @@ class BreakerMachine(RuleBasedStateMachine):
         self.clock = Clock()
         self.breaker = Breaker("b", BreakerConfig(3, 1.0, 8.0), clock=self.clock, probe_timeout=5)
         self.holding_probe = False
+        self.ticket = 0  # the probe slot's ticket, while this machine holds it
 
     @rule()
     def success(self) -> None:
         self.breaker.success()
+        self.holding_probe = False
+
+    @rule()
+    def background_probe_answers(self) -> None:
+        self.breaker.probe_succeeded()
         self.holding_probe = False
 
     @rule()
@@ -80,12 +86,13 @@ class BreakerMachine(RuleBasedStateMachine):
         assert math.isfinite(wait) and 0 <= wait <= max(self.breaker.config.max_open, 1.0)
         if wait == 0 and self.breaker.state is BreakerState.HALF_OPEN:
             self.holding_probe = True
+            self.ticket = self.breaker.probe_ticket
 
     @precondition(lambda self: self.holding_probe)
     @rule(abandon=st.booleans())
     def probe_ends_without_a_verdict(self, abandon: bool) -> None:
         if not abandon:  # released (client gone, key cooling down, 4xx)...
-            self.breaker.release()
+            self.breaker.release(self.ticket)
         self.holding_probe = False  # ...or never reported: the deadline frees it
 
     @rule(config=BREAKER_CONFIGS)
@@ -107,6 +114,7 @@ class BreakerMachine(RuleBasedStateMachine):
         assert self.breaker.state in (BreakerState.CLOSED, BreakerState.HALF_OPEN)
         assert self.breaker.admit() == 0
         self.holding_probe = self.breaker.state is BreakerState.HALF_OPEN
+        self.ticket = self.breaker.probe_ticket
 
     @invariant()
     def state_is_documented_and_bounded(self) -> None:
