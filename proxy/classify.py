@@ -10,6 +10,7 @@ is that one client's problem: it is passed through and changes nothing for anyon
 from __future__ import annotations
 
 import math
+import re
 from enum import StrEnum
 
 import orjson
@@ -41,13 +42,16 @@ _KEY_ERRORS = frozenset(
     }
 )
 
+# A 429 that no wait can cure: the request itself is over the key's per-minute budget.
+_TOO_LARGE = re.compile(rb"request too large|must be reduced", re.IGNORECASE)
+
 # A wait longer than this from an upstream is nonsense (or hostile): it is capped here and
 # again by each consumer's own maximum (key cooldown, breaker).
 MAX_UPSTREAM_WAIT = 24 * 3600.0
 
 
 def classify(status: int, body: bytes = b"") -> Verdict:
-    """The verdict for an upstream answer with ``status`` (``body`` read for 403 only)."""
+    """The verdict for an upstream answer with ``status`` (``body`` read for 403 and 429)."""
     if status < 200 or status > 599:  # 1xx (a 101 upgrade, say) or no HTTP status at all
         return Verdict.BAD_STATUS
     if status < 300:
@@ -59,7 +63,9 @@ def classify(status: int, body: bytes = b"") -> Verdict:
     if status == 403:
         return Verdict.KEY_REFUSED if error_kinds(body) & _KEY_ERRORS else Verdict.CLIENT_ERROR
     if status == 429:
-        return Verdict.KEY_LIMITED
+        # "Request too large ... must be reduced": about this request, not the key's load.
+        # Cooling the key (and the retry's key) down would fail every other client.
+        return Verdict.CLIENT_ERROR if _TOO_LARGE.search(body) else Verdict.KEY_LIMITED
     if status >= 500:
         return Verdict.BACKEND_FAILED
     return Verdict.CLIENT_ERROR

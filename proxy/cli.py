@@ -135,6 +135,27 @@ def _configure_logging(config: dict[str, Any]) -> None:
     logging.captureWarnings(True)  # Python warnings become records, JSON ones included
 
 
+MAX_WORKERS = 64  # one per core is the advice; past this a typo would fork the machine away
+
+
+def _bounded_int(text: str, low: int, high: int, what: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a {what}, got {text!r}") from None
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected a {what} from {low} to {high}, got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    return _bounded_int(text, 1, 65535, "port number")
+
+
+def _workers(text: str) -> int:
+    return _bounded_int(text, 1, MAX_WORKERS, "number of workers")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proxy", description="OpenAI-compatible LLM proxy")
     parser.add_argument("--version", action="version", version=f"proxy {__version__}")
@@ -143,13 +164,15 @@ def _parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the proxy")
     serve.add_argument("--config", default="config.yaml", help="config file (config.yaml)")
     serve.add_argument("--host", help="listen address (default: server.host)")
-    serve.add_argument("--port", type=int, help="listen port (default: server.port)")
+    serve.add_argument("--port", type=_port, help="listen port (default: server.port)")
     serve.add_argument(
         "--admin-port",
-        type=int,
+        type=_port,
         help="serve /metrics and /admin/* only on this port (default: server.admin_port)",
     )
-    serve.add_argument("--workers", type=int, default=1, help="worker processes (1)")
+    serve.add_argument(
+        "--workers", type=_workers, default=1, help=f"worker processes (1; at most {MAX_WORKERS})"
+    )
     serve.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     serve.add_argument(
         "--log-format",

@@ -83,13 +83,21 @@ class ClientAuth:
         ip = peer[0] if peer else "unknown"
         if not self._trusted or not self._is_trusted(ip):
             return ip
-        forwarded = _header(scope["headers"], b"x-forwarded-for")
-        if not forwarded:
-            return ip
+        # Every X-Forwarded-For line, in order: a balancer may add its own line after the
+        # client's (forged) one, and the nearest hops are at the end.
+        forwarded = ",".join(
+            value.decode("latin-1") for key, value in scope["headers"] if key == b"x-forwarded-for"
+        )
         # Walk from the nearest hop back; the first address we do not trust is the client.
+        # A hop that is not an address ends the walk: whoever wrote it is not to be believed.
         for hop in reversed([h.strip() for h in forwarded.split(",") if h.strip()]):
-            if not self._is_trusted(hop):
-                return hop
+            try:
+                address = ipaddress.ip_address(hop)
+            except ValueError:
+                return ip
+            if not any(address in network for network in self._trusted):
+                return str(address)
+            ip = str(address)
         return ip
 
     def _is_trusted(self, ip: str) -> bool:

@@ -155,11 +155,14 @@ def _storage(uri: str) -> str:
     if not uri.startswith(_STORES):
         raise ValueError(f"expected memory:// or redis://host:port, got {redact_url(uri)!r}")
     if not uri.startswith("memory://"):
-        parts = urlsplit(uri)
+        from redis.connection import parse_url  # only where Redis is used
+
         try:
-            parts.port  # noqa: B018  (reading it validates it)
-        except ValueError:
-            raise ValueError(f"bad port in {redact_url(uri)!r}") from None
+            parts = urlsplit(uri)
+            parts.port  # noqa: B018  (reading it validates it: a number, 0-65535)
+            parse_url(uri)  # type: ignore[no-untyped-call]  # redis-py reads db and options
+        except ValueError as exc:
+            raise ValueError(f"unusable Redis URL {redact_url(uri)!r}: {exc}") from None
         if not parts.hostname and not parts.path:
             raise ValueError(f"no host in {redact_url(uri)!r}")
     return uri

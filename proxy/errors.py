@@ -124,6 +124,7 @@ def upstream_response_too_large(backend: str, limit: int) -> ProxyError:
         "(server.max_response_size); it was not relayed.",
         type="api_error",
         code="upstream_response_too_large",
+        headers=NO_RETRY,  # the same answer again would only be generated (and paid) again
     )
 
 
@@ -134,6 +135,7 @@ def upstream_redirect(backend: str, status: int) -> ProxyError:
         "redirects: check the backend's base_url.",
         type="api_error",
         code="upstream_redirect",
+        headers=NO_RETRY,  # a misconfigured base_url does not fix itself
     )
 
 

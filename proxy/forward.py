@@ -25,7 +25,7 @@ from proxy.access_log import AccessLog, RequestRecord
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
-from proxy.routing import Target
+from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
 from proxy.runtime import Runtime
 from proxy.streaming import StreamKind, relay_stream, tokens, usage_of
 from proxy.throttle import Outcome
@@ -202,7 +202,15 @@ async def _relay(
                 exchange.outcome = Outcome.FAILURE
         else:
             limit = runtime.config.server.max_response_size
-            data = await runtime.upstreams[backend].read_all(response, limit)
+            try:
+                data = await runtime.upstreams[backend].read_all(response, limit)
+            except ProxyError as err:
+                if err.code != "upstream_response_too_large":
+                    # Cut or stalled after the head: the backend failed, whatever it began.
+                    exchange.outcome = Outcome.FAILURE
+                    runtime.breakers[backend].failure(record.client)
+                    record.attempt_errors.append((backend, delivery.key_id, "body_broken"))
+                raise
             data = runtime.redactor.bytes(data)
             read_at = time.perf_counter()
             headers.append((b"content-length", str(len(data)).encode()))
@@ -332,10 +340,6 @@ def parse_payload(body: bytes) -> dict[str, Any]:
     return payload
 
 
-MAX_MODEL_LENGTH = 256
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def requested_model(payload: dict[str, Any]) -> str:
     """The body's model id, refused before routing when it could hurt: too long for a
     header or a cache entry, or holding control characters (CR/LF would break headers)."""
@@ -348,7 +352,7 @@ def requested_model(payload: dict[str, Any]) -> str:
         raise errors.bad_request(
             "The model parameter must be a non-empty string.", param="model", code="invalid_model"
         )
-    if len(model) > MAX_MODEL_LENGTH or _CONTROL.search(model):
+    if not usable_model_id(model):
         raise errors.bad_request(
             f"The model parameter must be at most {MAX_MODEL_LENGTH} characters, with no "
             "control characters.",

@@ -7,6 +7,7 @@ config at start-up; a lookup is a dict hit or a short loop of ``startswith``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -14,6 +15,14 @@ from proxy.config import Config, RouteConfig
 from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
+MAX_MODEL_LENGTH = 256
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def usable_model_id(model: str) -> bool:
+    """Short enough for a header and a cache entry, and no control characters (CR/LF would
+    break a header): for ids from clients and from a backend's own model list alike."""
+    return len(model) <= MAX_MODEL_LENGTH and _CONTROL.search(model) is None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
 from proxy.redact import NO_SECRETS, Redactor
-from proxy.routing import Router
+from proxy.routing import Router, usable_model_id
 from proxy.shared import SYNC_INTERVAL, SharedState
 from proxy.throttle import Store, Throttle, make_storage
 from proxy.upstream import Upstream
@@ -30,6 +31,7 @@ log = logging.getLogger("proxy")
 BREAKER_TICK = 1.0  # how often a closed circuit is looked at by its background probe
 LOOP_RETRY = 5.0  # a background loop that failed unexpectedly tries again after this
 VERIFY_MAX_WAIT = 60.0  # a backend not answering yet is asked again at least this often
+MAX_DISCOVERED = 10_000  # model ids kept from one backend's list
 
 
 @dataclass(frozen=True)
@@ -170,6 +172,12 @@ class Runtime:
             await asyncio.sleep(wait)
             wait = min(wait * 2, VERIFY_MAX_WAIT)
 
+    def _sane_ids(self, ids: list[str]) -> tuple[str, ...]:
+        """What a backend lists, as far as it can be shown: usable ids, secrets scrubbed
+        (an upstream may echo the key), at most ``MAX_DISCOVERED`` of them."""
+        usable = (self.redactor.text(i) for i in ids if usable_model_id(i))
+        return tuple(itertools.islice(usable, MAX_DISCOVERED))
+
     async def _discover(self, backend: str) -> None:
         """At start and every ``discover_interval``: the backend's own model list."""
         pool, upstream = self.pools[backend], self.upstreams[backend]
@@ -178,7 +186,7 @@ class Runtime:
                 for key in pool.usable()[:2]:  # a second key if the first one is refused
                     status, ids = await upstream.list_models(key.value)
                     if status == 200:
-                        self.discovered[backend] = tuple(ids)
+                        self.discovered[backend] = self._sane_ids(ids)
                         break
                     log.warning(
                         "backend %s: model discovery with key %s got %s", backend, key.id, status

@@ -72,14 +72,17 @@ class Upstream:
             self._session = None
 
     def url(self, path: str, query: str = "") -> URL:
-        """``base_url`` + the part of the client's path after ``/v1``, query kept."""
-        cache_key = f"{path}?{query}"
-        url = self._urls.get(cache_key)
+        """``base_url`` + the path after ``/v1`` (one of the allowed ones), query kept.
+
+        Only query-less URLs are cached: the paths are a short list from the config, while
+        a client can send any number of distinct queries."""
+        if query:
+            return URL(f"{self.base_url}{path}?{query}", encoded=True)
+        url = self._urls.get(path)
         if url is None:
-            text = self.base_url + path + (f"?{query}" if query else "")
-            url = URL(text, encoded=True)
+            url = URL(self.base_url + path, encoded=True)
             if len(self._urls) < _URL_CACHE_LIMIT:
-                self._urls[cache_key] = url
+                self._urls[path] = url
         return url
 
     async def send(

@@ -171,7 +171,7 @@ def test_the_watcher_survives_any_file_and_picks_up_the_next_valid_one(upstream,
         log = proxy.log()
         assert "not UTF-8 text" in log
         assert "maximum nesting depth" in log
-        assert "storage: bad port in" in log
+        assert "storage: unusable Redis URL" in log
         assert log.count("config reload (file changed) failed; the config in force stays") == 3
         # SIGHUP goes through the same guarded path: counted, the process lives on.
         proxy.process.send_signal(signal.SIGHUP)

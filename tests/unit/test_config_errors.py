@@ -289,5 +289,8 @@ def test_an_unusable_storage_url_is_refused_without_showing_its_password() -> No
     text = 'storage: "redis://user:hunter2@h:port/0"\nbackends: {a: {base_url: "http://h/v1"}}\n'
     with pytest.raises(ConfigError) as caught:
         parse_config(text, "c.yaml", {})
-    assert str(caught.value) == "c.yaml:1: storage: bad port in 'redis://user:***@h:port/0'"
+    assert str(caught.value) == (
+        "c.yaml:1: storage: unusable Redis URL 'redis://user:***@h:port/0': "
+        "Port could not be cast to integer value as 'port'"
+    )
     assert "hunter2" not in str(caught.value)
