@@ -14,6 +14,7 @@ only the models that client may use.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import hmac
 import logging
@@ -39,11 +40,13 @@ from proxy.runtime import Runtime, build_runtime
 log = logging.getLogger("proxy")
 
 ORPHAN_CHECK_INTERVAL = 1.0
+PR_SET_PDEATHSIG = 1  # prctl(2)
 
 # How `proxy serve --workers N` hands its options to the worker processes.
 CONFIG_ENV = "PROXY_CONFIG"
 LOG_FORMAT_ENV = "PROXY_LOG_FORMAT"
 ADMIN_PORT_ENV = "PROXY_ADMIN_PORT"  # `serve --admin-port`, over server.admin_port
+SUPERVISOR_ENV = "PROXY_SUPERVISOR_PID"  # so a worker knows whose child it must be
 
 Endpoint = Callable[[Request], Awaitable[Response]]
 
@@ -270,8 +273,21 @@ def create_app() -> ProxyApp:
         config = with_admin_port(config, int(admin_port))
     logging.captureWarnings(True)  # in each worker too: warnings become (JSON) log records
     app = ProxyApp(config, log_format=os.environ.get(LOG_FORMAT_ENV, "text"))
-    app.supervisor = os.getppid()
+    app.supervisor = int(os.environ.get(SUPERVISOR_ENV) or os.getppid())
+    _terminate_with_parent()
+    if os.getppid() != app.supervisor:  # it died before the line above could take effect
+        os.kill(os.getpid(), signal.SIGTERM)
     return app
+
+
+def _terminate_with_parent() -> None:
+    """Linux: the kernel sends this worker SIGTERM when its supervisor dies, whatever the
+    worker is doing (starting up included). Elsewhere the lifespan's polling does it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        return
 
 
 async def _exit_with(supervisor: int) -> None:

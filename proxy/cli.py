@@ -97,7 +97,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
             log_config=log_config,
             log_level=args.log_level,
         )
-    from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV
+    from proxy.app import CONFIG_ENV, LOG_FORMAT_ENV, SUPERVISOR_ENV
 
     if config.storage.startswith("memory://"):
         log.warning(
@@ -106,6 +106,7 @@ def serve(config: Config, args: argparse.Namespace) -> int:
             args.workers,
         )
     os.environ[CONFIG_ENV] = os.path.abspath(args.config)
+    os.environ[SUPERVISOR_ENV] = str(os.getpid())
     os.environ[LOG_FORMAT_ENV] = log_format
     # Workers sum their metrics through files here; made fresh at every start.
     metrics_dir = tempfile.mkdtemp(prefix="llm-proxy-metrics-")

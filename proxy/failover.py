@@ -68,6 +68,7 @@ class Delivery:
     response: aiohttp.ClientResponse
     target: Target
     key_id: str
+    ticket: int | None = None  # the breaker's probe slot, when this attempt holds it
 
 
 @dataclass(slots=True)
@@ -121,7 +122,7 @@ async def _try_backend(
     if wait:
         record.throttled = "circuit_open"
         return errors.circuit_open(target.backend, wait)
-    attempt = _Attempt(runtime, target, parts, record)
+    attempt = _Attempt(runtime, target, parts, record, ticket)
     try:
         return await attempt.run()
     finally:
@@ -132,8 +133,11 @@ async def _try_backend(
         elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
             breaker.release(ticket)
         else:
-            # The backend answered: up, whatever it thought of the request.
-            breaker.success(record.client)
+            if attempt.verdict is not Verdict.OK:
+                # The backend answered: up, whatever it thought of the request. (An OK is
+                # reported by the relay once the answer is in: a body cut after a 200 head
+                # is the backend failing.)
+                breaker.success(record.client)
             if runtime.unverified:
                 runtime.unverified.discard(target.backend)
 
@@ -143,13 +147,19 @@ class _Attempt:
     the first is refused or rate limited."""
 
     def __init__(
-        self, runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
+        self,
+        runtime: Runtime,
+        target: Target,
+        parts: RequestParts,
+        record: RequestRecord,
+        ticket: int | None,
     ) -> None:
         self.runtime = runtime
         self.target = target
         self.parts = parts
         self.record = record
         self.verdict: Verdict | None = None  # the last upstream verdict; None: no answer
+        self.ticket = ticket  # the probe slot, if held: handed on with a Delivery
 
     async def run(self) -> Result | ProxyError:
         runtime, target, parts, record = self.runtime, self.target, self.parts, self.record
@@ -195,7 +205,7 @@ class _Attempt:
                     self._attempt_failed(key.id, "bad_status")
                     return errors.upstream_bad_status(backend, status)
                 pool.mark_success(key.id)
-                return Delivery(response, target, key.id)
+                return Delivery(response, target, key.id, self.ticket)
             try:
                 last_answer = await self._read_failed(response, key.id)
             except ProxyError as err:  # an error body past the size cap

@@ -176,12 +176,16 @@ async def _relay(
     response = delivery.response
     head_at = time.perf_counter()
     backend = delivery.target.backend
+    breaker = runtime.breakers[backend]
+    reported = False  # the breaker hears this attempt's outcome exactly once
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
         kept = kept_response_headers(response.raw_headers, runtime.redactor)
         headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
         if response.content_type == _EVENT_STREAM:
+            breaker.success(record.client)  # a stream under way: the backend serves
+            reported = True
             exchange.response_started = True
             await send(
                 {"type": "http.response.start", "status": response.status, "headers": headers}
@@ -205,12 +209,17 @@ async def _relay(
             try:
                 data = await runtime.upstreams[backend].read_all(response, limit)
             except ProxyError as err:
-                if err.code != "upstream_response_too_large":
+                if err.code == "upstream_response_too_large":
+                    breaker.success(record.client)  # an answer, if too big to relay
+                else:
                     # Cut or stalled after the head: the backend failed, whatever it began.
                     exchange.outcome = Outcome.FAILURE
-                    runtime.breakers[backend].failure(record.client)
+                    breaker.failure(record.client)
                     record.attempt_errors.append((backend, delivery.key_id, "body_broken"))
+                reported = True
                 raise
+            breaker.success(record.client)
+            reported = True
             data = runtime.redactor.bytes(data)
             read_at = time.perf_counter()
             headers.append((b"content-length", str(len(data)).encode()))
@@ -223,6 +232,8 @@ async def _relay(
             if response.status == 200 and b'"usage"' in data:
                 record.prompt_tokens, record.completion_tokens = _json_tokens(data)
     finally:
+        if not reported:  # the client left before the answer was in: no verdict
+            breaker.release(delivery.ticket)
         # Returns the connection to the pool when the body was read to the end, closes it
         # otherwise (client gone, stream broken): the upstream stops generating at once.
         response.release()
