@@ -32,7 +32,7 @@ def fingerprint(secret: str) -> str:
 
 
 class Redactor:
-    __slots__ = ("_pairs", "_text_pairs")
+    __slots__ = ("_alphabet", "_pairs", "_text_pairs")
 
     def __init__(self, secrets: Iterable[str]) -> None:
         pairs: dict[bytes, bytes] = {}
@@ -44,6 +44,7 @@ class Redactor:
                 pairs[variant.encode()] = shown
         # Longest first: a key that contains another is replaced whole.
         self._pairs = sorted(pairs.items(), key=lambda p: -len(p[0]))
+        self._alphabet = frozenset(b for secret in pairs for b in secret)
         self._text_pairs = [(a.decode(), b.decode()) for a, b in self._pairs]
 
     @classmethod
@@ -52,6 +53,25 @@ class Redactor:
         secrets += [c.key for c in config.clients]
         secrets.append(config.server.admin_key)
         return cls(s for s in secrets if s)
+
+    def __bool__(self) -> bool:
+        return bool(self._pairs)
+
+    def stream_chunk(self, data: bytes) -> tuple[bytes, bytes]:
+        """A stream chunk scrubbed, and the bytes to hold back: the longest end of it that
+        could be the start of a secret the next chunk completes. A chunk that ends like
+        SSE does (a newline, which no secret holds) is held back not at all."""
+        if self.found_in(data):
+            data = self.bytes(data)
+        if not data or data[-1] not in self._alphabet:
+            return data, b""
+        keep = 0
+        for secret, _ in self._pairs:
+            for length in range(min(len(secret) - 1, len(data)), keep, -1):
+                if data.endswith(secret[:length]):
+                    keep = length
+                    break
+        return (data[:-keep], data[-keep:]) if keep else (data, b"")
 
     def found_in(self, data: bytes) -> bool:
         return any(secret in data for secret, _ in self._pairs)

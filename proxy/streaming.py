@@ -122,11 +122,14 @@ async def relay_stream(
     result = RelayResult()
     usage = _UsageReader()
     last = previous = b"\n\n"
+    held = b""  # the start of a secret at the end of a chunk, until the next one shows
     try:
         try:
             async for chunk in response.content.iter_any():
-                if redactor.found_in(chunk):  # an upstream echoing a key: never passed on
-                    chunk = redactor.bytes(chunk)
+                if redactor:  # an upstream echoing a key: never passed on, whole or split
+                    chunk, held = redactor.stream_chunk(held + chunk)
+                    if not chunk:
+                        continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
                 previous, last = last, chunk
                 if result.first_data_at is None and b"data:" in chunk:
@@ -137,27 +140,35 @@ async def relay_stream(
     except (TimeoutError, aiohttp.SocketTimeoutError):
         result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
-        await send_stream_error(send, message, "upstream_timeout", last, kind)
+        await send_stream_error(send, message, "upstream_timeout", last, kind, held)
         return result
     except aiohttp.ClientError:
         result.error = "stream_broken"
         message = f"Backend '{backend}' closed the stream before it was complete."
-        await send_stream_error(send, message, "upstream_stream_broken", last, kind)
+        await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
+    if held:  # the stream ended: what was held back is not the start of a secret after all
+        previous, last = last, held
     if kind is StreamKind.DONE_TERMINATED and b"[DONE]" not in previous[-16:] + last:
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without [DONE]."
-        await send_stream_error(send, message, "upstream_stream_broken", last, kind)
+        await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    await send({"type": "http.response.body", "body": held, "more_body": False})
     return result
 
 
 async def send_stream_error(
-    send: Send, message: str, code: str, last_chunk: bytes, kind: StreamKind = StreamKind.PLAIN
+    send: Send,
+    message: str,
+    code: str,
+    last_chunk: bytes,
+    kind: StreamKind = StreamKind.PLAIN,
+    held: bytes = b"",
 ) -> None:
+    """End the stream with one error event (after ``held``, bytes not yet passed on)."""
     # A half-sent event is closed first so the error is an event of its own.
-    separator = b"" if last_chunk.endswith(_EVENT_ENDS) else b"\n\n"
+    separator = held + (b"" if (held or last_chunk).endswith(_EVENT_ENDS) else b"\n\n")
     if kind is StreamKind.RESPONSES:
         event = b"event: error\ndata: " + _responses_error(message, code, last_chunk)
     else:

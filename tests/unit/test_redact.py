@@ -40,3 +40,18 @@ def test_urls_lose_their_passwords() -> None:
         == "redis://host:6379?password=***&db=1"
     )
     assert redact_url("memory://") == "memory://"
+
+
+def test_a_stream_chunk_ending_with_the_start_of_a_key_holds_only_that_back() -> None:
+    redactor = Redactor([KEY])
+    first, held = redactor.stream_chunk(b'data: {"echo": "' + KEY[:10].encode())
+    assert first == b'data: {"echo": "' and held == KEY[:10].encode()
+    second, held = redactor.stream_chunk(held + KEY[10:].encode() + b'"}\n\n')
+    assert second == b'sk-\xe2\x80\xa6Z/+="}\n\n' and held == b""
+    assert KEY.encode() not in first + second
+
+
+def test_ordinary_stream_chunks_pass_unchanged_and_unheld() -> None:
+    redactor = Redactor([KEY])
+    for chunk in (b'data: {"a": 1}\n\n', b"data: [DONE]\n\n", b'data: {"text": "ok'):
+        assert redactor.stream_chunk(chunk) == (chunk, b"")
