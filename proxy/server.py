@@ -72,6 +72,7 @@ FD_HEADROOM = 256  # listeners, Redis pool, log and metrics files, DNS: beyond t
 PROBE_PATHS = frozenset({"/health", "/ready"})
 INTERNAL_PATHS = frozenset({"/metrics", "/health", "/ready"})
 PROBE_HEAD_TIMEOUT = 2.0  # a connection in the reserve has this long to send its head
+MAX_PIPELINED = 16  # requests queued behind the one in progress, per connection
 LINGER_SECONDS = 1.0  # after a 408/431: read and drop what is in flight, so the answer is seen
 
 
@@ -184,6 +185,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_timer: TimerHandle | None = None
         self.body_timer: TimerHandle | None = None
         self.lingering = False
+        self.pipeline_overflow = False  # closing: too many pipelined requests
         self.probe_only = False
 
     # ------------------------------------------------------------ connection
@@ -265,6 +267,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # ------------------------------------------------------------ parser callbacks
 
     def on_headers_complete(self) -> None:
+        if self.pipeline_overflow:
+            return  # the connection is closing: the rest of this read builds nothing
         self.reading_head = False
         if self.head_timer is not None:
             self.head_timer.cancel()
@@ -272,6 +276,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.probe_only:
             self.front_door.waiting.pop(self, None)  # no longer an idle slot to evict
         super().on_headers_complete()
+        if len(self.pipeline) > MAX_PIPELINED:
+            # uvicorn queues every request of a read behind the one in progress: thousands
+            # of pipelined heads would cost megabytes per connection. No client needs this
+            # many; the queued ones are dropped with the connection (no answer can be
+            # written in the middle of another).
+            self.pipeline_overflow = True
+            self.pipeline.clear()
+            self.transport.close()
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
