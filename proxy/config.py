@@ -371,6 +371,9 @@ class ServerConfig(_Section):
     port: Annotated[Port, doc("listen port")] = 8080
     routing_headers: Annotated[Bool, doc("x-proxy-backend/-key/-model on responses")] = True
     max_body_size: Annotated[Size, doc("request bodies; 413 beyond")] = 10 * 2**20
+    max_buffered_bodies: Annotated[
+        Size, doc("all request bodies being read at once, per process; 503 beyond")
+    ] = 128 * 2**20
     trusted_proxies: Annotated[tuple[Network, ...], doc("whose X-Forwarded-For counts")] = ()
     admin_key: Annotated[Secret, doc("Bearer for /admin/*")] = field(default="", repr=False)
     config_poll_interval: Annotated[Seconds, doc("file checks; 0: SIGHUP only")] = 1.0

@@ -248,6 +248,16 @@ def circuit_open(backend: str, wait: float) -> ProxyError:
     )
 
 
+def server_busy(what: str) -> ProxyError:
+    return ProxyError(
+        503,
+        f"The proxy is holding as many {what} as it may; try again in a moment.",
+        type="server_error",
+        code="server_busy",
+        headers=retry_after_headers(1.0),
+    )
+
+
 def internal_error() -> ProxyError:
     return ProxyError(
         500,

@@ -77,7 +77,10 @@ async def handle(
     try:
         path = forwarded_path(scope, runtime.config.server.forward_paths)
         refuse_content_encoding(scope["headers"])
-        body = await read_request_body(scope, receive, runtime.config.server.max_body_size)
+        server = runtime.config.server
+        body = await read_request_body(
+            scope, receive, server.max_body_size, server.max_buffered_bodies
+        )
         await _cancel_on_disconnect(
             receive, exchange, forward(runtime, scope, send, path, body, exchange)
         )
@@ -319,23 +322,37 @@ def _outcome(status: int) -> Outcome:
 # ---------------------------------------------------------------- steps
 
 
-async def read_request_body(scope: Scope, receive: Receive, limit: int) -> bytes:
+class _BodyBudget:
+    """Bytes of request bodies held by all requests of this process at once: each body is
+    bounded by ``max_body_size``, and this bounds their sum, whatever the connection count
+    (40 clients each holding back the end of a 9 MiB body would hold 360 MB)."""
+
+    held = 0
+
+
+async def read_request_body(scope: Scope, receive: Receive, limit: int, budget: int) -> bytes:
     declared = header_value(scope["headers"], b"content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise errors.body_too_large(limit)
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone  # nobody is waiting for an answer
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise errors.body_too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone  # nobody is waiting for an answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            _BodyBudget.held += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            if _BodyBudget.held > budget:
+                raise errors.server_busy("request bodies being received")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        _BodyBudget.held -= size  # parsed right after, or refused: no longer held here
 
 
 def parse_payload(body: bytes) -> dict[str, Any]:
