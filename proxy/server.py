@@ -72,6 +72,7 @@ FD_HEADROOM = 256  # listeners, Redis pool, log and metrics files, DNS: beyond t
 PROBE_PATHS = frozenset({"/health", "/ready"})
 INTERNAL_PATHS = frozenset({"/metrics", "/health", "/ready"})
 PROBE_HEAD_TIMEOUT = 2.0  # a connection in the reserve has this long to send its head
+SILENT_GRACE = 0.25  # a connection this young is not taken for a silent one
 MAX_PIPELINED = 16  # requests queued behind the one in progress, per connection
 LINGER_SECONDS = 1.0  # after a 408/431: read and drop what is in flight, so the answer is seen
 
@@ -107,11 +108,14 @@ class FrontDoor:
     episode_since: float | None = None  # at the cap since then
     turned_away: int = 0  # connections refused, or served probe-only, in the episode
     waiting: dict[GuardedHttpToolsProtocol, None] = field(default_factory=dict)
+    # Served connections that have not sent a whole request head yet, oldest first, with
+    # when they opened: at the cap, the oldest of them gives its place to a new one.
+    silent: dict[GuardedHttpToolsProtocol, float] = field(default_factory=dict)
 
     def admit(self, open_connections: int) -> str:
         """``serve``, ``probe`` (the reserve: /health and /ready only) or ``refuse``."""
         cap = self.limits.max_connections
-        if open_connections <= cap:
+        if open_connections <= cap or self._evict_oldest_silent():
             return "serve"
         if self.episode_since is None:
             self.episode_since = self.clock()
@@ -144,6 +148,18 @@ class FrontDoor:
                 self.clock() - self.episode_since,
             )
             self.episode_since = None
+
+    def _evict_oldest_silent(self) -> bool:
+        """Sockets that never send a byte must not lock everyone else out: at the cap, the
+        connection that has waited longest for its first head (at least ``SILENT_GRACE``)
+        is closed for the new one."""
+        for oldest, opened in self.silent.items():
+            if self.clock() - opened < SILENT_GRACE:
+                return False  # the oldest is young: so are the others
+            del self.silent[oldest]
+            oldest.transport.abort()
+            return True
+        return False
 
     def _evict_oldest_waiting(self) -> bool:
         for oldest in self.waiting:
@@ -203,8 +219,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.front_door.waiting[self] = None
             self.app = _ProbesOnly(self.app, internal=self._on_admin_port())
             head_timeout = min(head_timeout, PROBE_HEAD_TIMEOUT)
-        elif self._on_admin_port():
-            self.app = _InternalOnly(self.app)
+        else:
+            self.front_door.silent[self] = self.front_door.clock()
+            if self._on_admin_port():
+                self.app = _InternalOnly(self.app)
         self.head_timer = self.loop.call_later(head_timeout, self._head_timed_out)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -212,6 +230,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_timers()
         if self.probe_only:
             self.front_door.waiting.pop(self, None)
+        self.front_door.silent.pop(self, None)
         self.front_door.released(len(self.connections))
 
     def _on_admin_port(self) -> bool:
@@ -275,6 +294,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.head_timer = None
         if self.probe_only:
             self.front_door.waiting.pop(self, None)  # no longer an idle slot to evict
+        self.front_door.silent.pop(self, None)  # it spoke: never evicted as silent
         super().on_headers_complete()
         if len(self.pipeline) > MAX_PIPELINED:
             # uvicorn queues every request of a read behind the one in progress: thousands

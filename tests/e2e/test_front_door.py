@@ -280,15 +280,14 @@ def test_at_the_cap_health_answers_and_the_cap_is_logged_once(capped, upstream):
             latencies.append(time.monotonic() - started)
             assert response.status_code == 200
             assert httpx.get(f"{capped.url}/ready", timeout=5).status_code == 200
-        busy = httpx.post(
+        # A real client is served too: the oldest silent socket gives it its place.
+        served_at_cap = httpx.post(
             f"{capped.base_url}/chat/completions",
             json={"model": "kimi-k2", "messages": []},
             timeout=5,
         )
         print(f"/health at the cap: max {max(latencies) * 1000:.1f} ms; open fds {fds}")
-        assert busy.status_code == 503
-        assert busy.json()["error"]["code"] == "too_many_connections"
-        assert busy.headers["connection"] == "close"
+        assert served_at_cap.status_code == 200
         # 300 sockets opened, but the proxy holds the cap, the reserve and its own few.
         assert fds < CAP + 8 + 60, fds
         assert capped.log().count("connection cap reached") == 1
