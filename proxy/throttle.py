@@ -18,6 +18,7 @@ failure in a row, capped at ``max``, jittered. A success resets the streak and t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import math
 import random
@@ -266,10 +267,17 @@ class MemoryStreaks:
         self._streaks: OrderedDict[tuple[str, str], Streak] = OrderedDict()
 
     def wait(self, client: str, model: str, config: ReconnectConfig) -> float:
-        streak = self._streaks.get((client, model))
+        key = (client, model)
+        streak = self._streaks.get(key)
         if streak is None:
             return 0.0
-        return _valid_wait(streak.until - self._clock(), config.max)
+        now = self._clock()
+        wait = _valid_wait(streak.until - now, config.max)
+        if streak.until > now + wait:
+            # Longer than a reload's new maximum allows: cut to what is enforced now, so it
+            # still ends within the maximum from here (not half-enforced for longer).
+            self._streaks[key] = dataclasses.replace(streak, until=now + wait)
+        return wait
 
     def record(self, client: str, model: str, failed: bool, config: ReconnectConfig) -> None:
         now = self._clock()

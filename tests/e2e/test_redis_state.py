@@ -167,6 +167,8 @@ def test_garbage_in_redis_is_ignored_or_capped_never_a_crash(proxy, upstream, ow
         # Capped states end by time: after max_cooldown (and max_open, and the background
         # probe closing the circuit), the proxy serves again with no help.
         time.sleep(5.2)
+        # The background probe closed the circuit on probation: a real success ends that.
+        assert post(proxy).status_code == 200
     # The streak script validates what it reads: a failure is recorded with no error, and it
     # is the first of a new streak (no wait yet).
     assert post(proxy, status=500).status_code == 500
