@@ -56,7 +56,7 @@ soak: $(STAMP)
 	$(BIN)/python -m tests.soak --requests 20000 --concurrency 64
 
 # Random requests, hostile upstream answers and hostile config files against a running
-# proxy, checking the invariants (a 12 s version runs in `make test`).
+# proxy, checking the invariants (an 8 s version runs in `make test`).
 FUZZ_SECONDS ?= 120
 SEED ?= 1
 fuzz: $(STAMP)
