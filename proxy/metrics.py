@@ -72,8 +72,8 @@ STREAMS_ACTIVE = Gauge(
 )
 UPSTREAM_ERRORS = Counter(
     "llm_proxy_upstream_errors",
-    "Failed upstream attempts, by kind: connect, timeout, status_4xx, status_429, "
-    "status_5xx, stream_broken.",
+    "Failed upstream attempts, by kind: connect, timeout, redirect, bad_status, status_4xx, "
+    "status_429, status_5xx, body_broken, stream_broken.",
     ["backend", "key", "kind"],
 )
 THROTTLED = Counter(
