@@ -291,7 +291,7 @@ def _retry_after(answer: FailedAnswer) -> float | None:
             seconds = parse_seconds(value)
             if seconds is not None:
                 return seconds
-    return parse_seconds(rewrite.retry_after_in_message(answer.body))
+    return rewrite.retry_after_in_message(answer.body)
 
 
 def _reason(answer: FailedAnswer) -> str:

@@ -75,9 +75,9 @@ async def handle(
     record = RequestRecord(scope["method"], scope["path"], request_id)
     exchange = _Exchange(record, request_id)
     try:
-        path = forwarded_path(scope, runtime.config.server.forward_paths)
-        refuse_content_encoding(scope["headers"])
         server = runtime.config.server
+        path = forwarded_path(scope, server.forward_paths)
+        refuse_content_encoding(scope["headers"])
         body = await read_request_body(
             scope, receive, server.max_body_size, server.max_buffered_bodies
         )

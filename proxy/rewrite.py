@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from proxy.classify import error_kinds
+from proxy.classify import error_kinds, parse_seconds
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,13 @@ def error_annotations(
     if no_retry_errors and error_kinds(body) & {e.lower() for e in no_retry_errors}:
         added.append((b"x-should-retry", b"false"))
     if status == 429 and b"retry-after" not in names and b"retry-after-ms" not in names:
-        match = _RETRY_IN_MESSAGE.search(body)
-        if match:
-            added.append((b"retry-after", str(max(1, round(float(match[1])))).encode()))
+        seconds = retry_after_in_message(body)
+        if seconds is not None:
+            added.append((b"retry-after", str(max(1, round(seconds))).encode()))
     return added
 
 
 def retry_after_in_message(body: bytes) -> float | None:
+    """The N of "try again after N seconds", as a sane, capped wait; None without one."""
     match = _RETRY_IN_MESSAGE.search(body)
-    return float(match[1]) if match else None
+    return parse_seconds(match[1]) if match else None
