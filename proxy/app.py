@@ -76,7 +76,7 @@ class ProxyApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            if scope["method"] == "POST" and scope["path"].startswith("/v1/"):
+            if scope["path"].startswith("/v1/") and not self._answered_here(scope):
                 # One snapshot per request: a reload never changes a request half-way.
                 runtime = self.runtime
                 runtime.in_flight[0] += 1
@@ -115,6 +115,20 @@ class ProxyApp:
                 metrics.worker_exit()
                 await send({"type": "lifespan.shutdown.complete"})
                 return
+
+    def _answered_here(self, scope: Scope) -> bool:
+        """The proxy's own model list, and the models it lists; any other ``/models/{id}``
+        (a fine-tuned model to retrieve or delete) goes to the backend that routes it."""
+        path: str = scope["path"]
+        if path == "/v1/models":
+            return True
+        if not path.startswith("/v1/models/") or scope["method"] not in ("GET", "HEAD"):
+            return False
+        model_id = path.removeprefix("/v1/models/")
+        runtime = self.runtime
+        return model_id in runtime.router.listed or any(
+            model_id in ids for ids in runtime.discovered.values()
+        )
 
     def _swap(self, runtime: Runtime) -> None:
         self.runtime = runtime

@@ -299,6 +299,9 @@ class BackendConfig(_Section):
     discover_models: Annotated[Bool, doc("list the backend's own /models too")] = False
     discover_interval: Annotated[Positive, doc("seconds between /models refreshes")] = 600.0
     max_cooldown: Annotated[Positive, doc("cap on a key's cooldown (retry-after)")] = 300.0
+    inject_stream_usage: Annotated[
+        Bool, doc("ask for usage on streamed chat (stream_options.include_usage)")
+    ] = True
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -318,6 +321,21 @@ class RouteConfig(_Section):
     key: Annotated[Text | None, doc("pin one key id of the backend")] = None
     fallback: Annotated[tuple[FallbackConfig, ...], doc("tried in order on failure")] = ()
     request_rewrite: Annotated[Rewrite, doc("applied after the backend's rules")] = NO_RULES
+
+
+@dataclass(frozen=True)
+class PathRule(_Section):
+    prefix: Annotated[ForwardPath, doc("the path after /v1, and all below it")]
+    backend: Annotated[Text, doc("the backend requests without a model go to")]
+    key: Annotated[Text | None, doc("pin one key id of the backend")] = None
+
+
+@dataclass(frozen=True)
+class ObjectsConfig(_Section):
+    ttl: Annotated[Positive, doc("seconds an object id stays bound to its backend and key")] = (
+        30 * 86400.0
+    )
+    max_entries: Annotated[Whole, doc("ids remembered per process (memory storage)")] = 100_000
 
 
 @dataclass(frozen=True)
@@ -352,16 +370,33 @@ class ThrottleConfig(_Section):
     ] = "moving-window"
 
 
-# The OpenAI inference endpoints that take a JSON body with a model: only these are
-# forwarded, so a client cannot reach a provider's admin API with the operator's key.
+# The OpenAI API's resources, by the first segment after /v1: a path is forwarded when it is
+# one of these or below one. Left out: /organization and /projects, the admin API, which a
+# client must never reach with the operator's key.
 DEFAULT_FORWARD_PATHS = (
-    "/chat/completions",
+    "/chat",
     "/completions",
     "/embeddings",
     "/responses",
     "/moderations",
-    "/images/generations",
-    "/audio/speech",
+    "/images",
+    "/audio",
+    "/files",
+    "/uploads",
+    "/batches",
+    "/vector_stores",
+    "/fine_tuning",
+    "/conversations",
+    "/containers",
+    "/evals",
+    "/models",
+    "/realtime",
+    "/videos",
+    "/skills",
+    "/chatkit",
+    "/assistants",
+    "/threads",
+    "/content_provenance_checks",
 )
 
 
@@ -383,9 +418,12 @@ class ServerConfig(_Section):
     body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
     max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
     max_response_size: Annotated[Size, doc("non-streamed bodies; 502 beyond")] = 64 * 2**20
-    forward_paths: Annotated[tuple[ForwardPath, ...], doc("POST paths after /v1 forwarded")] = (
-        DEFAULT_FORWARD_PATHS
+    max_upload_size: Annotated[Size, doc("streamed (multipart, binary) request bodies; 413")] = (
+        512 * 2**20
     )
+    forward_paths: Annotated[
+        tuple[ForwardPath, ...], doc("paths after /v1 forwarded, with all below them")
+    ] = DEFAULT_FORWARD_PATHS
 
 
 @dataclass(frozen=True)
@@ -397,6 +435,11 @@ class Config(_Section):
         default_factory=_NONE
     )
     routes: Annotated[tuple[RouteConfig, ...], doc("first match wins")] = ()
+    paths: Annotated[tuple[PathRule, ...], doc("requests without a model: first match")] = ()
+    default_backend: Annotated[Text | None, doc("any other request without a model")] = None
+    objects: Annotated[ObjectsConfig, doc("files, responses, ... stay where made")] = (
+        ObjectsConfig()
+    )
     clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
     throttle: Annotated[ThrottleConfig, doc("backoff and rate counting")] = ThrottleConfig()
     storage: Annotated[Storage, doc("memory:// or redis://host:port (shared)")] = "memory://"
@@ -490,17 +533,16 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
         key_ids[name] = ids
     known = ", ".join(backends) or "none"
     for i, route in enumerate(map(_dict, _list(top.get("routes")))):
-        backend, key = _scalar(route.get("backend")), _scalar(route.get("key"))
-        if backend is not None and backend not in backends:
-            yield ("routes", i, "backend"), f"unknown backend '{backend}' (known: {known})"
-        elif key is not None and backend is not None and key not in key_ids[backend]:
-            have = ", ".join(dict.fromkeys(key_ids[backend])) or "none"
-            message = f"unknown key id '{key}' for backend '{backend}' (known: {have})"
-            yield ("routes", i, "key"), message
+        yield from _backend_and_key(("routes", i), route, key_ids)
         for j, step in enumerate(_list(route.get("fallback"))):
             if (other := _scalar(_dict(step).get("backend"))) is not None and other not in backends:
                 message = f"unknown backend '{other}' (known: {known})"
                 yield ("routes", i, "fallback", j, "backend"), message
+    for i, rule in enumerate(map(_dict, _list(top.get("paths")))):
+        yield from _backend_and_key(("paths", i), rule, key_ids)
+    default = _scalar(top.get("default_backend"))
+    if default is not None and default not in backends:
+        yield ("default_backend",), f"unknown backend '{default}' (known: {known})"
     seen: dict[str | None, int] = {}
     for i, client in enumerate(map(_dict, _list(top.get("clients")))):
         for what in ("id", "key"):
@@ -517,6 +559,19 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
             chain.append(aliases[chain[-1]])
         if chain[-1] in chain[:-1]:
             yield ("aliases", name), f"alias cycle: {' -> '.join(chain)}"
+
+
+def _backend_and_key(
+    place: Path, rule: dict[str, Any], key_ids: dict[str, list[str]]
+) -> Iterator[tuple[Path, str]]:
+    """A rule's ``backend`` must exist, and its ``key`` (when pinned) be one of its keys."""
+    backend, key = _scalar(rule.get("backend")), _scalar(rule.get("key"))
+    if backend is not None and backend not in key_ids:
+        known = ", ".join(key_ids) or "none"
+        yield (*place, "backend"), f"unknown backend '{backend}' (known: {known})"
+    elif key is not None and backend is not None and key not in key_ids[backend]:
+        have = ", ".join(dict.fromkeys(key_ids[backend])) or "none"
+        yield (*place, "key"), f"unknown key id '{key}' for backend '{backend}' (known: {have})"
 
 
 def _built_checks(config: Config) -> Iterator[tuple[Path, str]]:

@@ -62,6 +62,30 @@ def unknown_url(method: str, path: str) -> ProxyError:
     return ProxyError(404, f"Unknown request URL: {method} {path}.", code="unknown_url")
 
 
+def missing_model(path: str) -> ProxyError:
+    return ProxyError(
+        400,
+        "You must provide a model parameter (requests without one are routed by the proxy's "
+        f"`paths:` rules or `default_backend`, and none routes POST /v1{path[:200]}).",
+        param="model",
+        code="missing_model",
+    )
+
+
+def no_path_route(method: str, path: str) -> ProxyError:
+    return ProxyError(
+        404,
+        f"{method} /v1{path} names no model, and no rule routes it: add a `paths:` rule "
+        f"(e.g. {{prefix: {_first_segment(path)}, backend: <name>}}) or `default_backend: "
+        "<name>` to the proxy's config.",
+        code="no_route",
+    )
+
+
+def _first_segment(path: str) -> str:
+    return "/" + path.lstrip("/").split("/", 1)[0][:40]
+
+
 def method_not_allowed(method: str, path: str, allow: str) -> ProxyError:
     return ProxyError(
         405,

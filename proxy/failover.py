@@ -16,49 +16,90 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import orjson
 
 from proxy import errors, rewrite
 from proxy.access_log import RequestRecord
+from proxy.bodies import ClientGone, Upload
 from proxy.classify import Verdict, classify, parse_seconds
+from proxy.config import BackendConfig
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
 from proxy.keys import NoUsableKey
 from proxy.routing import Target
 from proxy.runtime import Runtime
+from proxy.upstream import Body
 
 
 @dataclass(slots=True)
 class RequestParts:
     """What the client sent, ready to be sent again to another backend or with another key."""
 
+    method: str
     path: str  # after /v1, still percent-encoded
     query: str
     client_headers: list[tuple[bytes, bytes]]
     payload: dict[str, Any]
     body: bytes
-    model: str  # as the client sent it: the body holds this id
-    _bodies: dict[tuple[str, int], bytes] = field(default_factory=dict)
+    model: str  # as the client sent it ("" when it named none): the body holds this id
+    upload: Upload | None = None  # a streamed body, sent from the client as it arrives
+    model_in_path: bool = False  # /models/{id}: the id is in the path, not the body
+    _bodies: dict[tuple[str, int, bool], bytes] = field(default_factory=dict)
 
-    def body_for(self, target: Target) -> bytes:
-        """The body for ``target``: its model id and rewrite rules applied; the bytes as the
-        client sent them when neither changes anything."""
-        if target.upstream_model == self.model and not target.rewrite:
+    @property
+    def replayable(self) -> bool:
+        """Whether another key or backend can still be tried: an upload under way cannot
+        be sent twice."""
+        return self.upload is None or self.upload.replayable
+
+    def path_for(self, target: Target) -> str:
+        if self.model_in_path and target.upstream_model != self.model:
+            return "/models/" + quote(target.upstream_model, safe=":")
+        return self.path
+
+    def wants_usage_injected(self, backend: BackendConfig) -> bool:
+        """A streamed chat or text completion whose client did not ask for usage: the
+        upstream is asked anyway (the tokens are counted), and the client is not sent it."""
+        if not backend.inject_stream_usage or self.path not in USAGE_PATHS:
+            return False
+        if self.payload.get("stream") is not True:
+            return False
+        options = self.payload.get("stream_options")
+        return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+    def body_for(self, target: Target, inject_usage: bool = False) -> bytes:
+        """The body for ``target``: its model id and rewrite rules applied, usage asked for
+        when ``inject_usage``; the bytes as the client sent them when nothing changes."""
+        if not target.model:  # a request without a model is sent as it came
             return self.body
-        cache_key = (target.upstream_model, id(target.rewrite))
+        same_model = target.upstream_model == self.model
+        if same_model and not target.rewrite:
+            if not inject_usage:
+                return self.body
+            if "stream_options" not in self.payload:
+                # The common case, without a parse-and-dump round: one field put in front.
+                return _USAGE_FIELD + self.body.lstrip()[1:]
+        cache_key = (target.upstream_model, id(target.rewrite), inject_usage)
         body = self._bodies.get(cache_key)
         if body is None:
             payload = dict(self.payload)  # each target's rules start from the client's body
             payload["model"] = target.upstream_model
             changed = rewrite.apply(target.rewrite, payload)
-            if not changed and target.upstream_model == self.model:
-                body = self.body
-            else:
-                body = orjson.dumps(payload)
+            if inject_usage:
+                options = payload.get("stream_options")
+                options = dict(options) if isinstance(options, dict) else {}
+                payload["stream_options"] = {**options, "include_usage": True}
+                changed = True
+            body = self.body if not changed and same_model else orjson.dumps(payload)
             self._bodies[cache_key] = body
         return body
+
+
+USAGE_PATHS = ("/chat/completions", "/completions")  # streams whose usage must be asked for
+_USAGE_FIELD = b'{"stream_options":{"include_usage":true},'
 
 
 @dataclass(slots=True)
@@ -69,6 +110,7 @@ class Delivery:
     target: Target
     key_id: str
     ticket: int | None = None  # the breaker's probe slot, when this attempt holds it
+    strip_usage: bool = False  # usage was asked for by the proxy, not by the client
 
 
 @dataclass(slots=True)
@@ -104,7 +146,7 @@ async def deliver(
         if isinstance(result, Delivery):
             return result
         last = result
-        if not _worth_a_fallback(result):
+        if not _worth_a_fallback(result) or not parts.replayable:
             break
     if isinstance(last, ProxyError):
         raise last
@@ -170,8 +212,8 @@ class _Attempt:
             return errors.backend_rate_limited(backend, decision.reset_seconds)
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
-        url = upstream.url(parts.path, parts.query)
-        body = parts.body_for(target)
+        url = upstream.url(parts.path_for(target), parts.query)
+        inject_usage = parts.wants_usage_injected(runtime.config.backends[backend])
         tried: list[str] = []
         refused: list[str] = []
         last_answer: FailedAnswer | None = None
@@ -188,8 +230,17 @@ class _Attempt:
                 parts.client_headers, upstream.extra_headers, "Bearer " + key.value
             )
             try:
-                response = await upstream.send("POST", url, headers, body)
+                response = await upstream.send(
+                    parts.method, url, headers, self._body(headers, inject_usage)
+                )
             except ProxyError as err:
+                upload = parts.upload
+                if upload is not None and upload.failure is not None:
+                    # The client's upload stopped (too large, or the client left): nothing
+                    # to learn about the backend.
+                    if isinstance(upload.failure, ClientGone):
+                        raise upload.failure from None
+                    return upload.failure
                 self.verdict = Verdict.BACKEND_FAILED
                 self._attempt_failed(key.id, "timeout" if err.status == 504 else "connect")
                 return err
@@ -205,7 +256,7 @@ class _Attempt:
                     self._attempt_failed(key.id, "bad_status")
                     return errors.upstream_bad_status(backend, status)
                 pool.mark_success(key.id)
-                return Delivery(response, target, key.id, self.ticket)
+                return Delivery(response, target, key.id, self.ticket, inject_usage)
             try:
                 last_answer = await self._read_failed(response, key.id)
             except ProxyError as err:  # an error body past the size cap
@@ -227,8 +278,21 @@ class _Attempt:
                 self._attempt_failed(key.id, "status_4xx")
                 pool.mark_invalid(key.id, reason)
                 refused.append(key.id)
-            if len(tried) > 1:  # one retry per request, never a storm of them
+            if len(tried) > 1 or not parts.replayable:  # one retry, never a storm of them
                 return self._nothing_left(None, last_answer, refused)
+
+    def _body(self, headers: dict[str, str], inject_usage: bool) -> Body:
+        """What this attempt sends: JSON bytes, or an upload's bytes as they come."""
+        parts = self.parts
+        upload = parts.upload
+        if upload is None:
+            body = parts.body_for(self.target, inject_usage)
+            return body if body or parts.method == "POST" else None
+        model = self.target.upstream_model or None
+        length = upload.length_for(model)
+        if length is not None:
+            headers["content-length"] = str(length)
+        return upload.chunks(model)
 
     def _nothing_left(
         self, exc: NoUsableKey | None, last: FailedAnswer | None, refused: list[str]

@@ -1,6 +1,6 @@
-"""The forwarding pipeline for ``POST /v1/...``: one request, one direction.
+"""The forwarding pipeline for ``/v1/...``: one request, one direction.
 
-read body → auth → parse model → route → throttle → key/upstream (failover) → relay → log.
+read body → auth → model → route → throttle → key/upstream (failover) → relay → log.
 Each step is a call into the module that owns it; this module only strings them together
 and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
 """
@@ -22,12 +22,21 @@ import orjson
 
 from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
+from proxy.bodies import (
+    ClientGone,
+    Upload,
+    checked_model,
+    form_boundary,
+    is_upload,
+    parse_payload,
+    read_whole,
+)
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
-from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
+from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.streaming import StreamKind, relay_stream, tokens, usage_of
+from proxy.streaming import ResponseCut, StreamKind, relay_bytes, relay_stream, tokens, usage_of
 from proxy.throttle import Outcome
 
 Scope = MutableMapping[str, Any]
@@ -39,10 +48,6 @@ log = logging.getLogger("proxy")
 
 _EVENT_STREAM = "text/event-stream"
 _DONE_PATHS = ("/chat/completions", "/completions")  # streams that must end with [DONE]
-
-
-class ClientGone(Exception):
-    """The client disconnected before it had sent its whole request."""
 
 
 class _Exchange:
@@ -74,20 +79,25 @@ async def handle(
     request_id = client_request_id(scope["headers"]) or new_request_id()
     record = RequestRecord(scope["method"], scope["path"], request_id)
     exchange = _Exchange(record, request_id)
+    parts: RequestParts | None = None
     try:
-        server = runtime.config.server
-        path = forwarded_path(scope, server.forward_paths)
+        path = forwarded_path(scope, runtime.config.server.forward_paths)
+        check_method(scope["method"], path)
         refuse_content_encoding(scope["headers"])
-        body = await read_request_body(
-            scope, receive, server.max_body_size, server.max_buffered_bodies
-        )
+        parts = await read_request(runtime, scope, receive, path)
+        upload = parts.upload
         await _cancel_on_disconnect(
-            receive, exchange, forward(runtime, scope, send, path, body, exchange)
+            receive,
+            exchange,
+            forward(runtime, scope, send, parts, exchange),
+            upload.done if upload is not None else None,
         )
     except ProxyError as err:
         await _answer_error(runtime, send, exchange, err)
     except ClientGone:
         record.status, record.error = 499, "client_disconnected"
+    except ResponseCut:
+        raise  # the server drops the connection: the client sees the body end too early
     except asyncio.CancelledError:
         if not exchange.client_gone:
             raise
@@ -103,14 +113,38 @@ async def handle(
         log.exception("internal error while handling %s %s", scope["method"], scope["path"])
         await _answer_error(runtime, send, exchange, errors.internal_error())
     finally:
+        if parts is not None and parts.upload is not None:
+            parts.upload.close()
         access_log.write(record)
         metrics.observe_request(record)
         if exchange.target is not None and record.client is not None:
             await runtime.throttle.record(record.client, exchange.target.model, exchange.outcome)
 
 
+async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: str) -> RequestParts:
+    """The request as it will be sent on: a JSON body read whole, an upload's head (up to
+    its model), or a model id taken from the path (``/models/{id}``)."""
+    server = runtime.config.server
+    method: str = scope["method"]
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    query = scope["query_string"].decode("latin-1")
+    if method == "POST" and is_upload(headers):
+        upload = Upload(receive, headers, server.max_upload_size, server.max_buffered_bodies)
+        model_optional = runtime.router.path_rule(path) is not None
+        await upload.read_head(form_boundary(headers), model_optional)
+        return RequestParts(method, path, query, headers, {}, b"", upload.model or "", upload)
+    body = await read_whole(scope, receive, server.max_body_size, server.max_buffered_bodies)
+    if path.startswith("/models/"):
+        model = checked_model(path.removeprefix("/models/"))
+        return RequestParts(method, path, query, headers, {}, body, model, model_in_path=True)
+    payload = parse_payload(body) if method == "POST" else {}
+    named = payload.get("model")
+    model = checked_model(named) if named is not None else ""
+    return RequestParts(method, path, query, headers, payload, body, model)
+
+
 async def forward(
-    runtime: Runtime, scope: Scope, send: Send, path: str, body: bytes, exchange: _Exchange
+    runtime: Runtime, scope: Scope, send: Send, parts: RequestParts, exchange: _Exchange
 ) -> None:
     record = exchange.record
     # auth
@@ -121,19 +155,14 @@ async def forward(
         record.client = runtime.auth.address(scope)
 
     # route
-    payload = parse_payload(body)
-    model = requested_model(payload)
-    record.model = model
-    record.stream = payload.get("stream") is True
-    target = runtime.router.resolve(model)
-    if target is None:
-        summary = runtime.router.routable_summary()
-        raise errors.model_not_found(
-            f"The model '{model}' is not routed by this proxy. Routable: {summary}."
-        )
-    record.backend, record.upstream_model = target.backend, target.upstream_model
+    model = parts.model
+    record.model = model or None
+    record.stream = parts.payload.get("stream") is True
+    target = route(runtime, parts)
+    record.backend, record.upstream_model = target.backend, target.upstream_model or None
     record.model_label = target.label
-    runtime.auth.check_model(client, model, target.model)
+    if model:
+        runtime.auth.check_model(client, model, target.model)
 
     # throttle
     if client is not None:
@@ -141,21 +170,14 @@ async def forward(
         if decision is not None and not decision.allowed:
             record.throttled = "client_rate_limit"
             raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
-    wait = await runtime.throttle.reconnect_wait(record.client, target.model)
+    throttled_as = target.model or parts.path  # a request without a model: by its path
+    wait = await runtime.throttle.reconnect_wait(record.client, throttled_as)
     if wait > 0:
         record.throttled = "reconnect"
-        raise errors.reconnect_throttled(target.model, wait)
+        raise errors.reconnect_throttled(throttled_as, wait)
     exchange.target = target  # from here on, what happens counts for the reconnect throttle
 
     # key → upstream, with retries on another key and fallbacks
-    parts = RequestParts(
-        path,
-        scope["query_string"].decode("latin-1"),
-        scope["headers"],
-        payload,
-        body,
-        model,
-    )
     try:
         result = await deliver(runtime, target, parts, record)
     except ProxyError as err:
@@ -169,77 +191,134 @@ async def forward(
         exchange.outcome = _outcome(result.status)
         await _send_failed(runtime, send, exchange, result)
     else:
-        await _relay(runtime, send, exchange, result, stream_kind(path))
+        await _relay(runtime, send, exchange, result, parts.path)
 
 
 async def _relay(
-    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, kind: StreamKind
+    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, path: str
 ) -> None:
+    """Relay an upstream's answer by its kind: events as they come, a JSON answer read
+    whole (its usage and ids taken), anything else (audio, a file) chunk by chunk."""
     record = exchange.record
     response = delivery.response
-    head_at = time.perf_counter()
-    backend = delivery.target.backend
-    breaker = runtime.breakers[backend]
-    reported = False  # the breaker hears this attempt's outcome exactly once
+    breaker = runtime.breakers[delivery.target.backend]
+    relay = _Relay(runtime, send, exchange, delivery)
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
-        kept = kept_response_headers(response.raw_headers, runtime.redactor)
-        headers = _response_headers(runtime, exchange, delivery.target, delivery.key_id, kept)
-        if response.content_type == _EVENT_STREAM:
-            breaker.success(record.client)  # a stream under way: the backend serves
-            reported = True
-            exchange.response_started = True
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            _add_overhead(record, time.perf_counter() - head_at)
-            streams = metrics.streams_child(backend)
-            streams.inc()
-            try:
-                result = await relay_stream(response, send, backend, kind, runtime.redactor)
-            finally:
-                streams.dec()
-            if result.first_data_at is not None:
-                record.ttft = result.first_data_at - record.started
-            record.prompt_tokens, record.completion_tokens = tokens(result.usage)
-            if result.error is not None:
-                record.error = record.upstream_error = result.error
-                record.attempt_errors.append((backend, delivery.key_id, result.error))
-                exchange.outcome = Outcome.FAILURE
+        content_type = response.content_type
+        if content_type == _EVENT_STREAM:
+            await relay.events(stream_kind(path))
+        elif content_type == "application/json" and not path.endswith("/content"):
+            await relay.json()
         else:
-            limit = runtime.config.server.max_response_size
-            try:
-                data = await runtime.upstreams[backend].read_all(response, limit)
-            except ProxyError as err:
-                if err.code == "upstream_response_too_large":
-                    breaker.success(record.client)  # an answer, if too big to relay
-                else:
-                    # Cut or stalled after the head: the backend failed, whatever it began.
-                    exchange.outcome = Outcome.FAILURE
-                    breaker.failure(record.client)
-                    record.attempt_errors.append((backend, delivery.key_id, "body_broken"))
-                reported = True
-                raise
-            breaker.success(record.client)
-            reported = True
-            data = runtime.redactor.bytes(data)
-            read_at = time.perf_counter()
-            headers.append((b"content-length", str(len(data)).encode()))
-            exchange.response_started = True
-            await send(
-                {"type": "http.response.start", "status": response.status, "headers": headers}
-            )
-            await send({"type": "http.response.body", "body": data, "more_body": False})
-            _add_overhead(record, time.perf_counter() - read_at)
-            if response.status == 200 and b'"usage"' in data:
-                record.prompt_tokens, record.completion_tokens = _json_tokens(data)
+            await relay.bytes()
     finally:
-        if not reported:  # the client left before the answer was in: no verdict
+        if not relay.reported:  # the client left before the answer was in: no verdict
             breaker.release(delivery.ticket)
         # Returns the connection to the pool when the body was read to the end, closes it
         # otherwise (client gone, stream broken): the upstream stops generating at once.
         response.release()
+
+
+class _Relay:
+    """One upstream answer on its way to the client; the breaker hears its outcome once."""
+
+    def __init__(
+        self, runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery
+    ) -> None:
+        self.runtime = runtime
+        self.send = send
+        self.exchange = exchange
+        self.delivery = delivery
+        self.record = exchange.record
+        self.backend = delivery.target.backend
+        self.breaker = runtime.breakers[self.backend]
+        self.reported = False
+        self.head_at = time.perf_counter()
+
+    def _headers(self, extra: tuple[bytes, ...] = ()) -> list[tuple[bytes, bytes]]:
+        response = self.delivery.response
+        kept = kept_response_headers(response.raw_headers, self.runtime.redactor, extra)
+        return _response_headers(
+            self.runtime, self.exchange, self.delivery.target, self.delivery.key_id, kept
+        )
+
+    def _served(self) -> None:
+        self.breaker.success(self.record.client)
+        self.reported = True
+
+    def _failed(self, kind: str) -> None:
+        """Cut or stalled after the head: the backend failed, whatever it began."""
+        self.exchange.outcome = Outcome.FAILURE
+        self.breaker.failure(self.record.client)
+        self.reported = True
+        self.record.error = self.record.upstream_error = kind
+        self.record.attempt_errors.append((self.backend, self.delivery.key_id, kind))
+
+    async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
+        self.exchange.response_started = True
+        status = self.delivery.response.status
+        await self.send({"type": "http.response.start", "status": status, "headers": headers})
+
+    async def events(self, kind: StreamKind) -> None:
+        record = self.record
+        self._served()  # a stream under way: the backend serves
+        await self._start(self._headers())
+        _add_overhead(record, time.perf_counter() - self.head_at)
+        streams = metrics.streams_child(self.backend)
+        streams.inc()
+        try:
+            result = await relay_stream(
+                self.delivery.response, self.send, self.backend, kind, self.runtime.redactor
+            )
+        finally:
+            streams.dec()
+        if result.first_data_at is not None:
+            record.ttft = result.first_data_at - record.started
+        record.prompt_tokens, record.completion_tokens = tokens(result.usage)
+        if result.error is not None:
+            record.error = record.upstream_error = result.error
+            record.attempt_errors.append((self.backend, self.delivery.key_id, result.error))
+            self.exchange.outcome = Outcome.FAILURE
+
+    async def json(self) -> None:
+        runtime, record = self.runtime, self.record
+        response = self.delivery.response
+        limit = runtime.config.server.max_response_size
+        try:
+            data = await runtime.upstreams[self.backend].read_all(response, limit)
+        except ProxyError as err:
+            if err.code == "upstream_response_too_large":
+                self._served()  # an answer, if too big to relay
+            else:
+                self._failed("body_broken")
+            raise
+        self._served()
+        data = runtime.redactor.bytes(data)
+        read_at = time.perf_counter()
+        headers = self._headers()
+        headers.append((b"content-length", str(len(data)).encode()))
+        await self._start(headers)
+        await self.send({"type": "http.response.body", "body": data, "more_body": False})
+        _add_overhead(record, time.perf_counter() - read_at)
+        if response.status == 200 and b'"usage"' in data:
+            record.prompt_tokens, record.completion_tokens = _json_tokens(data)
+
+    async def bytes(self) -> None:
+        """Audio, a file's content: passed on as it comes, with backpressure, never whole.
+        The upstream's length is kept: a body cut short (or scrubbed of a secret) then
+        fails visibly at the client instead of looking complete."""
+        self._served()
+        await self._start(self._headers(_BINARY_HEADERS))
+        _add_overhead(self.record, time.perf_counter() - self.head_at)
+        error = await relay_bytes(self.delivery.response, self.send, self.runtime.redactor)
+        if error is not None:
+            self._failed(error)
+            raise ResponseCut(error)
+
+
+_BINARY_HEADERS = (b"content-length", b"content-disposition")
 
 
 async def _send_failed(
@@ -322,72 +401,32 @@ def _outcome(status: int) -> Outcome:
 # ---------------------------------------------------------------- steps
 
 
-class _BodyBudget:
-    """Bytes of request bodies held by all requests of this process at once: each body is
-    bounded by ``max_body_size``, and this bounds their sum, whatever the connection count
-    (40 clients each holding back the end of a 9 MiB body would hold 360 MB)."""
-
-    held = 0
-
-
-async def read_request_body(scope: Scope, receive: Receive, limit: int, budget: int) -> bytes:
-    declared = header_value(scope["headers"], b"content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise errors.body_too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    try:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone  # nobody is waiting for an answer
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            _BodyBudget.held += len(chunk)
-            if size > limit:
-                raise errors.body_too_large(limit)
-            if _BodyBudget.held > budget:
-                raise errors.server_busy("request bodies being received")
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-    finally:
-        _BodyBudget.held -= size  # parsed right after, or refused: no longer held here
+def route(runtime: Runtime, parts: RequestParts) -> Target:
+    """By the model when the request names one; else by its path."""
+    if parts.model:
+        target = runtime.router.resolve(parts.model)
+        if target is None:
+            summary = runtime.router.routable_summary()
+            raise errors.model_not_found(
+                f"The model '{parts.model}' is not routed by this proxy. Routable: {summary}."
+            )
+        return target
+    target = runtime.router.resolve_path(parts.path)
+    if target is None:
+        if parts.method == "POST" and parts.upload is None:
+            raise errors.missing_model(parts.path)  # most likely a chat body without one
+        raise errors.no_path_route(parts.method, parts.path)
+    return target
 
 
-def parse_payload(body: bytes) -> dict[str, Any]:
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        raise errors.bad_request(
-            "We could not parse the JSON body of your request: expected a JSON object.",
-            code="invalid_json",
-        ) from None
-    if not isinstance(payload, dict):
-        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
-    return payload
+_METHODS = ("GET", "POST", "DELETE")  # all the OpenAI API uses
+_MODEL_METHODS = ("GET", "DELETE")  # /models/{id}: retrieve, delete a fine-tuned model
 
 
-def requested_model(payload: dict[str, Any]) -> str:
-    """The body's model id, refused before routing when it could hurt: too long for a
-    header or a cache entry, or holding control characters (CR/LF would break headers)."""
-    model = payload.get("model")
-    if model is None:
-        raise errors.bad_request(
-            "You must provide a model parameter.", param="model", code="missing_model"
-        )
-    if not isinstance(model, str) or not model:
-        raise errors.bad_request(
-            "The model parameter must be a non-empty string.", param="model", code="invalid_model"
-        )
-    if not usable_model_id(model):
-        raise errors.bad_request(
-            f"The model parameter must be at most {MAX_MODEL_LENGTH} characters, with no "
-            "control characters.",
-            param="model",
-            code="invalid_model",
-        )
-    return model
+def check_method(method: str, path: str) -> None:
+    allowed = _MODEL_METHODS if path.startswith("/models/") else _METHODS
+    if method not in allowed:
+        raise errors.method_not_allowed(method, "/v1" + path[:200], ", ".join(allowed))
 
 
 def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
@@ -404,11 +443,14 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
     if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise errors.invalid_path(path[:200])
     tail = path[3:]
-    if tail not in allowed:
-        if tail == "/models" or tail.startswith("/models/"):
-            raise errors.method_not_allowed(scope["method"], path[:200], "GET, HEAD")
+    if "//" in tail or tail.endswith("/") or not allowed_path(tail, allowed):
         raise errors.unknown_url(scope["method"], path[:200])
     return tail
+
+
+def allowed_path(tail: str, allowed: tuple[str, ...]) -> bool:
+    """``tail`` is an allowed path or below one (``/files`` allows ``/files/file-1``)."""
+    return any(tail == prefix or tail.startswith(prefix + "/") for prefix in allowed)
 
 
 def refuse_content_encoding(headers: list[tuple[bytes, bytes]]) -> None:
@@ -456,17 +498,20 @@ def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple
 
 
 async def _cancel_on_disconnect(
-    receive: Receive, exchange: _Exchange, work: Awaitable[None]
+    receive: Receive, exchange: _Exchange, work: Awaitable[None], body_done: asyncio.Event | None
 ) -> None:
     """Run ``work``; cancel it the moment the client disconnects.
 
     uvicorn's ``send`` silently drops data once the client is gone, so without this an
-    abandoned request would go on generating (and costing) upstream until it ends.
+    abandoned request would go on generating (and costing) upstream until it ends. An
+    upload is still being received meanwhile: its own reads see a disconnect until its end.
     """
     task = asyncio.current_task()
     assert task is not None
 
     async def watch() -> None:
+        if body_done is not None:
+            await body_done.wait()
         message = await receive()  # after the body: returns on disconnect or response end
         if message["type"] == "http.disconnect" and not exchange.finished:
             exchange.client_gone = True

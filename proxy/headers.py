@@ -67,14 +67,17 @@ def forwarded_request_headers(
 
 
 def kept_response_headers(
-    raw: Iterable[tuple[bytes, bytes]], redactor: Redactor = NO_SECRETS
+    raw: Iterable[tuple[bytes, bytes]],
+    redactor: Redactor = NO_SECRETS,
+    extra: tuple[bytes, ...] = (),
 ) -> list[tuple[bytes, bytes]]:
-    """The upstream headers SDKs read; a value with control bytes is dropped (it cannot be
-    sent on), and any configured secret in a value is replaced by its fingerprint."""
+    """The upstream headers SDKs read (and ``extra`` ones); a value with control bytes is
+    dropped (it cannot be sent on), and any configured secret in a value is replaced by its
+    fingerprint."""
     kept = []
     for name, value in raw:
         lower = name.lower()
-        if lower in _KEPT_ON_RESPONSE or lower.startswith(_KEPT_PREFIXES):
+        if lower in _KEPT_ON_RESPONSE or lower.startswith(_KEPT_PREFIXES) or lower in extra:
             kept.append((lower, value))
     # One look at all the values together: the common case costs two scans, not 2 per header.
     joined = b" ".join(value for _, value in kept)

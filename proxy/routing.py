@@ -1,8 +1,10 @@
 """Model id → backend, upstream model id and (optionally) a pinned key.
 
 Resolution order: alias (followed to its end), then the first route whose prefix matches,
-then a backend that lists the exact id under ``models``. Everything is precomputed from the
-config at start-up; a lookup is a dict hit or a short loop of ``startswith``.
+then a backend that lists the exact id under ``models``. A request without a model (files,
+batches, a retrieve by id) goes by its path: the first ``paths:`` rule whose prefix holds
+it, else ``default_backend``. Everything is precomputed from the config at start-up; a
+lookup is a dict hit or a short loop of ``startswith``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
 MAX_MODEL_LENGTH = 256
+NO_MODEL = "-"  # the model label of requests that name none
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -57,6 +60,12 @@ class Router:
         self._known |= {f.model for r in self._routes for f in r.fallback if f.model}
         self._cache: dict[str, Target | None] = {}
         self.models = self._model_list()
+        self.listed = frozenset(entry.id for entry in self.models)
+        self._paths = tuple(
+            (rule.prefix, _model_less(rule.backend, rule.key)) for rule in config.paths
+        )
+        default = config.default_backend
+        self._default = _model_less(default, None) if default is not None else None
 
     def resolve(self, requested: str) -> Target | None:
         """The target for ``requested``, or None when nothing routes it."""
@@ -99,6 +108,18 @@ class Router:
             )
         return None
 
+    def resolve_path(self, path: str) -> Target | None:
+        """The target of a request without a model, by its path after ``/v1``."""
+        return self.path_rule(path) or self._default
+
+    def path_rule(self, path: str) -> Target | None:
+        """The target of the first ``paths:`` rule that holds ``path``: the operator said
+        requests there carry no model (an upload's form is then not searched for one)."""
+        for prefix, target in self._paths:
+            if path == prefix or path.startswith(prefix + "/"):
+                return target
+        return None
+
     def routable_summary(self) -> str:
         """What a client may ask for, for the message of a 404."""
         names = [entry.id for entry in self.models]
@@ -120,6 +141,12 @@ class Router:
         for model, backend in self._listed.items():
             entries.setdefault(model, ModelEntry(model, backend))
         return tuple(entries.values())
+
+
+def _model_less(backend: str, key: str | None) -> Target:
+    """A target for requests that carry no model: sent as they are (a backend's rewrite
+    rules are about inference bodies), no fallbacks (an object lives on one backend)."""
+    return Target("", "", backend, "", key, label=NO_MODEL)
 
 
 def _follow(aliases: Mapping[str, str], name: str) -> str:

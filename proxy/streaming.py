@@ -196,3 +196,32 @@ def _responses_error(message: str, code: str, last_chunk: bytes) -> bytes:
         "error": error,
     }
     return orjson.dumps(event)
+
+
+class ResponseCut(Exception):
+    """A relayed body ended early after its head was sent: the connection must be dropped
+    so the client sees an incomplete response, not a short one that looks whole."""
+
+
+async def relay_bytes(
+    response: aiohttp.ClientResponse, send: Send, redactor: Redactor = NO_SECRETS
+) -> str | None:
+    """Pass a non-event body on chunk by chunk (``send`` waits while the client is slow:
+    nothing piles up here). Returns why it broke off ("timeout", "body_broken"), or None."""
+    held = b""
+    try:
+        async for chunk in response.content.iter_chunked(_BYTES_CHUNK):
+            if redactor:
+                chunk, held = redactor.stream_chunk(held + chunk)
+                if not chunk:
+                    continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    except (TimeoutError, aiohttp.SocketTimeoutError):
+        return "timeout"
+    except aiohttp.ClientError:
+        return "body_broken"
+    await send({"type": "http.response.body", "body": held, "more_body": False})
+    return None
+
+
+_BYTES_CHUNK = 256 * 1024

@@ -8,6 +8,7 @@ Performance section). Bodies are passed through as bytes: no decompression, no r
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 import orjson
@@ -20,6 +21,8 @@ from proxy.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
+
+Body = bytes | AsyncIterator[bytes] | None  # an upload is sent as it arrives
 
 _URL_CACHE_LIMIT = 1024
 _PROBE_BODY_LIMIT = 16 * 1024 * 1024  # a model list; anything bigger is not one
@@ -86,7 +89,7 @@ class Upstream:
         return url
 
     async def send(
-        self, method: str, url: URL, headers: dict[str, str], body: bytes | None
+        self, method: str, url: URL, headers: dict[str, str], body: Body
     ) -> aiohttp.ClientResponse:
         """Send the request and return once the response headers are in."""
         if self._session is None:

@@ -152,11 +152,11 @@ def test_models_list_only_what_the_client_may_use(split):
 
 
 def test_other_methods_on_models_get_an_openai_shaped_405(split):
-    for method in ("DELETE", "PUT", "PATCH"):
+    for method in ("PUT", "PATCH", "POST"):
         response = httpx.request(method, f"{split.base_url}/models/kimi-k2", headers=bearer(BOB))
         assert response.status_code == 405, method
         assert response.headers["content-type"] == "application/json"
-        assert response.headers["allow"] == "GET, HEAD"
+        assert response.headers["allow"] == "GET, DELETE"
         error = response.json()["error"]
         assert set(error) == {"message", "type", "param", "code"}
         assert error["code"] == "method_not_allowed"

@@ -166,7 +166,7 @@ def error_of(response: httpx.Response) -> dict:
     [
         (b"{not json", 400, "invalid_json", None),
         (b"[1, 2]", 400, "invalid_json", None),
-        (b"", 400, "invalid_json", None),
+        (b"", 400, "missing_model", "model"),  # a POST without a body names no model
         (b'{"messages": []}', 400, "missing_model", "model"),
         (b'{"model": 42}', 400, "invalid_model", "model"),
         (b'{"model": ""}', 400, "invalid_model", "model"),

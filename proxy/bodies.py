@@ -1,0 +1,419 @@
+"""The request body: read whole when it is JSON, streamed when it is an upload.
+
+A JSON body (chat, embeddings, a batch to create) is small and read whole: its ``model`` is
+in it, and a failed attempt can send it again with another key or to a fallback. An upload
+(a multipart form, or any other content type) can be hundreds of MB: only its head is read
+before routing, up to the form's ``model`` field (or its first file, when a ``paths:`` rule
+says the path carries no model), and the rest flows from the client to the upstream as it arrives. A head
+larger than ``SPILL`` goes to a temporary file, never all into memory. An upload whose last
+byte came in with its head (most audio clips) is held whole and can be sent again, like JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from typing import IO, Any
+
+import orjson
+
+from proxy import errors
+from proxy.errors import ProxyError
+from proxy.headers import header_value
+from proxy.routing import MAX_MODEL_LENGTH, usable_model_id
+
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Headers = list[tuple[bytes, bytes]]
+
+SPILL = 1024 * 1024  # an upload's head beyond this goes to a temporary file
+_PIECE = 256 * 1024  # reads from that file
+_PART_HEADERS_LIMIT = 16 * 1024
+_MODEL_FIELD_LIMIT = MAX_MODEL_LENGTH * 4  # UTF-8 bytes of the longest usable model id
+
+
+class ClientGone(Exception):
+    """The client disconnected before it had sent its whole request."""
+
+
+class BodyBudget:
+    """Bytes of request bodies held by all requests of this process at once: each body is
+    bounded by ``max_body_size``, and this bounds their sum, whatever the connection count
+    (40 clients each holding back the end of a 9 MiB body would hold 360 MB)."""
+
+    held = 0
+
+
+def is_upload(headers: Headers) -> bool:
+    """Streamed rather than read whole: anything that says it is not JSON."""
+    content_type = header_value(headers, b"content-type")
+    if content_type is None:
+        return False
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media != b"application/json" and not media.endswith(b"+json")
+
+
+async def read_whole(scope: Message, receive: Receive, limit: int, budget: int) -> bytes:
+    declared = header_value(scope["headers"], b"content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise errors.body_too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone  # nobody is waiting for an answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            BodyBudget.held += len(chunk)
+            if size > limit:
+                raise errors.body_too_large(limit)
+            if BodyBudget.held > budget:
+                raise errors.server_busy("request bodies being received")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    finally:
+        BodyBudget.held -= size  # parsed right after, or refused: no longer held here
+
+
+def parse_payload(body: bytes) -> dict[str, Any]:
+    if not body:
+        return {}  # a GET, a DELETE, a POST that cancels: nothing to parse
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise errors.bad_request(
+            "We could not parse the JSON body of your request: expected a JSON object.",
+            code="invalid_json",
+        ) from None
+    if not isinstance(payload, dict):
+        raise errors.bad_request("The request body must be a JSON object.", code="invalid_json")
+    return payload
+
+
+def checked_model(model: object) -> str:
+    """A model id from a client, refused before routing when it could hurt: too long for a
+    header or a cache entry, or holding control characters (CR/LF would break headers)."""
+    if not isinstance(model, str) or not model:
+        raise errors.bad_request(
+            "The model parameter must be a non-empty string.", param="model", code="invalid_model"
+        )
+    if not usable_model_id(model):
+        raise errors.bad_request(
+            f"The model parameter must be at most {MAX_MODEL_LENGTH} characters, with no "
+            "control characters.",
+            param="model",
+            code="invalid_model",
+        )
+    return model
+
+
+# ---------------------------------------------------------------- uploads
+
+
+class Upload:
+    """A body relayed as it arrives: its head (read before routing, with the form's model),
+    then the rest straight from the client. Sent once, unless it was all in the head."""
+
+    def __init__(self, receive: Receive, headers: Headers, limit: int, budget: int) -> None:
+        self._receive = receive
+        self._limit = limit
+        self._budget = budget
+        self._head = _Head()
+        self._counted = 0  # bytes of the head counted in the process's body budget
+        self.declared = _content_length(headers, limit)
+        self.model: str | None = None
+        self._span: tuple[int, int] | None = None  # where the model's value is in the head
+        self.received = 0
+        self.complete = False  # the client's last byte is in
+        self.started = False  # bytes of it went upstream
+        self.failure: ProxyError | ClientGone | None = None  # why sending it stopped
+        self.done = asyncio.Event()  # set with the last byte: disconnects may be watched
+
+    @property
+    def replayable(self) -> bool:
+        """Can be sent (again) to another key or backend: nothing sent yet, or all held."""
+        return not self.started or self._head.whole
+
+    async def read_head(self, boundary: bytes | None, model_optional: bool) -> None:
+        """Read up to the form's model (or its first file, when the path can route without
+        one; or its end), then on while the head stays small: a small upload is held whole."""
+        scan = _FormScan(boundary) if boundary is not None else None
+        try:
+            while not self.complete:
+                if scan is not None and not scan.decided(model_optional):
+                    chunk = await self._next()
+                    scan.feed(chunk)
+                    if scan.model is not None and self.model is None:
+                        self.model, self._span = checked_model(scan.model), scan.span
+                elif self._head.size < SPILL:
+                    chunk = await self._next()
+                else:
+                    break
+                await self._head.add(chunk)
+                self._count(len(chunk))
+        except BaseException:
+            self.close()
+            raise
+        self._head.whole = self.complete
+
+    def length_for(self, model: str | None) -> int | None:
+        """The Content-Length sent upstream: the client's, changed by the model's length."""
+        if self.declared is None:
+            return None
+        replacement = self._replacement(model)
+        if not replacement:
+            return self.declared
+        assert self._span is not None
+        return self.declared + len(replacement) - (self._span[1] - self._span[0])
+
+    async def chunks(self, model: str | None) -> AsyncIterator[bytes]:
+        """The body as sent upstream: the head (the model field's value replaced by
+        ``model``), then the rest as the client sends it."""
+        self.started = True
+        async for piece in self._head.pieces(self._span, self._replacement(model)):
+            yield piece
+        self._release_budget()
+        while not self.complete:
+            try:
+                chunk = await self._next()
+            except (ProxyError, ClientGone) as exc:
+                self.failure = exc
+                raise
+            yield chunk
+
+    def close(self) -> None:
+        self._release_budget()
+        self._head.close()
+
+    def _replacement(self, model: str | None) -> bytes:
+        if self._span is None or model is None or model == self.model:
+            return b""
+        return model.encode()
+
+    async def _next(self) -> bytes:
+        message = await self._receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk: bytes = message.get("body", b"")
+        self.received += len(chunk)
+        if self.received > self._limit:
+            raise errors.body_too_large(self._limit)
+        if not message.get("more_body", False):
+            self.complete = True
+            self.done.set()
+        return chunk
+
+    def _count(self, size: int) -> None:
+        """Bytes held in memory for this request count in the process's budget."""
+        if self._head.in_memory:
+            self._counted += size
+            BodyBudget.held += size
+            if BodyBudget.held > self._budget:
+                raise errors.server_busy("request bodies being received")
+        else:
+            self._release_budget()
+
+    def _release_budget(self) -> None:
+        BodyBudget.held -= self._counted
+        self._counted = 0
+
+
+def _content_length(headers: Headers, limit: int) -> int | None:
+    declared = header_value(headers, b"content-length")
+    if declared is None or not declared.isdigit():
+        return None
+    length = int(declared)
+    if length > limit:
+        raise errors.body_too_large(limit)
+    return length
+
+
+class _Head:
+    """The bytes of an upload read before it is sent: in memory up to ``SPILL``, then in a
+    temporary file (written from a thread: the event loop never waits on the disk)."""
+
+    def __init__(self) -> None:
+        self._memory = bytearray()
+        self._file: IO[bytes] | None = None
+        self.size = 0
+        self.whole = False  # the upload's every byte: it may be sent again
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    async def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self._file is None and len(self._memory) + len(chunk) <= SPILL:
+            self._memory += chunk
+            return
+        if self._file is None:
+            self._file = await asyncio.to_thread(tempfile.TemporaryFile)
+            await asyncio.to_thread(self._file.write, bytes(self._memory))
+            self._memory = bytearray()
+        await asyncio.to_thread(self._file.write, chunk)
+
+    async def pieces(self, span: tuple[int, int] | None, value: bytes) -> AsyncIterator[bytes]:
+        """The held bytes, with ``span`` replaced by ``value`` when there is one."""
+        cut = span if span is not None and value else None
+        if self._file is None:
+            data = bytes(self._memory)
+            yield data if cut is None else data[: cut[0]] + value + data[cut[1] :]
+            return
+        for start, end in ((0, cut[0]), (cut[1], self.size)) if cut else ((0, self.size),):
+            async for piece in self._read(start, end):
+                yield piece
+            if cut is not None and start == 0:
+                yield value
+
+    async def _read(self, start: int, end: int) -> AsyncIterator[bytes]:
+        assert self._file is not None
+        file = self._file
+        await asyncio.to_thread(file.seek, start)
+        while start < end:
+            piece = await asyncio.to_thread(file.read, min(_PIECE, end - start))
+            if not piece:
+                return
+            start += len(piece)
+            yield piece
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def form_boundary(headers: Headers) -> bytes | None:
+    """The boundary of a ``multipart/form-data`` body; None for any other type."""
+    content_type = header_value(headers, b"content-type") or b""
+    if not content_type.lower().startswith(b"multipart/form-data"):
+        return None
+    match = _BOUNDARY.search(content_type)
+    if match is None:
+        raise errors.bad_request(
+            "multipart/form-data needs a boundary parameter.", code="invalid_form"
+        )
+    return match.group(1) or match.group(2)
+
+
+_BOUNDARY = re.compile(rb';\s*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.IGNORECASE)
+_DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
+_NAME = re.compile(rb';\s*name="([^"]*)"', re.IGNORECASE)
+_FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)
+
+
+class _FormScan:
+    """Finds a multipart form's ``model`` field as the bytes come in, and notes its first
+    file part. Holds back only what a decision needs: a part's headers, the model's value
+    and the last few bytes that may begin a boundary."""
+
+    def __init__(self, boundary: bytes) -> None:
+        self._first = b"--" + boundary
+        self._delimiter = b"\r\n--" + boundary
+        self._state = "preamble"
+        self._buffer = b""
+        self._offset = 0  # where ``_buffer`` starts in the body
+        self._in_model = False
+        self.model: str | None = None
+        self.span: tuple[int, int] | None = None
+        self.file_seen = False
+        self.ended = False
+
+    def decided(self, model_optional: bool) -> bool:
+        """Enough is known to route: the model, the end, or a file with no model before it
+        when a ``paths:`` rule says the path needs none (SDKs send fields first, files last;
+        curl sends them as typed, often the file first: elsewhere the model is looked for
+        past the file, which is then held, spilled to disk)."""
+        return self.model is not None or self.ended or (self.file_seen and model_optional)
+
+    def feed(self, chunk: bytes) -> None:
+        buffer = self._buffer + chunk
+        at = 0
+        while not self.ended:
+            moved = self._step(buffer, at)
+            if moved is None:
+                break
+            at = moved
+        self._offset += at
+        self._buffer = buffer[at:]
+
+    def _step(self, buffer: bytes, at: int) -> int | None:
+        """One state's work from ``at``; the new position, or None when more bytes are
+        needed (with ``_buffer`` kept bounded)."""
+        if self._state == "preamble":
+            found = buffer.find(self._first, at)
+            if found < 0:
+                return self._wait(buffer, at, len(self._first) - 1)
+            self._state = "after_boundary"
+            return found + len(self._first)
+        if self._state == "after_boundary":
+            if len(buffer) - at < 2:
+                return None
+            mark = buffer[at : at + 2]
+            if mark == b"--":
+                self.ended = True
+                return at + 2
+            if mark != b"\r\n":
+                raise _bad_form("a boundary is not followed by a line end")
+            self._state = "headers"
+            return at + 2
+        if self._state == "headers":
+            end = buffer.find(b"\r\n\r\n", at)
+            if end < 0:
+                if len(buffer) - at > _PART_HEADERS_LIMIT:
+                    raise _bad_form("a part's headers are too long")
+                return None
+            self._start_part(buffer[at:end])
+            self._state = "data"
+            return end + 4
+        found = buffer.find(self._delimiter, at)  # "data": the part's value
+        if found < 0:
+            if self._in_model:
+                if len(buffer) - at > _MODEL_FIELD_LIMIT:
+                    raise _bad_model()
+                return None
+            return self._wait(buffer, at, len(self._delimiter) - 1)
+        if self._in_model:
+            self._end_model(buffer[at:found], self._offset + at)
+        self._state = "after_boundary"
+        return found + len(self._delimiter)
+
+    def _wait(self, buffer: bytes, at: int, keep: int) -> int | None:
+        """Skip what cannot hold the awaited marker; keep the last ``keep`` bytes."""
+        skip = max(at, len(buffer) - keep)
+        return skip if skip > at else None
+
+    def _start_part(self, headers: bytes) -> None:
+        disposition = _DISPOSITION.search(headers)
+        line = disposition.group(1) if disposition else b""
+        name = _NAME.search(line)
+        is_file = _FILENAME.search(line) is not None
+        self.file_seen = self.file_seen or is_file
+        self._in_model = (
+            not is_file and name is not None and name.group(1) == b"model" and self.model is None
+        )
+
+    def _end_model(self, value: bytes, start: int) -> None:
+        self._in_model = False
+        try:
+            self.model = value.decode()
+        except UnicodeDecodeError:
+            raise _bad_model() from None
+        self.span = (start, start + len(value))
+
+
+def _bad_form(why: str) -> ProxyError:
+    return errors.bad_request(f"The multipart body is malformed: {why}.", code="invalid_form")
+
+
+def _bad_model() -> ProxyError:
+    return errors.bad_request(
+        f"The model field must be at most {MAX_MODEL_LENGTH} characters.",
+        param="model",
+        code="invalid_model",
+    )
