@@ -147,21 +147,21 @@ def _ids_of_object(document: Mapping[str, Any]) -> list[str]:
     kind = document.get("object")
     if kind not in _STORED_OBJECTS:
         return []
-    found = _Ids()
-    found.add(document.get("id"))
+    found: list[str] = []
+    _add(found, document.get("id"))
     for name in _SCALAR_REFS:
-        found.add(document.get(name))
+        _add(found, document.get(name))
     for name in _LIST_REFS:
-        found.add_all(document.get(name))
+        _add_all(found, document.get(name))
     nested = document.get("file")  # a completed upload holds the file it made
     if isinstance(nested, dict):
-        found.add(nested.get("id"))
+        _add(found, nested.get("id"))
     output = document.get("output")  # a response's code interpreter may create a container
     if isinstance(output, list):
         for item in output[:_MAX_ITEMS]:
             if isinstance(item, dict):
-                found.add(item.get("container_id"))
-    return found.ids
+                _add(found, item.get("container_id"))
+    return found
 
 
 # ---------------------------------------------------------------- what a request names
@@ -203,8 +203,13 @@ _SCALAR_FIELDS = (
     "container_id",
 )
 _LIST_FIELDS = ("vector_store_ids", "file_ids")
-_ALL_FIELDS = frozenset(_SCALAR_FIELDS + _LIST_FIELDS + ("input", "messages", "tools"))
-_ALL_FIELDS |= {"tool_resources", "attachments"}
+_SCALAR_SET = frozenset(_SCALAR_FIELDS)
+_NESTED_FIELDS = frozenset({"input", "messages", "tools", "tool_resources", "attachments"})
+_ALL_FIELDS = _SCALAR_SET | frozenset(_LIST_FIELDS) | _NESTED_FIELDS
+# Id-less paths seen (`/chat/completions`), so the common case skips the parsing; bounded,
+# since a client may send any number of distinct paths.
+_NO_ID_PATHS: set[str] = set()
+_NO_ID_PATHS_LIMIT = 1024
 
 
 def named_ids(
@@ -213,22 +218,25 @@ def named_ids(
     """The object ids a request names, most telling first: the path's, then the body's
     top-level fields, then those inside ``input``/``messages`` parts and ``tools``.
 
-    A chat payload that names nothing costs a set intersection over its top-level keys and,
-    when it has ``messages``, one type test per message (string contents are skipped).
+    A request that names nothing costs one split of its path, a set intersection over its
+    top-level keys and, with ``messages``/``input``, a type test per item.
     """
-    found = _Ids()
-    _path_ids(_strip_v1(path), found)
+    found: list[str] = []
+    if path not in _NO_ID_PATHS:
+        _path_ids(path, found)
+        if not found and len(_NO_ID_PATHS) < _NO_ID_PATHS_LIMIT:
+            _NO_ID_PATHS.add(path)
     if payload:
         _payload_ids(payload, found)
     if form_fields:
         for name in _SCALAR_FIELDS:
-            found.add(form_fields.get(name))
-    return found.ids
+            _add(found, form_fields.get(name))
+    return found
 
 
-def _path_ids(path: str, found: _Ids) -> None:
-    segments = path.split("/", _MAX_SEGMENTS + 1)[1 : _MAX_SEGMENTS + 1]
-    if not segments:
+def _path_ids(path: str, found: list[str]) -> None:
+    segments = _strip_v1(path).split("/", _MAX_SEGMENTS + 1)[1 : _MAX_SEGMENTS + 1]
+    if len(segments) < 2:  # `/files`, `/responses`: a collection, no id
         return
     root = _ROOT_OF.get(segments[0])
     if root is None:
@@ -239,38 +247,46 @@ def _path_ids(path: str, found: _Ids) -> None:
     for index in range(0, len(rest), 2):  # ids at 0, 2, 4...; sub-collections between
         segment = rest[index]
         if segment not in _NOT_IDS:
-            found.add(segment)
+            _add(found, segment)
 
 
-def _payload_ids(payload: Mapping[str, Any], found: _Ids) -> None:
-    if _ALL_FIELDS.isdisjoint(payload.keys()):  # the usual chat request: nothing to look at
+def _payload_ids(payload: Mapping[str, Any], found: list[str]) -> None:
+    present = _ALL_FIELDS.intersection(payload)
+    if not present:
         return
-    for name in _SCALAR_FIELDS:
-        value = payload.get(name)
-        if isinstance(value, dict):  # `conversation: {"id": ...}`, `container: {...}`
-            found.add(value.get("id"))
-            found.add_all(value.get("file_ids"))
-        else:
-            found.add(value)
+    if not present.isdisjoint(_SCALAR_SET):
+        for name in _SCALAR_FIELDS:
+            value = payload.get(name)
+            if isinstance(value, dict):  # `conversation: {"id": ...}`, `container: {...}`
+                _add(found, value.get("id"))
+                _add_all(found, value.get("file_ids"))
+            elif value is not None:
+                _add(found, value)
     for name in _LIST_FIELDS:
-        found.add_all(payload.get(name))
-    for name in ("input", "messages"):
-        _message_ids(payload.get(name), found)
-    _tool_ids(payload.get("tools"), found)
+        if name in present:
+            _add_all(found, payload[name])
+    if present.isdisjoint(_NESTED_FIELDS):
+        return
+    if "input" in present:
+        _message_ids(payload["input"], found)
+    if "messages" in present:
+        _message_ids(payload["messages"], found)
+    if "tools" in present:
+        _tool_ids(payload["tools"], found)
     resources = payload.get("tool_resources")  # assistants, threads
     if isinstance(resources, dict):
         for resource in list(resources.values())[:_MAX_ITEMS]:
             if isinstance(resource, dict):
-                found.add_all(resource.get("file_ids"))
-                found.add_all(resource.get("vector_store_ids"))
+                _add_all(found, resource.get("file_ids"))
+                _add_all(found, resource.get("vector_store_ids"))
     attachments = payload.get("attachments")  # thread messages
     if isinstance(attachments, list):
         for attachment in attachments[:_MAX_ITEMS]:
             if isinstance(attachment, dict):
-                found.add(attachment.get("file_id"))
+                _add(found, attachment.get("file_id"))
 
 
-def _message_ids(messages: object, found: _Ids) -> None:
+def _message_ids(messages: object, found: list[str]) -> None:
     """``file_id`` in Responses input items and their content parts, and in chat content
     parts (``{"type": "file", "file": {"file_id": ...}}``): two levels, bounded."""
     if not isinstance(messages, list):
@@ -278,51 +294,47 @@ def _message_ids(messages: object, found: _Ids) -> None:
     for message in messages[:_MAX_ITEMS]:
         if not isinstance(message, dict):
             continue
-        found.add(message.get("file_id"))
+        if "file_id" in message:
+            _add(found, message["file_id"])
         content = message.get("content")
-        if not isinstance(content, list):
+        if not isinstance(content, list):  # text: the usual case
             continue
         for part in content[:_MAX_PARTS]:
-            if isinstance(part, dict):
-                found.add(part.get("file_id"))
-                file = part.get("file")
-                if isinstance(file, dict):
-                    found.add(file.get("file_id"))
+            if not isinstance(part, dict):
+                continue
+            if "file_id" in part:
+                _add(found, part["file_id"])
+            file = part.get("file")
+            if isinstance(file, dict):
+                _add(found, file.get("file_id"))
 
 
-def _tool_ids(tools: object, found: _Ids) -> None:
+def _tool_ids(tools: object, found: list[str]) -> None:
     """``file_search`` tools' ``vector_store_ids``, ``code_interpreter`` tools' container."""
     if not isinstance(tools, list):
         return
     for tool in tools[:_MAX_ITEMS]:
         if not isinstance(tool, dict):
             continue
-        found.add_all(tool.get("vector_store_ids"))
+        if "vector_store_ids" in tool:
+            _add_all(found, tool["vector_store_ids"])
         container = tool.get("container")
         if isinstance(container, dict):
-            found.add_all(container.get("file_ids"))
-        else:
-            found.add(container)
+            _add_all(found, container.get("file_ids"))
+        elif container is not None:
+            _add(found, container)
 
 
-class _Ids:
-    """Ids in order of discovery, deduplicated, valid only, at most ``MAX_IDS``."""
+def _add(found: list[str], value: object) -> None:
+    """``value`` appended when it is a valid id not yet there, below ``MAX_IDS`` ids."""
+    if _is_id(value) and len(found) < MAX_IDS and value not in found:
+        found.append(value)
 
-    __slots__ = ("_seen", "ids")
 
-    def __init__(self) -> None:
-        self.ids: list[str] = []
-        self._seen: set[str] = set()
-
-    def add(self, value: object) -> None:
-        if len(self.ids) < MAX_IDS and _is_id(value) and value not in self._seen:
-            self._seen.add(value)
-            self.ids.append(value)
-
-    def add_all(self, values: object) -> None:
-        if isinstance(values, list):
-            for value in values[:_MAX_ITEMS]:
-                self.add(value)
+def _add_all(found: list[str], values: object) -> None:
+    if isinstance(values, list):
+        for value in values[:_MAX_ITEMS]:
+            _add(found, value)
 
 
 def _strip_v1(path: str) -> str:
