@@ -593,3 +593,37 @@ def make_object_store(
     if redis_client is None:
         return MemoryObjects(ttl, max_entries, clock)
     return RedisObjects(redis_client, ttl, guard, clock)
+
+
+# ---------------------------------------------------------------- the pipeline's two calls
+
+
+async def placement_for(
+    store: ObjectStore,
+    path: str,
+    payload: Mapping[str, Any] | None,
+    known: Collection[Placement] | None = None,
+    form_fields: Mapping[str, str] | None = None,
+) -> Placement | None:
+    """Where the objects this request names live; None when it names none we know (then
+    no storage call at all: the usual chat request costs about a microsecond here)."""
+    ids = named_ids(path, payload, form_fields)
+    return await store.lookup(ids, known) if ids else None
+
+
+async def record_created(
+    store: ObjectStore,
+    path: str,
+    method: str,
+    status: int,
+    body: bytes,
+    payload: Mapping[str, Any] | None,
+    backend: str,
+    key_id: str,
+) -> list[str]:
+    """Remember the objects a JSON answer created where it came from (the backend and key
+    that answered: a fallback's, when it came to that); the ids recorded."""
+    ids = created_ids(path, method, status, body, payload)
+    if ids:
+        await store.remember(ids, backend, key_id)
+    return ids

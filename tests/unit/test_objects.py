@@ -462,3 +462,73 @@ MemoryMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestMemoryMachine = MemoryMachine.TestCase
+
+
+# ---------------------------------------------------------------- the recipe, end to end
+
+POOL_CONFIG = """
+backends:
+  openai:
+    base_url: http://localhost:1/v1
+    keys:
+      - {id: k1, key: sk-one}
+      - {id: k2, key: sk-two}
+"""
+
+
+class ProjectUpstream:
+    """A fake upstream whose keys are two projects: a response exists only for its key."""
+
+    def __init__(self) -> None:
+        self.responses: dict[str, str] = {}  # response id → key that created it
+        self.calls: list[tuple[str, str]] = []  # (key id, what)
+
+    def answer(self, key_id: str, payload: dict[str, Any]) -> tuple[int, bytes]:
+        previous = payload.get("previous_response_id")
+        self.calls.append((key_id, previous or "new"))
+        if previous is not None and self.responses.get(previous) != key_id:
+            return 404, body({"error": {"message": f"Previous response '{previous}' not found"}})
+        new_id = f"resp_{len(self.responses) + 1}"
+        self.responses[new_id] = key_id
+        return 200, body({"id": new_id, "object": "response", "status": "completed"})
+
+
+def chain(use_store: bool) -> list[int]:
+    from proxy.config import parse_config
+    from proxy.keys import KeyPool
+    from proxy.objects import placement_for, record_created
+
+    pool = KeyPool(parse_config(POOL_CONFIG, "t.yaml", {}).backends["openai"])
+    store = MemoryObjects(clock=Clock())
+    known = known_placements({"openai": [k.id for k in pool.keys]})
+    upstream = ProjectUpstream()
+
+    async def create(payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        placement = await placement_for(store, "/responses", payload, known) if use_store else None
+        key = pool.pick(placement.key_id if placement else None)  # else round-robin
+        status, answer = upstream.answer(key.id, payload)
+        if use_store:
+            await record_created(
+                store, "/responses", "POST", status, answer, payload, "openai", key.id
+            )
+        return status, orjson.loads(answer)
+
+    async def run() -> list[int]:
+        statuses = []
+        previous: str | None = None
+        for turn in range(6):
+            payload: dict[str, Any] = {"model": "gpt-4o", "input": f"turn {turn}"}
+            if previous is not None:
+                payload["previous_response_id"] = previous
+            status, answer = await create(payload)
+            statuses.append(status)
+            previous = answer.get("id", previous)
+        return statuses
+
+    return asyncio.run(run())
+
+
+def test_previous_response_chain_across_two_keys() -> None:
+    assert chain(use_store=True) == [200] * 6
+    # Without the store, round-robin sends the second turn to the other project's key.
+    assert chain(use_store=False)[1] == 404
