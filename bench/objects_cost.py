@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import time
 import timeit
 from collections.abc import Awaitable, Callable
@@ -54,7 +55,7 @@ async def stores(store: ObjectStore, label: str, n: int) -> None:
         ("responses + previous_response_id", "/responses", CHAINED),
         ("GET /files/{id}/content", "/files/file-x1/content", None),
     ):
-        us = await per_await(lambda p=path, q=payload: placement_for(store, p, q), n)
+        us = await per_await(functools.partial(placement_for, store, path, payload), n)
         print(f"{label:7} placement_for  {name:34} {us:8.2f} us")
 
 
@@ -63,7 +64,7 @@ def main() -> None:
     parser.add_argument("--redis")
     args = parser.parse_args()
     for name, payload in (("small chat", SMALL), ("chat 11 messages", CHAT)):
-        us = per_call(lambda p=payload: named_ids("/chat/completions", p))
+        us = per_call(functools.partial(named_ids, "/chat/completions", payload))
         print(f"named_ids {name:27} {us:.2f} us")
     chat_answer: dict[str, Any] = dict(CHAT)
     us = per_call(lambda: created_ids("/chat/completions", "POST", 200, ANSWER, chat_answer))
