@@ -4,9 +4,10 @@ A JSON body (chat, embeddings, a batch to create) is small and read whole: its `
 in it, and a failed attempt can send it again with another key or to a fallback. An upload
 (a multipart form, or any other content type) can be hundreds of MB: only its head is read
 before routing, up to the form's ``model`` field (or its first file, when a ``paths:`` rule
-says the path carries no model), and the rest flows from the client to the upstream as it arrives. A head
-larger than ``SPILL`` goes to a temporary file, never all into memory. An upload whose last
-byte came in with its head (most audio clips) is held whole and can be sent again, like JSON.
+says the path carries no model), and the rest flows from the client to the upstream as it
+arrives. A head larger than ``SPILL`` goes to a temporary file, never all into memory. An
+upload whose last byte came with its head (most audio clips) is held whole and can be sent
+again, like JSON.
 """
 
 from __future__ import annotations

@@ -94,9 +94,9 @@ def _units(pattern: str, units: dict[str, float], kind: str, schema: dict[str, A
     return (BeforeValidator(parse), pydantic.WithJsonSchema({"anyOf": [schema, text]}))
 
 
-_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$"
+_DURATION = r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$"
 _SIZE = r"^\s*(\d+)\s*([bB]|[kKmMgG][iI]?[bB])?\s*$"
-_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "": 1}
+_SECONDS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
 _BYTES = {"": 1, "b": 1, "kb": 1e3, "kib": 2**10, "mb": 1e6, "mib": 2**20, "gb": 1e9, "gib": 2**30}
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # CR/LF split a header line; tab may stay
 _NO_CONTROL = _check(lambda v: not _CONTROL.search(v), "must not contain control characters")

@@ -8,6 +8,7 @@ and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import difflib
 import itertools
 import logging
@@ -34,6 +35,8 @@ from proxy.bodies import (
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
+from proxy.objects import placement_for, record_created
+from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
 from proxy.streaming import ResponseCut, StreamKind, relay_bytes, relay_stream, tokens, usage_of
@@ -158,7 +161,7 @@ async def forward(
     model = parts.model
     record.model = model or None
     record.stream = parts.payload.get("stream") is True
-    target = route(runtime, parts)
+    target = await stick_to_objects(runtime, parts, route(runtime, parts))
     record.backend, record.upstream_model = target.backend, target.upstream_model or None
     record.model_label = target.label
     if model:
@@ -191,25 +194,25 @@ async def forward(
         exchange.outcome = _outcome(result.status)
         await _send_failed(runtime, send, exchange, result)
     else:
-        await _relay(runtime, send, exchange, result, parts.path)
+        await _relay(runtime, send, exchange, result, parts)
 
 
 async def _relay(
-    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, path: str
+    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, parts: RequestParts
 ) -> None:
     """Relay an upstream's answer by its kind: events as they come, a JSON answer read
     whole (its usage and ids taken), anything else (audio, a file) chunk by chunk."""
     record = exchange.record
     response = delivery.response
     breaker = runtime.breakers[delivery.target.backend]
-    relay = _Relay(runtime, send, exchange, delivery)
+    relay = _Relay(runtime, send, exchange, delivery, parts)
     try:
         record.status = response.status
         exchange.outcome = _outcome(response.status)
         content_type = response.content_type
         if content_type == _EVENT_STREAM:
-            await relay.events(stream_kind(path))
-        elif content_type == "application/json" and not path.endswith("/content"):
+            await relay.events(stream_kind(parts.path))
+        elif content_type == "application/json" and not parts.path.endswith("/content"):
             await relay.json()
         else:
             await relay.bytes()
@@ -225,9 +228,15 @@ class _Relay:
     """One upstream answer on its way to the client; the breaker hears its outcome once."""
 
     def __init__(
-        self, runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery
+        self,
+        runtime: Runtime,
+        send: Send,
+        exchange: _Exchange,
+        delivery: Delivery,
+        parts: RequestParts,
     ) -> None:
         self.runtime = runtime
+        self.parts = parts
         self.send = send
         self.exchange = exchange
         self.delivery = delivery
@@ -297,6 +306,18 @@ class _Relay:
         self._served()
         data = runtime.redactor.bytes(data)
         read_at = time.perf_counter()
+        if response.status < 300:  # before the client hears of it: its next call finds it
+            parts = self.parts
+            await record_created(
+                runtime.objects,
+                parts.path,
+                parts.method,
+                response.status,
+                data,
+                parts.payload,
+                self.backend,
+                self.delivery.key_id,
+            )
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
@@ -417,6 +438,24 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
             raise errors.missing_model(parts.path)  # most likely a chat body without one
         raise errors.no_path_route(parts.method, parts.path)
     return target
+
+
+async def stick_to_objects(runtime: Runtime, parts: RequestParts, target: Target) -> Target:
+    """A request naming a file, response, batch... made through the proxy goes where it was
+    made, with the key that made it (another key's project does not have it), whatever
+    round robin or a route would pick; no fallback: the object is nowhere else."""
+    placement = await placement_for(runtime.objects, parts.path, parts.payload, runtime.placements)
+    if placement is None:
+        return target
+    same_backend = placement.backend == target.backend
+    return dataclasses.replace(
+        target,
+        backend=placement.backend,
+        pinned_key=placement.key_id,
+        fallbacks=(),
+        upstream_model=target.upstream_model if same_backend else target.model,
+        rewrite=target.rewrite if same_backend else NO_RULES,
+    )
 
 
 _METHODS = ("GET", "POST", "DELETE")  # all the OpenAI API uses

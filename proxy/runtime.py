@@ -20,6 +20,13 @@ from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.keys import KeyPool, build_pools
+from proxy.objects import (
+    MemoryObjects,
+    ObjectStore,
+    Placement,
+    known_placements,
+    make_object_store,
+)
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.routing import Router, usable_model_id
 from proxy.shared import SYNC_INTERVAL, SharedState
@@ -44,6 +51,9 @@ class Runtime:
     breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
     redactor: Redactor = NO_SECRETS  # every configured secret, scrubbed from what we write
+    # Where each file, response, batch... was made: requests naming it go there.
+    objects: ObjectStore = field(default_factory=MemoryObjects)
+    placements: frozenset[Placement] = frozenset()  # the (backend, key) pairs that exist
     loaded_at: float = field(default_factory=time.time)
     in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
     discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
@@ -223,6 +233,9 @@ class Runtime:
         if self.throttle.storage_errors:
             metrics.STORAGE_ERRORS.inc(self.throttle.storage_errors)
             self.throttle.storage_errors = 0
+        if self.objects.errors:
+            metrics.STORAGE_ERRORS.inc(self.objects.errors)
+            self.objects.errors = 0
 
     def report(self) -> None:
         """Say at start-up which backends can serve and which need a key set."""
@@ -263,6 +276,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         if not reuse_storage:
             storage.abandon()
         raise
+    objects = _object_store(config, storage, previous if reuse_storage else None)
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
@@ -297,7 +311,22 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
         unverified=unverified,
+        objects=objects,
+        placements=known_placements(
+            {name: [key.id for key in backend.keys] for name, backend in config.backends.items()}
+        ),
     )
+
+
+def _object_store(config: Config, storage: Store, previous: Runtime | None) -> ObjectStore:
+    """The object placements live with the throttle's storage (Redis: shared by replicas;
+    memory: kept across reloads while the storage is)."""
+    settings = config.objects
+    if previous is not None:
+        previous.objects.reconfigure(settings.ttl, settings.max_entries)
+        return previous.objects
+    guard = storage.call if storage.redis is not None else None
+    return make_object_store(storage.redis, settings.ttl, settings.max_entries, guard)
 
 
 def _probe_timeout(backend: BackendConfig) -> float:
