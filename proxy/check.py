@@ -42,6 +42,14 @@ def print_table(config: Config, out: TextIO) -> None:
         extras += [f"rewrite: {rule}" for rule in route.request_rewrite.describe()]
         suffix = f"  ({', '.join(extras)})" if extras else ""
         out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
+    out.write("\nrequests without a model (first match on the path after /v1):\n")
+    for rule in config.paths:
+        pinned = f"  (key {rule.key})" if rule.key else ""
+        out.write(f"  {rule.prefix}[/...] -> {rule.backend}{pinned}\n")
+    if config.default_backend is not None:
+        out.write(f"  anything else -> {config.default_backend}\n")
+    elif not config.paths:
+        out.write("  (none: such requests get 404 no_route; add paths: or default_backend)\n")
 
 
 def _key_state(key: KeyConfig) -> str:

@@ -226,6 +226,15 @@ async def speech(request: web.Request) -> web.StreamResponse:
     return response
 
 
+async def model_object(request: web.Request) -> web.Response:
+    """A fine-tuned model: retrieved, or deleted."""
+    _record(request)
+    model_id = request.match_info["id"]
+    if request.method == "DELETE":
+        return web.json_response({"id": model_id, "object": "model", "deleted": True})
+    return web.json_response({"id": model_id, "object": "model", "created": 0, "owned_by": "me"})
+
+
 async def requests_log(request: web.Request) -> web.Response:
     store: Store = request.app["store"]
     if request.method == "DELETE":
@@ -248,6 +257,7 @@ def make_app() -> web.Application:
     app.router.add_get("/v1/responses/{id}", response_object)
     app.router.add_post("/v1/audio/speech", speech)
     app.router.add_get("/v1/models", lambda r: web.json_response({"data": []}))
+    app.router.add_route("*", "/v1/models/{id}", model_object)
     app.router.add_route("*", "/_mock/requests", requests_log)
     return app
 

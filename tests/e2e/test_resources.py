@@ -200,6 +200,16 @@ def test_speech_is_streamed_to_the_client_as_the_upstream_makes_it(
     assert len(first) + len(rest) == 4 * (3 + 4096)
 
 
+def test_a_fine_tuned_model_is_retrieved_and_deleted_on_the_backend_that_routes_it(
+    client: openai.OpenAI, resources: ResourceUpstream
+) -> None:
+    model_id = "ft:gpt-4o-mini:acme::abc123"
+    assert client.models.retrieve(model_id).owned_by == "me"
+    assert client.models.delete(model_id).deleted is True
+    seen = [(r["method"], r["path"]) for r in resources.requests()]
+    assert seen == [("GET", f"/v1/models/{model_id}"), ("DELETE", f"/v1/models/{model_id}")]
+
+
 def test_a_model_less_post_without_a_body_reaches_the_default_backend(
     proxy: ProxyProcess, resources: ResourceUpstream
 ) -> None:
