@@ -80,38 +80,67 @@ def tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
     return counts.prompt, counts.completion
 
 
-class _UsageReader:
-    """Reads usage from a copy of the chunks that carry it; never touches the stream."""
+# A line that carries usage can be long (a Responses ``response.completed`` repeats the
+# whole output): one cut across chunks is held up to this much to be read whole.
+MAX_USAGE_LINE = 4 << 20
+_LINE_ENDS = (b"\n", b"\r")
 
-    __slots__ = ("pending", "usage")
+
+class _UsageReader:
+    """Reads usage from the ``data:`` lines that carry it, however the chunks cut them.
+
+    Only reads: it sees every byte the upstream sent (before any is left out), and holds
+    a copy of a line only while it is cut across chunks, which real upstreams rarely do.
+    """
+
+    __slots__ = ("_held", "_line", "usage")
 
     def __init__(self) -> None:
-        self.pending = b""
+        self._line: list[bytes] = []  # the start of a line the next chunk goes on with
+        self._held = 0
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        """Any chunk, cut anywhere: what ends an event is read, the rest kept for later."""
-        if self.pending:
-            chunk = self.pending + chunk
-            self.pending = b""
-        elif _USAGE_MARKERS[0] not in chunk and _USAGE_MARKERS[1] not in chunk:
-            return
-        if not chunk.endswith(_EVENT_ENDS):  # the event goes on in the next chunk
-            self.pending = chunk[-65536:]
-            return
-        self._scan(chunk)
+        if self._line:
+            chunk = self._line_goes_on(chunk)
+        if not chunk.endswith(_LINE_ENDS):  # a line is cut: read it when it ends
+            cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+            self._hold(chunk[cut:])
+            if _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
+                self._scan(chunk[:cut])
+        elif _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
+            self._scan(chunk)
 
-    def take_events(self, events: bytes) -> None:
-        """Whole events (the stripper's framing), whatever their line ends: read at once."""
-        if self.pending:
-            events = self.pending + events
-            self.pending = b""
-        elif _USAGE_MARKERS[0] not in events and _USAGE_MARKERS[1] not in events:
-            return
-        self._scan(events)
+    def finish(self) -> None:
+        """The stream is over: a last line without its line end still says what it says."""
+        if self._line:
+            self._line_goes_on(b"\n")
 
-    def _scan(self, chunk: bytes) -> None:
-        for line in chunk.splitlines():
+    def _line_goes_on(self, chunk: bytes) -> bytes:
+        """Continue the held line; read it if ``chunk`` ends it. Returns the rest."""
+        lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
+        end = min(lf, cr) if lf >= 0 and cr >= 0 else max(lf, cr)
+        if end < 0:
+            self._hold(chunk)
+            return b""
+        line = b"".join([*self._line, chunk[:end]])
+        self._line.clear()
+        self._held = 0
+        if _USAGE_MARKERS[0] in line or _USAGE_MARKERS[1] in line:
+            self._scan(line)
+        return chunk[end:]
+
+    def _hold(self, part: bytes) -> None:
+        if not part:
+            return
+        self._held += len(part)
+        if self._held > MAX_USAGE_LINE:  # given up: its end is not read as a line start
+            self._line[:] = [b""]
+        else:
+            self._line.append(part)
+
+    def _scan(self, data: bytes) -> None:
+        for line in data.splitlines():
             if line.startswith(b"data:") and b'"usage"' in line:
                 try:
                     found = usage_of(orjson.loads(line[5:]))
@@ -201,14 +230,12 @@ class _UsageEventStripper:
     """Frames a stream into whole events and leaves the usage-only ones out.
 
     Holds back only an unfinished trailing event (which no SSE client could act on yet),
-    at most ``MAX_HELD_EVENT`` bytes of it. Usage is read from the events before any is
-    taken out, so the metrics see what the upstream reported.
+    at most ``MAX_HELD_EVENT`` bytes of it.
     """
 
-    __slots__ = ("_held", "_parts", "_seeking", "_tail", "reader")
+    __slots__ = ("_held", "_parts", "_seeking", "_tail")
 
-    def __init__(self, reader: _UsageReader) -> None:
-        self.reader = reader
+    def __init__(self) -> None:
         self._parts: list[bytes] = []  # the unfinished event (a list: no quadratic joins)
         self._held = 0
         self._tail = b""  # the last bytes held (or, seeking, passed on)
@@ -251,7 +278,6 @@ class _UsageEventStripper:
         return self._events(held[:end]) + held[end:]
 
     def _events(self, events: bytes) -> bytes:
-        self.reader.take_events(events)
         if _EMPTY_CHOICES.search(events) is None:
             return events
         return without_usage_events(events)
@@ -267,7 +293,6 @@ class _UsageEventStripper:
         self._parts.clear()
         self._held = 0
         self._seeking = True
-        self.reader.feed(out)
         return out
 
     def _seek(self, chunk: bytes) -> bytes:
@@ -277,15 +302,9 @@ class _UsageEventStripper:
                 cut = match.end() - len(self._tail)
                 self._seeking = False
                 self._tail = b""
-                self.reader.take_events(chunk[:cut])
                 return chunk[:cut] + self.feed(chunk[cut:]) if cut < len(chunk) else chunk
         self._tail = window[-_TAIL:]
-        self.reader.feed(chunk)
         return chunk
-
-
-def _ignore(chunk: bytes) -> None:
-    pass
 
 
 async def relay_stream(
@@ -308,8 +327,7 @@ async def relay_stream(
     """
     result = RelayResult()
     usage = _UsageReader()
-    stripper = _UsageEventStripper(usage) if strip_usage_event else None
-    read_usage = usage.feed if stripper is None else _ignore  # the stripper reads it itself
+    stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
     failure: tuple[str, str, str] | None = None  # result.error, message, code
@@ -319,6 +337,7 @@ async def relay_stream(
                 chunk, held = redactor.stream_chunk(held + chunk)
                 if not chunk:
                     continue
+            usage.feed(chunk)  # every byte the upstream sent, the event left out included
             if stripper is not None:
                 chunk = stripper.feed(chunk)  # whole events only, minus the usage-only one
                 if not chunk:
@@ -327,7 +346,6 @@ async def relay_stream(
             previous, last = last, chunk
             if result.first_data_at is None and b"data:" in chunk:
                 result.first_data_at = time.perf_counter()
-            read_usage(chunk)
     except (TimeoutError, aiohttp.SocketTimeoutError):
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
         failure = ("timeout", message, "upstream_timeout")
@@ -335,6 +353,9 @@ async def relay_stream(
         message = f"Backend '{backend}' closed the stream before it was complete."
         failure = ("stream_broken", message, "upstream_stream_broken")
     finally:
+        if held:  # the redactor's last bytes: no secret's start after all, so read them too
+            usage.feed(held)
+        usage.finish()
         if stripper is not None:  # the stream is over: what it held is all there will be
             held = stripper.finish() + held
         result.usage = usage.usage  # however the stream ended, what it reported counts
