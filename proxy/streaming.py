@@ -46,7 +46,9 @@ class RelayResult:
     usage: dict[str, Any] | None = None  # the last usage the upstream reported
 
 
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')  # not "usage":null, which every chunk may carry
+# A usage object, not "usage":null (which every chunk may carry). One regex pass: as fast
+# as one `in` for one spelling, where two `in` for two spellings took twice as long.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def usage_of(event_json: Any) -> dict[str, Any] | None:
@@ -101,34 +103,35 @@ class _UsageReader:
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if self._line:
-            chunk = self._line_goes_on(chunk)
+        start = self._line_goes_on(chunk) if self._line else 0  # (offsets: no copies)
         if not chunk.endswith(_LINE_ENDS):  # a line is cut: read it when it ends
-            cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1
+            cut = max(chunk.rfind(b"\n", start) + 1, chunk.rfind(b"\r", start) + 1, start)
             self._hold(chunk[cut:])
-            if _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
-                self._scan(chunk[:cut])
-        elif _USAGE_MARKERS[0] in chunk or _USAGE_MARKERS[1] in chunk:
-            self._scan(chunk)
+            if _USAGE_OBJECT.search(chunk, start, cut) is not None:
+                self._scan(chunk[start:cut])
+        elif _USAGE_OBJECT.search(chunk, start) is not None:
+            self._scan(chunk[start:] if start else chunk)
 
     def finish(self) -> None:
         """The stream is over: a last line without its line end still says what it says."""
         if self._line:
             self._line_goes_on(b"\n")
 
-    def _line_goes_on(self, chunk: bytes) -> bytes:
-        """Continue the held line; read it if ``chunk`` ends it. Returns the rest."""
+    def _line_goes_on(self, chunk: bytes) -> int:
+        """Continue the held line; read it if ``chunk`` ends it. Returns where the rest of
+        ``chunk`` begins (its length when the line goes on past it)."""
         lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
         end = min(lf, cr) if lf >= 0 and cr >= 0 else max(lf, cr)
         if end < 0:
             self._hold(chunk)
-            return b""
+            return len(chunk)
+        whole = self._held <= MAX_USAGE_LINE  # else only its end is left: not read
         line = b"".join([*self._line, chunk[:end]])
         self._line.clear()
         self._held = 0
-        if _USAGE_MARKERS[0] in line or _USAGE_MARKERS[1] in line:
+        if whole and _USAGE_OBJECT.search(line) is not None:
             self._scan(line)
-        return chunk[end:]
+        return end
 
     def _hold(self, part: bytes) -> None:
         if not part:

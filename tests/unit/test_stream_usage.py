@@ -511,3 +511,30 @@ def test_the_access_log_prints_the_token_types():
         2,
         3,
     )
+
+
+def test_a_long_response_completed_line_cut_anywhere_still_gives_its_usage():
+    usage = {
+        "input_tokens": 30,
+        "output_tokens": 20000,
+        "output_tokens_details": {"reasoning_tokens": 7},
+    }
+    completed = {
+        "type": "response.completed",
+        "response": {"output_text": "w" * 300_000, "usage": usage},
+    }
+    event = b"event: response.completed\ndata: " + orjson.dumps(completed) + b"\n\n"
+    for size in (4096, 65536, 100_001):
+        chunks = [event[i : i + size] for i in range(0, len(event), size)]
+        for strip in (False, True):
+            out, result, _ = relay(chunks, strip, StreamKind.RESPONSES)
+            assert out == event and result.usage == usage, (size, strip)
+    assert token_counts(result.usage) == TokenCounts(prompt=30, completion=20000, reasoning=7)
+
+
+def test_a_usage_marker_cut_in_two_is_still_read_without_stripping():
+    upstream = CONTENT + USAGE_EVENT + DONE
+    marker = upstream.index(b'"usage":{')
+    for cut in range(marker - 2, marker + 12):
+        out, result, _ = relay([upstream[:cut], upstream[cut:]], False, StreamKind.DONE_TERMINATED)
+        assert out == upstream and result.usage == USAGE, cut
