@@ -103,35 +103,34 @@ class _UsageReader:
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        start = self._line_goes_on(chunk) if self._line else 0  # (offsets: no copies)
-        if not chunk.endswith(_LINE_ENDS):  # a line is cut: read it when it ends
-            cut = max(chunk.rfind(b"\n", start) + 1, chunk.rfind(b"\r", start) + 1, start)
-            self._hold(chunk[cut:])
-            if _USAGE_OBJECT.search(chunk, start, cut) is not None:
-                self._scan(chunk[start:cut])
-        elif _USAGE_OBJECT.search(chunk, start) is not None:
-            self._scan(chunk[start:] if start else chunk)
+        if self._line:
+            if b"\n" not in chunk and b"\r" not in chunk:  # the held line goes on and on
+                self._hold(chunk)
+                return
+            chunk = self._line_goes_on(chunk)
+        if chunk.endswith(_LINE_ENDS):  # nearly always: lines whole, nothing to hold
+            if _USAGE_OBJECT.search(chunk) is not None:
+                self._scan(chunk)
+            return
+        cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1  # a line is cut: held
+        self._hold(chunk[cut:])
+        if cut and _USAGE_OBJECT.search(chunk, 0, cut) is not None:
+            self._scan(chunk[:cut])
 
     def finish(self) -> None:
         """The stream is over: a last line without its line end still says what it says."""
         if self._line:
-            self._line_goes_on(b"\n")
+            self.feed(b"\n")
 
-    def _line_goes_on(self, chunk: bytes) -> int:
-        """Continue the held line; read it if ``chunk`` ends it. Returns where the rest of
-        ``chunk`` begins (its length when the line goes on past it)."""
-        lf, cr = chunk.find(b"\n"), chunk.find(b"\r")
-        end = min(lf, cr) if lf >= 0 and cr >= 0 else max(lf, cr)
-        if end < 0:
-            self._hold(chunk)
-            return len(chunk)
-        whole = self._held <= MAX_USAGE_LINE  # else only its end is left: not read
-        line = b"".join([*self._line, chunk[:end]])
-        self._line.clear()
+    def _line_goes_on(self, chunk: bytes) -> bytes:
+        """``chunk`` (which ends the held line) with that line's start put before it."""
+        parts, held = self._line, self._held
+        self._line = []
         self._held = 0
-        if whole and _USAGE_OBJECT.search(line) is not None:
-            self._scan(line)
-        return end
+        if held <= MAX_USAGE_LINE:
+            return b"".join([*parts, chunk])
+        lf, cr = chunk.find(b"\n"), chunk.find(b"\r")  # given up: only what follows it
+        return chunk[min(lf, cr) if lf >= 0 and cr >= 0 else max(lf, cr) :]
 
     def _hold(self, part: bytes) -> None:
         if not part:

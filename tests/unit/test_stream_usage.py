@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import itertools
+import tracemalloc
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -68,13 +69,15 @@ def relay(
     kind: StreamKind = StreamKind.PLAIN,
     error: BaseException | None = None,
     redactor: Redactor = NO_SECRETS,
+    keep_bodies: bool = True,
 ) -> tuple[bytes, RelayResult, _Trace]:
     """What the client receives when the upstream sends ``chunks`` (then fails, if told)."""
     trace = _Trace()
 
     async def send(message: dict[str, Any]) -> None:
         assert not trace.ended, "a body message after the last one"
-        trace.bodies.append(message["body"])
+        if keep_bodies:
+            trace.bodies.append(message["body"])
         trace.sent += len(message["body"])
         trace.ended = not message["more_body"]
 
@@ -337,6 +340,20 @@ def test_an_event_that_never_ends_is_passed_on_with_bounded_holding():
     assert out == b"".join(chunks)
     assert trace.most_held <= HOLD_LIMIT + len(piece)
     assert result.error is None
+
+
+def test_an_endless_usage_looking_line_costs_bounded_memory_either_way():
+    piece = b'"usage":{' + b"u" * 65527  # 64 KiB, never a line end
+    chunks = [b"data: {"] + [piece] * 384  # 24 MiB
+    for strip in (False, True):
+        tracemalloc.start()
+        try:
+            _, result, trace = relay(chunks, strip, keep_bodies=False)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert trace.sent == 7 + 384 * 65536 and result.usage is None
+        assert peak < 8 * 2**20, (strip, peak)  # the usage reader gives up at 4 MiB
 
 
 def test_after_an_over_long_event_framing_resumes_and_strips_the_usage_event():
