@@ -106,3 +106,10 @@ def _first_count(usage: Mapping[str, Any], name: str, other: str) -> int:
 def _detail(usage: Mapping[str, Any], group: str, name: str) -> int:
     details = usage.get(group)
     return _count(details.get(name)) if isinstance(details, Mapping) else 0
+
+
+def asks_for_usage(payload: Mapping[str, Any]) -> bool:
+    """Whether the client's own request asks for the stream's usage event: if it does not
+    and the proxy asks for it anyway, the event is taken out of what the client gets."""
+    options = payload.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True

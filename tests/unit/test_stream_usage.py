@@ -28,7 +28,7 @@ from proxy.streaming import (
     tokens,
     without_usage_events,
 )
-from proxy.usage import MAX_TOKENS, NO_TOKENS, TokenCounts, token_counts
+from proxy.usage import MAX_TOKENS, NO_TOKENS, TokenCounts, asks_for_usage, token_counts
 
 # ---------------------------------------------------------------- a fake upstream response
 
@@ -463,6 +463,18 @@ def test_anthropic_cache_counts_summing_past_the_cap_are_refused():
     big = MAX_TOKENS - 1
     usage = {"input_tokens": big, "cache_read_input_tokens": big}
     assert token_counts(usage).prompt == 0 and token_counts(usage).cache_read == big
+
+
+def test_asks_for_usage_only_when_the_client_itself_said_true():
+    assert asks_for_usage({"stream": True, "stream_options": {"include_usage": True}})
+    for payload in (
+        {"stream": True},
+        {"stream_options": {"include_usage": False}},
+        {"stream_options": {"include_usage": "true"}},
+        {"stream_options": None},
+        {"stream_options": [["include_usage", True]]},
+    ):
+        assert not asks_for_usage(payload), payload
 
 
 # ---------------------------------------------------------------- metrics and log
