@@ -10,12 +10,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import orjson
 
 from proxy.logfmt import escape_controls
+from proxy.usage import NO_TOKENS, TokenCounts
 
 FLUSH_INTERVAL = 0.05
 
@@ -49,11 +50,28 @@ class RequestRecord:
     model_label: str = "unrouted"
     attempt_errors: list[tuple[str, str, str]] = field(default_factory=list)  # backend, key, kind
     ttft: float | None = None  # seconds to the upstream's first data: event (streams)
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    tokens: TokenCounts = NO_TOKENS  # from the upstream's usage: proxy.usage.token_counts
     overhead: float | None = None  # seconds the proxy itself added
     sent_at: float | None = None  # perf_counter when the first upstream call began
     started: float = field(default_factory=time.perf_counter)
+
+    # The two counts callers set before ``tokens`` carried every type; the setters stay
+    # until every caller assigns ``record.tokens = token_counts(usage)``.
+    @property
+    def prompt_tokens(self) -> int:
+        return self.tokens.prompt
+
+    @prompt_tokens.setter
+    def prompt_tokens(self, value: int) -> None:
+        self.tokens = replace(self.tokens, prompt=value)
+
+    @property
+    def completion_tokens(self) -> int:
+        return self.tokens.completion
+
+    @completion_tokens.setter
+    def completion_tokens(self, value: int) -> None:
+        self.tokens = replace(self.tokens, completion=value)
 
 
 class AccessLog:
@@ -104,8 +122,7 @@ class AccessLog:
             f"upstream_request_id={escaped(r.upstream_request_id)} model={escaped(r.model)} "
             f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
-            f"ttft_ms={_ms(r.ttft)} prompt_tokens={r.prompt_tokens} "
-            f"completion_tokens={r.completion_tokens} throttled={r.throttled or '-'} "
+            f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)} throttled={r.throttled or '-'} "
             f"error={r.error or r.upstream_error or '-'}\n"
         )
 
@@ -125,12 +142,29 @@ class AccessLog:
             "duration_ms": round((time.perf_counter() - r.started) * 1000, 2),
             "stream": r.stream,
             "ttft_ms": round(r.ttft * 1000, 2) if r.ttft is not None else None,
-            "prompt_tokens": r.prompt_tokens,
-            "completion_tokens": r.completion_tokens,
+            "prompt_tokens": r.tokens.prompt,
+            "completion_tokens": r.tokens.completion,
+            "cached_tokens": r.tokens.cached,
+            "reasoning_tokens": r.tokens.reasoning,
             "throttled": r.throttled,
             "error": r.error or r.upstream_error,
         }
+        if r.tokens.cache_creation or r.tokens.cache_read:  # Anthropic's, only where they are
+            line["cache_creation_tokens"] = r.tokens.cache_creation
+            line["cache_read_tokens"] = r.tokens.cache_read
         return orjson.dumps(line).decode() + "\n"
+
+
+def _text_tokens(t: TokenCounts) -> str:
+    """The four OpenAI counts always (fixed columns for whoever greps them), Anthropic's
+    two cache counts only on the lines that have them."""
+    text = (
+        f"prompt_tokens={t.prompt} completion_tokens={t.completion} "
+        f"cached_tokens={t.cached} reasoning_tokens={t.reasoning}"
+    )
+    if t.cache_creation or t.cache_read:
+        text += f" cache_creation_tokens={t.cache_creation} cache_read_tokens={t.cache_read}"
+    return text
 
 
 def _ms(seconds: float | None) -> str:

@@ -61,7 +61,9 @@ OVERHEAD = Histogram(
 )
 TOKENS = Counter(
     "llm_proxy_tokens",
-    "Tokens reported in the upstream's usage, by type (prompt, completion).",
+    "Tokens reported in the upstream's usage, by type: prompt, completion, cached (of prompt, "
+    "read from a prompt cache), reasoning (of completion), cache_creation and cache_read "
+    "(Anthropic's cache counts).",
     ["backend", "model", "type"],
 )
 STREAMS_ACTIVE = Gauge(
@@ -150,10 +152,8 @@ def observe_request(record: RequestRecord) -> None:
         ttft_child(backend, model).observe(record.ttft)
     if record.overhead is not None:
         OVERHEAD.observe(record.overhead)
-    if record.prompt_tokens:
-        tokens_child(backend, model, "prompt").inc(record.prompt_tokens)
-    if record.completion_tokens:
-        tokens_child(backend, model, "completion").inc(record.completion_tokens)
+    for kind, count in record.tokens.nonzero():
+        tokens_child(backend, model, kind).inc(count)
 
 
 def exposition() -> tuple[bytes, str]:

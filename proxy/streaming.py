@@ -3,6 +3,11 @@
 A stream is passed on chunk by chunk, exactly as received and as soon as received. When the
 upstream dies or stalls mid-stream, the client gets one OpenAI-shaped SSE error event and
 the end of the response, so SDKs raise instead of mistaking the failure for a clean end.
+
+One exception to "exactly as received": when the proxy itself asked the upstream for usage
+(``stream_options.include_usage``) and the client did not, the usage-only event that
+request added is taken out (``strip_usage_event``), so the client gets the bytes it would
+have got without the proxy's question. Only then are chunks framed into whole events.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import orjson
 
 from proxy.errors import error_body
 from proxy.redact import NO_SECRETS, Redactor
+from proxy.usage import token_counts
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
@@ -40,7 +46,9 @@ class RelayResult:
     usage: dict[str, Any] | None = None  # the last usage the upstream reported
 
 
-_USAGE_MARKERS = (b'"usage":{', b'"usage": {')  # not "usage":null, which every chunk may carry
+# A usage object, not "usage":null (which every chunk may carry). One regex pass: as fast
+# as one `in` for one spelling, where two `in` for two spellings took twice as long.
+_USAGE_OBJECT = re.compile(rb'"usage"\s*:\s*\{')
 
 
 def usage_of(event_json: Any) -> dict[str, Any] | None:
@@ -68,36 +76,73 @@ def usage_of(event_json: Any) -> dict[str, Any] | None:
 
 
 def tokens(usage: dict[str, Any] | None) -> tuple[int, int]:
-    """(prompt, completion) from a chat-style or Responses-style usage object."""
-    if not usage:
-        return 0, 0
-    prompt = usage.get("prompt_tokens", usage.get("input_tokens", 0))
-    completion = usage.get("completion_tokens", usage.get("output_tokens", 0))
-    return (
-        prompt if isinstance(prompt, int) else 0,
-        completion if isinstance(completion, int) else 0,
-    )
+    """(prompt, completion) from a usage object. Kept for older callers: new code takes
+    every type with ``proxy.usage.token_counts``."""
+    counts = token_counts(usage)
+    return counts.prompt, counts.completion
+
+
+# A line that carries usage can be long (a Responses ``response.completed`` repeats the
+# whole output): one cut across chunks is held up to this much to be read whole.
+MAX_USAGE_LINE = 4 << 20
+_LINE_ENDS = (b"\n", b"\r")
 
 
 class _UsageReader:
-    """Reads usage from a copy of the chunks that carry it; never touches the stream."""
+    """Reads usage from the ``data:`` lines that carry it, however the chunks cut them.
 
-    __slots__ = ("pending", "usage")
+    Only reads: it sees every byte the upstream sent (before any is left out), and holds
+    a copy of a line only while it is cut across chunks, which real upstreams rarely do.
+    """
+
+    __slots__ = ("_held", "_line", "usage")
 
     def __init__(self) -> None:
-        self.pending = b""
+        self._line: list[bytes] = []  # the start of a line the next chunk goes on with
+        self._held = 0
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
-        if self.pending:
-            chunk = self.pending + chunk
-            self.pending = b""
-        elif _USAGE_MARKERS[0] not in chunk and _USAGE_MARKERS[1] not in chunk:
+        if self._line:
+            if b"\n" not in chunk and b"\r" not in chunk:  # the held line goes on and on
+                self._hold(chunk)
+                return
+            chunk = self._line_goes_on(chunk)
+        if chunk.endswith(_LINE_ENDS):  # nearly always: lines whole, nothing to hold
+            if _USAGE_OBJECT.search(chunk) is not None:
+                self._scan(chunk)
             return
-        if not chunk.endswith(_EVENT_ENDS):  # the event goes on in the next chunk
-            self.pending = chunk[-65536:]
+        cut = max(chunk.rfind(b"\n"), chunk.rfind(b"\r")) + 1  # a line is cut: held
+        self._hold(chunk[cut:])
+        if cut and _USAGE_OBJECT.search(chunk, 0, cut) is not None:
+            self._scan(chunk[:cut])
+
+    def finish(self) -> None:
+        """The stream is over: a last line without its line end still says what it says."""
+        if self._line:
+            self.feed(b"\n")
+
+    def _line_goes_on(self, chunk: bytes) -> bytes:
+        """``chunk`` (which ends the held line) with that line's start put before it."""
+        parts, held = self._line, self._held
+        self._line = []
+        self._held = 0
+        if held <= MAX_USAGE_LINE:
+            return b"".join([*parts, chunk])
+        lf, cr = chunk.find(b"\n"), chunk.find(b"\r")  # given up: only what follows it
+        return chunk[min(lf, cr) if lf >= 0 and cr >= 0 else max(lf, cr) :]
+
+    def _hold(self, part: bytes) -> None:
+        if not part:
             return
-        for line in chunk.splitlines():
+        self._held += len(part)
+        if self._held > MAX_USAGE_LINE:  # given up: its end is not read as a line start
+            self._line[:] = [b""]
+        else:
+            self._line.append(part)
+
+    def _scan(self, data: bytes) -> None:
+        for line in data.splitlines():
             if line.startswith(b"data:") and b'"usage"' in line:
                 try:
                     found = usage_of(orjson.loads(line[5:]))
@@ -107,45 +152,218 @@ class _UsageReader:
                     self.usage = found
 
 
+# ---------------------------------------------------------------- the usage-only event
+
+# Held bytes of one unfinished event while framing. Past this an event is passed on as it
+# comes (unframed) until it ends: an upstream that never ends an event cannot grow memory.
+MAX_HELD_EVENT = 1 << 20
+
+# SSE: a line ends with CRLF, LF or CR; an event ends with an empty line. A CR at the very
+# end of what has arrived may be half of a CRLF: the event is complete only once the next
+# byte shows (or the stream has ended), or the client would see a stray LF as a blank line.
+_LINE_END = rb"(?:\r\n|\n|\r(?!\n))"
+_EVENT_END = re.compile(_LINE_END + rb"(?:\r\n|\n|\r(?=[^\n]))")
+_EVENT_END_AT_EOF = re.compile(_LINE_END + rb"(?:\r\n|\n|\r(?!\n))")
+_LF_EVENT_ENDS = (b"\n\n", b"\n\r\n")  # unambiguous whatever precedes them
+_LINE = re.compile(rb"([^\r\n]*)(?:\r\n|\n|\r)")
+_EMPTY_CHOICES = re.compile(rb'"choices"\s*:\s*\[\s*\]')  # cheap test before parsing
+_TAIL = 3  # bytes of context kept for an event end split between chunks (\r\n + \r)
+
+
+def _last_event_end(data: bytes, pattern: re.Pattern[bytes] = _EVENT_END) -> int:
+    """The offset just past the last event end in ``data`` (which starts at a line
+    boundary), or -1. An earlier real end than the last may be returned in contrived runs
+    of blank lines: that only holds an empty event back a little longer."""
+    if data.endswith(_LF_EVENT_ENDS):  # nearly every chunk of nearly every stream
+        return len(data)
+    lf, crlf = data.rfind(b"\n\n"), data.rfind(b"\n\r\n")
+    end = max(lf + 2 if lf >= 0 else -1, crlf + 3 if crlf >= 0 else -1)
+    if data.find(b"\r", max(end, 0)) < 0:  # any later end would need a CR
+        return end
+    for match in pattern.finditer(data, max(end - 2, 0)):
+        end = max(end, match.end())
+    return end
+
+
+def _is_usage_only(data_lines: list[bytes]) -> bool:
+    try:
+        event = orjson.loads(b"\n".join(data_lines))
+    except orjson.JSONDecodeError:
+        return False
+    return (
+        isinstance(event, dict)
+        and event.get("choices") == []
+        and isinstance(event.get("usage"), dict)
+    )
+
+
+def without_usage_events(events: bytes) -> bytes:
+    """``events`` (whole SSE events) minus each usage-only event: its lines and the blank
+    line that ends it. An event with a field other than ``data`` (``event:``, ``id:``,
+    ``retry:``) is never one: taking it out would change the client's state."""
+    kept: list[bytes] = []
+    kept_from = start = 0  # where the bytes still to keep begin; where this event began
+    data: list[bytes] = []
+    only_data = True
+    for line in _LINE.finditer(events):
+        content = line.group(1)
+        if content:
+            if content[0] == 0x3A:  # ":" a comment, part of whatever event it is in
+                continue
+            name, _, value = content.partition(b":")
+            if name == b"data":
+                data.append(value[1:] if value[:1] == b" " else value)
+            else:
+                only_data = False
+            continue
+        if data and only_data and _is_usage_only(data):
+            kept.append(events[kept_from:start])
+            kept_from = line.end()
+        start = line.end()
+        data = []
+        only_data = True
+    if not kept:
+        return events
+    kept.append(events[kept_from:])
+    return b"".join(kept)
+
+
+class _UsageEventStripper:
+    """Frames a stream into whole events and leaves the usage-only ones out.
+
+    Holds back only an unfinished trailing event (which no SSE client could act on yet),
+    at most ``MAX_HELD_EVENT`` bytes of it.
+    """
+
+    __slots__ = ("_held", "_parts", "_seeking", "_tail")
+
+    def __init__(self) -> None:
+        self._parts: list[bytes] = []  # the unfinished event (a list: no quadratic joins)
+        self._held = 0
+        self._tail = b""  # the last bytes held (or, seeking, passed on)
+        self._seeking = False  # an over-long event passed on unframed: seeking its end
+
+    def feed(self, chunk: bytes) -> bytes:
+        """The bytes to pass on now: every event ``chunk`` completes, usage-only ones out."""
+        if self._seeking:
+            return self._seek(chunk)
+        window = self._tail + chunk if self._parts else chunk
+        end = _last_event_end(window)
+        if end < 0:
+            self._hold(chunk)
+            return self._overflow() if self._held > MAX_HELD_EVENT else b""
+        if not self._parts and end == len(chunk):  # whole events, nothing held: no copy
+            return self._events(chunk)
+        buffered = b"".join([*self._parts, chunk]) if self._parts else chunk
+        cut = len(buffered) - len(window) + end
+        self._parts.clear()
+        self._held = 0
+        self._tail = b""
+        out = self._events(buffered[:cut])
+        if cut < len(buffered):
+            self._hold(buffered[cut:])
+            if self._held > MAX_HELD_EVENT:
+                out += self._overflow()
+        return out
+
+    def finish(self) -> bytes:
+        """At the end of the stream, what is still held: complete events (a final CR now
+        ends a line for sure), usage-only ones out, then any unended rest as it came."""
+        if not self._parts:
+            return b""
+        held = b"".join(self._parts)
+        self._parts.clear()
+        self._held = 0
+        end = _last_event_end(held, _EVENT_END_AT_EOF)
+        if end < 0:
+            return held
+        return self._events(held[:end]) + held[end:]
+
+    def _events(self, events: bytes) -> bytes:
+        if _EMPTY_CHOICES.search(events) is None:
+            return events
+        return without_usage_events(events)
+
+    def _hold(self, data: bytes) -> None:
+        self._parts.append(data)
+        self._held += len(data)
+        self._tail = (self._tail + data[-_TAIL:])[-_TAIL:]
+
+    def _overflow(self) -> bytes:
+        """An event past the cap is no usage event: pass it on as it comes until it ends."""
+        out = b"".join(self._parts)
+        self._parts.clear()
+        self._held = 0
+        self._seeking = True
+        return out
+
+    def _seek(self, chunk: bytes) -> bytes:
+        window = self._tail + chunk
+        for match in _EVENT_END.finditer(window):
+            if match.end() >= len(self._tail):  # ends in this chunk (or at its start)
+                cut = match.end() - len(self._tail)
+                self._seeking = False
+                self._tail = b""
+                return chunk[:cut] + self.feed(chunk[cut:]) if cut < len(chunk) else chunk
+        self._tail = window[-_TAIL:]
+        return chunk
+
+
 async def relay_stream(
     response: aiohttp.ClientResponse,
     send: Send,
     backend: str,
     kind: StreamKind = StreamKind.PLAIN,
     redactor: Redactor = NO_SECRETS,
+    strip_usage_event: bool = False,
 ) -> RelayResult:
     """Pass every chunk through untouched; end with an error event if the upstream fails.
 
     For chat and text completions a stream that ends cleanly but without ``data: [DONE]``
     was cut short too: the SDK would otherwise return a truncated answer as if complete.
+
+    ``strip_usage_event``: the proxy added ``include_usage`` to the request and the client
+    had not asked for it. Every usage-only event (``"choices": []`` with a ``usage``
+    object) is then left out of what the client gets (its usage still counted); every
+    other byte is passed on as received, whole events at a time.
     """
     result = RelayResult()
     usage = _UsageReader()
+    stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
+    failure: tuple[str, str, str] | None = None  # result.error, message, code
     try:
-        try:
-            async for chunk in response.content.iter_any():
-                if redactor:  # an upstream echoing a key: never passed on, whole or split
-                    chunk, held = redactor.stream_chunk(held + chunk)
-                    if not chunk:
-                        continue
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
-                previous, last = last, chunk
-                if result.first_data_at is None and b"data:" in chunk:
-                    result.first_data_at = time.perf_counter()
-                usage.feed(chunk)
-        finally:
-            result.usage = usage.usage  # however the stream ended, what it reported counts
+        async for chunk in response.content.iter_any():
+            if redactor:  # an upstream echoing a key: never passed on, whole or split
+                chunk, held = redactor.stream_chunk(held + chunk)
+                if not chunk:
+                    continue
+            usage.feed(chunk)  # every byte the upstream sent, the event left out included
+            if stripper is not None:
+                chunk = stripper.feed(chunk)  # whole events only, minus the usage-only one
+                if not chunk:
+                    continue
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            previous, last = last, chunk
+            if result.first_data_at is None and b"data:" in chunk:
+                result.first_data_at = time.perf_counter()
     except (TimeoutError, aiohttp.SocketTimeoutError):
-        result.error = "timeout"
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
-        await send_stream_error(send, message, "upstream_timeout", last, kind, held)
-        return result
+        failure = ("timeout", message, "upstream_timeout")
     except aiohttp.ClientError:
-        result.error = "stream_broken"
         message = f"Backend '{backend}' closed the stream before it was complete."
-        await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
+        failure = ("stream_broken", message, "upstream_stream_broken")
+    finally:
+        if held:  # the redactor's last bytes: no secret's start after all, so read them too
+            usage.feed(held)
+        usage.finish()
+        if stripper is not None:  # the stream is over: what it held is all there will be
+            held = stripper.finish() + held
+        result.usage = usage.usage  # however the stream ended, what it reported counts
+    if failure is not None:
+        result.error = failure[0]
+        await send_stream_error(send, failure[1], failure[2], last, kind, held)
         return result
     if held:  # the stream ended: what was held back is not the start of a secret after all
         previous, last = last, held
