@@ -43,9 +43,9 @@ def print_table(config: Config, out: TextIO) -> None:
         suffix = f"  ({', '.join(extras)})" if extras else ""
         out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
     out.write("\nrequests without a model (first match on the path after /v1):\n")
-    for rule in config.paths:
-        pinned = f"  (key {rule.key})" if rule.key else ""
-        out.write(f"  {rule.prefix}[/...] -> {rule.backend}{pinned}\n")
+    for path_rule in config.paths:
+        pinned = f"  (key {path_rule.key})" if path_rule.key else ""
+        out.write(f"  {path_rule.prefix}[/...] -> {path_rule.backend}{pinned}\n")
     if config.default_backend is not None:
         out.write(f"  anything else -> {config.default_backend}\n")
     elif not config.paths:

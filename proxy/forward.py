@@ -35,12 +35,13 @@ from proxy.bodies import (
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
-from proxy.objects import placement_for, record_created
+from proxy.objects import event_created_ids, placement_for, record_created
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.streaming import ResponseCut, StreamKind, relay_bytes, relay_stream, tokens, usage_of
+from proxy.streaming import ResponseCut, StreamKind, relay_bytes, relay_stream, usage_of
 from proxy.throttle import Outcome
+from proxy.usage import NO_TOKENS, TokenCounts, token_counts
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -279,17 +280,47 @@ class _Relay:
         streams.inc()
         try:
             result = await relay_stream(
-                self.delivery.response, self.send, self.backend, kind, self.runtime.redactor
+                self.delivery.response,
+                self._recording_ids(self.send),
+                self.backend,
+                kind,
+                self.runtime.redactor,
+                strip_usage_event=self.delivery.strip_usage,
             )
         finally:
             streams.dec()
         if result.first_data_at is not None:
             record.ttft = result.first_data_at - record.started
-        record.prompt_tokens, record.completion_tokens = tokens(result.usage)
+        record.tokens = token_counts(result.usage)
         if result.error is not None:
             record.error = record.upstream_error = result.error
             record.attempt_errors.append((self.backend, self.delivery.key_id, result.error))
             self.exchange.outcome = Outcome.FAILURE
+
+    def _recording_ids(self, send: Send) -> Send:
+        """``send``, noting the objects a stream reveals as it goes by (a Responses
+        stream's ``response.created``, a stored chat completion's id): a stream that makes
+        an object is as sticky as a JSON answer."""
+        parts = self.parts
+        path, payload = parts.path, parts.payload
+        if not _may_reveal_ids(path, payload):
+            return send
+        objects, backend, key_id = self.runtime.objects, self.backend, self.delivery.key_id
+        seen: set[str] = set()
+
+        async def send_and_record(message: Message) -> None:
+            await send(message)
+            body: bytes = message.get("body", b"")
+            if not any(marker in body for marker in _ID_MARKERS):
+                return
+            for line in body.split(b"\n"):
+                if line.startswith(b"data:"):
+                    found = [i for i in event_created_ids(path, line[5:], payload) if i not in seen]
+                    if found:
+                        seen.update(found)
+                        await objects.remember(found, backend, key_id)
+
+        return send_and_record
 
     async def json(self) -> None:
         runtime, record = self.runtime, self.record
@@ -324,7 +355,7 @@ class _Relay:
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
         _add_overhead(record, time.perf_counter() - read_at)
         if response.status == 200 and b'"usage"' in data:
-            record.prompt_tokens, record.completion_tokens = _json_tokens(data)
+            record.tokens = _json_tokens(data)
 
     async def bytes(self) -> None:
         """Audio, a file's content: passed on as it comes, with backpressure, never whole.
@@ -340,6 +371,14 @@ class _Relay:
 
 
 _BINARY_HEADERS = (b"content-length", b"content-disposition")
+_ID_MARKERS = (b'"response.created"', b'"container_id"', b'"chat.completion.chunk"')
+
+
+def _may_reveal_ids(path: str, payload: dict[str, Any]) -> bool:
+    """Responses streams (unless not stored) and stored chat completions make objects."""
+    if path == "/responses":
+        return payload.get("store") is not False
+    return path == "/chat/completions" and payload.get("store") is True
 
 
 async def _send_failed(
@@ -404,11 +443,11 @@ def _add_overhead(record: RequestRecord, outbound: float) -> None:
         record.overhead = (record.sent_at - record.started) + outbound
 
 
-def _json_tokens(data: bytes) -> tuple[int, int]:
+def _json_tokens(data: bytes) -> TokenCounts:
     try:
-        return tokens(usage_of(orjson.loads(data)))
+        return token_counts(usage_of(orjson.loads(data)))
     except orjson.JSONDecodeError:
-        return 0, 0
+        return NO_TOKENS
 
 
 def _outcome(status: int) -> Outcome:

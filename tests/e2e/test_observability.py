@@ -190,7 +190,8 @@ def test_one_json_log_line_per_request_with_every_field_and_no_secret(proxy, ups
         "obs-model",
     )
     assert ok["key"] in ("obs-a", "obs-b") and ok["stream"] is True and ok["ttft_ms"] > 0
-    assert (ok["prompt_tokens"], ok["completion_tokens"]) == (0, 0)  # no include_usage
+    # The client did not ask for usage: the proxy asked for it, and counted it.
+    assert (ok["prompt_tokens"], ok["completion_tokens"]) == (5, 3)
     assert failed["status"] == 503 and failed["error"] == "status_5xx"
     for secret in (KEY_A, KEY_B, CLIENT, ADMIN):
         assert secret not in log
