@@ -318,12 +318,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.body_timer = None
 
     def handle_websocket_upgrade(self) -> None:
-        """Hand the connection to the WebSocket protocol (``GET /v1/realtime``), its HTTP
-        timers cancelled: a Realtime session lasts as long as it likes, and a body timer
-        firing later would write a 408 into the middle of its frames.
+        """Hand the connection to the WebSocket protocol (``GET /v1/realtime``), with no
+        HTTP timer left that could fire into it later (a Realtime session lasts as long as
+        it likes; a 408 written into its frames would break it).
 
         The WebSocket protocol runs the app itself, not ``self.app``: the probe reserve and
-        the admin listener refuse the upgrade here, as they refuse the endpoint over HTTP."""
+        the admin listener must refuse the upgrade here, or their wrappers (probes only,
+        internal endpoints only) would be bypassed."""
         if self.probe_only or self._on_admin_port():
             self._cancel_timers()
             path = self.url.partition(b"?")[0].decode("latin-1")[:200]

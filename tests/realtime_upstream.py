@@ -55,7 +55,8 @@ async def _get_log(request: web.Request) -> web.Response:
 
 async def _clear_log(request: web.Request) -> web.Response:
     request.app[LOG].clear()
-    request.app[CONFIG] = _default_config()
+    request.app[CONFIG].clear()
+    request.app[CONFIG].update(_default_config())
     return web.json_response({})
 
 
@@ -65,7 +66,15 @@ async def _configure(request: web.Request) -> web.Response:
 
 
 async def _models(request: web.Request) -> web.Response:
+    """The proxy's key probes: a key refused at the handshake is refused here too."""
+    if _bearer(request) in request.app[CONFIG]["invalid_keys"]:
+        return _error(401, "Incorrect API key provided.")
     return web.json_response({"object": "list", "data": [{"id": "gpt-realtime"}]})
+
+
+def _bearer(request: web.Request) -> str | None:
+    auth = request.headers.get("Authorization", "")
+    return auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
 
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -75,8 +84,7 @@ def _error(status: int, message: str, headers: dict[str, str] | None = None) -> 
 
 async def _realtime(request: web.Request) -> web.StreamResponse:
     config = request.app[CONFIG]
-    auth = request.headers.get("Authorization", "")
-    key = auth.removeprefix("Bearer ") if auth.startswith("Bearer ") else None
+    key = _bearer(request)
     entry: dict[str, Any] = {
         "path": request.path,
         "query": request.query_string,
