@@ -13,7 +13,7 @@ unchanged, and obeys a few test events sent as text:
 
 Control: ``GET/DELETE /_rt/log``; ``POST /_rt/config`` with ``valid_keys`` (None: any),
 ``invalid_keys`` (401), ``limited_keys`` ({key: retry-after seconds}, 429),
-``fail_status`` (every handshake answered with it). Run as a process
+``fail_status`` (every handshake answered with it), ``handshake_delay`` (seconds). Run as a process
 (``python tests/realtime_upstream.py --port 0`` prints ``LISTENING <port>``) or in-process
 with ``make_app()``.
 """
@@ -46,7 +46,13 @@ def make_app() -> web.Application:
 
 
 def _default_config() -> dict[str, Any]:
-    return {"valid_keys": None, "invalid_keys": [], "limited_keys": {}, "fail_status": None}
+    return {
+        "valid_keys": None,
+        "invalid_keys": [],
+        "limited_keys": {},
+        "fail_status": None,
+        "handshake_delay": 0,
+    }
 
 
 async def _get_log(request: web.Request) -> web.Response:
@@ -100,6 +106,8 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
         "received": 0,
     }
     request.app[LOG].append(entry)
+    if config["handshake_delay"]:
+        await asyncio.sleep(config["handshake_delay"])
     if config["fail_status"]:
         entry["status"] = config["fail_status"]
         return _error(config["fail_status"], "failing on purpose")
@@ -127,9 +135,13 @@ async def _realtime(request: web.Request) -> web.StreamResponse:
             entry["close_code"] = ws.close_code
             return ws
         entry["received"] += 1
-        if message.type is WSMsgType.BINARY:
-            await ws.send_bytes(message.data)
-        elif message.type is WSMsgType.TEXT and await _obey(request, ws, message.data) == "stop":
+        try:
+            if message.type is WSMsgType.BINARY:
+                await ws.send_bytes(message.data)
+            elif message.type is WSMsgType.TEXT and await _obey(request, ws, message.data):
+                return ws
+        except ConnectionResetError:  # the peer left while we answered
+            entry["close_code"] = ws.close_code
             return ws
 
 

@@ -184,6 +184,7 @@ def test_the_sdk_session_sends_receives_and_closes_through_the_proxy(
     assert seen["query"] == "model=gpt-realtime-2025"  # the alias applied
     assert seen["path"] == "/v1/realtime"
     assert seen["extra"] == "yes"
+    assert seen["openai_beta"] is None  # the GA SDK sends none
     assert seen["close_code"] == 1000
     assert seen["received"] == 2
 
@@ -232,7 +233,8 @@ def test_close_codes_and_reasons_cross_both_ways(
     assert asyncio.run(upstream_closes()) == (4001, "bye now")
 
     async def client_closes() -> None:
-        async with connect(ws_url(rt_proxy, "gpt-realtime-2025"), additional_headers=auth) as ws:
+        beta = {**auth, "OpenAI-Beta": "realtime=v1"}
+        async with connect(ws_url(rt_proxy, "gpt-realtime-2025"), additional_headers=beta) as ws:
             await ws.recv()
             await ws.send(b"\x00\x01binary\xff")
             assert await ws.recv() == b"\x00\x01binary\xff"  # binary stays binary, unchanged
@@ -242,6 +244,7 @@ def test_close_codes_and_reasons_cross_both_ways(
     wait_for(lambda: upstream.log()[-1]["close_code"] is not None)
     assert upstream.log()[-1]["close_code"] == 4002
     assert upstream.log()[-1]["close_reason"] == "client is done"
+    assert upstream.log()[-1]["openai_beta"] == "realtime=v1"  # the beta dialect passed on
 
 
 def test_the_browser_subprotocol_key_authenticates_and_never_goes_upstream(

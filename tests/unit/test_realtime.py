@@ -18,7 +18,7 @@ from proxy import realtime
 from proxy.access_log import AccessLog
 from proxy.config import parse_config
 from proxy.runtime import Runtime, build_runtime
-from tests.realtime_upstream import LOG, make_app
+from tests.realtime_upstream import CONFIG, LOG, make_app
 
 UPSTREAM_KEY = "sk-rt-unit-00000000000000001"
 
@@ -58,7 +58,9 @@ def scope(query: bytes = b"model=rt", headers: list[tuple[bytes, bytes]] | None 
 
 
 @asynccontextmanager
-async def upstream_and_runtime() -> AsyncIterator[tuple[web.Application, Runtime]]:
+async def upstream_and_runtime(
+    keys: str = f'[{{id: main, key: "{UPSTREAM_KEY}"}}]',
+) -> AsyncIterator[tuple[web.Application, Runtime]]:
     app = make_app()
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
     await runner.setup()
@@ -69,7 +71,7 @@ async def upstream_and_runtime() -> AsyncIterator[tuple[web.Application, Runtime
 backends:
   rt:
     base_url: http://127.0.0.1:{port}/v1
-    keys: [{{id: main, key: "{UPSTREAM_KEY}"}}]
+    keys: {keys}
     models: [rt]
 """
     runtime = build_runtime(parse_config(config, "t.yaml", {}))
@@ -235,3 +237,67 @@ def test_subprotocols_the_key_never_goes_upstream_and_a_dialect_is_echoed() -> N
     assert realtime.accepted_protocol(["openai-insecure-api-key.k"], None) is None
     beta = ["openai-beta.realtime-v1", "openai-insecure-api-key.k"]
     assert realtime.accepted_protocol(beta, None) == "openai-beta.realtime-v1"
+
+
+KEY_1, KEY_2 = "sk-rt-unit-1111111111111111", "sk-rt-unit-2222222222222222"
+TWO_KEYS = f'[{{id: k1, key: "{KEY_1}"}}, {{id: k2, key: "{KEY_2}"}}]'
+
+
+def test_a_429_at_the_handshake_cools_the_key_down_and_the_other_key_serves() -> None:
+    async def run() -> tuple[list[dict[str, Any]], list[tuple[Any, Any]], str]:
+        async with upstream_and_runtime(TWO_KEYS) as (app, runtime):
+            app[CONFIG]["limited_keys"] = {KEY_1: 30}
+            outcomes = []
+            for _ in range(2):  # whichever key round-robin picks first
+                client = FakeClient()
+                handler = asyncio.ensure_future(
+                    realtime.handle_websocket(
+                        runtime, AccessLog(out=io.StringIO()), scope(), client.receive, client.send
+                    )
+                )
+                outcomes.append((await client.next())["type"])
+                client.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+                await asyncio.wait_for(handler, 5)
+            pool = runtime.pools["rt"]
+            states = [(pool.state_of("k1").value, round(pool.cooldown_left("k1")))]
+            app[CONFIG]["limited_keys"] = {KEY_1: 30, KEY_2: 7}
+            client = FakeClient()
+            await realtime.handle_websocket(
+                runtime, AccessLog(out=io.StringIO()), scope(), client.receive, client.send
+            )
+            start = await client.next()
+            states.append((start["status"], dict(start["headers"]).get(b"retry-after")))
+            return list(app[LOG]), states, ",".join(outcomes)
+
+    log, states, outcomes = asyncio.run(run())
+    assert outcomes == "websocket.accept,websocket.accept"
+    assert [(e["key"], e["status"]) for e in log if e["status"] == 101] == [(KEY_2, 101)] * 2
+    assert (KEY_1, 429) in [(e["key"], e["status"]) for e in log]
+    assert states[0] == ("cooldown", 30)  # the upstream's retry-after
+    assert states[1] == (429, b"7")  # every key limited: the client is told when to retry
+
+
+def test_a_client_that_leaves_during_the_upstream_handshake_cancels_it() -> None:
+    async def run() -> tuple[float, str, list[dict[str, Any]]]:
+        out = io.StringIO()
+        async with upstream_and_runtime() as (app, runtime):
+            app[CONFIG]["handshake_delay"] = 3
+            client = FakeClient()
+            access_log = AccessLog(out=out)
+            handler = asyncio.ensure_future(
+                realtime.handle_websocket(runtime, access_log, scope(), client.receive, client.send)
+            )
+            while not app[LOG]:  # the upstream has the handshake
+                await asyncio.sleep(0.01)
+            started = time.monotonic()
+            client.inbox.put_nowait({"type": "websocket.disconnect", "code": 1006})
+            await asyncio.wait_for(handler, 2)
+            elapsed = time.monotonic() - started
+            access_log.flush()
+            sent = [client.outbox.get_nowait() for _ in range(client.outbox.qsize())]
+            return elapsed, out.getvalue(), sent
+
+    elapsed, log, sent = asyncio.run(run())
+    assert elapsed < 0.5  # not the 3 s the upstream takes
+    assert sent == []  # nothing accepted, nothing answered: nobody is listening
+    assert "status=499" in log and "error=client_disconnected" in log
