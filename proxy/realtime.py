@@ -36,7 +36,6 @@ import orjson
 from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.classify import Verdict, classify, parse_seconds
-from proxy.clients import Client
 from proxy.errors import ProxyError
 from proxy.forward import Receive, Scope, Send, client_request_id, new_request_id
 from proxy.headers import REQUEST_ID, forwarded_request_headers, header_value
@@ -92,11 +91,10 @@ class _ClientGone(Exception):
 class _Session:
     """What one Realtime request has done so far."""
 
-    __slots__ = ("client", "outcome", "record", "target")
+    __slots__ = ("outcome", "record", "target")
 
     def __init__(self, record: RequestRecord) -> None:
         self.record = record
-        self.client: Client | None = None
         self.target: Target | None = None  # set once it counts for the reconnect throttle
         self.outcome = Outcome.NEUTRAL
 
@@ -176,7 +174,6 @@ async def _open_upstream(runtime: Runtime, scope: Scope, session: _Session) -> _
     if scope["path"] != PATH:
         raise errors.unknown_url("GET", scope["path"][:200])
     client = runtime.auth.authenticate(_auth_headers(scope))
-    session.client = client
     if client is not None:
         record.client = record.client_label = client.id
     else:

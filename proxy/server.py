@@ -37,6 +37,11 @@ descriptors allow, binds the main socket and (``server.admin_port``) the interna
 runs uvicorn on both, with ``--workers N`` too (uvicorn's supervisor takes a socket list).
 Connections on the admin port are served only ``/metrics``, ``/admin/*``, ``/health`` and
 ``/ready``; the app itself answers 404 for ``/metrics`` and ``/admin/*`` on the main port.
+
+WebSocket upgrades (``GET /v1/realtime``) are handed to uvicorn's ``websockets-sansio``
+protocol with the head counted and timed like any other (its HTTP timers are cancelled at
+the hand-over); the probe reserve and the admin listener refuse them (503 / 404), since the
+WebSocket protocol would run the app past their wrappers.
 """
 
 from __future__ import annotations

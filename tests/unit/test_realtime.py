@@ -7,7 +7,7 @@ import asyncio
 import io
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -28,23 +28,25 @@ class FakeClient:
 
     def __init__(self) -> None:
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-        self.outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.outbox: asyncio.Queue[MutableMapping[str, Any]] = asyncio.Queue()
         self.inbox.put_nowait({"type": "websocket.connect"})
 
     async def receive(self) -> dict[str, Any]:
         return await self.inbox.get()
 
-    async def send(self, message: dict[str, Any]) -> None:
+    async def send(self, message: MutableMapping[str, Any]) -> None:
         self.outbox.put_nowait(message)
 
     def say(self, event: dict[str, Any]) -> None:
         self.inbox.put_nowait({"type": "websocket.receive", "text": json.dumps(event)})
 
-    async def next(self, timeout: float = 5.0) -> dict[str, Any]:
+    async def next(self, timeout: float = 5.0) -> MutableMapping[str, Any]:
         return await asyncio.wait_for(self.outbox.get(), timeout)
 
 
-def scope(query: bytes = b"model=rt", headers: list[tuple[bytes, bytes]] | None = None) -> dict:
+def scope(
+    query: bytes = b"model=rt", headers: list[tuple[bytes, bytes]] | None = None
+) -> dict[str, Any]:
     return {
         "type": "websocket",
         "path": "/v1/realtime",
@@ -193,7 +195,7 @@ def test_the_upstreams_close_code_and_reason_reach_the_client() -> None:
 
 
 def test_a_refused_handshake_is_an_http_answer_in_openais_error_shape() -> None:
-    async def run() -> list[dict[str, Any]]:
+    async def run() -> list[MutableMapping[str, Any]]:
         async with upstream_and_runtime() as (_, runtime):
             client = FakeClient()
             await realtime.handle_websocket(
@@ -259,7 +261,9 @@ def test_a_429_at_the_handshake_cools_the_key_down_and_the_other_key_serves() ->
                 client.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
                 await asyncio.wait_for(handler, 5)
             pool = runtime.pools["rt"]
-            states = [(pool.state_of("k1").value, round(pool.cooldown_left("k1")))]
+            states: list[tuple[Any, Any]] = [
+                (pool.state_of("k1").value, round(pool.cooldown_left("k1")))
+            ]
             app[CONFIG]["limited_keys"] = {KEY_1: 30, KEY_2: 7}
             client = FakeClient()
             await realtime.handle_websocket(
@@ -267,7 +271,8 @@ def test_a_429_at_the_handshake_cools_the_key_down_and_the_other_key_serves() ->
             )
             start = await client.next()
             states.append((start["status"], dict(start["headers"]).get(b"retry-after")))
-            return list(app[LOG]), states, ",".join(outcomes)
+            entries: list[dict[str, Any]] = app[LOG]
+            return list(entries), states, ",".join(outcomes)
 
     log, states, outcomes = asyncio.run(run())
     assert outcomes == "websocket.accept,websocket.accept"
@@ -278,7 +283,7 @@ def test_a_429_at_the_handshake_cools_the_key_down_and_the_other_key_serves() ->
 
 
 def test_a_client_that_leaves_during_the_upstream_handshake_cancels_it() -> None:
-    async def run() -> tuple[float, str, list[dict[str, Any]]]:
+    async def run() -> tuple[float, str, list[MutableMapping[str, Any]]]:
         out = io.StringIO()
         async with upstream_and_runtime() as (app, runtime):
             app[CONFIG]["handshake_delay"] = 3
