@@ -1,10 +1,11 @@
-"""Realtime relay throughput: small text frames through one WebSocket session.
+"""Realtime relay throughput: text frames through one WebSocket session.
 
-One client session sends ~60-byte text events as fast as a window of ``WINDOW`` frames in
-flight allows; the fake Realtime upstream echoes each one, so every echo is two frames
-relayed by the proxy (client → upstream, upstream → client). Runs ``SECONDS`` (default 3)
-against the upstream directly, then through the proxy; prints frames/s and the proxy's CPU
-time per relayed frame (from /proc). Bounded: each run stops at its deadline.
+One client session sends text events (``BENCH_AUDIO_BYTES`` of base64 audio each, 24 by
+default) as fast as a window of ``WINDOW`` frames in flight allows; the fake Realtime
+upstream echoes each one, so every echo is two frames relayed by the proxy (client →
+upstream, upstream → client). Runs ``SECONDS`` (default 3) against the upstream directly,
+then through the proxy; prints frames/s and the proxy's CPU time per relayed frame (from
+/proc). Bounded: each run stops at its deadline.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ from tests.conftest import start_proxy  # noqa: E402
 
 SECONDS = float(os.environ.get("BENCH_SECONDS", "3"))
 WINDOW = int(os.environ.get("BENCH_WINDOW", "64"))
-FRAME = '{"type":"input_audio_buffer.append","audio":"AAAAAAAAAAAAAAAAAAAAAAAA"}'
+AUDIO = int(os.environ.get("BENCH_AUDIO_BYTES", "24"))  # base64 characters per event
+FRAME = '{"type":"input_audio_buffer.append","audio":"' + "A" * AUDIO + '"}'
 CLIENT_KEY = "sk-bench-realtime-client-0001"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 

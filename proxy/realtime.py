@@ -50,6 +50,7 @@ PATH = "/v1/realtime"
 UPSTREAM_PATH = "/realtime"  # after the backend's base_url, as for every other endpoint
 MAX_FRAME_SIZE = 16 * 1024 * 1024  # per message, each way; also uvicorn's ws_max_size
 UPSTREAM_HEARTBEAT = 20.0  # seconds between pings to the upstream (uvicorn's client default)
+TALLY_INTERVAL = 1.0  # seconds: frame and byte counters are at most this late
 
 INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."
 # Subprotocols that say which Realtime dialect the client speaks: passed upstream and echoed
@@ -485,6 +486,36 @@ async def _accept(
 # ---------------------------------------------------------------- the session
 
 
+class _Tally:
+    """Messages and bytes relayed in one direction, added to the counters at most once a
+    second and at the end: two counter increments per message measured ~7% of the relay's
+    CPU. A count is never more than ``TALLY_INTERVAL`` late, idle sessions included."""
+
+    __slots__ = ("_bytes", "_frames", "_timer", "frames", "size")
+
+    def __init__(self, backend: str, label: str, direction: str) -> None:
+        self._frames = metrics.realtime_frames_child(backend, label, direction)
+        self._bytes = metrics.realtime_bytes_child(backend, label, direction)
+        self.frames = 0
+        self.size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, size: int) -> None:
+        self.frames += 1
+        self.size += size
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(TALLY_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.frames:
+            self._frames.inc(self.frames)
+            self._bytes.inc(self.size)
+            self.frames = self.size = 0
+
+
 async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Send) -> None:
     """Both directions at once until one ends; then the other side is closed with the
     code and reason of the first, and the task still reading is cancelled."""
@@ -493,8 +524,10 @@ async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Sen
     backend, label = target.backend, target.label
     active = metrics.realtime_sessions_child(backend)
     active.inc()
-    up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, backend, label))
-    down = asyncio.ensure_future(_upstream_to_client(opened.socket, send, record, label))
+    sent = _Tally(backend, label, CLIENT_TO_UPSTREAM)
+    received = _Tally(backend, label, UPSTREAM_TO_CLIENT)
+    up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, sent))
+    down = asyncio.ensure_future(_upstream_to_client(opened.socket, send, record, label, received))
     try:
         done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
         end = (down if down in done else up).result()
@@ -514,14 +547,14 @@ async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Sen
         for task in (up, down):
             task.cancel()
         await asyncio.gather(up, down, return_exceptions=True)
+        sent.flush()
+        received.flush()
         active.dec()
 
 
 async def _client_to_upstream(
-    receive: Receive, socket: aiohttp.ClientWebSocketResponse, backend: str, label: str
+    receive: Receive, socket: aiohttp.ClientWebSocketResponse, tally: _Tally
 ) -> _End:
-    frames = metrics.realtime_frames_child(backend, label, CLIENT_TO_UPSTREAM)
-    sizes = metrics.realtime_bytes_child(backend, label, CLIENT_TO_UPSTREAM)
     while True:
         message = await receive()
         kind = message["type"]
@@ -537,8 +570,7 @@ async def _client_to_upstream(
                     size = len(data)
             except (ConnectionError, aiohttp.ClientError):
                 return _End(True, 1011, "upstream connection lost", "upstream_closed")
-            frames.inc()
-            sizes.inc(size)
+            tally.add(size)
         elif kind == "websocket.disconnect":
             code = message.get("code", 1005)
             reason = message.get("reason") or ""
@@ -550,11 +582,12 @@ async def _client_to_upstream(
 
 
 async def _upstream_to_client(
-    socket: aiohttp.ClientWebSocketResponse, send: Send, record: RequestRecord, label: str
+    socket: aiohttp.ClientWebSocketResponse,
+    send: Send,
+    record: RequestRecord,
+    label: str,
+    tally: _Tally,
 ) -> _End:
-    backend = record.backend or ""
-    frames = metrics.realtime_frames_child(backend, label, UPSTREAM_TO_CLIENT)
-    sizes = metrics.realtime_bytes_child(backend, label, UPSTREAM_TO_CLIENT)
     while True:
         message = await socket.receive()
         kind = message.type
@@ -566,16 +599,14 @@ async def _upstream_to_client(
                 await send({"type": "websocket.send", "text": text})
             except OSError:  # uvicorn: the client is gone
                 return _End(False, 1001, "", "client_dropped")
-            frames.inc()
-            sizes.inc(len(text) if text.isascii() else len(text.encode()))
+            tally.add(len(text) if text.isascii() else len(text.encode()))
         elif kind is aiohttp.WSMsgType.BINARY:
             data: bytes = message.data
             try:
                 await send({"type": "websocket.send", "bytes": data})
             except OSError:
                 return _End(False, 1001, "", "client_dropped")
-            frames.inc()
-            sizes.inc(len(data))
+            tally.add(len(data))
         elif kind is aiohttp.WSMsgType.CLOSE:
             # A close frame (aiohttp has answered it): its code and reason go on.
             code = message.data if isinstance(message.data, int) else 0

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from proxy import realtime
+from proxy import metrics, realtime
 from proxy.access_log import AccessLog
 from proxy.config import parse_config
 from proxy.runtime import Runtime, build_runtime
@@ -306,3 +306,37 @@ def test_a_client_that_leaves_during_the_upstream_handshake_cancels_it() -> None
     assert elapsed < 0.5  # not the 3 s the upstream takes
     assert sent == []  # nothing accepted, nothing answered: nobody is listening
     assert "status=499" in log and "error=client_disconnected" in log
+
+
+def counter(metric: Any, *labels: str) -> float:
+    value: float = metric.labels(*labels)._value.get()
+    return value
+
+
+def test_frame_and_byte_counters_catch_up_while_the_session_idles(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(realtime, "TALLY_INTERVAL", 0.1)
+    up = ("rt", "rt", "client_to_upstream")
+    frames_before = counter(metrics.REALTIME_FRAMES, *up)
+    bytes_before = counter(metrics.REALTIME_BYTES, *up)
+    texts = ['{"type":"a"}', '{"type":"é"}', '{"type":"ccc"}']
+
+    async def body(client: FakeClient, app: web.Application) -> None:
+        for text in texts:
+            client.inbox.put_nowait({"type": "websocket.receive", "text": text})
+            await client.next()  # its echo
+        await asyncio.sleep(0.3)  # idle, the session still open
+        assert counter(metrics.REALTIME_FRAMES, *up) == frames_before + 3
+        assert counter(metrics.REALTIME_BYTES, *up) == bytes_before + sum(
+            len(t.encode()) for t in texts
+        )
+        client.inbox.put_nowait({"type": "websocket.receive", "bytes": b"12345"})
+        await client.next()
+        client.inbox.put_nowait({"type": "websocket.disconnect", "code": 1000})
+
+    run_session(body)
+    assert counter(metrics.REALTIME_FRAMES, *up) == frames_before + 4  # flushed at the end
+    assert counter(metrics.REALTIME_BYTES, *up) == bytes_before + 5 + sum(
+        len(t.encode()) for t in texts
+    )
