@@ -306,7 +306,8 @@ async def _connect(
                 raise _no_key_left(exc, refused, backend) from None
             tried.append(key.id)
             record.key = key.id
-            record.sent_at = time.perf_counter()
+            if record.sent_at is None:
+                record.sent_at = time.perf_counter()
             headers = forwarded_request_headers(
                 scope["headers"], upstream.extra_headers, "Bearer " + key.value
             )

@@ -340,3 +340,20 @@ def test_frame_and_byte_counters_catch_up_while_the_session_idles(
     assert counter(metrics.REALTIME_BYTES, *up) == bytes_before + 5 + sum(
         len(t.encode()) for t in texts
     )
+
+
+def test_without_the_http_response_extension_a_refusal_is_a_close_naming_the_reason() -> None:
+    async def run() -> list[MutableMapping[str, Any]]:
+        async with upstream_and_runtime() as (_, runtime):
+            client = FakeClient()
+            bare = {**scope(b"model=nope"), "extensions": {}}
+            await realtime.handle_websocket(
+                runtime, AccessLog(out=io.StringIO()), bare, client.receive, client.send
+            )
+            return [client.outbox.get_nowait() for _ in range(client.outbox.qsize())]
+
+    [close] = asyncio.run(run())
+    assert close["type"] == "websocket.close"
+    assert close["code"] == 1008  # policy: the client's request, not our failure
+    assert close["reason"].startswith("The model 'nope' is not routed by this proxy.")
+    assert len(close["reason"].encode()) <= 123
