@@ -27,7 +27,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route, Router
 
-from proxy import admin, errors, forward, metrics
+from proxy import admin, errors, forward, metrics, realtime
 from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
@@ -86,6 +86,13 @@ class ProxyApp:
                     runtime.in_flight[0] -= 1
             else:
                 await self.cold(scope, receive, _with_request_id(scope, send))
+        elif scope["type"] == "websocket":  # GET /v1/realtime (the only WebSocket endpoint)
+            runtime = self.runtime
+            runtime.in_flight[0] += 1  # a reload keeps this snapshot's pools until it ends
+            try:
+                await realtime.handle_websocket(runtime, self.access_log, scope, receive, send)
+            finally:
+                runtime.in_flight[0] -= 1
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
 

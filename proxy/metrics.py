@@ -103,6 +103,31 @@ STORAGE_ERRORS = Counter(
     "llm_proxy_storage_errors",
     "Throttle storage (Redis) operations that failed; limits fail open meanwhile.",
 )
+# Realtime (WebSocket) sessions: seconds to hours.
+SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+REALTIME_SESSIONS = Gauge(
+    "llm_proxy_realtime_sessions_active",
+    "Realtime WebSocket sessions being relayed now.",
+    ["backend"],
+    multiprocess_mode="livesum",
+)
+REALTIME_DURATION = Histogram(
+    "llm_proxy_realtime_session_duration_seconds",
+    "Realtime sessions: from the accepted handshake to the close.",
+    ["backend", "model"],
+    buckets=SESSION_BUCKETS,
+)
+REALTIME_FRAMES = Counter(
+    "llm_proxy_realtime_frames",
+    "Realtime WebSocket messages relayed, by direction (client_to_upstream, upstream_to_client).",
+    ["backend", "model", "direction"],
+)
+REALTIME_BYTES = Counter(
+    "llm_proxy_realtime_bytes",
+    "Realtime WebSocket payload bytes relayed, by direction (client_to_upstream, "
+    "upstream_to_client).",
+    ["backend", "model", "direction"],
+)
 BUILD_INFO = Gauge(
     "llm_proxy_build_info", "The proxy's version.", ["version"], multiprocess_mode="livemax"
 )
@@ -133,6 +158,10 @@ streams_child = _Children(STREAMS_ACTIVE)
 errors_child = _Children(UPSTREAM_ERRORS)
 throttled_child = _Children(THROTTLED)
 
+realtime_sessions_child = _Children(REALTIME_SESSIONS)
+realtime_frames_child = _Children(REALTIME_FRAMES)
+realtime_bytes_child = _Children(REALTIME_BYTES)
+
 
 def observe_request(record: RequestRecord) -> None:
     """Count one finished request: called once, after the last byte, off the byte path."""
@@ -154,6 +183,24 @@ def observe_request(record: RequestRecord) -> None:
         OVERHEAD.observe(record.overhead)
     for kind, count in record.tokens.nonzero():
         tokens_child(backend, model, kind).inc(count)
+
+
+def observe_realtime_session(record: RequestRecord, seconds: float) -> None:
+    """Count one Realtime session that was accepted, once it ended: a 101 answer and its
+    length. Its tokens were counted as each ``response.done`` came (``count_tokens``): a
+    session may last an hour, the token panels must not wait for its end."""
+    backend = record.backend or "none"
+    requests_child(record.client_label, backend, record.model_label, "101", "true").inc()
+    for attempt in record.attempt_errors:
+        errors_child(*attempt).inc()
+    REALTIME_DURATION.labels(backend, record.model_label).observe(seconds)
+
+
+def count_tokens(backend: str, model: str, prompt: int, completion: int) -> None:
+    if prompt:
+        tokens_child(backend, model, "prompt").inc(prompt)
+    if completion:
+        tokens_child(backend, model, "completion").inc(completion)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -37,6 +37,11 @@ descriptors allow, binds the main socket and (``server.admin_port``) the interna
 runs uvicorn on both, with ``--workers N`` too (uvicorn's supervisor takes a socket list).
 Connections on the admin port are served only ``/metrics``, ``/admin/*``, ``/health`` and
 ``/ready``; the app itself answers 404 for ``/metrics`` and ``/admin/*`` on the main port.
+
+WebSocket upgrades (``GET /v1/realtime``) are handed to uvicorn's ``websockets-sansio``
+protocol with the head counted and timed like any other (its HTTP timers are cancelled at
+the hand-over); the probe reserve and the admin listener refuse them (503 / 404), since the
+WebSocket protocol would run the app past their wrappers.
 """
 
 from __future__ import annotations
@@ -59,6 +64,7 @@ from uvicorn.server import ServerState
 
 from proxy.config import Config
 from proxy.errors import ProxyError, error_body, unknown_url
+from proxy.realtime import MAX_FRAME_SIZE
 
 log = logging.getLogger("proxy.server")
 
@@ -203,6 +209,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.lingering = False
         self.pipeline_overflow = False  # closing: too many pipelined requests
         self.probe_only = False
+        self.upgraded = False  # handed over to the WebSocket protocol (/v1/realtime)
 
     # ------------------------------------------------------------ connection
 
@@ -250,6 +257,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.head_bytes += len(data)
         keep_alive = self.timeout_keep_alive_task  # the parent cancels it: read it first
         super().data_received(data)
+        if self.upgraded:
+            return  # a WebSocket now: no HTTP head or body timer may touch it again
         # Timers only when a head or a body did not arrive whole in this read.
         if self.reading_head:
             if self.head_bytes and self.head_timer is None:
@@ -312,6 +321,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.body_timer is not None:
             self.body_timer.cancel()
             self.body_timer = None
+
+    def handle_websocket_upgrade(self) -> None:
+        """Hand the connection to the WebSocket protocol (``GET /v1/realtime``), with no
+        HTTP timer left that could fire into it later (a Realtime session lasts as long as
+        it likes; a 408 written into its frames would break it).
+
+        The WebSocket protocol runs the app itself, not ``self.app``: the probe reserve and
+        the admin listener must refuse the upgrade here, or their wrappers (probes only,
+        internal endpoints only) would be bypassed."""
+        if self.probe_only or self._on_admin_port():
+            self._cancel_timers()
+            path = self.url.partition(b"?")[0].decode("latin-1")[:200]
+            refusal = (
+                _busy_response()
+                if self.probe_only
+                else _error_bytes(404, f"Unknown request URL: GET {path}.", "unknown_url")
+            )
+            self.transport.write(refusal)
+            self.transport.close()
+            return
+        self.upgraded = True
+        self._cancel_timers()
+        self.front_door.silent.pop(self, None)
+        super().handle_websocket_upgrade()
 
     # ------------------------------------------------------------ timeouts
 
@@ -538,7 +571,14 @@ def serve(
         workers=workers,
         loop="uvloop",
         http=cast(type[asyncio.Protocol], protocol),
-        ws="none",  # no websocket endpoint: no upgrade surface
+        # /v1/realtime. websockets' sans-I/O protocol: uvicorn's default implementation, with
+        # C-accelerated frame masking (audio frames are large), the library the openai SDK
+        # itself uses, and bounded reading (one message held until the app takes it).
+        ws="websockets-sansio",
+        ws_max_size=MAX_FRAME_SIZE,  # 1009 beyond, as upstream
+        # Frames go on as they came: compressing every one for the client would cost the
+        # proxy CPU per frame, for base64 audio that hardly compresses.
+        ws_per_message_deflate=False,
         lifespan="on",
         access_log=False,  # the proxy writes its own line per request
         server_header=False,

@@ -28,6 +28,9 @@ _URL_CACHE_LIMIT = 1024
 _PROBE_BODY_LIMIT = 16 * 1024 * 1024  # a model list; anything bigger is not one
 # Headers aiohttp would add on its own; the client's own values are forwarded instead.
 _NO_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
+# A Realtime session may be silent for as long as it likes (no receive timeout); the close
+# handshake is bounded.
+_WS_TIMEOUT = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=5.0)
 
 
 class Upstream:
@@ -117,6 +120,53 @@ class Upstream:
         if self._idle is not None:
             self._switch_to_idle_timeout(response)
         return response
+
+    async def websocket(
+        self,
+        path: str,
+        query: str,
+        headers: dict[str, str],
+        *,
+        protocols: tuple[str, ...] = (),
+        max_frame_size: int,
+        heartbeat: float | None,
+    ) -> aiohttp.ClientWebSocketResponse:
+        """A WebSocket to ``base_url`` + ``path`` (``ws://`` for ``http://``, ``wss://`` for
+        ``https://``), open once the upstream answered 101.
+
+        Raises ``aiohttp.WSServerHandshakeError`` when the upstream answered another status
+        (the caller judges it: a refused key is not a failed backend), ``ProxyError`` for
+        transport failures and timeouts. Frames larger than ``max_frame_size`` end the
+        socket with 1009; with ``heartbeat`` an upstream that stops answering pings ends it
+        after 1.5 x ``heartbeat`` (a session may be idle for as long as it likes)."""
+        if self._session is None:
+            raise ProxyError(503, "The proxy is starting up.", type="server_error")
+        url = self.url(path, query)
+        url = url.with_scheme("wss" if url.scheme == "https" else "ws")
+        try:
+            async with asyncio.timeout(self._head_deadline):
+                return await self._session.ws_connect(
+                    url,
+                    headers=headers,
+                    protocols=protocols,
+                    timeout=_WS_TIMEOUT,
+                    heartbeat=heartbeat,
+                    max_msg_size=max_frame_size,
+                    autoping=True,
+                    compress=0,  # frames go on as they came: no inflating, no deflating
+                )
+        except aiohttp.WSServerHandshakeError:
+            raise
+        except aiohttp.ConnectionTimeoutError:
+            raise upstream_timeout(self.name, "connecting") from None
+        except (TimeoutError, aiohttp.SocketTimeoutError):
+            raise upstream_timeout(self.name, "waiting for the WebSocket handshake") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise upstream_unreachable(
+                self.name, f"cannot connect to {exc.host}:{exc.port}"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise upstream_unreachable(self.name, _describe(exc)) from None
 
     def _switch_to_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
         """From the head on, the longest silence allowed is ``idle``, not ``first_byte``.

@@ -1,0 +1,683 @@
+"""Realtime: ``GET /v1/realtime?model=…`` over WebSocket, relayed to the backend's endpoint.
+
+Before the handshake is answered, the same steps as a ``POST``: client auth (the
+``Authorization`` header, or the ``openai-insecure-api-key.<key>`` subprotocol browsers
+use), the ``model`` query parameter routed (aliases, routes, the client's model globs),
+client rate limit and reconnect throttle, the backend's circuit breaker and outbound limit,
+a key from the pool (a 401 at the upstream handshake takes it out and tries once more with
+another key; a 429 cools it down likewise). A refusal is an HTTP answer with OpenAI's
+error body (uvicorn's ``websocket.http.response`` extension), never a bare close.
+
+Once both handshakes are done, every message goes on unchanged both ways (text stays text,
+binary stays binary), each direction awaiting the other side's send (backpressure: at most
+one message per direction is held here, and neither side reads ahead more than its own
+bounded buffer). Either side closing closes the other with its code and reason; an
+upstream that goes away ends the client's socket at once with 1011. Messages are bounded
+(``MAX_FRAME_SIZE``: 1009 beyond, on either side). Pings are answered by uvicorn (client)
+and aiohttp (upstream); an upstream that stops answering its pings is taken for gone.
+
+Tokens come from ``response.done`` events: only text messages holding that string are
+parsed, and they are counted the moment they pass (a session may last an hour).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable
+from dataclasses import dataclass
+from urllib.parse import parse_qsl, quote, unquote_plus
+
+import aiohttp
+import orjson
+
+from proxy import errors, metrics
+from proxy.access_log import AccessLog, RequestRecord
+from proxy.classify import Verdict, classify, parse_seconds
+from proxy.errors import ProxyError
+from proxy.forward import Receive, Scope, Send, client_request_id, new_request_id
+from proxy.headers import REQUEST_ID, forwarded_request_headers, header_value
+from proxy.keys import NoUsableKey
+from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
+from proxy.runtime import Runtime
+from proxy.throttle import Outcome
+
+log = logging.getLogger("proxy")
+
+PATH = "/v1/realtime"
+UPSTREAM_PATH = "/realtime"  # after the backend's base_url, as for every other endpoint
+MAX_FRAME_SIZE = 16 * 1024 * 1024  # per message, each way; also uvicorn's ws_max_size
+UPSTREAM_HEARTBEAT = 20.0  # seconds between pings to the upstream (uvicorn's client default)
+TALLY_INTERVAL = 1.0  # seconds: frame and byte counters are at most this late
+
+INSECURE_KEY_PROTOCOL = "openai-insecure-api-key."
+# Subprotocols that say which Realtime dialect the client speaks: passed upstream and echoed
+# back (a browser drops a socket whose answer names none of those it offered). Everything
+# else offered (the insecure key, openai-organization./openai-project. ids) stays here.
+DIALECT_PROTOCOLS = ("realtime", "openai-beta.realtime-v1")
+
+CLIENT_TO_UPSTREAM = "client_to_upstream"
+UPSTREAM_TO_CLIENT = "upstream_to_client"
+
+_DONE_MARK = '"response.done"'
+_MAX_REASON = 123  # bytes: a close frame's reason must fit in a 125-byte control frame
+# Close codes that may not be sent in a close frame (RFC 6455 7.4.1): reserved, or meaning
+# "no code" / "connection dropped"; anything outside 1000-1014 and 3000-4999 likewise.
+_UNSENDABLE_CODES = frozenset({1004, 1005, 1006, 1015})
+
+
+@dataclass(slots=True)
+class _Opened:
+    target: Target
+    socket: aiohttp.ClientWebSocketResponse
+    key_id: str
+
+
+@dataclass(slots=True)
+class _End:
+    """How a session ended: which side ended it, and the close to send on to the other."""
+
+    by_upstream: bool
+    code: int
+    reason: str
+    error: str | None = None  # for the access log, when the end was not a clean close
+
+
+class _ClientGone(Exception):
+    """The client left before its handshake was answered."""
+
+
+class _Session:
+    """What one Realtime request has done so far."""
+
+    __slots__ = ("outcome", "record", "target")
+
+    def __init__(self, record: RequestRecord) -> None:
+        self.record = record
+        self.target: Target | None = None  # set once it counts for the reconnect throttle
+        self.outcome = Outcome.NEUTRAL
+
+
+async def handle_websocket(
+    runtime: Runtime, access_log: AccessLog, scope: Scope, receive: Receive, send: Send
+) -> None:
+    """One Realtime session, from the client's handshake to the last close."""
+    if (await receive())["type"] != "websocket.connect":
+        return  # gone before its handshake was even read
+    request_id = client_request_id(scope["headers"]) or new_request_id()
+    record = RequestRecord("GET", scope["path"][:200], request_id, stream=True)
+    session = _Session(record)
+    accepted_at: float | None = None
+    try:
+        opened = await _unless_client_leaves(receive, _open_upstream(runtime, scope, session))
+        try:
+            await _accept(runtime, scope, send, opened, request_id)
+            accepted_at = time.perf_counter()
+            record.status = 101
+            session.outcome = Outcome.SUCCESS
+            await _relay(session, opened, receive, send)
+        finally:
+            if not opened.socket.closed:  # the client left during our accept, or a bug
+                await _close_upstream(opened.socket, 1011, "")
+    except ProxyError as err:
+        record.status, record.error = err.status, err.code or err.type
+        await _refuse(scope, send, err, request_id)
+    except _ClientGone:
+        record.status, record.error = 499, "client_disconnected"
+        session.outcome = Outcome.NEUTRAL
+    except Exception:
+        log.exception("internal error in a Realtime session")
+        if accepted_at is None:
+            record.status, record.error = 500, "internal_error"
+            await _refuse(scope, send, errors.internal_error(), request_id)
+        else:
+            record.error = "internal_error"
+            await _close_client(send, 1011, "internal error in the proxy")
+    finally:
+        access_log.write(record)
+        if accepted_at is not None:
+            metrics.observe_realtime_session(record, time.perf_counter() - accepted_at)
+        else:
+            metrics.observe_request(record)
+        if session.target is not None and record.client is not None:
+            await runtime.throttle.record(record.client, session.target.model, session.outcome)
+
+
+async def _unless_client_leaves(receive: Receive, opening: Awaitable[_Opened]) -> _Opened:
+    """Open the upstream while watching the client: one that leaves meanwhile cancels the
+    opening (no upstream session is started, and paid for, for nobody)."""
+    work = asyncio.ensure_future(opening)
+    watch = asyncio.ensure_future(receive())  # before accept, only a disconnect can come
+    try:
+        done, _ = await asyncio.wait((work, watch), return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        work.cancel()
+        watch.cancel()
+        raise
+    if watch not in done:
+        watch.cancel()  # uvicorn's receive is a queue get: nothing is lost
+        return work.result()
+    work.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        opened = await work
+        await _close_upstream(opened.socket, 1001, "")  # it was open already
+    raise _ClientGone
+
+
+# ---------------------------------------------------------------- before the handshake
+
+
+async def _open_upstream(runtime: Runtime, scope: Scope, session: _Session) -> _Opened:
+    """Every check a POST gets, then the upstream socket, open. Raises ``ProxyError``."""
+    record = session.record
+    if scope["path"] != PATH:
+        raise errors.unknown_url("GET", scope["path"][:200])
+    client = runtime.auth.authenticate(_auth_headers(scope))
+    if client is not None:
+        record.client = record.client_label = client.id
+    else:
+        record.client = runtime.auth.address(scope)
+
+    model = requested_model(scope["query_string"])
+    record.model = model
+    target = runtime.router.resolve(model)
+    if target is None:
+        summary = runtime.router.routable_summary()
+        raise errors.model_not_found(
+            f"The model '{model}' is not routed by this proxy. Routable: {summary}."
+        )
+    record.backend, record.upstream_model = target.backend, target.upstream_model
+    record.model_label = target.label
+    runtime.auth.check_model(client, model, target.model)
+
+    if client is not None:
+        decision = await runtime.throttle.hit_client(client.id)
+        if decision is not None and not decision.allowed:
+            record.throttled = "client_rate_limit"
+            raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
+    wait = await runtime.throttle.reconnect_wait(record.client, target.model)
+    if wait > 0:
+        record.throttled = "reconnect"
+        raise errors.reconnect_throttled(target.model, wait)
+    session.target = target
+    try:
+        return await _connect(runtime, scope, target, record)
+    except ProxyError as err:
+        if err.code == "upstream_rate_limited" or (
+            err.status >= 500 and err.code != "no_usable_key"
+        ):
+            session.outcome = Outcome.FAILURE
+        raise
+
+
+def _auth_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
+    """The headers to authenticate the client by: its own, or, when it sent no
+    ``Authorization`` (a browser cannot), the key from its insecure-key subprotocol."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    if header_value(headers, b"authorization") is not None:
+        return headers
+    for protocol in scope.get("subprotocols") or ():
+        if protocol.startswith(INSECURE_KEY_PROTOCOL):
+            key = protocol[len(INSECURE_KEY_PROTOCOL) :]
+            return [(b"authorization", b"Bearer " + key.encode("latin-1", "replace"))]
+    return headers
+
+
+def requested_model(query_string: bytes) -> str:
+    """The ``model`` query parameter (the first one), refused when it could hurt."""
+    query = query_string.decode("latin-1")
+    model = next((v for k, v in parse_qsl(query, keep_blank_values=True) if k == "model"), None)
+    if model is None:
+        raise errors.bad_request(
+            "You must provide a model query parameter: /v1/realtime?model=<model>.",
+            param="model",
+            code="missing_model",
+        )
+    if not model or not usable_model_id(model):
+        raise errors.bad_request(
+            f"The model parameter must be a non-empty string of at most {MAX_MODEL_LENGTH} "
+            "characters, with no control characters.",
+            param="model",
+            code="invalid_model",
+        )
+    return model
+
+
+def upstream_query(query_string: bytes, upstream_model: str) -> str:
+    """The client's query as it sent it, with the (first) model replaced by the upstream's
+    id and any further model parameters dropped (the upstream must not pick another)."""
+    parts: list[str] = []
+    replaced = False
+    for part in query_string.decode("latin-1").split("&"):
+        if not part:
+            continue
+        if unquote_plus(part.partition("=")[0]) == "model":
+            if replaced:
+                continue
+            part = "model=" + quote(upstream_model, safe="")
+            replaced = True
+        parts.append(part)
+    return "&".join(parts)
+
+
+def upstream_protocols(offered: list[str]) -> tuple[str, ...]:
+    return tuple(p for p in offered if p in DIALECT_PROTOCOLS)
+
+
+def accepted_protocol(offered: list[str], upstream_chose: str | None) -> str | None:
+    """The subprotocol named to the client: the upstream's choice when the client offered
+    it, else the first dialect the client offered; never its key."""
+    if upstream_chose is not None and upstream_chose in offered:
+        return upstream_chose
+    return next((p for p in offered if p in DIALECT_PROTOCOLS), None)
+
+
+async def _connect(
+    runtime: Runtime, scope: Scope, target: Target, record: RequestRecord
+) -> _Opened:
+    """The upstream socket, through the breaker, the backend limit and the key pool: one
+    more key when the first is refused (401) or rate limited (429), as for a POST."""
+    backend = target.backend
+    breaker = runtime.breakers[backend]
+    probing = breaker.is_open
+    wait = breaker.admit()
+    ticket = breaker.probe_ticket if probing else None
+    if wait:
+        record.throttled = "circuit_open"
+        raise errors.circuit_open(backend, wait)
+    verdict: Verdict | None = None
+    try:
+        decision = await runtime.throttle.hit_backend(backend)
+        if decision is not None and not decision.allowed:
+            record.throttled = "backend_rate_limit"
+            raise errors.backend_rate_limited(backend, decision.reset_seconds)
+        pool = runtime.pools[backend]
+        upstream = runtime.upstreams[backend]
+        query = upstream_query(scope["query_string"], target.upstream_model)
+        protocols = upstream_protocols(scope.get("subprotocols") or [])
+        tried: list[str] = []
+        refused: list[str] = []
+        while True:
+            try:
+                key = pool.pick(target.pinned_key, exclude=tried)
+            except NoUsableKey as exc:
+                raise _no_key_left(exc, refused, backend) from None
+            tried.append(key.id)
+            record.key = key.id
+            if record.sent_at is None:
+                record.sent_at = time.perf_counter()
+            headers = forwarded_request_headers(
+                scope["headers"], upstream.extra_headers, "Bearer " + key.value
+            )
+            try:
+                socket = await upstream.websocket(
+                    UPSTREAM_PATH,
+                    query,
+                    headers,
+                    protocols=protocols,
+                    max_frame_size=MAX_FRAME_SIZE,
+                    heartbeat=UPSTREAM_HEARTBEAT,
+                )
+            except ProxyError as err:
+                verdict = Verdict.BACKEND_FAILED
+                _attempt_failed(
+                    record, backend, key.id, "timeout" if err.status == 504 else "connect"
+                )
+                raise
+            except aiohttp.WSServerHandshakeError as exc:
+                verdict = classify(exc.status)
+                if verdict is Verdict.OK:  # a 2xx that is not a 101: not a WebSocket server
+                    verdict = Verdict.BAD_STATUS
+                kind = _handshake_refused(runtime, record, key.id, exc, verdict)
+                if kind == "key":
+                    refused.append(key.id)
+                if kind in ("key", "limited") and len(tried) < 2:
+                    continue  # one more key, never a storm of them
+                raise _handshake_error(backend, exc.status, verdict, refused) from None
+            verdict = Verdict.OK
+            pool.mark_success(key.id)
+            if runtime.unverified:
+                runtime.unverified.discard(backend)
+            return _Opened(target, socket, key.id)
+    finally:
+        # The breaker hears exactly one outcome, so a half-open probe slot is never kept.
+        if verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
+            breaker.failure(record.client)
+        elif verdict is None or verdict is Verdict.REDIRECT:
+            breaker.release(ticket)
+        else:
+            breaker.success(record.client)  # it answered (a 101, or a refusal of its own)
+
+
+def _handshake_refused(
+    runtime: Runtime,
+    record: RequestRecord,
+    key_id: str,
+    exc: aiohttp.WSServerHandshakeError,
+    verdict: Verdict,
+) -> str:
+    """Learn from a refused upstream handshake: ``key`` (the key is refused: out of
+    rotation), ``limited`` (cooled down), or ``other``."""
+    backend = record.backend or ""
+    pool = runtime.pools[backend]
+    reason = f"{exc.status} from upstream at the Realtime handshake"
+    if verdict is Verdict.KEY_REFUSED:
+        _attempt_failed(record, backend, key_id, "status_4xx")
+        pool.mark_invalid(key_id, reason)
+        return "key"
+    if verdict is Verdict.KEY_LIMITED:
+        _attempt_failed(record, backend, key_id, "status_429")
+        pool.cool_down(key_id, _retry_after(exc), reason)
+        return "limited"
+    if verdict is Verdict.BACKEND_FAILED:
+        _attempt_failed(record, backend, key_id, "status_5xx")
+    elif verdict is Verdict.REDIRECT:
+        _attempt_failed(record, backend, key_id, "redirect")
+    elif verdict is Verdict.BAD_STATUS:
+        _attempt_failed(record, backend, key_id, "bad_status")
+    else:
+        _attempt_failed(record, backend, key_id, "status_4xx")
+    return "other"
+
+
+def _retry_after(exc: aiohttp.WSServerHandshakeError) -> float | None:
+    if exc.headers is None:
+        return None
+    headers = exc.headers
+    millis = headers.get("retry-after-ms")
+    if millis is not None:
+        value = parse_seconds(millis.encode("latin-1"))
+        if value is not None:
+            return value / 1000
+    seconds = headers.get("retry-after")
+    return parse_seconds(seconds.encode("latin-1")) if seconds is not None else None
+
+
+def _handshake_error(backend: str, status: int, verdict: Verdict, refused: list[str]) -> ProxyError:
+    """What the client is told when the upstream refused the handshake (its body cannot be
+    read through aiohttp's WebSocket client: the status is passed on, in our words)."""
+    if refused:
+        return errors.keys_refused(backend, refused)
+    if verdict is Verdict.KEY_LIMITED:
+        return ProxyError(
+            429,
+            f"Backend '{backend}' is rate limiting the proxy's keys (429 at the Realtime "
+            "handshake); retry later.",
+            type="rate_limit_error",
+            code="upstream_rate_limited",
+        )
+    if verdict is Verdict.REDIRECT:
+        return errors.upstream_redirect(backend, status)
+    if verdict is Verdict.BAD_STATUS or verdict is Verdict.OK:
+        return ProxyError(
+            502,
+            f"Backend '{backend}' answered the Realtime handshake with {status}, not 101: "
+            "does it serve the Realtime API?",
+            type="api_error",
+            code="upstream_bad_response",
+        )
+    if verdict is Verdict.BACKEND_FAILED:
+        return ProxyError(
+            502,
+            f"Backend '{backend}' failed the Realtime handshake with status {status}.",
+            type="api_error",
+            code="upstream_error",
+        )
+    return ProxyError(
+        status,
+        f"Backend '{backend}' refused the Realtime handshake with status {status}.",
+        code="upstream_refused",
+    )
+
+
+def _no_key_left(exc: NoUsableKey, refused: list[str], backend: str) -> ProxyError:
+    if refused:
+        return errors.keys_refused(backend, refused)
+    if exc.retry_after is not None:
+        return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
+    return errors.no_usable_key(exc.backend, exc.hint)
+
+
+def _attempt_failed(record: RequestRecord, backend: str, key_id: str, kind: str) -> None:
+    record.upstream_error = kind
+    record.attempt_errors.append((backend, key_id, kind))
+
+
+async def _refuse(scope: Scope, send: Send, err: ProxyError, request_id: str) -> None:
+    """Refuse the handshake with an HTTP answer in OpenAI's error shape; where the server
+    cannot send one, a close (1008: policy, 1011: our failure) naming the reason."""
+    try:
+        if "websocket.http.response" in (scope.get("extensions") or {}):
+            headers = [*err.raw_headers(), (REQUEST_ID, request_id.encode("latin-1"))]
+            await send(
+                {"type": "websocket.http.response.start", "status": err.status, "headers": headers}
+            )
+            await send({"type": "websocket.http.response.body", "body": err.body()})
+        else:
+            code = 1011 if err.status >= 500 else 1008
+            await send({"type": "websocket.close", "code": code, "reason": _reason(err.message)})
+    except OSError:  # the client is gone already
+        pass
+
+
+async def _accept(
+    runtime: Runtime, scope: Scope, send: Send, opened: _Opened, request_id: str
+) -> None:
+    headers = [(REQUEST_ID, request_id.encode("latin-1"))]
+    if runtime.config.server.routing_headers:
+        target = opened.target
+        headers += [
+            (b"x-proxy-backend", target.backend.encode()),
+            (b"x-proxy-model", target.upstream_model.encode()),
+            (b"x-proxy-key", opened.key_id.encode()),
+        ]
+    offered = scope.get("subprotocols") or []
+    message: dict[str, object] = {"type": "websocket.accept", "headers": headers}
+    protocol = accepted_protocol(offered, opened.socket.protocol)
+    if protocol is not None:
+        message["subprotocol"] = protocol
+    try:
+        await send(message)
+    except OSError:  # uvicorn: the client disconnected
+        raise _ClientGone from None
+
+
+# ---------------------------------------------------------------- the session
+
+
+class _Tally:
+    """Messages and bytes relayed in one direction, added to the counters at most once a
+    second and at the end: two counter increments per message measured ~7% of the relay's
+    CPU. A count is never more than ``TALLY_INTERVAL`` late, idle sessions included."""
+
+    __slots__ = ("_bytes", "_frames", "_timer", "frames", "size")
+
+    def __init__(self, backend: str, label: str, direction: str) -> None:
+        self._frames = metrics.realtime_frames_child(backend, label, direction)
+        self._bytes = metrics.realtime_bytes_child(backend, label, direction)
+        self.frames = 0
+        self.size = 0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, size: int) -> None:
+        self.frames += 1
+        self.size += size
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(TALLY_INTERVAL, self.flush)
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.frames:
+            self._frames.inc(self.frames)
+            self._bytes.inc(self.size)
+            self.frames = self.size = 0
+
+
+async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Send) -> None:
+    """Both directions at once until one ends; then the other side is closed with the
+    code and reason of the first, and the task still reading is cancelled."""
+    record = session.record
+    target = opened.target
+    backend, label = target.backend, target.label
+    active = metrics.realtime_sessions_child(backend)
+    active.inc()
+    sent = _Tally(backend, label, CLIENT_TO_UPSTREAM)
+    received = _Tally(backend, label, UPSTREAM_TO_CLIENT)
+    up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, sent))
+    down = asyncio.ensure_future(_upstream_to_client(opened.socket, send, record, label, received))
+    try:
+        done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
+        end = (down if down in done else up).result()
+        for task in (up, down):
+            task.cancel()
+        if end.error is not None:
+            record.error = end.error
+        if end.by_upstream:
+            if end.error is not None:
+                record.attempt_errors.append((backend, opened.key_id, "stream_broken"))
+                session.outcome = Outcome.FAILURE
+            await _close_client(send, end.code, end.reason)
+            await _close_upstream(opened.socket, 1000, "")  # no-op when it closed itself
+        else:
+            await _close_upstream(opened.socket, end.code, end.reason)
+    finally:
+        for task in (up, down):
+            task.cancel()
+        await asyncio.gather(up, down, return_exceptions=True)
+        sent.flush()
+        received.flush()
+        active.dec()
+
+
+async def _client_to_upstream(
+    receive: Receive, socket: aiohttp.ClientWebSocketResponse, tally: _Tally
+) -> _End:
+    while True:
+        message = await receive()
+        kind = message["type"]
+        if kind == "websocket.receive":
+            text = message.get("text")
+            try:
+                if text is not None:
+                    await socket.send_str(text)
+                    size = len(text) if text.isascii() else len(text.encode())
+                else:
+                    data = message.get("bytes") or b""
+                    await socket.send_bytes(data)
+                    size = len(data)
+            except (ConnectionError, aiohttp.ClientError):
+                return _End(True, 1011, "upstream connection lost", "upstream_closed")
+            tally.add(size)
+        elif kind == "websocket.disconnect":
+            code = message.get("code", 1005)
+            reason = message.get("reason") or ""
+            if code == 1005:  # a close frame without a code: a normal close
+                return _End(False, 1000, "")
+            if code == 1006 or not _sendable(code):  # dropped: "going away" upstream
+                return _End(False, 1001, "", "client_dropped")
+            return _End(False, code, reason, "client_message_too_big" if code == 1009 else None)
+
+
+async def _upstream_to_client(
+    socket: aiohttp.ClientWebSocketResponse,
+    send: Send,
+    record: RequestRecord,
+    label: str,
+    tally: _Tally,
+) -> _End:
+    while True:
+        message = await socket.receive()
+        kind = message.type
+        if kind is aiohttp.WSMsgType.TEXT:
+            text: str = message.data
+            if _DONE_MARK in text:
+                _count_usage(text, record, label)
+            try:
+                await send({"type": "websocket.send", "text": text})
+            except OSError:  # uvicorn: the client is gone
+                return _End(False, 1001, "", "client_dropped")
+            tally.add(len(text) if text.isascii() else len(text.encode()))
+        elif kind is aiohttp.WSMsgType.BINARY:
+            data: bytes = message.data
+            try:
+                await send({"type": "websocket.send", "bytes": data})
+            except OSError:
+                return _End(False, 1001, "", "client_dropped")
+            tally.add(len(data))
+        elif kind is aiohttp.WSMsgType.CLOSE:
+            # A close frame (aiohttp has answered it): its code and reason go on.
+            code = message.data if isinstance(message.data, int) else 0
+            reason = message.extra if isinstance(message.extra, str) else ""
+            if code in (0, 1005):  # a close frame without a code: a normal close
+                return _End(True, 1000, reason)
+            if not _sendable(code):
+                return _End(True, 1011, reason, "upstream_bad_close_code")
+            return _End(True, code, reason)
+        elif kind is aiohttp.WSMsgType.ERROR:
+            if getattr(message.data, "code", None) == 1009:
+                return _End(
+                    True,
+                    1009,
+                    f"upstream message larger than {MAX_FRAME_SIZE} bytes",
+                    "upstream_message_too_big",
+                )
+            return _End(True, 1011, "upstream connection failed", "upstream_error")
+        elif kind in (aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.CLOSING):
+            # The connection ended without a close frame (the upstream vanished, or
+            # stopped answering pings): abnormal, whatever aiohttp's close_code says.
+            return _End(True, 1011, "upstream connection lost", "upstream_closed")
+        # PING and PONG are answered by aiohttp (autoping) and never come here.
+
+
+def _count_usage(text: str, record: RequestRecord, label: str) -> None:
+    """Tokens from a ``response.done`` event, counted now (metrics) and for the log line."""
+    try:
+        event = orjson.loads(text)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(event, dict) or event.get("type") != "response.done":
+        return
+    response = event.get("response")
+    usage = response.get("usage") if isinstance(response, dict) else None
+    if not isinstance(usage, dict):
+        return
+    prompt, completion = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
+    record.prompt_tokens += prompt
+    record.completion_tokens += completion
+    metrics.count_tokens(record.backend or "none", label, prompt, completion)
+
+
+def _count(value: object) -> int:
+    # Only plain non-negative integers count: a hostile upstream cannot make a counter go
+    # backwards or take a float that never adds up.
+    return value if type(value) is int and 0 <= value < 1 << 40 else 0
+
+
+async def _close_client(send: Send, code: int, reason: str) -> None:
+    with contextlib.suppress(OSError, RuntimeError):  # gone, or closed already
+        await send({"type": "websocket.close", "code": code, "reason": _reason(reason)})
+
+
+async def _close_upstream(socket: aiohttp.ClientWebSocketResponse, code: int, reason: str) -> None:
+    """Close the upstream with ``code`` (its close handshake bounded by aiohttp's
+    ``ws_close`` timeout); the connection is dropped whatever happens."""
+    if not _sendable(code):
+        code = 1011
+    with contextlib.suppress(OSError, aiohttp.ClientError):
+        await socket.close(code=code, message=_reason(reason).encode())
+
+
+def _sendable(code: int) -> bool:
+    return (1000 <= code <= 1014 and code not in _UNSENDABLE_CODES) or 3000 <= code <= 4999
+
+
+def _reason(text: str) -> str:
+    """At most 123 bytes of UTF-8, cut on a character boundary."""
+    data = text.encode()
+    if len(data) <= _MAX_REASON:
+        return text
+    return data[:_MAX_REASON].decode("utf-8", "ignore")
