@@ -72,16 +72,34 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
+class QuietServer(logging.Filter):
+    """Drops uvicorn's lines that only repeat what the access log says: a relayed body the
+    upstream cut short (the connection is dropped on purpose, no traceback needed), and the
+    open/accepted/closed lines of each Realtime session."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.name != "uvicorn.error":
+            return True
+        error = record.exc_info[1] if record.exc_info else None
+        if error is not None and type(error).__name__ == "ResponseCut":
+            return False
+        message = record.getMessage()
+        if message in ("connection open", "connection closed"):
+            return False
+        return not (record.levelno == logging.INFO and "WebSocket " in message)
+
+
 def log_config(level: str, fmt: str) -> dict[str, Any]:
     """A ``logging.config.dictConfig`` for the whole process: the proxy's loggers,
     uvicorn's, and the root (asyncio, aiohttp, warnings) all through one handler."""
     formatter = JsonFormatter if fmt == "json" else TextFormatter
-    handler = {"class": "logging.StreamHandler", "formatter": "proxy"}
+    handler = {"class": "logging.StreamHandler", "formatter": "proxy", "filters": ["quiet"]}
     own = {"handlers": ["stderr"], "level": level.upper(), "propagate": False}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "formatters": {"proxy": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "filters": {"quiet": {"()": f"{QuietServer.__module__}.{QuietServer.__qualname__}"}},
         "handlers": {"stderr": handler},
         "loggers": {"proxy": own, "uvicorn": own, "uvicorn.error": {"level": level.upper()}},
         "root": {"handlers": ["stderr"], "level": "WARNING"},

@@ -137,6 +137,10 @@ async def file_content(request: web.Request) -> web.StreamResponse:
         sent += len(chunk)
         if sent == len(chunk) and pause:
             await asyncio.sleep(pause)
+        if sent == len(chunk) and "cut" in request.query:
+            assert request.transport is not None
+            request.transport.close()  # the connection dies mid-body
+            return response
     await response.write_eof()
     return response
 

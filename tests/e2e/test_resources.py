@@ -249,6 +249,19 @@ def test_an_upload_over_max_upload_size_is_413(resources: ResourceUpstream, tmp_
         proxy.stop()
 
 
+def test_a_download_cut_by_the_upstream_is_cut_for_the_client_too(proxy: ProxyProcess) -> None:
+    url = f"{proxy.base_url}/files/file-big/content?size=10000000&cut=1"
+    with pytest.raises(httpx.RemoteProtocolError):  # never a short body that looks whole
+        with httpx.stream("GET", url, timeout=10) as download:
+            for _ in download.iter_raw():
+                pass
+    time.sleep(0.2)
+    log = proxy.log()
+    assert "Traceback" not in log and "Exception in ASGI application" not in log
+    line = next(line for line in log.splitlines() if "cut=1" in line or "file-big" in line)
+    assert "body_broken" in line
+
+
 def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         peak[0] = max(peak[0], rss_kb(pid))
