@@ -676,21 +676,38 @@ def summary_lines(
         f"{regressed} fail through it only"
         + (f", {len(comparison.missing)} never ran (timeout)" if comparison.missing else "")
         + ".",
-        f"Admin tests failing through the proxy (excluded): {len(comparison.excluded)}.",
+        f"Admin tests failing through the proxy (excluded): {len(comparison.excluded)} "
+        f"({by_prefix(comparison.excluded)}).",
     ]
     if comparison.fixed:
         lines.append(f"Fail directly but pass through the proxy: {len(comparison.fixed)}.")
-    if comparison.regressions:
-        lines += ["", "Pass directly, fail through the proxy, by cause [last request]:"]
+    if not comparison.regressions:
+        return lines
+    every = [test for tests in comparison.regressions.values() for test in tests]
+    lines += ["", f"Pass directly, fail through the proxy, by prefix: {by_prefix(every)}."]
+    lines += ["", "Pass directly, fail through the proxy, by cause [last request]:"]
     for cause, tests in sorted(comparison.regressions.items(), key=lambda kv: -len(kv[1])):
         lines.append(f"  {len(tests):5d}  {cause}")
-        endpoint_counts = Counter(endpoint_of(test, endpoints) for test in tests)
-        top = ", ".join(f"{e} ({n})" for e, n in endpoint_counts.most_common(3))
-        more = len(endpoint_counts) - 3
+        per_endpoint: dict[str, list[TestResult]] = defaultdict(list)
+        for test in tests:
+            per_endpoint[endpoint_of(test, endpoints)].append(test)
+        ranked = sorted(per_endpoint.items(), key=lambda kv: -len(kv[1]))
+        top = ", ".join(f"{e} ({len(t)})" for e, t in ranked[:3])
+        more = len(ranked) - 3
         lines.append(f"         endpoints: {top}{f', +{more} more' if more > 0 else ''}")
-        for test in tests[:EXAMPLES_PER_GROUP]:
-            lines.append(f"         e.g. {test.id}")
+        # Examples from different endpoints: one id per endpoint says more than two.
+        for _, endpoint_tests in ranked[:EXAMPLES_PER_GROUP]:
+            lines.append(f"         e.g. {endpoint_tests[0].id}")
     return lines
+
+
+def by_prefix(tests: list[TestResult]) -> str:
+    """`/files 120, /responses 80, ...`: the top-level prefix of each test's last request."""
+    counts = Counter(
+        prefix_of(api_path(test.requests[-1]["path"])) if test.requests else "(none)"
+        for test in tests
+    )
+    return ", ".join(f"{prefix} {n}" for prefix, n in counts.most_common()) or "none"
 
 
 def full_report(
