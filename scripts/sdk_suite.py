@@ -393,7 +393,8 @@ def run_sdk_tests(label: str, base_url: str) -> Run:
     run.results = read_results(label)
     if not run.results:
         tail = (CACHE / f"pytest-{label}.log").read_text(errors="replace")[-3000:]
-        raise SuiteError(f"run '{label}' recorded no test (exit {run.exit_code}):\n{tail}")
+        why = f"timed out after {RUN_TIMEOUT:.0f} s" if run.timed_out else f"exit {run.exit_code}"
+        raise SuiteError(f"run '{label}' recorded no test ({why}):\n{tail}")
     log(f"run '{label}': {len(run.results)} tests in {run.seconds:.0f} s")
     return run
 
