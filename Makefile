@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test lint format bench bench-peers soak fuzz clean
+.PHONY: run test lint format bench bench-peers soak fuzz sdk-suite clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -61,6 +61,11 @@ FUZZ_SECONDS ?= 120
 SEED ?= 1
 fuzz: $(STAMP)
 	$(BIN)/python -m tests.fuzz --seconds $(FUZZ_SECONDS) --seed $(SEED)
+
+# The openai-python SDK's own API tests against a Prism mock of its spec, directly and
+# through the proxy (scripts/sdk_suite.py; downloads into .cache/sdk-suite/; ~5 min).
+sdk-suite: $(STAMP)
+	$(BIN)/python scripts/sdk_suite.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
