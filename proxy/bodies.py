@@ -47,6 +47,14 @@ class BodyBudget:
     held = 0
 
 
+class SpillBudget:
+    """Bytes of upload heads on disk for all requests of this process at once: each is
+    bounded by ``max_upload_size``, this bounds their sum (``max_spilled_bodies``), so
+    clients sending big files before their model cannot fill the disk."""
+
+    held = 0
+
+
 def is_upload(headers: Headers) -> bool:
     """Streamed rather than read whole: anything that says it is not JSON."""
     content_type = header_value(headers, b"content-type")
@@ -120,11 +128,13 @@ class Upload:
     """A body relayed as it arrives: its head (read before routing, with the form's model),
     then the rest straight from the client. Sent once, unless it was all in the head."""
 
-    def __init__(self, receive: Receive, headers: Headers, limit: int, budget: int) -> None:
+    def __init__(
+        self, receive: Receive, headers: Headers, limit: int, budget: int, disk_budget: int
+    ) -> None:
         self._receive = receive
         self._limit = limit
         self._budget = budget
-        self._head = _Head()
+        self._head = _Head(disk_budget)
         self._counted = 0  # bytes of the head counted in the process's body budget
         self.declared = _content_length(headers, limit)
         self.model: str | None = None
@@ -238,9 +248,11 @@ class _Head:
     """The bytes of an upload read before it is sent: in memory up to ``SPILL``, then in a
     temporary file (written from a thread: the event loop never waits on the disk)."""
 
-    def __init__(self) -> None:
+    def __init__(self, disk_budget: int) -> None:
         self._memory = bytearray()
         self._file: IO[bytes] | None = None
+        self._disk_budget = disk_budget
+        self._on_disk = 0  # bytes counted in SpillBudget
         self.size = 0
         self.whole = False  # the upload's every byte: it may be sent again
 
@@ -253,6 +265,11 @@ class _Head:
         if self._file is None and len(self._memory) + len(chunk) <= SPILL:
             self._memory += chunk
             return
+        spilled = len(chunk) + (len(self._memory) if self._file is None else 0)
+        SpillBudget.held += spilled
+        self._on_disk += spilled
+        if SpillBudget.held > self._disk_budget:
+            raise errors.server_busy("uploads held before their model")
         if self._file is None:
             self._file = await asyncio.to_thread(tempfile.TemporaryFile)
             await asyncio.to_thread(self._file.write, bytes(self._memory))
@@ -284,6 +301,8 @@ class _Head:
             yield piece
 
     def close(self) -> None:
+        SpillBudget.held -= self._on_disk
+        self._on_disk = 0
         if self._file is not None:
             self._file.close()
             self._file = None

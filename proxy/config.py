@@ -421,6 +421,9 @@ class ServerConfig(_Section):
     max_upload_size: Annotated[Size, doc("streamed (multipart, binary) request bodies; 413")] = (
         512 * 2**20
     )
+    max_spilled_bodies: Annotated[
+        Size, doc("upload heads held on disk at once, per process; 503 beyond")
+    ] = 2 * 2**30
     forward_paths: Annotated[
         tuple[ForwardPath, ...], doc("paths after /v1 forwarded, with all below them")
     ] = DEFAULT_FORWARD_PATHS

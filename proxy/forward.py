@@ -133,7 +133,13 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     query = scope["query_string"].decode("latin-1")
     if method == "POST" and is_upload(headers):
-        upload = Upload(receive, headers, server.max_upload_size, server.max_buffered_bodies)
+        upload = Upload(
+            receive,
+            headers,
+            server.max_upload_size,
+            server.max_buffered_bodies,
+            server.max_spilled_bodies,
+        )
         model_optional = runtime.router.path_rule(path) is not None
         await upload.read_head(form_boundary(headers), model_optional)
         return RequestParts(method, path, query, headers, {}, b"", upload.model or "", upload)
