@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import ROOT, ProxyProcess, rss_kb, start_proxy
+from tests.conftest import ROOT, ProxyProcess, RedisServer, rss_kb, start_proxy
 
 KEY_1 = "sk-res-1111111111111111aaaa"
 KEY_2 = "sk-res-2222222222222222bbbb"
@@ -181,6 +181,28 @@ def test_a_response_chain_stays_on_the_key_that_made_each_response(
     # A new chain may start on the other key: round robin still applies to new objects.
     fresh = [client.responses.create(model="gpt-4.1", input="hi").model_extra for _ in range(2)]
     assert {f["key_seen"] for f in fresh if f} == {KEY_1[-4:], KEY_2[-4:]}
+
+
+def test_replicas_sharing_redis_send_a_chain_to_the_key_that_made_it(
+    resources: ResourceUpstream, redis_server: RedisServer, tmp_path: Path
+) -> None:
+    text = config(resources, f"storage: {redis_server.url}")
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = start_proxy(text, tmp_path / "a")
+    second = start_proxy(text, tmp_path / "b")
+    try:
+        made = openai.OpenAI(base_url=first.base_url, api_key="k", max_retries=0)
+        other = openai.OpenAI(base_url=second.base_url, api_key="k", max_retries=0)
+        for _ in range(4):  # each replica's round robin starts afresh: both keys get used
+            response = made.responses.create(model="gpt-4.1", input="hi")
+            followed = other.responses.create(
+                model="gpt-4.1", input="more", previous_response_id=response.id
+            )
+            assert other.responses.retrieve(followed.id).previous_response_id == response.id
+    finally:
+        first.stop()
+        second.stop()
 
 
 def test_speech_is_streamed_to_the_client_as_the_upstream_makes_it(
