@@ -526,10 +526,21 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
     path: str = scope["path"]
     if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise errors.invalid_path(path[:200])
+    if _PATH_CHARS.fullmatch(path) is None:
+        # The server decoded the path once and the upstream URL is built from it as is:
+        # a decoded `?` or `#` would start a query or a fragment there, `%252e` would reach
+        # the upstream as `%2e` (a dot-segment to a server that decodes), and a space or a
+        # control character would break the request line.
+        raise errors.invalid_path(raw.decode("latin-1")[:200])
     tail = path[3:]
     if "//" in tail or tail.endswith("/") or not allowed_path(tail, allowed):
         raise errors.unknown_url(scope["method"], path[:200])
     return tail
+
+
+# RFC 3986 path characters (unreserved, sub-delims, ":", "@", "/"): nothing that means
+# something else in a URL once decoded, nothing a request line cannot carry.
+_PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
 
 
 def allowed_path(tail: str, allowed: tuple[str, ...]) -> bool:
