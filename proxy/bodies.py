@@ -135,6 +135,7 @@ class Upload:
         self._limit = limit
         self._budget = budget
         self._head = _Head(disk_budget)
+        self._scan: _FormScan | None = None  # the whole form is scanned, not only the head
         self._counted = 0  # bytes of the head counted in the process's body budget
         self.declared = _content_length(headers, limit)
         self.model: str | None = None
@@ -153,16 +154,17 @@ class Upload:
     async def read_head(self, boundary: bytes | None, model_optional: bool) -> None:
         """Read up to the form's model (or its first file, when the path can route without
         one; or its end), then on while the head stays small: a small upload is held whole."""
-        scan = _FormScan(boundary) if boundary is not None else None
+        scan = self._scan = _FormScan(boundary) if boundary is not None else None
         try:
             while not self.complete:
                 if scan is not None and not scan.decided(model_optional):
                     chunk = await self._next()
-                    scan.feed(chunk)
+                    self._feed(chunk)
                     if scan.model is not None and self.model is None:
                         self.model, self._span = checked_model(scan.model), scan.span
                 elif self._head.size < SPILL:
                     chunk = await self._next()
+                    self._feed(chunk)
                 else:
                     break
                 await self._head.add(chunk)
@@ -192,6 +194,7 @@ class Upload:
         while not self.complete:
             try:
                 chunk = await self._next()
+                self._feed(chunk)  # a second model field is refused, even past the head
             except (ProxyError, ClientGone) as exc:
                 self.failure = exc
                 raise
@@ -200,6 +203,14 @@ class Upload:
     def close(self) -> None:
         self._release_budget()
         self._head.close()
+
+    def _feed(self, chunk: bytes) -> None:
+        """Every byte of a form goes through the scanner: the proxy routes (and checks the
+        client's models) by the form's one model field, so a form the upstream could read
+        another model from (a second ``model`` field, two names for one part) is refused,
+        before the upload is sent or by cutting it."""
+        if self._scan is not None and not self._scan.ended:
+            self._scan.feed(chunk)
 
     def _replacement(self, model: str | None) -> bytes:
         if self._span is None or model is None or model == self.model:
@@ -323,8 +334,10 @@ def form_boundary(headers: Headers) -> bytes | None:
 
 _BOUNDARY = re.compile(rb';\s*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.IGNORECASE)
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
-_NAME = re.compile(rb';\s*name="([^"]*)"', re.IGNORECASE)
-_FILENAME = re.compile(rb";\s*filename\*?=", re.IGNORECASE)
+# One parameter of a Content-Disposition: `; key=token` or `; key="quoted \" string"`.
+_PARAM = re.compile(rb';[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;"]*)[ \t]*')
+_DISPOSITION_TYPE = re.compile(rb"[ \t]*[A-Za-z-]+[ \t]*")
+_ESCAPE = re.compile(rb"\\(.)")
 
 
 class _FormScan:
@@ -374,14 +387,20 @@ class _FormScan:
         if self._state == "after_boundary":
             if len(buffer) - at < 2:
                 return None
-            mark = buffer[at : at + 2]
-            if mark == b"--":
+            if buffer[at : at + 2] == b"--":
                 self.ended = True
                 return at + 2
-            if mark != b"\r\n":
+            padded = at
+            while padded < len(buffer) and buffer[padded] in b" \t":
+                padded += 1  # RFC 2046's transport padding: spaces before the line end
+            if padded > at + 64:
+                raise _bad_form("a boundary is followed by too many spaces")
+            if len(buffer) - padded < 2:
+                return None
+            if buffer[padded : padded + 2] != b"\r\n":
                 raise _bad_form("a boundary is not followed by a line end")
             self._state = "headers"
-            return at + 2
+            return padded + 2
         if self._state == "headers":
             end = buffer.find(b"\r\n\r\n", at)
             if end < 0:
@@ -409,14 +428,19 @@ class _FormScan:
         return skip if skip > at else None
 
     def _start_part(self, headers: bytes) -> None:
-        disposition = _DISPOSITION.search(headers)
-        line = disposition.group(1) if disposition else b""
-        name = _NAME.search(line)
-        is_file = _FILENAME.search(line) is not None
+        dispositions = _DISPOSITION.findall(headers)
+        if len(dispositions) > 1:
+            raise _bad_form("a part has two Content-Disposition headers")
+        params = _disposition_params(dispositions[0]) if dispositions else []
+        names = [value for key, value in params if key in (b"name", b"name*")]
+        if len(names) > 1 or any(key == b"name*" for key, _ in params):
+            raise _bad_form("a part's name is not one plain name parameter")
+        is_file = any(key in (b"filename", b"filename*") for key, _ in params)
         self.file_seen = self.file_seen or is_file
-        self._in_model = (
-            not is_file and name is not None and name.group(1) == b"model" and self.model is None
-        )
+        is_model = not is_file and names == [b"model"]
+        if is_model and (self.model is not None or self._in_model):
+            raise _bad_form("the model field is given twice")
+        self._in_model = is_model
 
     def _end_model(self, value: bytes, start: int) -> None:
         self._in_model = False
@@ -425,6 +449,25 @@ class _FormScan:
         except UnicodeDecodeError:
             raise _bad_model() from None
         self.span = (start, start + len(value))
+
+
+def _disposition_params(line: bytes) -> list[tuple[bytes, bytes]]:
+    """A Content-Disposition's parameters (keys lowercased, quotes and escapes taken off),
+    as a multipart parser upstream reads them; 400 for a line that is not only those: a
+    form the proxy and the upstream could read differently is not sent."""
+    start = _DISPOSITION_TYPE.match(line)
+    at = start.end() if start else 0
+    params: list[tuple[bytes, bytes]] = []
+    while at < len(line.rstrip()):
+        param = _PARAM.match(line, at)
+        if param is None:
+            raise _bad_form("a Content-Disposition header cannot be read")
+        value = param.group(2)
+        if value.startswith(b'"'):
+            value = _ESCAPE.sub(rb"\1", value[1:-1])
+        params.append((param.group(1).lower(), value))
+        at = param.end()
+    return params
 
 
 def _bad_form(why: str) -> ProxyError:

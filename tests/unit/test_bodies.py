@@ -205,3 +205,85 @@ def test_a_form_without_a_boundary_is_400() -> None:
     assert refused.value.code == "invalid_form"
     assert form_boundary([(b"content-type", b'multipart/form-data; boundary="a b"')]) == b"a b"
     assert form_boundary([(b"content-type", b"application/octet-stream")]) is None
+
+
+def part(disposition: bytes, value: bytes) -> bytes:
+    return f"--{BOUNDARY}\r\n".encode() + disposition + b"\r\n\r\n" + value + b"\r\n"
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # A model the proxy checks, then one the upstream (last wins) would use.
+        field("model", b"cheap") + file_part("file", b"x") + field("model", b"dear") + END,
+        # Names the proxy did not read as the model field, a parser upstream does.
+        part(b'Content-Disposition: form-data; name="x"; name="model"', b"dear") + END,
+        part(b'Content-Disposition: form-data; name="model"; name="x"', b"dear") + END,
+        part(b"Content-Disposition: form-data; name*=utf-8''model", b"dear") + END,
+        part(b'Content-Disposition: form-data; name="x"\r\nContent-Disposition: form-data', b"")
+        + END,
+        part(b'Content-Disposition: form-data; name="model"; x="a', b"dear") + END,
+    ],
+)
+def test_a_form_the_upstream_could_read_another_model_from_is_refused(body: bytes) -> None:
+    async def run() -> None:
+        upload = upload_of(body, [7, 100])
+        with pytest.raises(ProxyError) as refused:
+            await upload.read_head(BOUNDARY.encode(), False)
+        assert (refused.value.status, refused.value.code) == (400, "invalid_form")
+
+    asyncio.run(run())
+    assert BodyBudget.held == 0 and SpillBudget.held == 0
+
+
+@pytest.mark.parametrize(
+    "disposition",
+    [
+        b"Content-Disposition: form-data; name=model",  # unquoted: python-multipart reads it
+        b'Content-Disposition: form-data; name="model"; x="; filename=y"',  # not a file
+        b'content-disposition:form-data;name="model"',
+    ],
+)
+def test_every_spelling_of_the_model_field_is_found(disposition: bytes) -> None:
+    body = part(disposition, b"whisper") + file_part("file", b"abc") + END
+
+    async def run() -> None:
+        upload = upload_of(body, [3, 50])
+        await upload.read_head(BOUNDARY.encode(), False)
+        assert upload.model == "whisper"
+        upload.close()
+
+    asyncio.run(run())
+
+
+def test_a_second_model_field_past_the_head_cuts_the_upload() -> None:
+    data = b"\x05" * (2 * bodies.SPILL)
+    body = field("model", b"cheap") + file_part("file", data) + field("model", b"dear") + END
+
+    async def run() -> None:
+        upload = upload_of(body, list(range(0, len(body), 65536)))
+        await upload.read_head(BOUNDARY.encode(), False)
+        assert upload.model == "cheap" and not upload.complete
+        with pytest.raises(ProxyError) as refused:
+            await sent(upload, None)
+        assert refused.value.code == "invalid_form" and upload.failure is refused.value
+        upload.close()
+
+    asyncio.run(run())
+    assert BodyBudget.held == 0 and SpillBudget.held == 0
+
+
+def test_spaces_after_a_boundary_are_transport_padding() -> None:
+    body = field("model", b"whisper").replace(
+        BOUNDARY.encode() + b"\r\n", BOUNDARY.encode() + b" \t\r\n"
+    )
+    body += file_part("file", b"abc") + END
+
+    async def run() -> None:
+        upload = upload_of(body, [5])
+        await upload.read_head(BOUNDARY.encode(), False)
+        assert upload.model == "whisper"
+        assert await sent(upload, "w-2") == body.replace(b"whisper", b"w-2")
+        upload.close()
+
+    asyncio.run(run())
