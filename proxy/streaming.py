@@ -425,7 +425,14 @@ async def relay_bytes(
     response: aiohttp.ClientResponse, send: Send, redactor: Redactor = NO_SECRETS
 ) -> str | None:
     """Pass a non-event body on chunk by chunk (``send`` waits while the client is slow:
-    nothing piles up here). Returns why it broke off ("timeout", "body_broken"), or None."""
+    nothing piles up here). Returns why it broke off ("timeout", "body_broken",
+    "secret_scrubbed"), or None.
+
+    The upstream's Content-Length is relayed: a secret replaced by its fingerprint changes
+    the body's length, so such a body is cut (the client sees it incomplete) rather than
+    sent past or short of that length, which the server refuses with an exception."""
+    declared = response.content_length
+    sent = 0
     held = b""
     try:
         async for chunk in response.content.iter_chunked(_BYTES_CHUNK):
@@ -433,11 +440,16 @@ async def relay_bytes(
                 chunk, held = redactor.stream_chunk(held + chunk)
                 if not chunk:
                     continue
+            sent += len(chunk)
+            if declared is not None and sent > declared:
+                return "secret_scrubbed"
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
     except (TimeoutError, aiohttp.SocketTimeoutError):
         return "timeout"
     except aiohttp.ClientError:
         return "body_broken"
+    if declared is not None and sent + len(held) != declared:
+        return "secret_scrubbed"
     await send({"type": "http.response.body", "body": held, "more_body": False})
     return None
 

@@ -102,6 +102,38 @@ def test_a_key_split_across_two_stream_chunks_never_reaches_the_client(hostile_p
     assert SECRET[half:] not in r.text
 
 
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_key_echoed_in_a_binary_body_is_scrubbed_and_a_sized_body_cut_not_a_500(
+    hostile_proxy, framing
+):
+    """A key echoed into audio or a file's content is replaced by its fingerprint, which
+    changes the length the upstream declared: the body is cut (the client sees it
+    incomplete), logged as ``secret_scrubbed``, not a RuntimeError logged as a 500."""
+    plan = {
+        "status": 200,
+        "headers": [["content-type", "audio/mpeg"]],
+        "framing": framing,
+        "parts": [["ID3" + SECRET + "tail", 0]],
+    }
+    body = {"model": "tts-1", "input": "x", "hostile": plan}
+    received, cut = b"", False
+    with httpx.stream("POST", hostile_proxy.base_url + "/audio/speech", json=body) as r:
+        assert r.status_code == 200
+        try:
+            for piece in r.iter_raw():
+                received += piece
+        except httpx.RemoteProtocolError:
+            cut = True
+    assert SECRET.encode() not in received and received.startswith(b"ID3")
+    assert cut is (framing == "length")
+    time.sleep(0.2)  # the access log is flushed every 50 ms
+    lines = [orjson.loads(x) for x in hostile_proxy.log().splitlines() if '"path":"/v1/' in x]
+    assert [(x["status"], x["error"]) for x in lines] == [
+        (200, "secret_scrubbed" if framing == "length" else None)
+    ]
+    assert "internal error" not in hostile_proxy.log()
+
+
 # ---------------------------------------------------------------- invariant 1/2: breaker
 
 
