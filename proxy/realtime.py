@@ -40,6 +40,7 @@ from proxy.errors import ProxyError
 from proxy.forward import Receive, Scope, Send, client_request_id, new_request_id
 from proxy.headers import REQUEST_ID, forwarded_request_headers, header_value
 from proxy.keys import NoUsableKey
+from proxy.redact import Redactor
 from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
 from proxy.runtime import Runtime
 from proxy.throttle import Outcome
@@ -117,7 +118,7 @@ async def handle_websocket(
             accepted_at = time.perf_counter()
             record.status = 101
             session.outcome = Outcome.SUCCESS
-            await _relay(session, opened, receive, send)
+            await _relay(session, opened, receive, send, runtime.redactor)
         finally:
             if not opened.socket.closed:  # the client left during our accept, or a bug
                 await _close_upstream(opened.socket, 1011, "")
@@ -517,7 +518,9 @@ class _Tally:
             self.frames = self.size = 0
 
 
-async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Send) -> None:
+async def _relay(
+    session: _Session, opened: _Opened, receive: Receive, send: Send, redactor: Redactor
+) -> None:
     """Both directions at once until one ends; then the other side is closed with the
     code and reason of the first, and the task still reading is cancelled."""
     record = session.record
@@ -528,7 +531,9 @@ async def _relay(session: _Session, opened: _Opened, receive: Receive, send: Sen
     sent = _Tally(backend, label, CLIENT_TO_UPSTREAM)
     received = _Tally(backend, label, UPSTREAM_TO_CLIENT)
     up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, sent))
-    down = asyncio.ensure_future(_upstream_to_client(opened.socket, send, record, label, received))
+    down = asyncio.ensure_future(
+        _upstream_to_client(opened.socket, send, record, label, received, redactor)
+    )
     try:
         done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
         end = (down if down in done else up).result()
@@ -588,12 +593,15 @@ async def _upstream_to_client(
     record: RequestRecord,
     label: str,
     tally: _Tally,
+    redactor: Redactor,
 ) -> _End:
+    """Upstream messages on to the client, any configured secret in them (a key an
+    upstream echoes in an error event) replaced by its fingerprint, as in every answer."""
     while True:
         message = await socket.receive()
         kind = message.type
         if kind is aiohttp.WSMsgType.TEXT:
-            text: str = message.data
+            text: str = redactor.text(message.data)
             if _DONE_MARK in text:
                 _count_usage(text, record, label)
             try:
@@ -602,7 +610,7 @@ async def _upstream_to_client(
                 return _End(False, 1001, "", "client_dropped")
             tally.add(len(text) if text.isascii() else len(text.encode()))
         elif kind is aiohttp.WSMsgType.BINARY:
-            data: bytes = message.data
+            data: bytes = redactor.bytes(message.data)
             try:
                 await send({"type": "websocket.send", "bytes": data})
             except OSError:
@@ -611,7 +619,7 @@ async def _upstream_to_client(
         elif kind is aiohttp.WSMsgType.CLOSE:
             # A close frame (aiohttp has answered it): its code and reason go on.
             code = message.data if isinstance(message.data, int) else 0
-            reason = message.extra if isinstance(message.extra, str) else ""
+            reason = redactor.text(message.extra) if isinstance(message.extra, str) else ""
             if code in (0, 1005):  # a close frame without a code: a normal close
                 return _End(True, 1000, reason)
             if not _sendable(code):

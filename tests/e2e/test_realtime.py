@@ -247,6 +247,33 @@ def test_close_codes_and_reasons_cross_both_ways(
     assert upstream.log()[-1]["openai_beta"] == "realtime=v1"  # the beta dialect passed on
 
 
+def test_a_key_the_upstream_echoes_in_a_message_or_close_reason_is_scrubbed(
+    rt_proxy: ProxyProcess, upstream: RealtimeUpstream
+) -> None:
+    """The fake upstream echoes what it gets: standing in for one that echoes the key it
+    was opened with (an error event quoting it), in text, binary and a close reason."""
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+    async def session() -> tuple[str, bytes, str]:
+        async with connect(ws_url(rt_proxy, "gpt-realtime-2025"), additional_headers=auth) as ws:
+            await ws.recv()  # session.created
+            await ws.send(json.dumps({"type": "error", "message": f"bad key {KEY_A}"}))
+            text = await ws.recv()
+            await ws.send(b"\x00" + KEY_B.encode())
+            data = await ws.recv()
+            await ws.send(json.dumps({"type": "test.close", "code": 4001, "reason": KEY_A}))
+            with pytest.raises(ConnectionClosed) as closed:
+                await asyncio.wait_for(ws.recv(), 5)
+        assert closed.value.rcvd is not None
+        return str(text), bytes(data), closed.value.rcvd.reason
+
+    text, data, reason = asyncio.run(session())
+    for secret in (KEY_A, KEY_B):
+        assert secret not in text and secret.encode() not in data and secret not in reason
+    assert text.startswith('{"type": "error", "message": "bad key sk-')
+    assert data.startswith(b"\x00sk-") and reason.startswith("sk-")
+
+
 def test_the_browser_subprotocol_key_authenticates_and_never_goes_upstream(
     rt_proxy: ProxyProcess, upstream: RealtimeUpstream
 ) -> None:
