@@ -314,19 +314,22 @@ class _Relay:
         objects, backend, key_id = self.runtime.objects, self.backend, self.delivery.key_id
         seen: set[str] = set()
 
-        async def send_and_record(message: Message) -> None:
-            await send(message)
+        async def record_and_send(message: Message) -> None:
+            # Recorded before the client hears of the id, as for a JSON answer: a client
+            # that retrieves a background response the moment `response.created` arrives
+            # (on another replica, through Redis) must find where it lives.
             body: bytes = message.get("body", b"")
-            if not any(marker in body for marker in _ID_MARKERS):
-                return
-            for line in body.split(b"\n"):
-                if line.startswith(b"data:"):
-                    found = [i for i in event_created_ids(path, line[5:], payload) if i not in seen]
-                    if found:
-                        seen.update(found)
-                        await objects.remember(found, backend, key_id)
+            if any(marker in body for marker in _ID_MARKERS):
+                for line in body.split(b"\n"):
+                    if line.startswith(b"data:"):
+                        ids = event_created_ids(path, line[5:], payload)
+                        found = [i for i in ids if i not in seen]
+                        if found:
+                            seen.update(found)
+                            await objects.remember(found, backend, key_id)
+            await send(message)
 
-        return send_and_record
+        return record_and_send
 
     async def json(self) -> None:
         runtime, record = self.runtime, self.record
