@@ -32,6 +32,9 @@ Headers = list[tuple[bytes, bytes]]
 SPILL = 1024 * 1024  # an upload's head beyond this goes to a temporary file
 _PIECE = 256 * 1024  # reads from that file
 _PART_HEADERS_LIMIT = 16 * 1024
+# Parts of one form: starlette's default (max_fields, max_files). SDK forms have a handful;
+# 512 MiB of empty parts would otherwise cost a minute of the event loop's CPU to scan.
+MAX_FORM_PARTS = 1000
 _MODEL_FIELD_LIMIT = MAX_MODEL_LENGTH * 4  # UTF-8 bytes of the longest usable model id
 
 
@@ -352,6 +355,7 @@ class _FormScan:
         self._buffer = b""
         self._offset = 0  # where ``_buffer`` starts in the body
         self._in_model = False
+        self._parts = 0
         self.model: str | None = None
         self.span: tuple[int, int] | None = None
         self.file_seen = False
@@ -428,6 +432,9 @@ class _FormScan:
         return skip if skip > at else None
 
     def _start_part(self, headers: bytes) -> None:
+        self._parts += 1
+        if self._parts > MAX_FORM_PARTS:
+            raise _bad_form(f"it has more than {MAX_FORM_PARTS} parts")
         dispositions = _DISPOSITION.findall(headers)
         if len(dispositions) > 1:
             raise _bad_form("a part has two Content-Disposition headers")

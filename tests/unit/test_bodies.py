@@ -287,3 +287,23 @@ def test_spaces_after_a_boundary_are_transport_padding() -> None:
         upload.close()
 
     asyncio.run(run())
+
+
+def test_a_form_of_countless_tiny_parts_is_refused_past_the_part_limit() -> None:
+    tiny = b"".join(field(f"f{i}", b"v") for i in range(bodies.MAX_FORM_PARTS))
+    at_limit = tiny + END
+    over = tiny + field("model", b"whisper") + END
+
+    async def run() -> None:
+        upload = upload_of(at_limit, [4096])
+        await upload.read_head(BOUNDARY.encode(), True)
+        assert upload.model is None and upload.complete
+        upload.close()
+        upload = upload_of(over, list(range(0, len(over), 4096)))
+        with pytest.raises(ProxyError) as refused:
+            await upload.read_head(BOUNDARY.encode(), False)
+        assert (refused.value.status, refused.value.code) == (400, "invalid_form")
+        assert "1000 parts" in refused.value.message
+
+    asyncio.run(run())
+    assert BodyBudget.held == 0 and SpillBudget.held == 0
