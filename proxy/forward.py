@@ -132,6 +132,12 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
     method: str = scope["method"]
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     query = scope["query_string"].decode("latin-1")
+    if sum(1 for name, _ in headers if name == b"content-type") > 1:
+        # The proxy reads the first (a form, text: no model to check), the upstream the
+        # last (JSON with a model): one request, two readings. Refused.
+        raise errors.bad_request(
+            "A request may carry one Content-Type header.", code="invalid_content_type"
+        )
     if method == "POST" and is_upload(headers):
         upload = Upload(
             receive,
@@ -529,15 +535,15 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
     path: str = scope["path"]
     if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise errors.invalid_path(path[:200])
+    tail = path[3:]
+    if "//" in tail or tail.endswith("/") or not allowed_path(tail, allowed):
+        raise errors.unknown_url(scope["method"], path[:200])
     if _PATH_CHARS.fullmatch(path) is None:
         # The server decoded the path once and the upstream URL is built from it as is:
         # a decoded `?` or `#` would start a query or a fragment there, `%252e` would reach
         # the upstream as `%2e` (a dot-segment to a server that decodes), and a space or a
         # control character would break the request line.
         raise errors.invalid_path(raw.decode("latin-1")[:200])
-    tail = path[3:]
-    if "//" in tail or tail.endswith("/") or not allowed_path(tail, allowed):
-        raise errors.unknown_url(scope["method"], path[:200])
     return tail
 
 

@@ -187,6 +187,31 @@ def test_dot_segments_and_encoded_slashes_are_refused(proxy, upstream, raw_path)
     assert upstream.requests() == []
 
 
+@pytest.mark.parametrize(
+    "types",
+    [
+        (b"text/plain", b"application/json"),  # the proxy saw no model, the upstream one
+        (b"multipart/form-data; boundary=a", b"multipart/form-data; boundary=b"),
+    ],
+)
+def test_two_content_types_are_refused_not_read_one_way_here_and_another_upstream(
+    proxy, upstream, types
+):
+    body = b'{"model": "kimi-k2", "messages": []}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n"
+        + b"".join(b"content-type: " + value + b"\r\n" for value in types)
+        + b"content-length: "
+        + str(len(body)).encode()
+        + b"\r\nconnection: close\r\n\r\n"
+        + body
+    )
+    answer = raw_request(proxy, request)
+    assert answer.startswith(b"HTTP/1.1 400"), answer[:200]
+    assert b'"code":"invalid_content_type"' in answer
+    assert upstream.requests() == []
+
+
 # ------------------------------------------------------------------ bounded, whatever arrives
 
 
