@@ -327,19 +327,22 @@ def form_boundary(headers: Headers) -> bytes | None:
     content_type = header_value(headers, b"content-type") or b""
     if not content_type.lower().startswith(b"multipart/form-data"):
         return None
-    match = _BOUNDARY.search(content_type)
-    if match is None:
+    # Read as a parser upstream reads it: `; charset="; boundary=a"; boundary=b` has the
+    # boundary b, and a second boundary parameter is refused (which one would it use?).
+    boundaries = [v for k, v in _header_params(content_type) if k == b"boundary"]
+    if len(boundaries) != 1 or not _BOUNDARY.fullmatch(boundaries[0]):
         raise errors.bad_request(
-            "multipart/form-data needs a boundary parameter.", code="invalid_form"
+            "multipart/form-data needs one boundary parameter of 1 to 70 characters.",
+            code="invalid_form",
         )
-    return match.group(1) or match.group(2)
+    return boundaries[0]
 
 
-_BOUNDARY = re.compile(rb';\s*boundary=(?:"([^"]{1,70})"|([^\s;"]{1,70}))', re.IGNORECASE)
+_BOUNDARY = re.compile(rb"[^\r\n]{1,70}")
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
 # One parameter of a Content-Disposition: `; key=token` or `; key="quoted \" string"`.
 _PARAM = re.compile(rb';[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;"]*)[ \t]*')
-_DISPOSITION_TYPE = re.compile(rb"[ \t]*[A-Za-z-]+[ \t]*")
+_MEDIA_TYPE = re.compile(rb"[ \t]*[A-Za-z0-9!#$&^_.+/-]+[ \t]*")
 _ESCAPE = re.compile(rb"\\(.)")
 
 
@@ -438,7 +441,7 @@ class _FormScan:
         dispositions = _DISPOSITION.findall(headers)
         if len(dispositions) > 1:
             raise _bad_form("a part has two Content-Disposition headers")
-        params = _disposition_params(dispositions[0]) if dispositions else []
+        params = _header_params(dispositions[0]) if dispositions else []
         names = [value for key, value in params if key in (b"name", b"name*")]
         if len(names) > 1 or any(key == b"name*" for key, _ in params):
             raise _bad_form("a part's name is not one plain name parameter")
@@ -458,17 +461,18 @@ class _FormScan:
         self.span = (start, start + len(value))
 
 
-def _disposition_params(line: bytes) -> list[tuple[bytes, bytes]]:
-    """A Content-Disposition's parameters (keys lowercased, quotes and escapes taken off),
-    as a multipart parser upstream reads them; 400 for a line that is not only those: a
-    form the proxy and the upstream could read differently is not sent."""
-    start = _DISPOSITION_TYPE.match(line)
+def _header_params(line: bytes) -> list[tuple[bytes, bytes]]:
+    """A Content-Disposition's or Content-Type's parameters (keys lowercased, quotes and
+    escapes taken off), as a multipart parser upstream reads them; 400 for a line that is
+    not only those: a form the proxy and the upstream could read differently is not sent."""
+    start = _MEDIA_TYPE.match(line)
     at = start.end() if start else 0
     params: list[tuple[bytes, bytes]] = []
-    while at < len(line.rstrip()):
+    end = len(line.rstrip(b" \t\r;"))  # a trailing `;` is harmless
+    while at < end:
         param = _PARAM.match(line, at)
         if param is None:
-            raise _bad_form("a Content-Disposition header cannot be read")
+            raise _bad_form("a Content-Disposition or Content-Type header cannot be read")
         value = param.group(2)
         if value.startswith(b'"'):
             value = _ESCAPE.sub(rb"\1", value[1:-1])

@@ -307,3 +307,28 @@ def test_a_form_of_countless_tiny_parts_is_refused_past_the_part_limit() -> None
 
     asyncio.run(run())
     assert BodyBudget.held == 0 and SpillBudget.held == 0
+
+
+@pytest.mark.parametrize(
+    ("content_type", "boundary"),
+    [
+        (b"multipart/form-data; boundary=XyZ", b"XyZ"),
+        (b'multipart/form-data; boundary="a b"', b"a b"),
+        (b"Multipart/Form-Data;BOUNDARY=q; charset=utf-8;", b"q"),
+        # The boundary a parser upstream reads, not one inside another parameter's quotes.
+        (b'multipart/form-data; charset="; boundary=AAA"; boundary=BBB', b"BBB"),
+        (b"multipart/form-data; boundary=AAA; boundary=BBB", None),  # which one? refused
+        (b'multipart/form-data; boundary="AAA', None),
+        (b"multipart/form-data; boundary=" + b"x" * 71, None),
+    ],
+)
+def test_the_boundary_is_read_as_the_upstream_reads_it(
+    content_type: bytes, boundary: bytes | None
+) -> None:
+    headers = [(b"content-type", content_type)]
+    if boundary is not None:
+        assert form_boundary(headers) == boundary
+        return
+    with pytest.raises(ProxyError) as refused:
+        form_boundary(headers)
+    assert refused.value.code == "invalid_form"
