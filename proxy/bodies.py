@@ -342,6 +342,7 @@ _BOUNDARY = re.compile(rb"[^\r\n]{1,70}")
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
 # One parameter of a Content-Disposition: `; key=token` or `; key="quoted \" string"`.
 _PARAM = re.compile(rb';[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;"]*)[ \t]*')
+_HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
 _MEDIA_TYPE = re.compile(rb"[ \t]*[A-Za-z0-9!#$&^_.+/-]+[ \t]*")
 _ESCAPE = re.compile(rb"\\(.)")
 
@@ -438,6 +439,10 @@ class _FormScan:
         self._parts += 1
         if self._parts > MAX_FORM_PARTS:
             raise _bad_form(f"it has more than {MAX_FORM_PARTS} parts")
+        if any(_HEADER_LINE.match(line) is None for line in headers.split(b"\r\n")):
+            # A folded line or `Name :` that a lenient parser upstream reads as a header
+            # (`name="model"` on a continuation line) and this scan would not.
+            raise _bad_form("a part has a header line that is not `Name: value`")
         dispositions = _DISPOSITION.findall(headers)
         if len(dispositions) > 1:
             raise _bad_form("a part has two Content-Disposition headers")

@@ -223,6 +223,8 @@ def part(disposition: bytes, value: bytes) -> bytes:
         part(b'Content-Disposition: form-data; name="x"\r\nContent-Disposition: form-data', b"")
         + END,
         part(b'Content-Disposition: form-data; name="model"; x="a', b"dear") + END,
+        part(b'Content-Disposition: form-data;\r\n name="model"', b"dear") + END,  # folded
+        part(b'Content-Disposition : form-data; name="model"', b"dear") + END,
     ],
 )
 def test_a_form_the_upstream_could_read_another_model_from_is_refused(body: bytes) -> None:
