@@ -342,6 +342,8 @@ _BOUNDARY = re.compile(rb"[^\r\n]{1,70}")
 _DISPOSITION = re.compile(rb"^content-disposition:(.*)$", re.IGNORECASE | re.MULTILINE)
 # One parameter of a Content-Disposition: `; key=token` or `; key="quoted \" string"`.
 _PARAM = re.compile(rb';[ \t]*([^\s=;"]+)[ \t]*=[ \t]*("(?:[^"\\]|\\.)*"|[^\s;"]*)[ \t]*')
+_TRANSFER_ENCODING = re.compile(rb"^content-transfer-encoding:(.*)$", re.IGNORECASE | re.MULTILINE)
+_PLAIN = (b"7bit", b"8bit", b"binary")
 _HEADER_LINE = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+:")
 _MEDIA_TYPE = re.compile(rb"[ \t]*[A-Za-z0-9!#$&^_.+/-]+[ \t]*")
 _ESCAPE = re.compile(rb"\\(.)")
@@ -455,6 +457,11 @@ class _FormScan:
         is_model = not is_file and names == [b"model"]
         if is_model and (self.model is not None or self._in_model):
             raise _bad_form("the model field is given twice")
+        encoding = _TRANSFER_ENCODING.search(headers)
+        if is_model and encoding is not None and encoding.group(1).strip().lower() not in _PLAIN:
+            # python-multipart decodes base64 and quoted-printable parts: the upstream
+            # would read another model than the one checked here.
+            raise _bad_form("the model field has a Content-Transfer-Encoding")
         self._in_model = is_model
 
     def _end_model(self, value: bytes, start: int) -> None:

@@ -225,6 +225,11 @@ def part(disposition: bytes, value: bytes) -> bytes:
         part(b'Content-Disposition: form-data; name="model"; x="a', b"dear") + END,
         part(b'Content-Disposition: form-data;\r\n name="model"', b"dear") + END,  # folded
         part(b'Content-Disposition : form-data; name="model"', b"dear") + END,
+        part(
+            b'Content-Disposition: form-data; name="model"\r\nContent-Transfer-Encoding: base64',
+            b"Z3B0LTRv",  # gpt-4o, once python-multipart has decoded it
+        )
+        + END,
     ],
 )
 def test_a_form_the_upstream_could_read_another_model_from_is_refused(body: bytes) -> None:
