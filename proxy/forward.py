@@ -35,7 +35,7 @@ from proxy.bodies import (
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
-from proxy.objects import event_created_ids, placement_for, record_created
+from proxy.objects import event_created_ids, named_ids, placement_for, record_created
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
@@ -303,7 +303,8 @@ class _Relay:
             streams.dec()
         if result.first_data_at is not None:
             record.ttft = result.first_data_at - record.started
-        record.tokens = token_counts(result.usage)
+        if _generates(self.parts):  # not a stored response's events replayed (GET)
+            record.tokens = token_counts(result.usage)
         if result.error is not None:
             record.error = record.upstream_error = result.error
             record.attempt_errors.append((self.backend, self.delivery.key_id, result.error))
@@ -369,7 +370,7 @@ class _Relay:
         await self._start(headers)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
         _add_overhead(record, time.perf_counter() - read_at)
-        if response.status == 200 and b'"usage"' in data:
+        if response.status == 200 and b'"usage"' in data and _generates(self.parts):
             record.tokens = _json_tokens(data)
 
     async def bytes(self) -> None:
@@ -387,6 +388,13 @@ class _Relay:
 
 _BINARY_HEADERS = (b"content-length", b"content-disposition")
 _ID_MARKERS = (b'"response.created"', b'"container_id"', b'"chat.completion.chunk"')
+
+
+def _generates(parts: RequestParts) -> bool:
+    """A request whose answer's usage was spent by it: a POST that names no object in its
+    path. Retrieving a stored response, a stored chat completion or a batch (polled every
+    few seconds) shows the usage of work done once, which must not be counted again."""
+    return parts.method == "POST" and not named_ids(parts.path, None)
 
 
 def _may_reveal_ids(path: str, payload: dict[str, Any]) -> bool:

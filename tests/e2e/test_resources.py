@@ -17,6 +17,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+from orjson import loads as orjson_loads
 
 from tests.conftest import ROOT, ProxyProcess, RedisServer, rss_kb, start_proxy
 
@@ -181,6 +182,25 @@ def test_a_response_chain_stays_on_the_key_that_made_each_response(
     # A new chain may start on the other key: round robin still applies to new objects.
     fresh = [client.responses.create(model="gpt-4.1", input="hi").model_extra for _ in range(2)]
     assert {f["key_seen"] for f in fresh if f} == {KEY_1[-4:], KEY_2[-4:]}
+
+
+def test_retrieving_a_response_does_not_count_its_tokens_again(
+    client: openai.OpenAI, proxy: ProxyProcess
+) -> None:
+    """The usage of a stored response (or a batch, polled) was spent once, when it was
+    made: each retrieval showing it again must not add to the token counters."""
+    response = client.responses.create(model="gpt-4.1", input="hi")
+    for _ in range(3):
+        assert client.responses.retrieve(response.id).usage is not None
+    time.sleep(0.2)  # the access log is flushed every 50 ms
+    tokens = {}
+    for line in proxy.log().splitlines():
+        if line.startswith("{") and f"/v1/responses/{response.id}" in line:
+            tokens.setdefault("retrieve", []).append(orjson_loads(line)["prompt_tokens"])
+        elif line.startswith("{") and '"path":"/v1/responses"' in line:
+            tokens["create"] = [orjson_loads(line)["prompt_tokens"]]
+    assert tokens["retrieve"] == [0, 0, 0]
+    assert tokens["create"][-1] == 3
 
 
 def test_replicas_sharing_redis_send_a_chain_to_the_key_that_made_it(
