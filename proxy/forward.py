@@ -35,7 +35,13 @@ from proxy.bodies import (
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
-from proxy.objects import event_created_ids, named_ids, placement_for, record_created
+from proxy.objects import (
+    MAX_IDS,
+    event_created_ids,
+    named_ids,
+    placement_for,
+    record_created,
+)
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
@@ -326,11 +332,13 @@ class _Relay:
             # that retrieves a background response the moment `response.created` arrives
             # (on another replica, through Redis) must find where it lives.
             body: bytes = message.get("body", b"")
-            if any(marker in body for marker in _ID_MARKERS):
+            # At most MAX_IDS per stream, as per JSON answer: a hostile upstream streaming
+            # endless `response.created` events must not fill the store (or `seen`).
+            if len(seen) < MAX_IDS and any(marker in body for marker in _ID_MARKERS):
                 for line in body.split(b"\n"):
                     if line.startswith(b"data:"):
                         ids = event_created_ids(path, line[5:], payload)
-                        found = [i for i in ids if i not in seen]
+                        found = [i for i in ids if i not in seen][: MAX_IDS - len(seen)]
                         if found:
                             seen.update(found)
                             await objects.remember(found, backend, key_id)

@@ -9,6 +9,7 @@ from typing import Any
 
 from proxy import forward
 from proxy.failover import RequestParts
+from proxy.objects import MAX_IDS
 
 
 class _Store:
@@ -36,3 +37,32 @@ def test_a_responses_stream_records_its_id_before_the_event_reaches_the_client()
     )
     asyncio.run(relay._recording_ids(send)({"type": "http.response.body", "body": created}))
     assert events == ["remember resp_abc b/k2", "send"]
+
+
+def test_a_stream_records_at_most_max_ids_however_many_objects_it_claims() -> None:
+    events: list[str] = []
+    runtime: Any = SimpleNamespace(objects=_Store(events), breakers={"b": None})
+    exchange: Any = SimpleNamespace(record=None)
+    delivery: Any = SimpleNamespace(target=SimpleNamespace(backend="b"), key_id="k2")
+    parts = RequestParts("POST", "/responses", "", [], {"model": "m"}, b"", "m")
+    sent: list[bytes] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message["body"])
+
+    relay = forward._Relay(runtime, send, exchange, delivery, parts)
+    recording = relay._recording_ids(send)
+
+    async def flood() -> None:
+        for i in range(3 * MAX_IDS):
+            event = (
+                b'data: {"type":"response.created","response":'
+                b'{"id":"resp_%d","object":"response"}}\n\n' % i
+            )
+            await recording({"type": "http.response.body", "body": event})
+
+    asyncio.run(flood())
+    remembered = [e for e in events if e.startswith("remember")]
+    assert len(remembered) == MAX_IDS
+    assert remembered[-1] == f"remember resp_{MAX_IDS - 1} b/k2"
+    assert len(sent) == 3 * MAX_IDS  # every event still reaches the client
