@@ -58,13 +58,32 @@ class SpillBudget:
     held = 0
 
 
-def is_upload(headers: Headers) -> bool:
-    """Streamed rather than read whole: anything that says it is not JSON."""
+def media_type(headers: Headers) -> bytes:
+    """The Content-Type without its parameters, lower-cased; empty when there is none."""
     content_type = header_value(headers, b"content-type")
-    if content_type is None:
-        return False
-    media = content_type.split(b";", 1)[0].strip().lower()
-    return media != b"application/json" and not media.endswith(b"+json")
+    return b"" if content_type is None else content_type.split(b";", 1)[0].strip().lower()
+
+
+def is_upload(headers: Headers) -> bool:
+    """Streamed rather than read whole: a multipart form (files, audio, images)."""
+    return media_type(headers) == b"multipart/form-data"
+
+
+def says_json(headers: Headers) -> bool:
+    """JSON, or nothing said (SDKs and curl -d send JSON bodies): parsed, errors are 400s."""
+    media = media_type(headers)
+    return media in (b"", b"application/json") or media.endswith(b"+json")
+
+
+def json_or_opaque(body: bytes) -> dict[str, Any]:
+    """A body of another type (``application/sdp``, text) is sent as it came, routed by its
+    path; but one that parses as a JSON object is read as one, so its model is checked and
+    routed as any other's (an upstream may parse JSON whatever the header says)."""
+    try:
+        payload = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return {}
+    return payload if isinstance(payload, dict) else {}
 
 
 async def read_whole(scope: Message, receive: Receive, limit: int, budget: int) -> bytes:

@@ -29,8 +29,10 @@ from proxy.bodies import (
     checked_model,
     form_boundary,
     is_upload,
+    json_or_opaque,
     parse_payload,
     read_whole,
+    says_json,
 )
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
@@ -152,14 +154,21 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
             server.max_buffered_bodies,
             server.max_spilled_bodies,
         )
-        model_optional = runtime.router.path_rule(path) is not None
+        model_optional = runtime.router.path_rule(path) is not None or path.startswith(
+            FORMS_WITHOUT_MODEL
+        )
         await upload.read_head(form_boundary(headers), model_optional)
         return RequestParts(method, path, query, headers, {}, b"", upload.model or "", upload)
     body = await read_whole(scope, receive, server.max_body_size, server.max_buffered_bodies)
     if path.startswith("/models/"):
         model = checked_model(path.removeprefix("/models/"))
         return RequestParts(method, path, query, headers, {}, body, model, model_in_path=True)
-    payload = parse_payload(body) if method == "POST" else {}
+    if method != "POST":
+        payload: dict[str, Any] = {}
+    elif says_json(headers):
+        payload = parse_payload(body)
+    else:
+        payload = json_or_opaque(body)
     named = payload.get("model")
     model = checked_model(named) if named is not None else ""
     return RequestParts(method, path, query, headers, payload, body, model)
@@ -527,6 +536,10 @@ async def stick_to_objects(runtime: Runtime, parts: RequestParts, target: Target
         rewrite=target.rewrite if same_backend else NO_RULES,
     )
 
+
+# The OpenAI API's forms that carry no model field: sent on from their first file part,
+# never held while looking for a model (with no `paths:` rule for them too).
+FORMS_WITHOUT_MODEL = ("/files", "/uploads/", "/containers/", "/skills", "/audio/voice")
 
 _METHODS = ("GET", "POST", "DELETE")  # all the OpenAI API uses
 _MODEL_METHODS = ("GET", "DELETE")  # /models/{id}: retrieve, delete a fine-tuned model

@@ -17,7 +17,9 @@ probes included, and still accepts every socket). None of these is a setting, so
   response) to the end of the head: ``server.header_timeout``, then 408. An idle keep-alive
   connection keeps uvicorn's own keep-alive timeout (5 s);
 - body timeout: from the end of the head to the end of the body: ``server.body_timeout``,
-  then 408 (or a plain close when a response was already sent);
+  then 408 (or a plain close when a response was already sent). A multipart upload (up to
+  ``max_upload_size``, 512 MiB) may take longer: for it the timeout is the longest silence,
+  so a slow but steady upload is never cut;
 - connection cap: up to ``server.max_connections`` (per process) connections are served
   normally. Beyond it, a small reserve of slots serves only ``/health`` and ``/ready`` (503
   for anything else, one request per connection, 2 s to send the head); when the reserve
@@ -62,6 +64,7 @@ from uvicorn.config import Config as UvicornConfig
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 from uvicorn.server import ServerState
 
+from proxy.bodies import is_upload
 from proxy.config import Config
 from proxy.errors import ProxyError, error_body, unknown_url
 from proxy.realtime import MAX_FRAME_SIZE
@@ -206,6 +209,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.head_bytes = 0  # bytes fed while the current head is incomplete
         self.head_timer: TimerHandle | None = None
         self.body_timer: TimerHandle | None = None
+        self.upload = False  # the body is a multipart upload: its timeout is for silence
+        self.body_progress = 0.0  # loop time of an upload's last read
         self.lingering = False
         self.pipeline_overflow = False  # closing: too many pipelined requests
         self.probe_only = False
@@ -265,6 +270,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
                 self._arm_head_timer(keep_alive)
         elif self.body_timer is None and not self.transport.is_closing():
             self.body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        elif self.upload:
+            self.body_progress = self.loop.time()  # the timer, when it fires, looks here
 
     def _feed_up_to_head_limit(self, data: bytes, room: int) -> None:
         """Feed only what fits under the limit; a head still incomplete then is too large."""
@@ -305,6 +312,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.front_door.waiting.pop(self, None)  # no longer an idle slot to evict
         self.front_door.silent.pop(self, None)  # it spoke: never evicted as silent
         super().on_headers_complete()
+        self.upload = is_upload(self.headers)
+        self.body_progress = self.loop.time()
         if len(self.pipeline) > MAX_PIPELINED:
             # uvicorn queues every request of a read behind the one in progress: thousands
             # of pipelined heads would cost megabytes per connection. No client needs this
@@ -367,6 +376,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.body_timer = None
         if self.transport.is_closing() or self.reading_head:
             return
+        if self.upload:
+            silent_until = self.body_progress + self.limits.body_timeout
+            if silent_until > self.loop.time():  # it kept sending: wait for the next gap
+                self.body_timer = self.loop.call_at(silent_until, self._body_timed_out)
+                return
         cycle = self.cycle
         if cycle is not None and cycle.response_started:
             self.transport.close()  # too late for a status: just end it

@@ -307,6 +307,34 @@ def test_a_download_cut_by_the_upstream_is_cut_for_the_client_too(proxy: ProxyPr
     assert "body_broken" in line
 
 
+def test_a_slow_steady_upload_outlives_body_timeout_and_a_silent_one_does_not(
+    resources: ResourceUpstream, tmp_path: Path
+) -> None:
+    proxy = start_proxy(config(resources, "server: {body_timeout: 1}"), tmp_path)
+
+    def upload(pause: float, pieces: int) -> Iterator[bytes]:
+        yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
+        for _ in range(pieces):
+            time.sleep(pause)
+            yield b"\x05" * 10_000
+        yield b"\r\n--xx--\r\n"
+
+    form = {"content-type": "multipart/form-data; boundary=xx"}
+    try:
+        steady = httpx.post(
+            f"{proxy.base_url}/files", content=upload(0.3, 8), headers=form, timeout=10
+        )
+        assert steady.status_code == 200, steady.text  # 2.4 s in all, never 1 s silent
+        assert steady.json()["bytes"] == 80_000
+        silent = httpx.post(
+            f"{proxy.base_url}/files", content=upload(1.6, 2), headers=form, timeout=10
+        )
+        assert silent.status_code == 408
+    finally:
+        proxy.stop()
+
+
 def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
     while not stop.is_set():
         peak[0] = max(peak[0], rss_kb(pid))
