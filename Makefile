@@ -34,7 +34,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict proxy
-	$(BIN)/pytest -q -n 4 -m "not serial"
+	$(BIN)/pytest -q -n 4 --dist worksteal -m "not serial"
 	$(BIN)/pytest -q -m serial
 
 # In-process coverage of proxy/ (the tests that start processes are left out: their

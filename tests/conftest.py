@@ -30,6 +30,7 @@ MOCK = ROOT / "tests" / "mock_upstream.py"
 KEY_A = "sk-test-aaaaaaaaaaaaaaaa1111"
 KEY_B = "sk-test-bbbbbbbbbbbbbbbb2222"
 KEY_OTHER = "sk-test-cccccccccccccccc3333"
+STARTUP_DEADLINE = 60.0  # seconds a started process may take to answer
 
 
 def rss_kb(pid: int) -> int:
@@ -255,7 +256,9 @@ def start_proxy(
         )
     keep(process)
     proxy = ProxyProcess(port, process, log_path)
-    deadline = time.monotonic() + 15
+    # A bound for a proxy that never comes up, not a speed test: on a loaded machine (the
+    # suite's own parallel workers, other jobs) --workers 2 has taken over 15 s.
+    deadline = time.monotonic() + STARTUP_DEADLINE
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}:\n{proxy.log()}")
