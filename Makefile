@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test lint format bench bench-peers soak fuzz sdk-suite clean
+.PHONY: run test coverage lint format bench bench-peers soak fuzz sdk-suite clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,12 +27,20 @@ $(RUN_STAMP): pyproject.toml
 run: $(RUN_STAMP)
 	$(BIN)/proxy serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
 
+# pytest on 4 workers (2 cores: the suite mostly waits on process start-ups, timeouts and
+# sleeps), then the timing-sensitive tests (marked serial) alone.
 test: $(STAMP)
 	bash scripts/install-test-services.sh
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy --strict proxy
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -n 4 --dist worksteal -m "not serial"
+	$(BIN)/pytest -q -m serial
+
+# In-process coverage of proxy/ (the tests that start processes are left out: their
+# coverage would be in the proxy processes).
+coverage: $(STAMP)
+	$(BIN)/pytest -q -m "not e2e" --cov=proxy --cov-report=term-missing
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,8 +1,17 @@
-"""Fixtures that start real processes on 127.0.0.1: the mock upstream and the proxy."""
+"""Fixtures that start real processes on 127.0.0.1 (the mock upstream, the proxy, Redis),
+and the suite's markers: every test that starts a process is ``e2e``, so
+``pytest -m "not e2e"`` runs the in-process tests only, in seconds.
+
+The suite runs under pytest-xdist (``make test``): each worker is its own pytest session,
+so the session fixtures (mock upstream, proxy, redis-server) are per worker, and the ports
+each worker takes come from its own block (``free_port``).
+"""
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -21,6 +30,7 @@ MOCK = ROOT / "tests" / "mock_upstream.py"
 KEY_A = "sk-test-aaaaaaaaaaaaaaaa1111"
 KEY_B = "sk-test-bbbbbbbbbbbbbbbb2222"
 KEY_OTHER = "sk-test-cccccccccccccccc3333"
+STARTUP_DEADLINE = 60.0  # seconds a started process may take to answer
 
 
 def rss_kb(pid: int) -> int:
@@ -31,10 +41,72 @@ def rss_kb(pid: int) -> int:
     raise AssertionError(f"no VmRSS for process {pid}")
 
 
+# Ports for the processes the tests start come from below the kernel's ephemeral range
+# (32768-60999 here; see /proc/sys/net/ipv4/ip_local_port_range), one block per xdist
+# worker. A port the kernel hands out for port 0 is free when asked but, until the new
+# process binds it, may be taken as the local port of any outgoing connection (the suite
+# makes thousands): a flake. Ports below the range are never handed out that way, and
+# workers never offer each other the same one.
+_PORT_BASE = 20_000
+_PORT_BLOCK = 1_000
+
+
+def _worker_index() -> int:
+    """0 for gw0 (or no xdist), 1 for gw1, ..."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    return int(worker.removeprefix("gw")) if worker.removeprefix("gw").isdigit() else 0
+
+
+def _port_candidates() -> Iterator[int]:
+    """This worker's block, from a random start: another suite running at the same time
+    (another checkout) rarely walks the same ports in step."""
+    first = _PORT_BASE + (_worker_index() % 12) * _PORT_BLOCK
+    start = random.SystemRandom().randrange(_PORT_BLOCK)
+    ports = itertools.cycle(range(_PORT_BLOCK))
+    return (first + (start + offset) % _PORT_BLOCK for offset in ports)
+
+
+_ports = _port_candidates()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now (a plain bind, no SO_REUSEADDR: a port with
+    connections still in TIME_WAIT is passed over too)."""
+    for _ in range(_PORT_BLOCK):
+        port = next(_ports)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in this worker's block of {_PORT_BLOCK}")
+
+
+# ---------------------------------------------------------------- markers
+
+E2E_DIR = ROOT / "tests" / "e2e"
+# Fixtures that start a process: a test using one is e2e wherever it lives.
+PROCESS_FIXTURES = frozenset({"mock_upstream", "upstream", "proxy", "redis_server"})
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """Under ``-m "not e2e"`` tests/e2e/ is not even imported: every test there is e2e,
+    and importing its modules (the openai SDK among them) took longer than running the
+    in-process tests."""
+    only_in_process = config.getoption("markexpr", "").replace(" ", "") == "note2e"
+    if only_in_process and collection_path.is_relative_to(E2E_DIR):
+        return True
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark every test that starts processes ``e2e``: those under tests/e2e/ and those
+    using a process fixture (the rest mark themselves with ``@pytest.mark.e2e``)."""
+    for item in items:
+        fixtures = set(getattr(item, "fixturenames", ()))
+        if item.path.is_relative_to(E2E_DIR) or fixtures & PROCESS_FIXTURES:
+            item.add_marker(pytest.mark.e2e)
 
 
 @dataclass
@@ -68,18 +140,47 @@ class MockUpstream:
         httpx.post(f"{self.url}/_mock/config", json=settings).raise_for_status()
 
 
+# Every process the fixtures start, held until the session ends: a test that fails before
+# it stops its proxy would otherwise drop a running Popen, and its ResourceWarning (an error
+# here) would surface in whichever test the garbage collector happened to run in.
+_started: list[subprocess.Popen[Any]] = []
+
+
+def keep(process: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
+    """``process``, stopped at the end of the session if nothing stopped it before."""
+    _started.append(process)
+    return process
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    for process in _started:
+        if process.poll() is None:
+            process.kill()
+        process.wait(timeout=10)
+    _started.clear()
+
+
+def read_listening_port(process: subprocess.Popen[str], what: str) -> int:
+    """The port from the ``LISTENING <port>`` line a test server prints first; its stdout
+    is closed after that line (nothing else is ever printed there)."""
+    assert process.stdout is not None
+    with process.stdout:
+        line = process.stdout.readline()
+    if not line.startswith("LISTENING"):
+        process.kill()
+        process.wait(timeout=10)
+        raise RuntimeError(f"{what} did not start: {line!r}")
+    return int(line.split()[1])
+
+
 def start_mock(*args: str) -> MockUpstream:
     process = subprocess.Popen(
         [sys.executable, str(MOCK), "--port", "0", *args],
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("LISTENING"):
-        process.kill()
-        raise RuntimeError(f"mock upstream did not start: {line!r}")
-    return MockUpstream(int(line.split()[1]), process)
+    keep(process)
+    return MockUpstream(read_listening_port(process, "mock upstream"), process)
 
 
 @pytest.fixture(scope="session")
@@ -153,8 +254,11 @@ def start_proxy(
             env=full_env,
             cwd=ROOT,
         )
+    keep(process)
     proxy = ProxyProcess(port, process, log_path)
-    deadline = time.monotonic() + 15
+    # A bound for a proxy that never comes up, not a speed test: on a loaded machine (the
+    # suite's own parallel workers, other jobs) --workers 2 has taken over 15 s.
+    deadline = time.monotonic() + STARTUP_DEADLINE
     while time.monotonic() < deadline:
         if process.poll() is not None:
             raise RuntimeError(f"proxy exited with {process.returncode}:\n{proxy.log()}")
@@ -250,7 +354,7 @@ def _spawn_redis(port: int) -> subprocess.Popen[bytes]:
     exe = shutil.which("redis-server")
     assert exe is not None
     args = [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = keep(subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         try:

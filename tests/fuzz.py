@@ -1440,15 +1440,13 @@ class Report:
 
 
 def start_hostile() -> tuple[subprocess.Popen[str], str]:
+    from tests.conftest import keep, read_listening_port
+
     process = subprocess.Popen(
         [sys.executable, str(HOSTILE), "--port", "0"], stdout=subprocess.PIPE, text=True
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    if not line.startswith("LISTENING"):
-        process.kill()
-        raise RuntimeError(f"hostile upstream did not start: {line!r}")
-    return process, f"http://127.0.0.1:{int(line.split()[1])}"
+    keep(process)
+    return process, f"http://127.0.0.1:{read_listening_port(process, 'hostile upstream')}"
 
 
 class Fuzz:
@@ -2080,6 +2078,7 @@ def replay(case: Case) -> int:
     finally:
         proxy.stop()
         hostile.terminate()
+        hostile.wait(timeout=10)
 
 
 def main() -> int:

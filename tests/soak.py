@@ -169,6 +169,7 @@ def run_soak(requests: int, concurrency: int = 64, max_seconds: float = 240) -> 
     finally:
         proxy.stop()
         mock.process.terminate()
+        mock.process.wait(timeout=10)
     report.seconds = time.monotonic() - started
     return report
 

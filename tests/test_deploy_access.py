@@ -7,6 +7,7 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from proxy.config import parse_config
@@ -58,6 +59,7 @@ def test_kubernetes_scrapes_the_admin_port_and_the_api_service_does_not_expose_i
     assert container["readinessProbe"]["httpGet"]["port"] == "http"
 
 
+@pytest.mark.e2e  # runs make
 def test_make_run_takes_port_and_config_and_installs_no_test_tools():
     dry = subprocess.run(
         ["make", "-n", "-B", "run", "PORT=9123", "CONFIG=other.yaml"],

@@ -21,6 +21,7 @@ def documents(name: str) -> list[dict]:
     return [d for d in yaml.safe_load_all((K8S / name).read_text()) if d]
 
 
+@pytest.mark.e2e  # runs hadolint
 def test_dockerfile_is_hadolint_clean():
     hadolint = shutil.which("hadolint", path=str(BIN)) or shutil.which("hadolint")
     if hadolint is None:
@@ -35,6 +36,7 @@ def test_dockerfile_runs_as_non_root_with_a_healthcheck():
     assert text.count("FROM ") == 2  # build tools stay in the first stage
 
 
+@pytest.mark.e2e  # runs kubernetes-validate
 def test_kubernetes_manifests_validate_strictly_against_offline_schemas():
     validate = shutil.which("kubernetes-validate", path=str(BIN))
     assert validate is not None, "kubernetes-validate is a dev dependency"

@@ -12,7 +12,14 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import KEYS_ENV, ROOT, free_port, mock_config, start_proxy
+from tests.conftest import (
+    KEYS_ENV,
+    ROOT,
+    STARTUP_DEADLINE,
+    free_port,
+    mock_config,
+    start_proxy,
+)
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -161,7 +168,7 @@ def start_with_open_files(tmp_path, soft: int, hard: int) -> str:
             preexec_fn=limit,
         )
     try:
-        deadline = time.monotonic() + 15
+        deadline = time.monotonic() + STARTUP_DEADLINE
         while "Application startup complete" not in log_path.read_text():
             assert time.monotonic() < deadline, log_path.read_text()
             assert process.poll() is None, log_path.read_text()

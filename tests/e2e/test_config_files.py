@@ -65,6 +65,7 @@ def bomb() -> str:
     return 'a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]\n' + levels
 
 
+@pytest.mark.serial  # its time is compared with a baseline run
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -157,6 +157,7 @@ def test_fifty_megabyte_heads_on_ten_connections_do_not_grow_memory(guarded):
 # ---------------------------------------------------------------- timeouts
 
 
+@pytest.mark.serial  # timeouts measured within a window
 def test_slowloris_head_gets_408_after_the_header_timeout(guarded):
     with connect(guarded) as sock:
         started = time.monotonic()
@@ -174,6 +175,7 @@ def test_slowloris_head_gets_408_after_the_header_timeout(guarded):
     assert 0.9 <= elapsed < 2.5, elapsed
 
 
+@pytest.mark.serial  # timeouts measured within a window
 def test_slow_head_on_a_kept_alive_connection_gets_408(guarded):
     with connect(guarded) as sock:
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -203,6 +205,7 @@ def read_response_keep(sock: socket.socket) -> int:
     return int(head.split()[1])
 
 
+@pytest.mark.serial  # timeouts measured within a window
 def test_a_connection_that_sends_nothing_is_closed_quietly_after_the_header_timeout(guarded):
     with connect(guarded) as sock:
         started = time.monotonic()
@@ -211,6 +214,7 @@ def test_a_connection_that_sends_nothing_is_closed_quietly_after_the_header_time
     assert 0.9 <= elapsed < 2.5, elapsed
 
 
+@pytest.mark.serial  # timeouts measured within a window
 def test_a_never_ending_chunked_body_gets_408_after_the_body_timeout(guarded, upstream):
     with connect(guarded) as sock:
         sock.sendall(

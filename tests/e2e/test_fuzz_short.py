@@ -8,6 +8,7 @@ hand-made answers, so a check that cannot fail is noticed here, not in productio
 from __future__ import annotations
 
 import orjson
+import pytest
 
 from tests.fuzz import (
     FORGED,
@@ -24,6 +25,7 @@ from tests.fuzz import (
 UPSTREAM_KEY = SECRETS_ENV["FUZZ_UPSTREAM_KEY_A"]
 
 
+@pytest.mark.serial  # a time-boxed run whose invariants include latency and memory bounds
 def test_short_fuzz_run_breaks_no_invariant(tmp_path):
     report = run_fuzz(seconds=8, seed=10, concurrency=6, out=tmp_path)
     assert report.cases > 100  # it did throw things (a stuck harness finds nothing)

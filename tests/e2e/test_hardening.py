@@ -426,6 +426,7 @@ def test_an_informational_answer_then_silence_times_out_instead_of_hanging(upstr
         proxy.stop()
 
 
+@pytest.mark.serial  # three processes start within a deadline
 def test_workers_shut_down_when_their_supervisor_is_killed(upstream, tmp_path):
     proxy = start_proxy(mock_config(upstream), tmp_path, KEYS_ENV, ("--workers", "2"))
     supervisor = proxy.process.pid

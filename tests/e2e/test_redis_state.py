@@ -74,6 +74,7 @@ def storage_errors(proxy: ProxyProcess) -> float:
     raise AssertionError("no llm_proxy_storage_errors_total series")
 
 
+@pytest.mark.serial  # Redis calls past their timeout fail open
 def test_400_concurrent_requests_against_a_20_per_minute_limit_let_exactly_20_through(
     proxy, upstream
 ):
@@ -98,6 +99,7 @@ def test_400_concurrent_requests_against_a_20_per_minute_limit_let_exactly_20_th
     assert storage_errors(proxy) == 0  # no fail-open: the pool waited, it did not run out
 
 
+@pytest.mark.serial  # latency bound
 def test_a_hung_redis_adds_almost_no_latency_and_limits_come_back(proxy, own_redis):
     def latencies(count: int) -> list[float]:
         seen = []

@@ -69,6 +69,7 @@ def test_a_client_limit_of_10_per_minute_holds_across_both_replicas(replicas, up
     assert len(upstream.requests()) == 10
 
 
+@pytest.mark.serial  # the wait left is read against a 1.5-2 s window
 def test_a_reconnect_storm_alternating_between_replicas_is_throttled_as_one(replicas, upstream):
     a, b = replicas
     # Three failures in a row, alternating replicas: one streak, so the fourth waits.

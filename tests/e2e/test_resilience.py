@@ -79,6 +79,7 @@ def error_code(response: httpx.Response) -> str:
 # ------------------------------------------------------------------ reconnect storms
 
 
+@pytest.mark.serial  # a storm on a 250 ms clock
 def test_a_250ms_reconnect_loop_reaches_a_failing_upstream_only_a_handful_of_times(proxy, upstream):
     failing = {"model": "storm-1", "messages": [], "mock": {"status": 500}}
     statuses = []

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.soak import run_soak
 
 
+@pytest.mark.serial  # 3,000 requests at 64 concurrency against a 90 s cap, RSS growth bound
 def test_short_soak_loses_nothing_and_leaves_nothing_open():
     report = run_soak(requests=3000, concurrency=64, max_seconds=90)
     assert report.sent == 3000

@@ -70,6 +70,7 @@ async def sdk_batch(base_url: str) -> tuple[int, float]:
     return sum(results), elapsed
 
 
+@pytest.mark.serial  # retries and storms on the clock
 def test_sdk_retries_on_a_10_percent_flaky_upstream_pass_the_proxy(proxy, upstream):
     # Both counts hang on luck (a request whose three tries all fail: about 0.2 per batch
     # of 200), and so does the wall time (a failed retry sleeps ~1 s at the tail). So up to
@@ -96,6 +97,7 @@ def test_sdk_retries_on_a_10_percent_flaky_upstream_pass_the_proxy(proxy, upstre
     assert "backend_unavailable" not in log
 
 
+@pytest.mark.serial  # retries and storms on the clock
 def test_a_250ms_reconnect_loop_to_a_dead_upstream_reaches_it_a_handful_of_times(proxy):
     """Reached: 0 s, 0.25 s, 0.5 s (the third failure in a row: wait 0.8-1 s), then about
     1.5 s (wait 1.6-2 s), 3.5 s (wait 3.2-4 s), 7.5 s (wait 6.4-8 s): at most 6 in 10 s.

@@ -63,6 +63,7 @@ def test_responses_stream_event_lines_pass_untouched(proxy, upstream):
     assert through_proxy.startswith(b"event: response.created\ndata: ")
 
 
+@pytest.mark.serial  # chunk arrival within 30 ms
 def test_chunks_are_flushed_as_they_arrive(proxy, upstream):
     mock = {"first_chunk_delay": 0.3, "chunk_delay": 0.15, "chunks": 3}
     body = {"model": "kimi-k2", "stream": True, "messages": [], "mock": mock}

@@ -35,6 +35,11 @@ class VirtualClockLoop(asyncio.SelectorEventLoop):
     def time(self) -> float:
         return self.now
 
+    def next_timer(self) -> float | None:
+        """When the earliest live timer is due (asyncio keeps them in ``_scheduled``)."""
+        due = [h.when() for h in self._scheduled if not h.cancelled()]  # type: ignore[attr-defined]
+        return min(due, default=None)
+
 
 class FakeTransport(asyncio.Transport):
     def __init__(self, loop: VirtualClockLoop) -> None:
@@ -146,11 +151,20 @@ class ProtocolMachine(RuleBasedStateMachine):
             self.loop.run_until_complete(asyncio.sleep(0))
 
     def advance(self, seconds: float) -> None:
-        step = 0.25
-        while seconds > 0:
-            self.loop.now += min(step, seconds)
-            seconds -= step
+        """Move the clock ``seconds`` on, stopping at each timer due on the way: in virtual
+        time nothing but a timer can happen, so every timeout fires at its exact moment
+        (stepping in small increments and settling after each one did the same, 40 times
+        slower)."""
+        target = self.loop.now + seconds
+        for _ in range(1000):  # a timer re-arming itself at "now" forever is a bug
+            due = self.loop.next_timer()
+            if due is None or due > target:
+                self.loop.now = target
+                self.settle()
+                return
+            self.loop.now = max(self.loop.now, due)
             self.settle()
+        raise AssertionError("timers kept firing without the clock moving on")
 
     @precondition(lambda self: self.pending and not self.transport.closing)
     @rule(size=st.integers(1, 600))
