@@ -225,6 +225,7 @@ def test_replicas_sharing_redis_send_a_chain_to_the_key_that_made_it(
         second.stop()
 
 
+@pytest.mark.serial  # reads a time window
 def test_speech_is_streamed_to_the_client_as_the_upstream_makes_it(
     client: openai.OpenAI,
 ) -> None:
@@ -307,6 +308,7 @@ def test_a_download_cut_by_the_upstream_is_cut_for_the_client_too(proxy: ProxyPr
     assert "body_broken" in line
 
 
+@pytest.mark.serial  # reads a time window
 def test_a_slow_steady_upload_outlives_body_timeout_and_a_silent_one_does_not(
     resources: ResourceUpstream, tmp_path: Path
 ) -> None:
@@ -341,6 +343,7 @@ def _peak_rss(pid: int, stop: threading.Event, peak: list[int]) -> None:
         time.sleep(0.02)
 
 
+@pytest.mark.serial  # RSS of one process under a 300 MB transfer: alone, not beside others
 def test_a_200_mb_upload_and_a_100_mb_download_keep_the_proxys_memory_flat(
     proxy: ProxyProcess, resources: ResourceUpstream
 ) -> None:
