@@ -523,7 +523,10 @@ async def stick_to_objects(runtime: Runtime, parts: RequestParts, target: Target
     """A request naming a file, response, batch... made through the proxy goes where it was
     made, with the key that made it (another key's project does not have it), whatever
     round robin or a route would pick; no fallback: the object is nowhere else."""
-    placement = await placement_for(runtime.objects, parts.path, parts.payload, runtime.placements)
+    objects, known = runtime.objects, runtime.placements
+    placement = await placement_for(objects, parts.path, parts.payload, known)
+    if placement is None and parts.model.startswith(FINE_TUNED):
+        placement = await objects.lookup([parts.model], known)  # made by a job through us
     if placement is None:
         return target
     same_backend = placement.backend == target.backend
@@ -536,6 +539,8 @@ async def stick_to_objects(runtime: Runtime, parts: RequestParts, target: Target
         rewrite=target.rewrite if same_backend else NO_RULES,
     )
 
+
+FINE_TUNED = "ft:"  # OpenAI's fine-tuned model ids
 
 # The OpenAI API's forms that carry no model field: sent on from their first file part,
 # never held while looking for a model (with no `paths:` rule for them too).

@@ -84,7 +84,8 @@ _STORED_OBJECTS = frozenset(
     }
 )
 # Ids of other objects an answer reveals, made by the upstream later or alongside.
-_SCALAR_REFS = ("output_file_id", "error_file_id", "thread_id")
+# A fine-tuned model exists only for the project (key) whose job made it.
+_SCALAR_REFS = ("output_file_id", "error_file_id", "thread_id", "fine_tuned_model")
 _LIST_REFS = ("result_files",)  # a fine-tuning job's result files
 
 

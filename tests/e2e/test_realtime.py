@@ -20,7 +20,16 @@ from openai import AsyncOpenAI
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from tests.conftest import KEY_A, KEY_B, KEY_OTHER, ProxyProcess, free_port, start_proxy
+from tests.conftest import (
+    KEY_A,
+    KEY_B,
+    KEY_OTHER,
+    ProxyProcess,
+    free_port,
+    keep,
+    read_listening_port,
+    start_proxy,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-rt-client-000000000000000c1"
@@ -54,10 +63,8 @@ def rt_upstream() -> Iterator[RealtimeUpstream]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("LISTENING"), line
-    upstream = RealtimeUpstream(int(line.split()[1]), process)
+    keep(process)
+    upstream = RealtimeUpstream(read_listening_port(process, "realtime upstream"), process)
     yield upstream
     process.terminate()
     process.wait(timeout=5)

@@ -19,7 +19,15 @@ import openai
 import pytest
 from orjson import loads as orjson_loads
 
-from tests.conftest import ROOT, ProxyProcess, RedisServer, rss_kb, start_proxy
+from tests.conftest import (
+    ROOT,
+    ProxyProcess,
+    RedisServer,
+    keep,
+    read_listening_port,
+    rss_kb,
+    start_proxy,
+)
 
 KEY_1 = "sk-res-1111111111111111aaaa"
 KEY_2 = "sk-res-2222222222222222bbbb"
@@ -32,10 +40,8 @@ class ResourceUpstream:
             stdout=subprocess.PIPE,
             text=True,
         )
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        assert line.startswith("LISTENING"), line
-        self.url = f"http://127.0.0.1:{int(line.split()[1])}"
+        keep(self.process)
+        self.url = f"http://127.0.0.1:{read_listening_port(self.process, 'resource upstream')}"
 
     def requests(self) -> list[dict[str, Any]]:
         return [

@@ -532,3 +532,14 @@ def test_previous_response_chain_across_two_keys() -> None:
     assert chain(use_store=True) == [200] * 6
     # Without the store, round-robin sends the second turn to the other project's key.
     assert chain(use_store=False)[1] == 404
+
+
+def test_a_fine_tuned_model_is_bound_to_the_key_whose_job_made_it() -> None:
+    job = {
+        "id": "ftjob-abc",
+        "object": "fine_tuning.job",
+        "status": "succeeded",
+        "fine_tuned_model": "ft:gpt-4o-mini:acme::xyz",
+    }
+    ids = created_ids("/fine_tuning/jobs/ftjob-abc", "GET", 200, orjson.dumps(job))
+    assert "ft:gpt-4o-mini:acme::xyz" in ids and "ftjob-abc" in ids

@@ -127,7 +127,10 @@ async def proxy_in_front_of(fake: FakeUpstream) -> AsyncIterator[httpx.AsyncClie
 
 
 def chat(model: str, stream: bool = False) -> dict[str, object]:
-    return {"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": stream}
+    body: dict[str, object] = {"model": model, "messages": [{"role": "user", "content": "hi"}]}
+    if stream:  # the client asks for usage: it gets the stream exactly as sent
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    return body
 
 
 async def key_states(client: httpx.AsyncClient, backend: str) -> dict[str, dict[str, object]]:
