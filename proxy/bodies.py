@@ -64,15 +64,13 @@ def media_type(headers: Headers) -> bytes:
     return b"" if content_type is None else content_type.split(b";", 1)[0].strip().lower()
 
 
+FORM = b"multipart/form-data"  # streamed rather than read whole: files, audio, images
+# Parsed as JSON, errors are 400s: JSON, or nothing said (SDKs and curl -d send JSON).
+JSON_TYPES = (b"", b"application/json")
+
+
 def is_upload(headers: Headers) -> bool:
-    """Streamed rather than read whole: a multipart form (files, audio, images)."""
-    return media_type(headers) == b"multipart/form-data"
-
-
-def says_json(headers: Headers) -> bool:
-    """JSON, or nothing said (SDKs and curl -d send JSON bodies): parsed, errors are 400s."""
-    media = media_type(headers)
-    return media in (b"", b"application/json") or media.endswith(b"+json")
+    return media_type(headers) == FORM
 
 
 def json_or_opaque(body: bytes) -> dict[str, Any]:

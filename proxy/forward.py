@@ -24,15 +24,16 @@ import orjson
 from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.bodies import (
+    FORM,
+    JSON_TYPES,
     ClientGone,
     Upload,
     checked_model,
     form_boundary,
-    is_upload,
     json_or_opaque,
+    media_type,
     parse_payload,
     read_whole,
-    says_json,
 )
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
@@ -41,7 +42,6 @@ from proxy.objects import (
     MAX_IDS,
     event_created_ids,
     named_ids,
-    placement_for,
     record_created,
 )
 from proxy.rewrite import NO_RULES
@@ -146,7 +146,8 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
         raise errors.bad_request(
             "A request may carry one Content-Type header.", code="invalid_content_type"
         )
-    if method == "POST" and is_upload(headers):
+    media = media_type(headers)
+    if method == "POST" and media == FORM:
         upload = Upload(
             receive,
             headers,
@@ -165,7 +166,7 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
         return RequestParts(method, path, query, headers, {}, body, model, model_in_path=True)
     if method != "POST":
         payload: dict[str, Any] = {}
-    elif says_json(headers):
+    elif media in JSON_TYPES or media.endswith(b"+json"):
         payload = parse_payload(body)
     else:
         payload = json_or_opaque(body)
@@ -189,7 +190,10 @@ async def forward(
     model = parts.model
     record.model = model or None
     record.stream = parts.payload.get("stream") is True
-    target = await stick_to_objects(runtime, parts, route(runtime, parts))
+    target = route(runtime, parts)
+    ids = named_objects(parts)
+    if ids:  # most requests name none: no storage call, not even an await
+        target = await stick_to_objects(runtime, ids, target)
     record.backend, record.upstream_model = target.backend, target.upstream_model or None
     record.model_label = target.label
     if model:
@@ -519,14 +523,19 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     return target
 
 
-async def stick_to_objects(runtime: Runtime, parts: RequestParts, target: Target) -> Target:
+def named_objects(parts: RequestParts) -> list[str]:
+    """The ids of objects the request names (path, body fields, a fine-tuned model)."""
+    ids = named_ids(parts.path, parts.payload)
+    if parts.model.startswith(FINE_TUNED):
+        ids.append(parts.model)  # made by a fine-tuning job through the proxy
+    return ids
+
+
+async def stick_to_objects(runtime: Runtime, ids: list[str], target: Target) -> Target:
     """A request naming a file, response, batch... made through the proxy goes where it was
     made, with the key that made it (another key's project does not have it), whatever
     round robin or a route would pick; no fallback: the object is nowhere else."""
-    objects, known = runtime.objects, runtime.placements
-    placement = await placement_for(objects, parts.path, parts.payload, known)
-    if placement is None and parts.model.startswith(FINE_TUNED):
-        placement = await objects.lookup([parts.model], known)  # made by a job through us
+    placement = await runtime.objects.lookup(ids, runtime.placements)
     if placement is None:
         return target
     same_backend = placement.backend == target.backend
