@@ -35,6 +35,7 @@ from proxy.bodies import (
     parse_payload,
     read_whole,
 )
+from proxy.clients import Client
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
@@ -200,16 +201,7 @@ async def forward(
         runtime.auth.check_model(client, model, target.model)
 
     # throttle
-    if client is not None:
-        decision = await runtime.throttle.hit_client(client.id)
-        if decision is not None and not decision.allowed:
-            record.throttled = "client_rate_limit"
-            raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
-    throttled_as = target.model or parts.path  # a request without a model: by its path
-    wait = await runtime.throttle.reconnect_wait(record.client, throttled_as)
-    if wait > 0:
-        record.throttled = "reconnect"
-        raise errors.reconnect_throttled(throttled_as, wait)
+    await admit_client(runtime, record, client, target.model or parts.path)
     exchange.target = target  # from here on, what happens counts for the reconnect throttle
 
     # key → upstream, with retries on another key and fallbacks
@@ -508,19 +500,40 @@ def _outcome(status: int) -> Outcome:
 def route(runtime: Runtime, parts: RequestParts) -> Target:
     """By the model when the request names one; else by its path."""
     if parts.model:
-        target = runtime.router.resolve(parts.model)
-        if target is None:
-            summary = runtime.router.routable_summary()
-            raise errors.model_not_found(
-                f"The model '{parts.model}' is not routed by this proxy. Routable: {summary}."
-            )
-        return target
+        return routed_model(runtime, parts.model)
     target = runtime.router.resolve_path(parts.path)
     if target is None:
         if parts.method == "POST" and parts.upload is None:
             raise errors.missing_model(parts.path)  # most likely a chat body without one
         raise errors.no_path_route(parts.method, parts.path)
     return target
+
+
+def routed_model(runtime: Runtime, model: str) -> Target:
+    target = runtime.router.resolve(model)
+    if target is None:
+        summary = runtime.router.routable_summary()
+        raise errors.model_not_found(
+            f"The model '{model}' is not routed by this proxy. Routable: {summary}."
+        )
+    return target
+
+
+async def admit_client(
+    runtime: Runtime, record: RequestRecord, client: Client | None, throttled_as: str
+) -> None:
+    """The client's own rate limit, then the reconnect backoff of (client, ``throttled_as``:
+    the model, or the path of a request without one)."""
+    if client is not None:
+        decision = await runtime.throttle.hit_client(client.id)
+        if decision is not None and not decision.allowed:
+            record.throttled = "client_rate_limit"
+            raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
+    assert record.client is not None
+    wait = await runtime.throttle.reconnect_wait(record.client, throttled_as)
+    if wait > 0:
+        record.throttled = "reconnect"
+        raise errors.reconnect_throttled(throttled_as, wait)
 
 
 def named_objects(parts: RequestParts) -> list[str]:

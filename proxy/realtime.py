@@ -37,7 +37,15 @@ from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.errors import ProxyError
-from proxy.forward import Receive, Scope, Send, client_request_id, new_request_id
+from proxy.forward import (
+    Receive,
+    Scope,
+    Send,
+    admit_client,
+    client_request_id,
+    new_request_id,
+    routed_model,
+)
 from proxy.headers import REQUEST_ID, forwarded_request_headers, header_value
 from proxy.keys import NoUsableKey
 from proxy.redact import Redactor
@@ -183,25 +191,12 @@ async def _open_upstream(runtime: Runtime, scope: Scope, session: _Session) -> _
 
     model = requested_model(scope["query_string"])
     record.model = model
-    target = runtime.router.resolve(model)
-    if target is None:
-        summary = runtime.router.routable_summary()
-        raise errors.model_not_found(
-            f"The model '{model}' is not routed by this proxy. Routable: {summary}."
-        )
+    target = routed_model(runtime, model)
     record.backend, record.upstream_model = target.backend, target.upstream_model
     record.model_label = target.label
     runtime.auth.check_model(client, model, target.model)
 
-    if client is not None:
-        decision = await runtime.throttle.hit_client(client.id)
-        if decision is not None and not decision.allowed:
-            record.throttled = "client_rate_limit"
-            raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
-    wait = await runtime.throttle.reconnect_wait(record.client, target.model)
-    if wait > 0:
-        record.throttled = "reconnect"
-        raise errors.reconnect_throttled(target.model, wait)
+    await admit_client(runtime, record, client, target.model)
     session.target = target
     try:
         return await _connect(runtime, scope, target, record)

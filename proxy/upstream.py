@@ -107,16 +107,8 @@ class Upstream:
                 response = await self._session.request(
                     method, url, headers=headers, data=body, allow_redirects=False
                 )
-        except aiohttp.ConnectionTimeoutError:
-            raise upstream_timeout(self.name, "connecting") from None
-        except (TimeoutError, aiohttp.SocketTimeoutError):
-            raise upstream_timeout(self.name, "waiting for the response") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise upstream_unreachable(
-                self.name, f"cannot connect to {exc.host}:{exc.port}"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise upstream_unreachable(self.name, _describe(exc)) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc, "waiting for the response") from None
         if self._idle is not None:
             self._switch_to_idle_timeout(response)
         return response
@@ -157,16 +149,19 @@ class Upstream:
                 )
         except aiohttp.WSServerHandshakeError:
             raise
-        except aiohttp.ConnectionTimeoutError:
-            raise upstream_timeout(self.name, "connecting") from None
-        except (TimeoutError, aiohttp.SocketTimeoutError):
-            raise upstream_timeout(self.name, "waiting for the WebSocket handshake") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise upstream_unreachable(
-                self.name, f"cannot connect to {exc.host}:{exc.port}"
-            ) from None
-        except aiohttp.ClientError as exc:
-            raise upstream_unreachable(self.name, _describe(exc)) from None
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise self._failure(exc, "waiting for the WebSocket handshake") from None
+
+    def _failure(self, exc: BaseException, waiting_for: str) -> ProxyError:
+        """A transport failure as the proxy's own error (504 or 502), never echoing what
+        was sent."""
+        if isinstance(exc, aiohttp.ConnectionTimeoutError):
+            return upstream_timeout(self.name, "connecting")
+        if isinstance(exc, TimeoutError | aiohttp.SocketTimeoutError):
+            return upstream_timeout(self.name, waiting_for)
+        if isinstance(exc, aiohttp.ClientConnectorError):
+            return upstream_unreachable(self.name, f"cannot connect to {exc.host}:{exc.port}")
+        return upstream_unreachable(self.name, _describe(exc))
 
     def _switch_to_idle_timeout(self, response: aiohttp.ClientResponse) -> None:
         """From the head on, the longest silence allowed is ``idle``, not ``first_byte``.
