@@ -77,18 +77,21 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    def url(self, path: str, query: str = "") -> URL:
-        """``base_url`` + the path after ``/v1`` (one of the allowed ones), query kept.
+    def url(self, path: str, query: str = "", base: str | None = None) -> URL:
+        """``base`` (default ``base_url``; a dialect may have its own, e.g. the backend's
+        ``anthropic_base_url``) + the path after ``/v1`` (an allowed one), query kept.
 
         Only query-less URLs are cached: the paths are a short list from the config, while
         a client can send any number of distinct queries."""
+        base = self.base_url if base is None else base
         if query:
-            return URL(f"{self.base_url}{path}?{query}", encoded=True)
-        url = self._urls.get(path)
+            return URL(f"{base}{path}?{query}", encoded=True)
+        whole = base + path
+        url = self._urls.get(whole)
         if url is None:
-            url = URL(self.base_url + path, encoded=True)
+            url = URL(whole, encoded=True)
             if len(self._urls) < _URL_CACHE_LIMIT:
-                self._urls[path] = url
+                self._urls[whole] = url
         return url
 
     async def send(
