@@ -87,6 +87,7 @@ async def handle(
     record = RequestRecord(scope["method"], scope["path"], request_id)
     dialect = for_request(scope["path"], scope["headers"])
     exchange = _Exchange(record, request_id, dialect)
+    record.dialect = dialect.name
     parts: RequestParts | None = None
     try:
         path = forwarded_path(scope, dialect, runtime)

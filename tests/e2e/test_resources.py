@@ -251,10 +251,10 @@ def test_an_upload_over_max_upload_size_is_413(resources: ResourceUpstream, tmp_
 
 def test_a_download_cut_by_the_upstream_is_cut_for_the_client_too(proxy: ProxyProcess) -> None:
     url = f"{proxy.base_url}/files/file-big/content?size=10000000&cut=1"
-    with pytest.raises(httpx.RemoteProtocolError):  # never a short body that looks whole
-        with httpx.stream("GET", url, timeout=10) as download:
-            for _ in download.iter_raw():
-                pass
+    # never a short body that looks whole
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream("GET", url, timeout=10) as download:
+        for _ in download.iter_raw():
+            pass
     time.sleep(0.2)
     log = proxy.log()
     assert "Traceback" not in log and "Exception in ASGI application" not in log
