@@ -4,6 +4,7 @@ header each backend's key must come in."""
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import anthropic
 import httpx
 import pytest
 
+from proxy.online import _key_hint
 from tests.conftest import KEY_A, KEY_B, KEY_OTHER, ProxyProcess, free_port, start_proxy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -376,3 +378,48 @@ def test_stream_error_event_bytes(proxy: ProxyProcess, upstream: FakeAnthropic) 
         b'event: error\ndata: {"type":"error","error":{"type":"api_error","message":'
         b"\"Backend 'claude' ended the stream without message_stop.\"}}"
     )
+
+
+# ---------------------------------------------------------------- proxy check --online
+
+
+def test_check_online_tries_the_anthropic_endpoint_with_its_key_header(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    fake.reset()
+    fake.configure(valid_keys=[KEY_A])
+    path = tmp_path / "online.yaml"
+    path.write_text(f"""
+backends:
+  kimi:
+    base_url: {fake.url}/oa/v1
+    anthropic_base_url: {fake.url}/bearer
+    anthropic_auth: bearer
+    keys: [{{id: good, key: "{KEY_A}"}}]
+  claude:
+    base_url: {fake.url}/oa/v1
+    anthropic_base_url: {fake.url}/xkey
+    keys: [{{id: stale, key: "{KEY_B}"}}]
+""")
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "proxy", "check", "--config", str(path), "--online", "--json"],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=60,
+        )
+        sent = {(e["path"], e["x-api-key"], e["authorization"]) for e in fake.log("/models")}
+    finally:
+        fake.reset()
+    report = json.loads(result.stdout)
+    found = {(f["backend"], f["subject"]): f for f in report["findings"]}
+    assert found[("kimi", "key good (anthropic endpoint)")]["message"] == "ok, 2 models"
+    stale = found[("claude", "key stale (anthropic endpoint)")]
+    assert stale["level"] == "error" and stale["message"] == "401: invalid (invalid x-api-key)"
+    assert result.returncode == 1
+    assert ("/bearer/v1/models", None, f"Bearer {KEY_A}") in sent
+    assert ("/xkey/v1/models", KEY_B, None) in sent
+    assert KEY_A not in result.stdout and KEY_B not in result.stdout
+    # The key-domain hints hold for a backend's Anthropic URL too.
+    assert "api.moonshot.cn" in (_key_hint("https://api.moonshot.ai/anthropic") or "")
