@@ -341,7 +341,7 @@ async def relay_stream(
     result = RelayResult()
     anthropic_stream = kind is StreamKind.ANTHROPIC
     usage = _UsageReader(merge=anthropic_stream)
-    stopped = False  # an Anthropic stream reached message_stop
+    stop = _StopSeen()  # an Anthropic stream is complete at message_stop
     stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
@@ -358,8 +358,8 @@ async def relay_stream(
                 if not chunk:
                     continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if anthropic_stream and not stopped:
-                stopped = _STOP in last[-len(_STOP) :] + chunk  # may be cut across chunks
+            if anthropic_stream and not stop.seen:
+                stop.feed(chunk)
             previous, last = last, chunk
             if result.first_data_at is None and b"data:" in chunk:
                 result.first_data_at = time.perf_counter()
@@ -387,7 +387,7 @@ async def relay_stream(
         message = f"Backend '{backend}' ended the stream without [DONE]."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
-    if anthropic_stream and not stopped and _STOP not in last[-len(_STOP) :] + held:
+    if anthropic_stream and not stop.seen and not stop.feed(held):
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without message_stop."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
@@ -414,6 +414,23 @@ async def send_stream_error(
     await send(
         {"type": "http.response.body", "body": separator + event + b"\n\n", "more_body": False}
     )
+
+
+class _StopSeen:
+    """Whether ``"message_stop"`` has gone by, however the chunks cut it."""
+
+    __slots__ = ("_tail", "seen")
+
+    def __init__(self) -> None:
+        self._tail = b""  # the last bytes seen, shorter than the marker
+        self.seen = False
+
+    def feed(self, chunk: bytes) -> bool:
+        keep = len(_STOP) - 1
+        if _STOP in chunk or _STOP in self._tail + chunk[:keep]:
+            self.seen = True
+        self._tail = chunk[-keep:] if len(chunk) >= keep else (self._tail + chunk)[-keep:]
+        return self.seen
 
 
 class ResponseCut(Exception):
