@@ -31,7 +31,7 @@ from proxy import admin, errors, forward, metrics, realtime
 from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
-from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic
+from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic, bearer_token
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
@@ -180,7 +180,7 @@ class ProxyApp:
         admin_key = self.runtime.config.server.admin_key
         if not admin_key:  # no admin key: the page does not exist
             return await self._not_found_response(request)
-        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        presented = bearer_token(request.headers.raw) or ""
         if not hmac.compare_digest(presented.encode(), admin_key.encode()):
             return error_response(
                 ProxyError(

@@ -15,6 +15,7 @@ import orjson
 from yarl import URL
 
 from proxy.config import BackendConfig
+from proxy.dialects import OPENAI
 from proxy.errors import (
     ProxyError,
     upstream_response_too_large,
@@ -40,6 +41,7 @@ class Upstream:
         self.name = backend.name
         self.base_url = backend.base_url
         self.extra_headers = dict(backend.headers)
+        self._backend = backend
         timeout = backend.timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # a stream may run for many minutes; the gaps are what is bounded
@@ -191,7 +193,8 @@ class Upstream:
         and the model ids listed. Used to re-probe invalid keys and to discover models."""
         if self._session is None:
             return "not started", []
-        headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
+        name, value = OPENAI.upstream_auth(self._backend, key)  # OpenAI's side: its /models
+        headers = {name: value, "accept": "application/json"}
         try:
             async with self._session.get(
                 self.url("/models"),

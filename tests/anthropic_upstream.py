@@ -15,7 +15,8 @@ every request (path, query, the key headers, ``anthropic-version``/``-beta``, th
 A request's body may carry ``"test": {...}`` (the SDK's ``extra_body``): ``status`` (answer
 that error: 401 authentication, 429 rate limit with ``retry_after``, 529 overloaded, any
 other), ``cut`` (drop the connection mid-stream), ``no_stop`` (end the stream cleanly
-without ``message_stop``), ``stall`` (stop sending mid-stream, connection left open).
+without ``message_stop``), ``stall`` (stop sending mid-stream, connection left open),
+``trickle`` (pings every 50 ms for 10 s; a reader that leaves is logged as ``gone``).
 Control: ``GET/DELETE /_anth/log``; ``POST /_anth/config`` with ``valid_keys`` (None: any
 key), ``fail_next`` (a list of ``test`` objects used by
 the next requests, one each). Run as a process (``python tests/anthropic_upstream.py
@@ -240,8 +241,24 @@ async def _stream(
         headers={"content-type": "text/event-stream", "request-id": "req_upstream_s"}
     )
     await response.prepare(request)
+    try:
+        await _write_events(request, response, body, test)
+    except (ConnectionError, asyncio.CancelledError):
+        request.app[LOG].append({"method": "-", "path": request.path, "gone": True})
+        raise
+    if test.get("cut"):
+        assert request.transport is not None
+        request.transport.close()  # no terminating chunk: a broken connection
+        return response
+    await response.write_eof()
+    return response
+
+
+async def _write_events(
+    request: web.Request, response: web.StreamResponse, body: dict[str, Any], test: dict[str, Any]
+) -> None:
     events = stream_events(body)
-    if test.get("cut") or test.get("stall") or test.get("no_stop"):
+    if test.get("cut") or test.get("stall") or test.get("trickle") or test.get("no_stop"):
         events = events[:4] if not test.get("no_stop") else events[:-1]
     for i, data in enumerate(events):
         # Some events split in two chunks, some chunks holding two events: relays must not
@@ -253,14 +270,12 @@ async def _stream(
         else:
             await response.write(data)
         await asyncio.sleep(0.001)
-    if test.get("cut"):
-        assert request.transport is not None
-        request.transport.close()  # no terminating chunk: a broken connection
-        return response
     if test.get("stall"):
         await asyncio.sleep(3600)
-    await response.write_eof()
-    return response
+    if test.get("trickle"):  # a long answer: pings until the reader goes away
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            await response.write(event("ping", {"type": "ping"}))
 
 
 async def _count_tokens(request: web.Request) -> web.Response:

@@ -423,3 +423,18 @@ backends:
     assert KEY_A not in result.stdout and KEY_B not in result.stdout
     # The key-domain hints hold for a backend's Anthropic URL too.
     assert "api.moonshot.cn" in (_key_hint("https://api.moonshot.ai/anthropic") or "")
+
+
+def test_a_client_that_leaves_mid_stream_closes_the_upstream(
+    proxy: ProxyProcess, upstream: FakeAnthropic
+) -> None:
+    body = {"model": "claude-fake-1", "max_tokens": 5, "messages": MESSAGES, "stream": True}
+    body["test"] = {"trickle": True}
+    headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"}
+    with httpx.stream("POST", f"{proxy.url}/v1/messages", json=body, headers=headers) as r:
+        first = next(r.iter_raw())
+        assert first.startswith(b"event: message_start")
+    deadline = time.monotonic() + 3  # the fake pings every 50 ms for 10 s if nobody leaves
+    while time.monotonic() < deadline and not any(e.get("gone") for e in upstream.log()):
+        time.sleep(0.05)
+    assert any(e.get("gone") for e in upstream.log()), "the upstream kept generating"
