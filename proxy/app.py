@@ -132,6 +132,8 @@ class ProxyApp:
             return True
         if not path.startswith("/v1/models/") or scope["method"] not in ("GET", "HEAD"):
             return False
+        if header_value(scope["headers"], b"anthropic-version") is not None:
+            return True  # Anthropic's API has no fine-tuned models: the list is all there is
         model_id = path.removeprefix("/v1/models/")
         runtime = self.runtime
         return model_id in runtime.router.listed or any(

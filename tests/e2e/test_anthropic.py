@@ -237,6 +237,10 @@ def test_count_tokens_and_models(proxy: ProxyProcess, upstream: FakeAnthropic) -
     assert ids == ["kimi", "kimi-k2-anthropic"]  # aliases, then listed models
     assert all(m.type == "model" and m.display_name == m.id for m in page.data)
     assert sdk.models.retrieve("kimi").id == "kimi"
+    with pytest.raises(anthropic.NotFoundError) as unknown:
+        sdk.models.retrieve("claude-unknown")
+    assert unknown.value.body["error"]["type"] == "not_found_error"  # type: ignore[index]
+    assert "is not listed by this proxy" in unknown.value.message
     # The same path for the openai SDK (no anthropic-version) keeps OpenAI's shape.
     listed = httpx.get(
         f"{proxy.url}/v1/models", headers={"authorization": f"Bearer {CLIENT_KEY}"}
