@@ -53,6 +53,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("proxy")
 
 _EVENT_STREAM = "text/event-stream"
+ANTHROPIC_REQUEST_ID = b"request-id"  # Anthropic's name for it (its SDK reads this one)
 
 
 class _Exchange:
@@ -419,7 +420,8 @@ def _response_headers(
     upstream_id = header_value(headers, REQUEST_ID)
     if upstream_id is None:
         headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-    else:  # the SDK shows it as `_request_id`: the provider's id is the useful one
+        upstream_id = header_value(headers, ANTHROPIC_REQUEST_ID)
+    if upstream_id is not None:  # the SDK shows it as `_request_id`: the provider's is useful
         exchange.record.upstream_request_id = upstream_id.decode("latin-1")
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id)

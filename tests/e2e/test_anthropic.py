@@ -23,6 +23,7 @@ from tests.conftest import KEY_A, KEY_B, KEY_OTHER, ProxyProcess, free_port, sta
 
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-anth-client-0000000000000c1"
+NARROW_KEY = "sk-anth-narrow-0000000000000n2"
 MESSAGES = [{"role": "user", "content": "Hello"}]
 TOOLS = [
     {
@@ -76,6 +77,7 @@ throttle:
   reconnect: {{enabled: false}}
 clients:
   - {{id: team, key: "{CLIENT_KEY}"}}
+  - {{id: narrow, key: "{NARROW_KEY}", models: ["kimi*"], rate_limit: 2/minute}}
 backends:
   kimi:                       # Moonshot-like: Bearer on its Anthropic endpoint
     base_url: {fake.url}/oa/v1
@@ -344,6 +346,42 @@ def test_sdk_retries_honour_the_retry_after_it_gets(
     assert message.content[0].text == "Hello from the fake."  # type: ignore[union-attr]
     assert 0.9 <= elapsed < 6
     assert len(upstream.log()) == 2  # the 429, then the answer: no storm on a cooling key
+
+
+def test_client_globs_limits_and_the_access_log_hold_for_messages(
+    proxy: ProxyProcess, upstream: FakeAnthropic
+) -> None:
+    narrow = client(proxy, api_key=NARROW_KEY)
+    with pytest.raises(anthropic.PermissionDeniedError) as outside:
+        narrow.messages.create(model="claude-fake-1", max_tokens=5, messages=MESSAGES)
+    assert outside.value.body["error"]["type"] == "permission_error"  # type: ignore[index]
+    assert "may not use model 'claude-fake-1'" in outside.value.message
+    for _ in range(2):  # 2/minute (a refused model did not count)
+        narrow.messages.create(model="kimi", max_tokens=5, messages=MESSAGES)
+    with pytest.raises(anthropic.RateLimitError) as limited:
+        narrow.messages.count_tokens(model="kimi", messages=MESSAGES)
+    assert limited.value.body["error"]["type"] == "rate_limit_error"  # type: ignore[index]
+    headers = limited.value.response.headers
+    assert 0 < int(headers["retry-after"]) <= 60 and int(headers["retry-after-ms"]) > 0
+    assert len(upstream.log()) == 2  # only the allowed requests went upstream
+    deadline = time.monotonic() + 2  # the access log is written in batches
+    lines: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not any(
+        e["client"] == "narrow" and e["status"] == 429 for e in lines
+    ):
+        time.sleep(0.05)
+        lines = [json.loads(line) for line in proxy.log().splitlines() if '"/v1/messages' in line]
+    mine = [(e["path"], e["status"], e["backend"]) for e in lines if e["client"] == "narrow"]
+    assert mine == [
+        ("/v1/messages", 403, "claude"),
+        ("/v1/messages", 200, "kimi"),
+        ("/v1/messages", 200, "kimi"),
+        ("/v1/messages/count_tokens", 429, "kimi"),
+    ]
+    served = [e for e in lines if e["client"] == "narrow" and e["status"] == 200]
+    assert served[0]["upstream_request_id"] == "req_upstream_1"  # Anthropic's request-id
+    assert (served[0]["prompt_tokens"], served[0]["cache_read_tokens"]) == (40, 10)
+    assert CLIENT_KEY not in proxy.log() and NARROW_KEY not in proxy.log()
 
 
 # ---------------------------------------------------------------- broken streams
