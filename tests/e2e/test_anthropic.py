@@ -480,3 +480,40 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream(
     while time.monotonic() < deadline and not any(e.get("gone") for e in upstream.log()):
         time.sleep(0.05)
     assert any(e.get("gone") for e in upstream.log()), "the upstream kept generating"
+
+
+def test_hot_reload_gives_a_backend_its_anthropic_endpoint(
+    fake: FakeAnthropic, tmp_path: Path
+) -> None:
+    fake.reset()
+    text = f"""
+server: {{config_poll_interval: 0.2}}
+backends:
+  kimi:
+    base_url: {fake.url}/oa/v1
+    keys: [{{id: good, key: "{KEY_A}"}}]
+routes:
+  - {{prefix: "kimi-", backend: kimi}}
+"""
+    process = start_proxy(text, tmp_path)
+    try:
+        sdk = client(process)
+        with pytest.raises(anthropic.BadRequestError):  # kimi speaks OpenAI's API only
+            sdk.messages.create(model="kimi-k2", max_tokens=5, messages=MESSAGES)
+        anthropic_url = f"    anthropic_base_url: {fake.url}/bearer\n    anthropic_auth: bearer\n"
+        (tmp_path / "config.yaml").write_text(
+            text.replace("    keys:", anthropic_url + "    keys:")
+        )
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                message = sdk.messages.create(model="kimi-k2", max_tokens=5, messages=MESSAGES)
+                break
+            except anthropic.BadRequestError:
+                assert time.monotonic() < deadline, "the reload never took effect"
+                time.sleep(0.1)
+        assert message.model == "kimi-k2"
+        assert fake.log()[-1]["authorization"] == f"Bearer {KEY_A}"
+    finally:
+        process.stop()
+        fake.reset()
