@@ -67,6 +67,7 @@ def fake() -> Iterator[FakeAnthropic]:
     yield FakeAnthropic(int(line.split()[1]), process)
     process.terminate()
     process.wait(timeout=5)
+    process.stdout.close()
 
 
 def config(fake: FakeAnthropic, admin_port: int) -> str:
@@ -135,10 +136,22 @@ def upstream(fake: FakeAnthropic) -> FakeAnthropic:
     return fake
 
 
+_OPEN: list[anthropic.Anthropic] = []  # SDK clients a test made, closed after it
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    yield
+    while _OPEN:
+        _OPEN.pop().close()
+
+
 def client(proxy: ProxyProcess, **kw: Any) -> anthropic.Anthropic:
     kw.setdefault("api_key", CLIENT_KEY)
     kw.setdefault("max_retries", 0)
-    return anthropic.Anthropic(base_url=proxy.url, **kw)
+    sdk = anthropic.Anthropic(base_url=proxy.url, **kw)
+    _OPEN.append(sdk)
+    return sdk
 
 
 def metric(proxy: ProxyProcess, name: str, **labels: str) -> float:
@@ -183,6 +196,7 @@ def test_claude_code_setup_bearer_token_and_bearer_backend(
     monkeypatch.setenv("ANTHROPIC_BASE_URL", proxy.url)
     monkeypatch.setenv("ANTHROPIC_AUTH_TOKEN", CLIENT_KEY)
     sdk = anthropic.Anthropic(max_retries=0)
+    _OPEN.append(sdk)
     message = sdk.messages.create(
         model="kimi",
         max_tokens=50,
