@@ -264,6 +264,30 @@ def test_count_tokens_and_models(proxy: ProxyProcess, upstream: FakeAnthropic) -
     assert listed["object"] == "list" and listed["data"][0]["object"] == "model"
 
 
+def test_beta_calls_keep_their_query_and_unserved_paths_are_anthropic_404s(
+    proxy: ProxyProcess, upstream: FakeAnthropic
+) -> None:
+    sdk = client(proxy)
+    message = sdk.beta.messages.create(
+        model="claude-fake-1", max_tokens=5, messages=MESSAGES, betas=["context-1m-2025-08-07"]
+    )
+    assert message.content[0].text == "Hello from the fake."  # type: ignore[union-attr]
+    headers = {"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": "claude-fake-1", "max_tokens": 5, "messages": MESSAGES}
+    # Older SDKs mark beta calls with ?beta=true: the query goes on as it came.
+    assert httpx.post(f"{proxy.url}/v1/messages?beta=true", json=body, headers=headers).is_success
+    first, second = upstream.log()
+    assert first["anthropic-beta"] == "context-1m-2025-08-07"
+    assert second["query"] == "beta=true"
+    batches = httpx.post(f"{proxy.url}/v1/messages/batches", json={}, headers=headers)
+    assert batches.status_code == 404
+    assert batches.json()["error"]["type"] == "not_found_error"
+    assert "Unknown request URL: POST /v1/messages/batches" in batches.json()["error"]["message"]
+    wrong_method = httpx.get(f"{proxy.url}/v1/messages", headers=headers)
+    assert wrong_method.status_code == 405 and wrong_method.headers["allow"] == "POST"
+    assert wrong_method.json()["type"] == "error"
+
+
 def test_usage_and_endpoint_label_in_metrics(proxy: ProxyProcess, upstream: FakeAnthropic) -> None:
     before = metric(proxy, "llm_proxy_tokens_total", backend="claude", type="prompt")
     requests = metric(proxy, "llm_proxy_requests_total", backend="claude", endpoint="anthropic")
