@@ -31,6 +31,9 @@ Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
 _STOP = b'"message_stop"'  # the type of the event that completes a Messages stream
+# An upstream's own error event (a JSON string cannot hold a raw line end, so no text can
+# forge it): the stream has ended, and told the SDK so already.
+_ERROR_EVENT = b"\nevent: error"
 
 
 @dataclass(slots=True)
@@ -341,7 +344,8 @@ async def relay_stream(
     result = RelayResult()
     anthropic_stream = kind is StreamKind.ANTHROPIC
     usage = _UsageReader(merge=anthropic_stream)
-    stop = _StopSeen()  # an Anthropic stream is complete at message_stop
+    stop = _Seen(_STOP)  # an Anthropic stream is complete at message_stop...
+    told = _Seen(_ERROR_EVENT, b"\n")  # ...or over, when the upstream sent its own error
     stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
@@ -360,6 +364,7 @@ async def relay_stream(
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             if anthropic_stream and not stop.seen:
                 stop.feed(chunk)
+                told.feed(chunk)
             previous, last = last, chunk
             if result.first_data_at is None and b"data:" in chunk:
                 result.first_data_at = time.perf_counter()
@@ -388,6 +393,10 @@ async def relay_stream(
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
     if anthropic_stream and not stop.seen and not stop.feed(held):
+        if told.seen or told.feed(held):  # the upstream's error event ended it: relayed as is
+            result.error = "stream_broken"
+            await send({"type": "http.response.body", "body": held, "more_body": False})
+            return result
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without message_stop."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
@@ -416,18 +425,20 @@ async def send_stream_error(
     )
 
 
-class _StopSeen:
-    """Whether ``"message_stop"`` has gone by, however the chunks cut it."""
+class _Seen:
+    """Whether ``marker`` has gone by in a stream, however the chunks cut it."""
 
-    __slots__ = ("_tail", "seen")
+    __slots__ = ("_marker", "_tail", "seen")
 
-    def __init__(self) -> None:
-        self._tail = b""  # the last bytes seen, shorter than the marker
+    def __init__(self, marker: bytes, before: bytes = b"") -> None:
+        self._marker = marker
+        self._tail = before  # the last bytes seen, shorter than the marker
         self.seen = False
 
     def feed(self, chunk: bytes) -> bool:
-        keep = len(_STOP) - 1
-        if _STOP in chunk or _STOP in self._tail + chunk[:keep]:
+        marker = self._marker
+        keep = len(marker) - 1
+        if marker in chunk or marker in self._tail + chunk[:keep]:
             self.seen = True
         self._tail = chunk[-keep:] if len(chunk) >= keep else (self._tail + chunk)[-keep:]
         return self.seen

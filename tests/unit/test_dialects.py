@@ -185,3 +185,18 @@ def test_usage_merges_per_field_with_the_larger_count() -> None:
         "cache_read_input_tokens": 10,
     }
     assert merged(None, later) is later
+
+
+@given(st.integers(1, 60))
+def test_an_upstream_error_event_ends_the_stream_without_a_second_one(cut: int) -> None:
+    overloaded = (
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error",'
+        b'"message":"Overloaded"}}\n\n'
+    )
+    whole = START + PING + overloaded
+    at = len(START + PING) + cut  # the error event cut anywhere
+    out, result, _ = relay([whole[:at], whole[at:]], strip=False, kind=StreamKind.ANTHROPIC)
+    assert out == whole  # relayed as is: no error event of the proxy's after it
+    assert result.error == "stream_broken"
+    first, _ = relay([overloaded], strip=False, kind=StreamKind.ANTHROPIC)[:2]
+    assert first == overloaded  # an error event as the very first bytes, too
