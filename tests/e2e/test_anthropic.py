@@ -106,6 +106,11 @@ backends:
     base_url: {fake.url}/oa/v1
     anthropic_base_url: {fake.url}/xkey
     keys: [{{id: refused-main, key: "{KEY_OTHER}"}}]
+  flaky:                      # its circuit opens after 2 failures
+    base_url: {fake.url}/oa/v1
+    anthropic_base_url: {fake.url}/xkey
+    keys: [{{id: flaky-main, key: "{KEY_OTHER}"}}]
+    breaker: {{failures: 2, min_open: 30s}}
   plain:                      # speaks OpenAI's API only
     base_url: {fake.url}/oa/v1
     keys: [{{id: plain-main, key: "{KEY_OTHER}"}}]
@@ -118,6 +123,7 @@ routes:
   - {{prefix: "limited-", backend: limited}}
   - {{prefix: "retried-", backend: retried}}
   - {{prefix: "refused-", backend: refused}}
+  - {{prefix: "flaky-", backend: flaky}}
 """
 
 
@@ -332,7 +338,9 @@ def test_proxy_errors_are_anthropic_shaped_and_raise_the_right_classes(
     with pytest.raises(anthropic.BadRequestError) as unspoken:
         client(proxy).messages.create(model="gpt-4o", max_tokens=5, messages=MESSAGES)
     assert "does not speak the anthropic API" in unspoken.value.message
-    assert "kimi, claude, limited, retried, refused" in unspoken.value.message  # which backends do
+    assert (
+        "kimi, claude, limited, retried, refused, flaky" in unspoken.value.message
+    )  # which backends do
     assert upstream.log() == []  # nothing reached any upstream
 
 
@@ -352,6 +360,23 @@ def test_upstream_errors_pass_through_and_raise(
         sdk.messages.create(model="limited-1", max_tokens=5, messages=MESSAGES)
     assert limited.value.response.headers["retry-after"] == "7"
     assert limited.value.message.endswith("slow down'}, 'request_id': 'req_upstream_err'}")
+
+
+def test_an_open_circuit_is_an_overloaded_error_with_retry_after(
+    proxy: ProxyProcess, upstream: FakeAnthropic
+) -> None:
+    sdk = client(proxy)
+    upstream.configure(fail_next=[{"status": 529}, {"status": 529}])
+    for _ in range(2):
+        with pytest.raises(anthropic.APIStatusError):
+            sdk.messages.create(model="flaky-1", max_tokens=5, messages=MESSAGES)
+    with pytest.raises(anthropic.InternalServerError) as opened:
+        sdk.messages.create(model="flaky-1", max_tokens=5, messages=MESSAGES)
+    assert opened.value.status_code == 503
+    assert opened.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert "circuit breaker open" in opened.value.message
+    assert 1 <= int(opened.value.response.headers["retry-after"]) <= 30
+    assert len(upstream.log()) == 2  # the open circuit sent nothing upstream
 
 
 def test_refused_backend_key_is_503_not_the_upstreams_401(
