@@ -48,6 +48,7 @@ class RequestRecord:
     upstream_error: str | None = None  # connect | timeout | status_4xx | status_429 | status_5xx
     # For metrics, observed on the side:
     model_label: str = "unrouted"
+    dialect: str = "openai"  # the wire the client spoke: the metrics' endpoint label
     attempt_errors: list[tuple[str, str, str]] = field(default_factory=list)  # backend, key, kind
     ttft: float | None = None  # seconds to the upstream's first data: event (streams)
     tokens: TokenCounts = NO_TOKENS  # from the upstream's usage: proxy.usage.token_counts

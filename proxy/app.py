@@ -31,6 +31,7 @@ from proxy import admin, errors, forward, metrics, realtime
 from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
+from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic, bearer_token
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
@@ -131,6 +132,8 @@ class ProxyApp:
             return True
         if not path.startswith("/v1/models/") or scope["method"] not in ("GET", "HEAD"):
             return False
+        if header_value(scope["headers"], b"anthropic-version") is not None:
+            return True  # Anthropic's API has no fine-tuned models: the list is all there is
         model_id = path.removeprefix("/v1/models/")
         runtime = self.runtime
         return model_id in runtime.router.listed or any(
@@ -179,7 +182,7 @@ class ProxyApp:
         admin_key = self.runtime.config.server.admin_key
         if not admin_key:  # no admin key: the page does not exist
             return await self._not_found_response(request)
-        presented = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        presented = bearer_token(request.headers.raw) or ""
         if not hmac.compare_digest(presented.encode(), admin_key.encode()):
             return error_response(
                 ProxyError(
@@ -194,12 +197,18 @@ class ProxyApp:
         return error_response(errors.unknown_url(request.method, request.url.path))
 
     async def list_models(self, request: Request) -> Response:
+        """OpenAI's list; Anthropic's shape when the request has ``anthropic-version``
+        (the Anthropic SDK always sends it)."""
         runtime = self.runtime
+        dialect = _models_dialect(request)
         try:
-            client = runtime.auth.authenticate(request.headers.raw)
+            client = runtime.auth.authenticate(request.headers.raw, dialect)
         except ProxyError as err:
-            return error_response(err)
+            return error_response(err, dialect)
         models = self._models(runtime, client)
+        if dialect is ANTHROPIC:
+            owned = [(m["id"], m["owned_by"]) for m in models.values()]
+            return JSONResponse(anthropic.models_page(owned))
         return JSONResponse({"object": "list", "data": list(models.values())})
 
     def _models(self, runtime: Runtime, client: Client | None) -> dict[str, dict[str, Any]]:
@@ -215,17 +224,21 @@ class ProxyApp:
 
     async def get_model(self, request: Request) -> Response:
         runtime = self.runtime
+        dialect = _models_dialect(request)
         try:
-            client = runtime.auth.authenticate(request.headers.raw)
+            client = runtime.auth.authenticate(request.headers.raw, dialect)
         except ProxyError as err:
-            return error_response(err)
+            return error_response(err, dialect)
         model_id = request.path_params["model_id"]
         model = self._models(runtime, client).get(model_id)
         if model is not None:
+            if dialect is ANTHROPIC:
+                return JSONResponse(anthropic.model_object(model_id, model["owned_by"]))
             return JSONResponse(model)
         # A model the client may not use is "not listed" to it: nothing to learn from a 403.
         return error_response(
-            errors.model_not_found(f"The model '{model_id}' is not listed by this proxy.")
+            errors.model_not_found(f"The model '{model_id}' is not listed by this proxy."),
+            dialect,
         )
 
     async def not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -250,10 +263,14 @@ def with_admin_port(config: Config, port: int) -> Config:
     return dataclasses.replace(config, server=dataclasses.replace(config.server, admin_port=port))
 
 
-def error_response(err: ProxyError) -> Response:
-    return Response(
-        err.body(), status_code=err.status, headers=err.headers, media_type="application/json"
-    )
+def error_response(err: ProxyError, dialect: Dialect = OPENAI) -> Response:
+    body = err.body() if dialect is OPENAI else dialect.error_body(err, "")
+    headers, media_type = err.headers, "application/json"
+    return Response(body, status_code=err.status, headers=headers, media_type=media_type)
+
+
+def _models_dialect(request: Request) -> Dialect:
+    return ANTHROPIC if "anthropic-version" in request.headers else OPENAI
 
 
 class _Route(Route):

@@ -13,6 +13,9 @@ def print_table(config: Config, out: TextIO) -> None:
     out.write(f"{config.path}: valid\n\nbackends:\n")
     for name, backend in config.backends.items():
         out.write(f"  {name}  {backend.base_url}\n")
+        if backend.anthropic_base_url:
+            anthropic_url, auth = backend.anthropic_base_url, backend.anthropic_auth
+            out.write(f"    anthropic messages: {anthropic_url}/v1/messages (key as {auth})\n")
         for key in backend.keys:
             out.write(f"    key {key.id}: {_key_state(key)}\n")
         if backend.models:

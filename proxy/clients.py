@@ -1,6 +1,7 @@
 """Who is asking: client keys, the models each client may use, and the client's address.
 
-With ``clients:`` configured, every request needs ``Authorization: Bearer <client key>``.
+With ``clients:`` configured, every request needs a client key, read the way the request's
+dialect carries it (``Authorization: Bearer``; for Anthropic's wire ``x-api-key`` too).
 Keys are compared by their SHA-256 digest in a dict: the time taken does not depend on how
 much of a guessed key is right. Without clients the proxy is open, and a client is its IP.
 """
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Config
+from proxy.dialects import OPENAI, Dialect
 from proxy.errors import invalid_client_key, model_not_allowed
 
 log = logging.getLogger("proxy")
@@ -55,15 +57,15 @@ class ClientAuth:
             hint = f"set {' or '.join(c.env_vars)}" if c.env_vars else "its key is empty"
             log.warning("client %s cannot authenticate: %s", c.id, hint)
 
-    def authenticate(self, headers: Iterable[tuple[bytes, bytes]]) -> Client | None:
-        """The client the request's Bearer key belongs to; None when the proxy is open."""
+    def authenticate(
+        self, headers: Iterable[tuple[bytes, bytes]], dialect: Dialect = OPENAI
+    ) -> Client | None:
+        """The client the request's key belongs to; None when the proxy is open."""
         if self.open:
             return None
-        token = _bearer(headers)
+        token = dialect.client_key(headers)
         if token is None:
-            raise invalid_client_key(
-                "Missing client API key: send it as 'Authorization: Bearer <key>'."
-            )
+            raise invalid_client_key(f"Missing client API key: {dialect.key_hint}.")
         digest = _digest(token)
         client = self._by_digest.get(digest)
         if client is None or not hmac.compare_digest(client.digest, digest):
@@ -114,19 +116,3 @@ def _digest(key: str) -> bytes:
 
 def _globs(patterns: tuple[str, ...]) -> re.Pattern[str]:
     return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
-
-
-def _bearer(headers: Iterable[tuple[bytes, bytes]]) -> str | None:
-    value = _header(headers, b"authorization")
-    if value is None:
-        return None
-    scheme, _, token = value.partition(" ")
-    token = token.strip()
-    return token if scheme.lower() == "bearer" and token else None
-
-
-def _header(headers: Iterable[tuple[bytes, bytes]], name: bytes) -> str | None:
-    for key, value in headers:
-        if key == name:
-            return value.decode("latin-1")
-    return None

@@ -283,6 +283,10 @@ class BreakerConfig(_Section):
     max_open: Annotated[Positive, doc("the longest open period")] = 60.0
 
 
+AnthropicAuth = Literal["x-api-key", "bearer"]
+_NO_V1 = "expected the SDK's base URL, without /v1 (the proxy appends /v1/messages), got {!r}"
+
+
 @dataclass(frozen=True)
 class BackendConfig(_Section):
     name: SkipJsonSchema[str]  # its key under `backends:`
@@ -302,6 +306,15 @@ class BackendConfig(_Section):
     inject_stream_usage: Annotated[
         Bool, doc("ask for usage on streamed chat (stream_options.include_usage)")
     ] = True
+    anthropic_base_url: Annotated[
+        Text | None,
+        AfterValidator(_base_url),
+        _check(lambda u: not u.endswith("/v1"), _NO_V1),
+        doc("Anthropic Messages endpoint (the SDK's base URL, without /v1); none: not spoken"),
+    ] = None
+    anthropic_auth: Annotated[
+        AnthropicAuth, BeforeValidator(_text), doc("how the key goes to anthropic_base_url")
+    ] = "x-api-key"
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)

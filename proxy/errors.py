@@ -1,14 +1,18 @@
-"""Errors the proxy itself answers with, in OpenAI's error shape."""
+"""Errors the proxy itself answers with; each request's dialect writes the body (OpenAI's
+``{"error": {...}}`` by default, Anthropic's ``{"type": "error", ...}`` on its paths)."""
 
 from __future__ import annotations
 
 import math
 
-import orjson
+from proxy.dialects.openai import error_body as error_body  # OpenAI's, for older callers
 
 
 class ProxyError(Exception):
-    """An error answered to the client as ``{"error": {message, type, param, code}}``."""
+    """An error the proxy answers with: status, message, OpenAI's type/code/param, headers.
+
+    ``body()`` is OpenAI's shape; a request in another dialect renders it with its
+    dialect's ``error_body``."""
 
     def __init__(
         self,
@@ -31,17 +35,13 @@ class ProxyError(Exception):
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.code, self.param)
 
-    def raw_headers(self) -> list[tuple[bytes, bytes]]:
-        """Headers for an ASGI ``http.response.start``, content type and length included."""
-        body_len = str(len(self.body())).encode()
+    def raw_headers(self, body: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """Headers for an ASGI ``http.response.start`` of ``body`` (default: ``body()``),
+        content type and length included."""
+        body_len = str(len(self.body() if body is None else body)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", body_len)]
         headers += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
         return headers
-
-
-def error_body(message: str, type: str, code: str | None = None, param: str | None = None) -> bytes:
-    # All four keys are always present: the openai SDK and many clients read them blindly.
-    return orjson.dumps({"error": {"message": message, "type": type, "param": param, "code": code}})
 
 
 # The openai SDK honours it over its own rule (retry 5xx twice).
@@ -56,6 +56,17 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 
 def model_not_found(message: str) -> ProxyError:
     return ProxyError(404, message, param="model", code="model_not_found")
+
+
+def dialect_not_spoken(model: str, backend: str, dialect: str, speakers: list[str]) -> ProxyError:
+    which = ", ".join(speakers) if speakers else "none (give a backend anthropic_base_url)"
+    return ProxyError(
+        400,
+        f"The model '{model}' is routed to backend '{backend}', which does not speak the "
+        f"{dialect} API (it has no {dialect}_base_url). Backends that speak it: {which}.",
+        param="model",
+        code="dialect_not_spoken",
+    )
 
 
 def unknown_url(method: str, path: str) -> ProxyError:

@@ -26,6 +26,7 @@ from proxy.access_log import RequestRecord
 from proxy.bodies import ClientGone, Upload
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
+from proxy.dialects import OPENAI, Dialect
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
 from proxy.keys import NoUsableKey
@@ -47,6 +48,7 @@ class RequestParts:
     model: str  # as the client sent it ("" when it named none): the body holds this id
     upload: Upload | None = None  # a streamed body, sent from the client as it arrives
     model_in_path: bool = False  # /models/{id}: the id is in the path, not the body
+    dialect: Dialect = OPENAI  # the wire the client speaks (from the request's path)
     _bodies: dict[tuple[str, int, bool], bytes] = field(default_factory=dict)
 
     @property
@@ -212,8 +214,10 @@ class _Attempt:
             return errors.backend_rate_limited(backend, decision.reset_seconds)
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
-        url = upstream.url(parts.path_for(target), parts.query)
-        inject_usage = parts.wants_usage_injected(runtime.config.backends[backend])
+        config = runtime.config.backends[backend]
+        dialect = target.dialect  # where the path goes, and how the key is sent
+        url = upstream.url(parts.path_for(target), parts.query, dialect.base_url(config))
+        inject_usage = parts.wants_usage_injected(config)
         tried: list[str] = []
         refused: list[str] = []
         last_answer: FailedAnswer | None = None
@@ -226,9 +230,8 @@ class _Attempt:
             record.key = key.id
             if record.sent_at is None:
                 record.sent_at = time.perf_counter()
-            headers = forwarded_request_headers(
-                parts.client_headers, upstream.extra_headers, "Bearer " + key.value
-            )
+            auth = dialect.upstream_auth(config, key.value)
+            headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
             try:
                 response = await upstream.send(
                     parts.method, url, headers, self._body(headers, inject_usage)

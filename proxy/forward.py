@@ -2,7 +2,8 @@
 
 read body → auth → model → route → throttle → key/upstream (failover) → relay → log.
 Each step is a call into the module that owns it; this module only strings them together
-and turns a ``ProxyError`` from any step into an OpenAI-shaped answer.
+and turns a ``ProxyError`` from any step into an answer in the request's dialect (picked
+from its path: OpenAI's API, or Anthropic's ``/v1/messages``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from proxy.bodies import (
     read_whole,
 )
 from proxy.clients import Client
+from proxy.dialects import OPENAI, Dialect, for_request
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
@@ -60,7 +62,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("proxy")
 
 _EVENT_STREAM = "text/event-stream"
-_DONE_PATHS = ("/chat/completions", "/completions")  # streams that must end with [DONE]
+ANTHROPIC_REQUEST_ID = b"request-id"  # Anthropic's name for it (its SDK reads this one)
 
 
 class _Exchange:
@@ -68,6 +70,7 @@ class _Exchange:
 
     __slots__ = (
         "client_gone",
+        "dialect",
         "finished",
         "outcome",
         "record",
@@ -76,9 +79,10 @@ class _Exchange:
         "target",
     )
 
-    def __init__(self, record: RequestRecord, request_id: str) -> None:
+    def __init__(self, record: RequestRecord, request_id: str, dialect: Dialect) -> None:
         self.record = record
         self.request_id = request_id
+        self.dialect = dialect  # the wire the client speaks: how errors are written
         self.target: Target | None = None
         self.response_started = False
         self.finished = False
@@ -91,13 +95,16 @@ async def handle(
 ) -> None:
     request_id = client_request_id(scope["headers"]) or new_request_id()
     record = RequestRecord(scope["method"], scope["path"], request_id)
-    exchange = _Exchange(record, request_id)
+    dialect = for_request(scope["path"], scope["headers"])
+    exchange = _Exchange(record, request_id, dialect)
+    record.dialect = dialect.name
     parts: RequestParts | None = None
     try:
-        path = forwarded_path(scope, runtime.config.server.forward_paths)
-        check_method(scope["method"], path)
+        path = forwarded_path(scope, dialect, runtime)
+        check_method(scope["method"], path, dialect)
         refuse_content_encoding(scope["headers"])
         parts = await read_request(runtime, scope, receive, path)
+        parts.dialect = dialect
         upload = parts.upload
         await _cancel_on_disconnect(
             receive,
@@ -181,7 +188,7 @@ async def forward(
 ) -> None:
     record = exchange.record
     # auth
-    client = runtime.auth.authenticate(scope["headers"])
+    client = runtime.auth.authenticate(scope["headers"], parts.dialect)
     if client is not None:
         record.client = record.client_label = client.id
     else:
@@ -192,8 +199,10 @@ async def forward(
     record.model = model or None
     record.stream = parts.payload.get("stream") is True
     target = route(runtime, parts)
-    ids = named_objects(parts)
-    if ids:  # most requests name none: no storage call, not even an await
+    # Objects are made (and named) on OpenAI's API only; most requests name none: then no
+    # storage call, not even an await.
+    ids = named_objects(parts) if parts.dialect is OPENAI else []
+    if ids:
         target = await stick_to_objects(runtime, ids, target)
     record.backend, record.upstream_model = target.backend, target.upstream_model or None
     record.model_label = target.label
@@ -235,7 +244,7 @@ async def _relay(
         exchange.outcome = _outcome(response.status)
         content_type = response.content_type
         if content_type == _EVENT_STREAM:
-            await relay.events(stream_kind(parts.path))
+            await relay.events(delivery.target.dialect.stream_kind(parts.path))
         elif content_type == "application/json" and not parts.path.endswith("/content"):
             await relay.json()
         else:
@@ -366,7 +375,8 @@ class _Relay:
         self._served()
         data = runtime.redactor.bytes(data)
         read_at = time.perf_counter()
-        if response.status < 300:  # before the client hears of it: its next call finds it
+        if response.status < 300 and self.delivery.target.dialect is OPENAI:
+            # Before the client hears of it: its next call finds it.
             parts = self.parts
             await record_created(
                 runtime.objects,
@@ -448,7 +458,8 @@ def _response_headers(
     upstream_id = header_value(headers, REQUEST_ID)
     if upstream_id is None:
         headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-    else:  # the SDK shows it as `_request_id`: the provider's id is the useful one
+        upstream_id = header_value(headers, ANTHROPIC_REQUEST_ID)
+    if upstream_id is not None:  # the SDK shows it as `_request_id`: the provider's is useful
         exchange.record.upstream_request_id = upstream_id.decode("latin-1")
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id)
@@ -498,9 +509,13 @@ def _outcome(status: int) -> Outcome:
 
 
 def route(runtime: Runtime, parts: RequestParts) -> Target:
-    """By the model when the request names one; else by its path."""
+    """By the model when the request names one; else by its path. A request in a dialect
+    goes only to a backend that speaks it."""
+    dialect = parts.dialect
     if parts.model:
-        return routed_model(runtime, parts.model)
+        return routed_model(runtime, parts.model, dialect)
+    if dialect is not OPENAI:  # every request of another dialect names its model
+        raise errors.missing_model(parts.path)
     target = runtime.router.resolve_path(parts.path)
     if target is None:
         if parts.method == "POST" and parts.upload is None:
@@ -509,13 +524,17 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     return target
 
 
-def routed_model(runtime: Runtime, model: str) -> Target:
-    target = runtime.router.resolve(model)
+def routed_model(runtime: Runtime, model: str, dialect: Dialect = OPENAI) -> Target:
+    """The target of ``model``, on a backend that speaks the request's dialect."""
+    target = runtime.router.resolve(model, dialect)
     if target is None:
         summary = runtime.router.routable_summary()
         raise errors.model_not_found(
             f"The model '{model}' is not routed by this proxy. Routable: {summary}."
         )
+    if dialect is not OPENAI and not dialect.speaks(runtime.config.backends[target.backend]):
+        speakers = runtime.router.speakers(dialect)
+        raise errors.dialect_not_spoken(model, target.backend, dialect.name, speakers)
     return target
 
 
@@ -568,19 +587,17 @@ FINE_TUNED = "ft:"  # OpenAI's fine-tuned model ids
 # never held while looking for a model (with no `paths:` rule for them too).
 FORMS_WITHOUT_MODEL = ("/files", "/uploads/", "/containers/", "/skills", "/audio/voice")
 
-_METHODS = ("GET", "POST", "DELETE")  # all the OpenAI API uses
-_MODEL_METHODS = ("GET", "DELETE")  # /models/{id}: retrieve, delete a fine-tuned model
 
-
-def check_method(method: str, path: str) -> None:
-    allowed = _MODEL_METHODS if path.startswith("/models/") else _METHODS
+def check_method(method: str, path: str, dialect: Dialect = OPENAI) -> None:
+    allowed = dialect.methods(path)
     if method not in allowed:
         raise errors.method_not_allowed(method, "/v1" + path[:200], ", ".join(allowed))
 
 
-def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
-    """The path after ``/v1`` when it is one the proxy forwards; 400 for dot-segments or
-    encoded slashes and dots (never normalised and forwarded), 404 for any other path.
+def forwarded_path(scope: Scope, dialect: Dialect, runtime: Runtime) -> str:
+    """The path after ``/v1`` when it is one the proxy forwards in ``dialect``; 400 for
+    dot-segments or encoded slashes and dots (never normalised and forwarded), 404 for any
+    other path.
 
     The upstream URL is built from the allowed path itself, never from the client's bytes.
     """
@@ -592,7 +609,7 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
     if "/./" in path or "/../" in path or path.endswith(("/.", "/..")):
         raise errors.invalid_path(path[:200])
     tail = path[3:]
-    if "//" in tail or tail.endswith("/") or not allowed_path(tail, allowed):
+    if "//" in tail or tail.endswith("/") or not dialect.serves(tail, runtime.config):
         raise errors.unknown_url(scope["method"], path[:200])
     if _PATH_CHARS.fullmatch(path) is None:
         # The server decoded the path once and the upstream URL is built from it as is:
@@ -606,11 +623,6 @@ def forwarded_path(scope: Scope, allowed: tuple[str, ...]) -> str:
 # RFC 3986 path characters (unreserved, sub-delims, ":", "@", "/"): nothing that means
 # something else in a URL once decoded, nothing a request line cannot carry.
 _PATH_CHARS = re.compile(r"[A-Za-z0-9\-._~!$&'()*+,;=:@/]*")
-
-
-def allowed_path(tail: str, allowed: tuple[str, ...]) -> bool:
-    """``tail`` is an allowed path or below one (``/files`` allows ``/files/file-1``)."""
-    return any(tail == prefix or tail.startswith(prefix + "/") for prefix in allowed)
 
 
 def refuse_content_encoding(headers: list[tuple[bytes, bytes]]) -> None:
@@ -631,14 +643,6 @@ def client_request_id(headers: list[tuple[bytes, bytes]]) -> str | None:
     if value is None or not _REQUEST_ID_OK.fullmatch(value):
         return None
     return value.decode("ascii")
-
-
-def stream_kind(path: str) -> StreamKind:
-    if path in _DONE_PATHS:
-        return StreamKind.DONE_TERMINATED
-    if path == "/responses":
-        return StreamKind.RESPONSES
-    return StreamKind.PLAIN
 
 
 _ID_PREFIX = "req_" + os.urandom(6).hex()  # random per process: unique across replicas
@@ -691,7 +695,8 @@ async def _answer_error(runtime: Runtime, send: Send, exchange: _Exchange, err: 
     record.error = err.code or err.type
     if exchange.response_started:
         return  # too late for a status; streams end with an error event instead
-    headers = err.raw_headers()
+    body = exchange.dialect.error_body(err, exchange.request_id)
+    headers = err.raw_headers(body)
     headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
     if record.backend is not None and runtime.config.server.routing_headers:
         # The backend and key last tried (a fallback's, when it came to that).
@@ -699,6 +704,6 @@ async def _answer_error(runtime: Runtime, send: Send, exchange: _Exchange, err: 
     exchange.response_started = True
     try:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
-        await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
     except (OSError, aiohttp.ClientError):  # the client may be gone already
         pass

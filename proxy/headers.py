@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 
+from proxy.dialects.base import bearer_token as bearer_token
+from proxy.dialects.base import header_value as header_value
 from proxy.redact import NO_SECRETS, Redactor
 
 FORWARDED_CLIENT_HEADERS = (
@@ -39,12 +41,13 @@ _KEPT_ON_RESPONSE = frozenset(
         "content-encoding",
         "cache-control",
         "x-request-id",
+        "request-id",  # Anthropic's: the anthropic SDK shows it as `_request_id`
         "retry-after",
         "retry-after-ms",
         "x-should-retry",
     )
 )
-_KEPT_PREFIXES = (b"openai-", b"x-ratelimit-")
+_KEPT_PREFIXES = (b"openai-", b"x-ratelimit-", b"anthropic-ratelimit-")
 
 REQUEST_ID = b"x-request-id"
 _UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
@@ -53,16 +56,17 @@ _UNSENDABLE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # control bytes but tab
 def forwarded_request_headers(
     client_headers: Iterable[tuple[bytes, bytes]],
     extra: Mapping[str, str],
-    authorization: str,
+    auth: tuple[str, str],
 ) -> dict[str, str]:
-    """The upstream request's headers: the client's allowed ones, then ours."""
+    """The upstream request's headers: the client's allowed ones, then ours, then the
+    backend's key in the header its dialect uses (``dialect.upstream_auth``)."""
     headers = {
         name.decode("latin-1"): value.decode("latin-1")
         for name, value in client_headers  # ASGI gives lower-cased names
         if name in _FORWARDED or name.startswith(_FORWARDED_PREFIXES)
     }
     headers.update(extra)
-    headers["authorization"] = authorization
+    headers[auth[0]] = auth[1]
     return headers
 
 
@@ -86,11 +90,3 @@ def kept_response_headers(
     if redactor.found_in(joined):
         kept = [(name, redactor.bytes(value)) for name, value in kept]
     return kept
-
-
-def header_value(raw: Iterable[tuple[bytes, bytes]], wanted: bytes) -> bytes | None:
-    """The first value of header ``wanted`` (lower-case) in ASGI-style raw headers."""
-    for name, value in raw:
-        if name == wanted:
-            return value
-    return None

@@ -38,8 +38,9 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 REQUESTS = Counter(
     "llm_proxy_requests",
-    "Requests answered, by client, backend, model, status and stream.",
-    ["client", "backend", "model", "status", "stream"],
+    "Requests answered, by client, backend, model, status, stream and endpoint (the wire "
+    "dialect: openai, anthropic).",
+    ["client", "backend", "model", "status", "stream", "endpoint"],
 )
 DURATION = Histogram(
     "llm_proxy_request_duration_seconds",
@@ -169,7 +170,7 @@ def observe_request(record: RequestRecord) -> None:
     model = record.model_label
     stream = "true" if record.stream else "false"
     client = record.client_label
-    requests_child(client, backend, model, str(record.status), stream).inc()
+    requests_child(client, backend, model, str(record.status), stream, record.dialect).inc()
     if record.throttled is not None:
         throttled_child(record.throttled).inc()
     for attempt in record.attempt_errors:
@@ -190,7 +191,8 @@ def observe_realtime_session(record: RequestRecord, seconds: float) -> None:
     length. Its tokens were counted as each ``response.done`` came (``count_tokens``): a
     session may last an hour, the token panels must not wait for its end."""
     backend = record.backend or "none"
-    requests_child(record.client_label, backend, record.model_label, "101", "true").inc()
+    labels = (record.client_label, backend, record.model_label, "101", "true", record.dialect)
+    requests_child(*labels).inc()
     for attempt in record.attempt_errors:
         errors_child(*attempt).inc()
     REALTIME_DURATION.labels(backend, record.model_label).observe(seconds)

@@ -1,9 +1,12 @@
 """``proxy check --online``: try every key and every configured model id against the backends.
 
-For every backend and key: ``GET {base_url}/models`` (concurrently, short timeouts). Each key
-is ok (with its model count), invalid (401/403, with a hint where one is known), unreachable,
-or answered some other status. Every alias target and every model listed under a backend is
-then looked up in what that backend serves; a missing id comes with the closest real ids.
+For every backend and key: ``GET {base_url}/models`` (concurrently, short timeouts), and for
+a backend with an Anthropic endpoint ``GET {anthropic_base_url}/v1/models`` too, the key sent
+the way that endpoint wants it. Each key is ok (with its model count), invalid (401/403,
+with a hint where one is known), unreachable, or answered some other status (a 404 from an
+Anthropic endpoint only means it lists no models: a warning). Every alias target and every
+model listed under a backend is then looked up in what that backend serves (its OpenAI
+side's list); a missing id comes with the closest real ids.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import httpx
 
 from proxy.config import BackendConfig, Config, KeyConfig
+from proxy.dialects import ANTHROPIC, OPENAI, Dialect
 from proxy.redact import Redactor
 from proxy.routing import Router
 
@@ -73,9 +77,13 @@ class Report:
         }
 
 
+ANTHROPIC_VERSION = "2023-06-01"  # the one the SDKs have sent since 2023
+
+
 @dataclass
 class _KeyResult:
     key: KeyConfig
+    dialect: Dialect = OPENAI
     status: int | None = None
     models: list[str] = field(default_factory=list)
     error: str | None = None
@@ -86,8 +94,10 @@ async def check_online(config: Config) -> Report:
     redactor = Redactor.for_config(config)
     async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
         jobs = [
-            _probe(client, backend, key, redactor)
+            _probe(client, backend, key, redactor, dialect)
             for backend in config.backends.values()
+            for dialect in (OPENAI, ANTHROPIC)
+            if dialect.speaks(backend)
             for key in backend.keys
             if key.present
         ]
@@ -100,18 +110,25 @@ async def check_online(config: Config) -> Report:
     for name, backend in config.backends.items():
         results_here = by_backend.get(name, [])
         report.findings += _key_findings(backend, results_here)
-        served = sorted({m for r in results_here for m in r.models})
+        served = sorted({m for r in results_here if r.dialect is OPENAI for m in r.models})
         report.findings += _model_findings(name, wanted.get(name, {}), served, results_here)
     return report
 
 
 async def _probe(
-    client: httpx.AsyncClient, backend: BackendConfig, key: KeyConfig, redactor: Redactor
+    client: httpx.AsyncClient,
+    backend: BackendConfig,
+    key: KeyConfig,
+    redactor: Redactor,
+    dialect: Dialect = OPENAI,
 ) -> tuple[str, _KeyResult]:
-    result = _KeyResult(key)
-    headers = {**backend.headers, "authorization": f"Bearer {key.value}"}
+    result = _KeyResult(key, dialect)
+    name, value = dialect.upstream_auth(backend, key.value)
+    headers = {**backend.headers, name: value}
+    if dialect is ANTHROPIC:
+        headers["anthropic-version"] = ANTHROPIC_VERSION
     try:
-        status, data = await _get_capped(client, f"{backend.base_url}/models", headers)
+        status, data = await _get_capped(client, f"{dialect.base_url(backend)}/models", headers)
     except httpx.TimeoutException:
         result.error = "timed out"
     except httpx.HTTPError as exc:
@@ -159,15 +176,20 @@ def _key_findings(backend: BackendConfig, results: list[_KeyResult]) -> list[Fin
             findings.append(Finding(backend.name, "warning", f"key {key.id}", "not set", hint))
     for r in results:
         subject = f"key {r.key.id}"
+        url = backend.base_url
+        if r.dialect is not OPENAI:
+            subject += f" ({r.dialect.name} endpoint)"
+            url = r.dialect.base_url(backend)
         if r.error is not None:
             findings.append(Finding(backend.name, "error", subject, r.error))
         elif r.status == 200:
             findings.append(Finding(backend.name, "ok", subject, f"ok, {len(r.models)} models"))
         elif r.status in (401, 403):
             message = f"{r.status}: invalid" + (f" ({r.message})" if r.message else "")
-            findings.append(
-                Finding(backend.name, "error", subject, message, _key_hint(backend.base_url))
-            )
+            findings.append(Finding(backend.name, "error", subject, message, _key_hint(url)))
+        elif r.status == 404 and r.dialect is not OPENAI:
+            message = f"lists no models at {url}/models (404): the key is not checked there"
+            findings.append(Finding(backend.name, "warning", subject, message))
         else:
             message = f"answered {r.status}" + (f" ({r.message})" if r.message else "")
             findings.append(Finding(backend.name, "error", subject, message))

@@ -36,6 +36,7 @@ import orjson
 from proxy import errors, metrics
 from proxy.access_log import AccessLog, RequestRecord
 from proxy.classify import Verdict, classify, parse_seconds
+from proxy.dialects import OPENAI
 from proxy.errors import ProxyError
 from proxy.forward import (
     Receive,
@@ -304,9 +305,8 @@ async def _connect(
             record.key = key.id
             if record.sent_at is None:
                 record.sent_at = time.perf_counter()
-            headers = forwarded_request_headers(
-                scope["headers"], upstream.extra_headers, "Bearer " + key.value
-            )
+            auth = OPENAI.upstream_auth(runtime.config.backends[backend], key.value)
+            headers = forwarded_request_headers(scope["headers"], upstream.extra_headers, auth)
             try:
                 socket = await upstream.websocket(
                     UPSTREAM_PATH,

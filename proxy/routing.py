@@ -3,17 +3,20 @@
 Resolution order: alias (followed to its end), then the first route whose prefix matches,
 then a backend that lists the exact id under ``models``. A request without a model (files,
 batches, a retrieve by id) goes by its path: the first ``paths:`` rule whose prefix holds
-it, else ``default_backend``. Everything is precomputed from the config at start-up; a
-lookup is a dict hit or a short loop of ``startswith``.
+it, else ``default_backend``. A target carries the request's dialect: for a dialect other
+than OpenAI's, fallbacks that do not speak it are left out and no rewrite rules apply (its
+bodies pass through as sent, model id aside). Everything is precomputed from the config at
+start-up; a lookup is a dict hit or a short loop of ``startswith``.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from proxy.config import Config, RouteConfig
+from proxy.dialects import OPENAI, Dialect
 from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
@@ -38,6 +41,7 @@ class Target:
     fallbacks: tuple[Target, ...] = ()  # tried in order when this backend fails first
     label: str = ""  # the metrics label: a model id from the config, or the route's pattern
     rewrite: RewriteRules = NO_RULES  # the backend's rules, then the route's
+    dialect: Dialect = OPENAI  # the wire the client speaks, and the backend is spoken to in
 
 
 @dataclass(frozen=True)
@@ -58,7 +62,9 @@ class Router:
         # Ids the config names: only these become metric labels, as themselves.
         self._known = set(self._aliases.values()) | set(self._listed)
         self._known |= {f.model for r in self._routes for f in r.fallback if f.model}
+        self._backends = config.backends
         self._cache: dict[str, Target | None] = {}
+        self._other_caches: dict[str, dict[str, Target | None]] = {}  # other dialects
         self.models = self._model_list()
         self.listed = frozenset(entry.id for entry in self.models)
         self._paths = tuple(
@@ -67,16 +73,36 @@ class Router:
         default = config.default_backend
         self._default = _model_less(default, None) if default is not None else None
 
-    def resolve(self, requested: str) -> Target | None:
+    def resolve(self, requested: str, dialect: Dialect = OPENAI) -> Target | None:
         """The target for ``requested``, or None when nothing routes it."""
+        cache = self._cache if dialect is OPENAI else self._dialect_cache(dialect)
         try:
-            return self._cache[requested]
+            return cache[requested]
         except KeyError:
             pass
         target = self._resolve(requested)
-        if len(self._cache) < _CACHE_LIMIT:
-            self._cache[requested] = target
+        if target is not None and dialect is not OPENAI:
+            target = self._in_dialect(target, dialect)
+        if len(cache) < _CACHE_LIMIT:
+            cache[requested] = target
         return target
+
+    def _dialect_cache(self, dialect: Dialect) -> dict[str, Target | None]:
+        return self._other_caches.setdefault(dialect.name, {})
+
+    def _in_dialect(self, target: Target, dialect: Dialect) -> Target:
+        """``target`` for a request in ``dialect``: passed through as sent (no rewrite
+        rules: they are written for OpenAI bodies), fallbacks that speak it only."""
+        fallbacks = tuple(
+            replace(f, dialect=dialect, rewrite=NO_RULES)
+            for f in target.fallbacks
+            if dialect.speaks(self._backends[f.backend])
+        )
+        return replace(target, dialect=dialect, rewrite=NO_RULES, fallbacks=fallbacks)
+
+    def speakers(self, dialect: Dialect) -> list[str]:
+        """The backends that speak ``dialect``, for the message of an error."""
+        return [name for name, backend in self._backends.items() if dialect.speaks(backend)]
 
     def _resolve(self, requested: str) -> Target | None:
         model = self._aliases.get(requested, requested)

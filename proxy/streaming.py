@@ -1,8 +1,9 @@
 """Relaying an upstream response to the ASGI client.
 
 A stream is passed on chunk by chunk, exactly as received and as soon as received. When the
-upstream dies or stalls mid-stream, the client gets one OpenAI-shaped SSE error event and
-the end of the response, so SDKs raise instead of mistaking the failure for a clean end.
+upstream dies or stalls mid-stream, the client gets one SSE error event in its dialect
+(OpenAI's ``data: {"error": ...}``, Anthropic's ``event: error``) and the end of the
+response, so SDKs raise instead of mistaking the failure for a clean end.
 
 One exception to "exactly as received": when the proxy itself asked the upstream for usage
 (``stream_options.include_usage``) and the client did not, the usage-only event that
@@ -16,27 +17,23 @@ import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
 import aiohttp
 import orjson
 
-from proxy.errors import error_body
+from proxy.dialects import anthropic, openai
+from proxy.dialects.base import StreamKind as StreamKind
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.usage import token_counts
 
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-
-
-class StreamKind(Enum):
-    """How a stream says it is complete, and how a failure must be told to its SDK."""
-
-    DONE_TERMINATED = "done"  # chat and text completions: must end with data: [DONE]
-    RESPONSES = "responses"  # Responses API: typed events; a failure is `event: error`
-    PLAIN = "plain"  # anything else: a clean end is an end
+_STOP = b'"message_stop"'  # the type of the event that completes a Messages stream
+# An upstream's own error event (a JSON string cannot hold a raw line end, so no text can
+# forge it): the stream has ended, and told the SDK so already.
+_ERROR_EVENT = b"\nevent: error"
 
 
 @dataclass(slots=True)
@@ -62,8 +59,8 @@ def usage_of(event_json: Any) -> dict[str, Any] | None:
     usage = event_json.get("usage")
     if isinstance(usage, dict):
         return usage
-    response = event_json.get("response")  # Responses API: response.completed
-    if isinstance(response, dict):
+    response = event_json.get("response") or event_json.get("message")
+    if isinstance(response, dict):  # Responses' response.completed, Messages' message_start
         inner = response.get("usage")
         if isinstance(inner, dict):
             return inner
@@ -95,11 +92,15 @@ class _UsageReader:
     a copy of a line only while it is cut across chunks, which real upstreams rarely do.
     """
 
-    __slots__ = ("_held", "_line", "usage")
+    __slots__ = ("_held", "_line", "_merge", "usage")
 
-    def __init__(self) -> None:
+    def __init__(self, merge: bool = False) -> None:
         self._line: list[bytes] = []  # the start of a line the next chunk goes on with
         self._held = 0
+        # Anthropic reports usage in two events (input in message_start, output in
+        # message_delta): merged field by field, the larger count kept. Otherwise the last
+        # usage seen wins (a provider that repeats it is counted once).
+        self._merge = merge
         self.usage: dict[str, Any] | None = None
 
     def feed(self, chunk: bytes) -> None:
@@ -149,7 +150,20 @@ class _UsageReader:
                 except orjson.JSONDecodeError:
                     continue
                 if found is not None:
-                    self.usage = found
+                    self.usage = merged(self.usage, found) if self._merge else found
+
+
+def merged(earlier: dict[str, Any] | None, later: dict[str, Any]) -> dict[str, Any]:
+    """Two usage objects of one stream as one: per field the larger count (Anthropic's
+    counts are cumulative), any other value from the later."""
+    if earlier is None:
+        return later
+    both = {**earlier, **later}
+    for name, value in earlier.items():
+        other = later.get(name)
+        if type(value) is int and type(other) is int and value > other:
+            both[name] = value
+    return both
 
 
 # ---------------------------------------------------------------- the usage-only event
@@ -328,7 +342,10 @@ async def relay_stream(
     other byte is passed on as received, whole events at a time.
     """
     result = RelayResult()
-    usage = _UsageReader()
+    anthropic_stream = kind is StreamKind.ANTHROPIC
+    usage = _UsageReader(merge=anthropic_stream)
+    stop = _Seen(_STOP)  # an Anthropic stream is complete at message_stop...
+    told = _Seen(_ERROR_EVENT, b"\n")  # ...or over, when the upstream sent its own error
     stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
@@ -345,6 +362,9 @@ async def relay_stream(
                 if not chunk:
                     continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if anthropic_stream and not stop.seen:
+                stop.feed(chunk)
+                told.feed(chunk)
             previous, last = last, chunk
             if result.first_data_at is None and b"data:" in chunk:
                 result.first_data_at = time.perf_counter()
@@ -372,6 +392,15 @@ async def relay_stream(
         message = f"Backend '{backend}' ended the stream without [DONE]."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
+    if anthropic_stream and not stop.seen and not stop.feed(held):
+        if told.seen or told.feed(held):  # the upstream's error event ended it: relayed as is
+            result.error = "stream_broken"
+            await send({"type": "http.response.body", "body": held, "more_body": False})
+            return result
+        result.error = "stream_broken"
+        message = f"Backend '{backend}' ended the stream without message_stop."
+        await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
+        return result
     await send({"type": "http.response.body", "body": held, "more_body": False})
     return result
 
@@ -387,33 +416,32 @@ async def send_stream_error(
     """End the stream with one error event (after ``held``, bytes not yet passed on)."""
     # A half-sent event is closed first so the error is an event of its own.
     separator = held + (b"" if (held or last_chunk).endswith(_EVENT_ENDS) else b"\n\n")
-    if kind is StreamKind.RESPONSES:
-        event = b"event: error\ndata: " + _responses_error(message, code, last_chunk)
+    if kind is StreamKind.ANTHROPIC:
+        event = anthropic.stream_error_event(message)
     else:
-        event = b"data: " + error_body(message, "api_error", code)
+        event = openai.stream_error_event(message, code, last_chunk, kind)
     await send(
         {"type": "http.response.body", "body": separator + event + b"\n\n", "more_body": False}
     )
 
 
-_SEQUENCE = re.compile(rb'"sequence_number"\s*:\s*(\d{1,18})')
+class _Seen:
+    """Whether ``marker`` has gone by in a stream, however the chunks cut it."""
 
+    __slots__ = ("_marker", "_tail", "seen")
 
-def _responses_error(message: str, code: str, last_chunk: bytes) -> bytes:
-    """A Responses-API ``error`` event (``type: error``, what its SDKs parse), numbered
-    after the last event seen; its ``error`` object makes the openai SDK raise."""
-    numbers = _SEQUENCE.findall(last_chunk)
-    sequence = int(numbers[-1]) + 1 if numbers else 0
-    error = {"message": message, "type": "api_error", "param": None, "code": code}
-    event = {
-        "type": "error",
-        "code": code,
-        "message": message,
-        "param": None,
-        "sequence_number": sequence,
-        "error": error,
-    }
-    return orjson.dumps(event)
+    def __init__(self, marker: bytes, before: bytes = b"") -> None:
+        self._marker = marker
+        self._tail = before  # the last bytes seen, shorter than the marker
+        self.seen = False
+
+    def feed(self, chunk: bytes) -> bool:
+        marker = self._marker
+        keep = len(marker) - 1
+        if marker in chunk or marker in self._tail + chunk[:keep]:
+            self.seen = True
+        self._tail = chunk[-keep:] if len(chunk) >= keep else (self._tail + chunk)[-keep:]
+        return self.seen
 
 
 class ResponseCut(Exception):

@@ -15,6 +15,7 @@ import orjson
 from yarl import URL
 
 from proxy.config import BackendConfig
+from proxy.dialects import OPENAI
 from proxy.errors import (
     ProxyError,
     upstream_response_too_large,
@@ -40,6 +41,7 @@ class Upstream:
         self.name = backend.name
         self.base_url = backend.base_url
         self.extra_headers = dict(backend.headers)
+        self._backend = backend
         timeout = backend.timeout
         self._timeout = aiohttp.ClientTimeout(
             total=None,  # a stream may run for many minutes; the gaps are what is bounded
@@ -77,18 +79,21 @@ class Upstream:
             await self._session.close()
             self._session = None
 
-    def url(self, path: str, query: str = "") -> URL:
-        """``base_url`` + the path after ``/v1`` (one of the allowed ones), query kept.
+    def url(self, path: str, query: str = "", base: str | None = None) -> URL:
+        """``base`` (default ``base_url``; a dialect may have its own, e.g. the backend's
+        ``anthropic_base_url``) + the path after ``/v1`` (an allowed one), query kept.
 
         Only query-less URLs are cached: the paths are a short list from the config, while
         a client can send any number of distinct queries."""
+        base = self.base_url if base is None else base
         if query:
-            return URL(f"{self.base_url}{path}?{query}", encoded=True)
-        url = self._urls.get(path)
+            return URL(f"{base}{path}?{query}", encoded=True)
+        whole = base + path
+        url = self._urls.get(whole)
         if url is None:
-            url = URL(self.base_url + path, encoded=True)
+            url = URL(whole, encoded=True)
             if len(self._urls) < _URL_CACHE_LIMIT:
-                self._urls[path] = url
+                self._urls[whole] = url
         return url
 
     async def send(
@@ -183,7 +188,8 @@ class Upstream:
         and the model ids listed. Used to re-probe invalid keys and to discover models."""
         if self._session is None:
             return "not started", []
-        headers = {"authorization": f"Bearer {key}", "accept": "application/json"}
+        name, value = OPENAI.upstream_auth(self._backend, key)  # OpenAI's side: its /models
+        headers = {name: value, "accept": "application/json"}
         try:
             async with self._session.get(
                 self.url("/models"),

@@ -84,7 +84,7 @@ def test_metric_values_after_known_traffic(proxy, upstream):
     assert post(proxy, {"model": "client-sent-anything"}).status_code == 200
     m = scrape(proxy)
 
-    labels = {"client": "team-obs", "backend": "mock", "model": "obs-model"}
+    labels = {"client": "team-obs", "backend": "mock", "model": "obs-model", "endpoint": "openai"}
     assert value(m, "llm_proxy_requests_total", **labels, status="200", stream="false") == 3
     assert value(m, "llm_proxy_requests_total", **labels, status="200", stream="true") == 1
     assert value(m, "llm_proxy_requests_total", **labels, status="500", stream="false") == 1
@@ -97,6 +97,7 @@ def test_metric_values_after_known_traffic(proxy, upstream):
             client="team-obs",
             backend="mock",
             model="*",
+            endpoint="openai",
             status="200",
             stream="false",
         )
@@ -276,6 +277,7 @@ def test_counts_are_summed_over_workers(upstream, tmp_path, workers):
                     model="obs-model",
                     status="200",
                     stream="false",
+                    endpoint="openai",
                 )
             )
         assert totals == {20.0}

@@ -15,7 +15,9 @@ def test_client_credentials_and_hop_by_hop_headers_never_go_upstream():
         (b"x-request-id", b"abc"),
         (b"user-agent", b"OpenAI/Python 1.0"),
     ]
-    headers = forwarded_request_headers(client, {"x-extra": "1"}, "Bearer sk-upstream")
+    headers = forwarded_request_headers(
+        client, {"x-extra": "1"}, ("authorization", "Bearer sk-upstream")
+    )
     assert headers == {
         "accept": "application/json",
         "openai-beta": "assistants=v2",

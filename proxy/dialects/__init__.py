@@ -1,0 +1,36 @@
+"""The wire dialects the proxy speaks: ``openai`` and ``anthropic``.
+
+``for_request(path, headers)`` picks one per request from its path (and, for the shared
+``/v1/models``, the ``anthropic-version`` header the Anthropic SDK always sends).
+"""
+
+from __future__ import annotations
+
+from proxy.dialects.anthropic import ANTHROPIC, AnthropicDialect
+from proxy.dialects.base import Dialect, RawHeaders, StreamKind, bearer_token, header_value
+from proxy.dialects.openai import OPENAI, OpenAIDialect
+
+DIALECTS: dict[str, Dialect] = {OPENAI.name: OPENAI, ANTHROPIC.name: ANTHROPIC}
+
+__all__ = [
+    "ANTHROPIC",
+    "DIALECTS",
+    "OPENAI",
+    "AnthropicDialect",
+    "Dialect",
+    "OpenAIDialect",
+    "RawHeaders",
+    "StreamKind",
+    "bearer_token",
+    "for_request",
+    "header_value",
+]
+
+
+def for_request(path: str, headers: RawHeaders) -> Dialect:
+    """The dialect of a request to ``path`` (the whole path, ``/v1/...``)."""
+    if path.startswith("/v1/messages") and (len(path) == 12 or path[12] == "/"):
+        return ANTHROPIC
+    if path.startswith("/v1/models") and header_value(headers, b"anthropic-version") is not None:
+        return ANTHROPIC
+    return OPENAI
