@@ -25,6 +25,8 @@ from proxy.objects import (
 from proxy.throttle import make_storage
 from tests.conftest import RedisServer, _spawn_redis, free_port
 
+pytestmark = pytest.mark.e2e  # a real redis-server process
+
 TTL = 30 * 24 * 3600.0
 
 

@@ -233,7 +233,7 @@ def streams(draw: st.DrawFn) -> tuple[list[bytes], int | None, dict[str, Any] | 
 HOLD_LIMIT = 1 << 20  # what the stripper may hold of one unfinished event
 
 CUTS = st.lists(st.integers(min_value=0, max_value=10**6), max_size=12)
-PROPERTY = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+PROPERTY = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @PROPERTY
