@@ -180,8 +180,7 @@ async def _try_backend(
                 # reported by the relay once the answer is in: a body cut after a 200 head
                 # is the backend failing.)
                 breaker.success(ctx.client)
-            if runtime.unverified:
-                runtime.unverified.discard(target.backend)
+            runtime.state.verified(target.backend)
 
 
 class _Attempt:

@@ -314,8 +314,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                 raise _handshake_error(backend, exc.status, verdict, refused) from None
             verdict = Verdict.OK
             pool.mark_success(key.id)
-            if runtime.unverified:
-                runtime.unverified.discard(backend)
+            runtime.state.verified(backend)
             return _Opened(target, socket, key.id)
     finally:
         # The breaker hears exactly one outcome, so a half-open probe slot is never kept.
