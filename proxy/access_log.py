@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import sys
 import time
-from dataclasses import dataclass, field, replace
 from typing import TextIO
 
 import orjson
 
+from proxy.context import RequestContext
 from proxy.logfmt import escape_controls
-from proxy.usage import NO_TOKENS, TokenCounts
+from proxy.usage import TokenCounts
 
 FLUSH_INTERVAL = 0.05
 
@@ -25,54 +25,6 @@ def escaped(text: str | None) -> str:
     """A field for the text line, control characters escaped: a client cannot forge a
     second log line with ``%0A`` in its path (pre-auth)."""
     return escape_controls(text) if text else "-"
-
-
-@dataclass(slots=True)
-class RequestRecord:
-    method: str
-    path: str
-    request_id: str = ""  # the client's X-Request-Id, or one the proxy made
-    upstream_request_id: str | None = None  # the provider's, for its support desk
-    model: str | None = None
-    upstream_model: str | None = None
-    backend: str | None = None
-    key: str | None = None  # the key *id*; the secret never reaches a record
-    status: int = 0
-    stream: bool = False
-    error: str | None = None
-    client: str | None = None  # client key id, or address when the proxy is open
-    client_label: str = "anonymous"  # for metrics: the client id, never an address
-    throttled: str | None = (
-        None  # reconnect | client_rate_limit | backend_rate_limit | circuit_open
-    )
-    upstream_error: str | None = None  # connect | timeout | status_4xx | status_429 | status_5xx
-    # For metrics, observed on the side:
-    model_label: str = "unrouted"
-    dialect: str = "openai"  # the wire the client spoke: the metrics' endpoint label
-    attempt_errors: list[tuple[str, str, str]] = field(default_factory=list)  # backend, key, kind
-    ttft: float | None = None  # seconds to the upstream's first data: event (streams)
-    tokens: TokenCounts = NO_TOKENS  # from the upstream's usage: proxy.usage.token_counts
-    overhead: float | None = None  # seconds the proxy itself added
-    sent_at: float | None = None  # perf_counter when the first upstream call began
-    started: float = field(default_factory=time.perf_counter)
-
-    # The two counts callers set before ``tokens`` carried every type; the setters stay
-    # until every caller assigns ``record.tokens = token_counts(usage)``.
-    @property
-    def prompt_tokens(self) -> int:
-        return self.tokens.prompt
-
-    @prompt_tokens.setter
-    def prompt_tokens(self, value: int) -> None:
-        self.tokens = replace(self.tokens, prompt=value)
-
-    @property
-    def completion_tokens(self) -> int:
-        return self.tokens.completion
-
-    @completion_tokens.setter
-    def completion_tokens(self, value: int) -> None:
-        self.tokens = replace(self.tokens, completion=value)
 
 
 class AccessLog:
@@ -85,7 +37,7 @@ class AccessLog:
         self._second = -1
         self._stamp = ""
 
-    def write(self, record: RequestRecord) -> None:
+    def write(self, record: RequestContext) -> None:
         if not self.enabled:
             return
         self._pending.append(self._format(record))
@@ -114,7 +66,7 @@ class AccessLog:
             self._stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._stamp}.{int((now - second) * 1000):03d}Z"
 
-    def _text(self, r: RequestRecord) -> str:
+    def _text(self, r: RequestContext) -> str:
         duration_ms = (time.perf_counter() - r.started) * 1000
         return (
             f"{self._timestamp()} access {r.method} {escaped(r.path)} status={r.status} "
@@ -123,11 +75,11 @@ class AccessLog:
             f"upstream_request_id={escaped(r.upstream_request_id)} model={escaped(r.model)} "
             f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
-            f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)} throttled={r.throttled or '-'} "
+            f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)} throttled={r.throttle_reason or '-'} "
             f"error={r.error or r.upstream_error or '-'}\n"
         )
 
-    def _json(self, r: RequestRecord) -> str:
+    def _json(self, r: RequestContext) -> str:
         line = {
             "time": self._timestamp(),
             "request_id": r.request_id,
@@ -147,7 +99,7 @@ class AccessLog:
             "completion_tokens": r.tokens.completion,
             "cached_tokens": r.tokens.cached,
             "reasoning_tokens": r.tokens.reasoning,
-            "throttled": r.throttled,
+            "throttled": r.throttle_reason,
             "error": r.error or r.upstream_error,
         }
         if r.tokens.cache_creation or r.tokens.cache_read:  # Anthropic's, only where they are

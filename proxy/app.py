@@ -80,20 +80,20 @@ class ProxyApp:
             if scope["path"].startswith("/v1/") and not self._answered_here(scope):
                 # One snapshot per request: a reload never changes a request half-way.
                 runtime = self.runtime
-                runtime.in_flight[0] += 1
+                runtime.state.in_flight += 1
                 try:
                     await forward.handle(runtime, self.access_log, scope, receive, send)
                 finally:
-                    runtime.in_flight[0] -= 1
+                    runtime.state.in_flight -= 1
             else:
                 await self.cold(scope, receive, _with_request_id(scope, send))
         elif scope["type"] == "websocket":  # GET /v1/realtime (the only WebSocket endpoint)
             runtime = self.runtime
-            runtime.in_flight[0] += 1  # a reload keeps this snapshot's pools until it ends
+            runtime.state.in_flight += 1  # a reload keeps this snapshot's pools until it ends
             try:
                 await realtime.handle_websocket(runtime, self.access_log, scope, receive, send)
             finally:
-                runtime.in_flight[0] -= 1
+                runtime.state.in_flight -= 1
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
 
@@ -157,7 +157,7 @@ class ProxyApp:
             for name, pool in runtime.pools.items()
             if pool.usable()
             and not runtime.breakers[name].is_open
-            and name not in runtime.unverified
+            and name not in runtime.state.unverified
         ]
         status = 200 if serving else 503
         return JSONResponse({"ready": bool(serving), "backends": serving}, status_code=status)

@@ -13,7 +13,6 @@ is answered: an upstream error passed through unchanged, or the proxy's own erro
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -22,10 +21,10 @@ import aiohttp
 import orjson
 
 from proxy import errors, rewrite
-from proxy.access_log import RequestRecord
 from proxy.bodies import ClientGone, Upload
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
+from proxy.context import RequestContext
 from proxy.dialects import OPENAI, Dialect
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
@@ -133,7 +132,7 @@ _ERROR_BODY_LIMIT = 1024 * 1024  # error bodies are small; a huge one is not rel
 
 
 async def deliver(
-    runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
+    runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
 ) -> Result:
     """The first good answer among the target and its fallbacks, else the last failure.
 
@@ -142,9 +141,8 @@ async def deliver(
     """
     last: Result | ProxyError | None = None
     for candidate in (target, *target.fallbacks):
-        record.backend, record.upstream_model = candidate.backend, candidate.upstream_model
-        record.model_label = candidate.label
-        result = await _try_backend(runtime, candidate, parts, record)
+        ctx.routed(candidate)
+        result = await _try_backend(runtime, candidate, parts, ctx)
         if isinstance(result, Delivery):
             return result
         last = result
@@ -157,23 +155,23 @@ async def deliver(
 
 
 async def _try_backend(
-    runtime: Runtime, target: Target, parts: RequestParts, record: RequestRecord
+    runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
 ) -> Result | ProxyError:
     breaker = runtime.breakers[target.backend]
     probing = breaker.is_open  # a 0 from admit() then hands this attempt the probe slot
     wait = breaker.admit()
     ticket = breaker.probe_ticket if probing else None
     if wait:
-        record.throttled = "circuit_open"
+        ctx.throttled("circuit_open")
         return errors.circuit_open(target.backend, wait)
-    attempt = _Attempt(runtime, target, parts, record, ticket)
+    attempt = _Attempt(runtime, target, parts, ctx, ticket)
     try:
         return await attempt.run()
     finally:
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
         # the breaker hears an outcome, so a half-open probe slot is never left taken.
         if attempt.verdict is Verdict.BACKEND_FAILED or attempt.verdict is Verdict.BAD_STATUS:
-            breaker.failure(record.client)
+            breaker.failure(ctx.client)
         elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
             breaker.release(ticket)
         else:
@@ -181,9 +179,8 @@ async def _try_backend(
                 # The backend answered: up, whatever it thought of the request. (An OK is
                 # reported by the relay once the answer is in: a body cut after a 200 head
                 # is the backend failing.)
-                breaker.success(record.client)
-            if runtime.unverified:
-                runtime.unverified.discard(target.backend)
+                breaker.success(ctx.client)
+            runtime.state.verified(target.backend)
 
 
 class _Attempt:
@@ -195,22 +192,22 @@ class _Attempt:
         runtime: Runtime,
         target: Target,
         parts: RequestParts,
-        record: RequestRecord,
+        ctx: RequestContext,
         ticket: int | None,
     ) -> None:
         self.runtime = runtime
         self.target = target
         self.parts = parts
-        self.record = record
+        self.ctx = ctx
         self.verdict: Verdict | None = None  # the last upstream verdict; None: no answer
         self.ticket = ticket  # the probe slot, if held: handed on with a Delivery
 
     async def run(self) -> Result | ProxyError:
-        runtime, target, parts, record = self.runtime, self.target, self.parts, self.record
+        runtime, target, parts, ctx = self.runtime, self.target, self.parts, self.ctx
         backend = target.backend
         decision = await runtime.throttle.hit_backend(backend)
         if decision is not None and not decision.allowed:
-            record.throttled = "backend_rate_limit"
+            ctx.throttled("backend_rate_limit")
             return errors.backend_rate_limited(backend, decision.reset_seconds)
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
@@ -227,9 +224,8 @@ class _Attempt:
             except NoUsableKey as exc:
                 return self._nothing_left(exc, last_answer, refused)
             tried.append(key.id)
-            record.key = key.id
-            if record.sent_at is None:
-                record.sent_at = time.perf_counter()
+            ctx.key_chosen(key.id)
+            ctx.attempt_started()
             auth = dialect.upstream_auth(config, key.value)
             headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
             try:
@@ -312,8 +308,7 @@ class _Attempt:
         return errors.no_usable_key(exc.backend, exc.hint)
 
     def _attempt_failed(self, key_id: str, kind: str) -> None:
-        self.record.upstream_error = kind
-        self.record.attempt_errors.append((self.target.backend, key_id, kind))
+        self.ctx.attempt_failed(self.target.backend, key_id, kind)
 
     async def _read_failed(self, response: aiohttp.ClientResponse, key_id: str) -> FailedAnswer:
         backend = self.target.backend

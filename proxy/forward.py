@@ -23,7 +23,7 @@ import aiohttp
 import orjson
 
 from proxy import errors, metrics
-from proxy.access_log import AccessLog, RequestRecord
+from proxy.access_log import AccessLog
 from proxy.bodies import (
     FORM,
     JSON_TYPES,
@@ -37,6 +37,7 @@ from proxy.bodies import (
     read_whole,
 )
 from proxy.clients import Client
+from proxy.context import RequestContext
 from proxy.dialects import OPENAI, Dialect, for_request
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
@@ -65,39 +66,12 @@ _EVENT_STREAM = "text/event-stream"
 ANTHROPIC_REQUEST_ID = b"request-id"  # Anthropic's name for it (its SDK reads this one)
 
 
-class _Exchange:
-    """What one request has done so far: enough to answer an error, log it and learn from it."""
-
-    __slots__ = (
-        "client_gone",
-        "dialect",
-        "finished",
-        "outcome",
-        "record",
-        "request_id",
-        "response_started",
-        "target",
-    )
-
-    def __init__(self, record: RequestRecord, request_id: str, dialect: Dialect) -> None:
-        self.record = record
-        self.request_id = request_id
-        self.dialect = dialect  # the wire the client speaks: how errors are written
-        self.target: Target | None = None
-        self.response_started = False
-        self.finished = False
-        self.client_gone = False
-        self.outcome = Outcome.NEUTRAL  # what the reconnect throttle learns from this request
-
-
 async def handle(
     runtime: Runtime, access_log: AccessLog, scope: Scope, receive: Receive, send: Send
 ) -> None:
     request_id = client_request_id(scope["headers"]) or new_request_id()
-    record = RequestRecord(scope["method"], scope["path"], request_id)
     dialect = for_request(scope["path"], scope["headers"])
-    exchange = _Exchange(record, request_id, dialect)
-    record.dialect = dialect.name
+    ctx = RequestContext(scope["method"], scope["path"], request_id, dialect)
     parts: RequestParts | None = None
     try:
         path = forwarded_path(scope, dialect, runtime)
@@ -108,37 +82,35 @@ async def handle(
         upload = parts.upload
         await _cancel_on_disconnect(
             receive,
-            exchange,
-            forward(runtime, scope, send, parts, exchange),
+            ctx,
+            forward(runtime, scope, send, parts, ctx),
             upload.done if upload is not None else None,
         )
     except ProxyError as err:
-        await _answer_error(runtime, send, exchange, err)
+        await _answer_error(runtime, send, ctx, err)
     except ClientGone:
-        record.status, record.error = 499, "client_disconnected"
+        ctx.client_left()
     except ResponseCut:
         raise  # the server drops the connection: the client sees the body end too early
     except asyncio.CancelledError:
-        if not exchange.client_gone:
+        if not ctx.client_gone:
             raise
         # The client left: the upstream call was cancelled with this task, so nothing is
         # generated (and paid for) for nobody.
         current = asyncio.current_task()
         if current is not None:
             current.uncancel()
-        record.status = record.status or 499
-        record.error = "client_disconnected"
-        exchange.outcome = Outcome.NEUTRAL
+        ctx.client_left()
     except Exception:
         log.exception("internal error while handling %s %s", scope["method"], scope["path"])
-        await _answer_error(runtime, send, exchange, errors.internal_error())
+        await _answer_error(runtime, send, ctx, errors.internal_error())
     finally:
         if parts is not None and parts.upload is not None:
             parts.upload.close()
-        access_log.write(record)
-        metrics.observe_request(record)
-        if exchange.target is not None and record.client is not None:
-            await runtime.throttle.record(record.client, exchange.target.model, exchange.outcome)
+        access_log.write(ctx)
+        metrics.observe_request(ctx)
+        if ctx.target is not None and ctx.client is not None:
+            await runtime.throttle.record(ctx.client, ctx.target.model, ctx.outcome)
 
 
 async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: str) -> RequestParts:
@@ -184,64 +156,58 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
 
 
 async def forward(
-    runtime: Runtime, scope: Scope, send: Send, parts: RequestParts, exchange: _Exchange
+    runtime: Runtime, scope: Scope, send: Send, parts: RequestParts, ctx: RequestContext
 ) -> None:
-    record = exchange.record
     # auth
     client = runtime.auth.authenticate(scope["headers"], parts.dialect)
     if client is not None:
-        record.client = record.client_label = client.id
+        ctx.authenticated(client.id)
     else:
-        record.client = runtime.auth.address(scope)
+        ctx.anonymous(runtime.auth.address(scope))
 
     # route
     model = parts.model
-    record.model = model or None
-    record.stream = parts.payload.get("stream") is True
+    ctx.requested(model, parts.payload.get("stream") is True)
     target = route(runtime, parts)
     # Objects are made (and named) on OpenAI's API only; most requests name none: then no
     # storage call, not even an await.
     ids = named_objects(parts) if parts.dialect is OPENAI else []
     if ids:
         target = await stick_to_objects(runtime, ids, target)
-    record.backend, record.upstream_model = target.backend, target.upstream_model or None
-    record.model_label = target.label
+    ctx.routed(target)
     if model:
         runtime.auth.check_model(client, model, target.model)
 
     # throttle
-    await admit_client(runtime, record, client, target.model or parts.path)
-    exchange.target = target  # from here on, what happens counts for the reconnect throttle
+    await admit_client(runtime, ctx, client, target.model or parts.path)
+    ctx.admitted(target)
 
     # key → upstream, with retries on another key and fallbacks
     try:
-        result = await deliver(runtime, target, parts, record)
+        result = await deliver(runtime, target, parts, ctx)
     except ProxyError as err:
         # No usable key is the operator's to fix (and x-should-retry: false): no storm to damp.
         if err.code == "upstream_rate_limited" or (
             err.status >= 500 and err.code != "no_usable_key"
         ):
-            exchange.outcome = Outcome.FAILURE
+            ctx.judged(Outcome.FAILURE)
         raise
     if isinstance(result, FailedAnswer):
-        exchange.outcome = _outcome(result.status)
-        await _send_failed(runtime, send, exchange, result)
+        await _send_failed(runtime, send, ctx, result)
     else:
-        await _relay(runtime, send, exchange, result, parts)
+        await _relay(runtime, send, ctx, result, parts)
 
 
 async def _relay(
-    runtime: Runtime, send: Send, exchange: _Exchange, delivery: Delivery, parts: RequestParts
+    runtime: Runtime, send: Send, ctx: RequestContext, delivery: Delivery, parts: RequestParts
 ) -> None:
     """Relay an upstream's answer by its kind: events as they come, a JSON answer read
     whole (its usage and ids taken), anything else (audio, a file) chunk by chunk."""
-    record = exchange.record
     response = delivery.response
     breaker = runtime.breakers[delivery.target.backend]
-    relay = _Relay(runtime, send, exchange, delivery, parts)
+    relay = _Relay(runtime, send, ctx, delivery, parts)
     try:
-        record.status = response.status
-        exchange.outcome = _outcome(response.status)
+        ctx.responded(response.status)
         content_type = response.content_type
         if content_type == _EVENT_STREAM:
             await relay.events(delivery.target.dialect.stream_kind(parts.path))
@@ -264,16 +230,15 @@ class _Relay:
         self,
         runtime: Runtime,
         send: Send,
-        exchange: _Exchange,
+        ctx: RequestContext,
         delivery: Delivery,
         parts: RequestParts,
     ) -> None:
         self.runtime = runtime
         self.parts = parts
         self.send = send
-        self.exchange = exchange
+        self.ctx = ctx
         self.delivery = delivery
-        self.record = exchange.record
         self.backend = delivery.target.backend
         self.breaker = runtime.breakers[self.backend]
         self.reported = False
@@ -283,31 +248,29 @@ class _Relay:
         response = self.delivery.response
         kept = kept_response_headers(response.raw_headers, self.runtime.redactor, extra)
         return _response_headers(
-            self.runtime, self.exchange, self.delivery.target, self.delivery.key_id, kept
+            self.runtime, self.ctx, self.delivery.target, self.delivery.key_id, kept
         )
 
     def _served(self) -> None:
-        self.breaker.success(self.record.client)
+        self.breaker.success(self.ctx.client)
         self.reported = True
 
     def _failed(self, kind: str) -> None:
         """Cut or stalled after the head: the backend failed, whatever it began."""
-        self.exchange.outcome = Outcome.FAILURE
-        self.breaker.failure(self.record.client)
+        self.breaker.failure(self.ctx.client)
         self.reported = True
-        self.record.error = self.record.upstream_error = kind
-        self.record.attempt_errors.append((self.backend, self.delivery.key_id, kind))
+        self.ctx.upstream_broke(self.backend, self.delivery.key_id, kind)
 
     async def _start(self, headers: list[tuple[bytes, bytes]]) -> None:
-        self.exchange.response_started = True
+        self.ctx.head_sent()
         status = self.delivery.response.status
         await self.send({"type": "http.response.start", "status": status, "headers": headers})
 
     async def events(self, kind: StreamKind) -> None:
-        record = self.record
+        ctx = self.ctx
         self._served()  # a stream under way: the backend serves
         await self._start(self._headers())
-        _add_overhead(record, time.perf_counter() - self.head_at)
+        ctx.overhead_measured(time.perf_counter() - self.head_at)
         streams = metrics.streams_child(self.backend)
         streams.inc()
         try:
@@ -322,13 +285,11 @@ class _Relay:
         finally:
             streams.dec()
         if result.first_data_at is not None:
-            record.ttft = result.first_data_at - record.started
+            ctx.first_data(result.first_data_at)
         if _generates(self.parts):  # not a stored response's events replayed (GET)
-            record.tokens = token_counts(result.usage)
+            ctx.counted(token_counts(result.usage))
         if result.error is not None:
-            record.error = record.upstream_error = result.error
-            record.attempt_errors.append((self.backend, self.delivery.key_id, result.error))
-            self.exchange.outcome = Outcome.FAILURE
+            ctx.upstream_broke(self.backend, self.delivery.key_id, result.error)
 
     def _recording_ids(self, send: Send) -> Send:
         """``send``, noting the objects a stream reveals as it goes by (a Responses
@@ -361,7 +322,7 @@ class _Relay:
         return record_and_send
 
     async def json(self) -> None:
-        runtime, record = self.runtime, self.record
+        runtime, ctx = self.runtime, self.ctx
         response = self.delivery.response
         limit = runtime.config.server.max_response_size
         try:
@@ -392,9 +353,9 @@ class _Relay:
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
-        _add_overhead(record, time.perf_counter() - read_at)
+        ctx.overhead_measured(time.perf_counter() - read_at)
         if response.status == 200 and b'"usage"' in data and _generates(self.parts):
-            record.tokens = _json_tokens(data)
+            ctx.counted(_json_tokens(data))
 
     async def bytes(self) -> None:
         """Audio, a file's content: passed on as it comes, with backpressure, never whole.
@@ -402,7 +363,7 @@ class _Relay:
         fails visibly at the client instead of looking complete."""
         self._served()
         await self._start(self._headers(_BINARY_HEADERS))
-        _add_overhead(self.record, time.perf_counter() - self.head_at)
+        self.ctx.overhead_measured(time.perf_counter() - self.head_at)
         error = await relay_bytes(self.delivery.response, self.send, self.runtime.redactor)
         if error is not None:
             self._failed(error)
@@ -428,28 +389,26 @@ def _may_reveal_ids(path: str, payload: dict[str, Any]) -> bool:
 
 
 async def _send_failed(
-    runtime: Runtime, send: Send, exchange: _Exchange, answer: FailedAnswer
+    runtime: Runtime, send: Send, ctx: RequestContext, answer: FailedAnswer
 ) -> None:
     """Pass an upstream's error through unchanged: status, body and the headers SDKs read
     (a 404 for a model gets a ``proxy_hint`` naming the closest ids)."""
-    exchange.record.status = answer.status
+    ctx.responded(answer.status)
     started = time.perf_counter()
     body = answer.body
     if answer.status == 404:
         body = _with_model_hint(runtime, answer.target, body)
-    headers = _response_headers(
-        runtime, exchange, answer.target, answer.key_id, list(answer.headers)
-    )
+    headers = _response_headers(runtime, ctx, answer.target, answer.key_id, list(answer.headers))
     headers.append((b"content-length", str(len(body)).encode()))
-    exchange.response_started = True
+    ctx.head_sent()
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
-    _add_overhead(exchange.record, time.perf_counter() - started)
+    ctx.overhead_measured(time.perf_counter() - started)
 
 
 def _response_headers(
     runtime: Runtime,
-    exchange: _Exchange,
+    ctx: RequestContext,
     target: Target,
     key_id: str,
     headers: list[tuple[bytes, bytes]],
@@ -457,10 +416,10 @@ def _response_headers(
     """The kept upstream headers plus the request id and the routing headers."""
     upstream_id = header_value(headers, REQUEST_ID)
     if upstream_id is None:
-        headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
+        headers.append((REQUEST_ID, ctx.request_id.encode("latin-1")))
         upstream_id = header_value(headers, ANTHROPIC_REQUEST_ID)
     if upstream_id is not None:  # the SDK shows it as `_request_id`: the provider's is useful
-        exchange.record.upstream_request_id = upstream_id.decode("latin-1")
+        ctx.upstream_identified(upstream_id.decode("latin-1"))
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id)
     return headers
@@ -484,25 +443,11 @@ def _with_model_hint(runtime: Runtime, target: Target, data: bytes) -> bytes:
     return orjson.dumps(body)
 
 
-def _add_overhead(record: RequestRecord, outbound: float) -> None:
-    """Request in → upstream call, plus upstream data in → client data out."""
-    if record.sent_at is not None:
-        record.overhead = (record.sent_at - record.started) + outbound
-
-
 def _json_tokens(data: bytes) -> TokenCounts:
     try:
         return token_counts(usage_of(orjson.loads(data)))
     except orjson.JSONDecodeError:
         return NO_TOKENS
-
-
-def _outcome(status: int) -> Outcome:
-    if status < 400:
-        return Outcome.SUCCESS
-    if status == 429 or status >= 500:
-        return Outcome.FAILURE
-    return Outcome.NEUTRAL
 
 
 # ---------------------------------------------------------------- steps
@@ -539,19 +484,19 @@ def routed_model(runtime: Runtime, model: str, dialect: Dialect = OPENAI) -> Tar
 
 
 async def admit_client(
-    runtime: Runtime, record: RequestRecord, client: Client | None, throttled_as: str
+    runtime: Runtime, ctx: RequestContext, client: Client | None, throttled_as: str
 ) -> None:
     """The client's own rate limit, then the reconnect backoff of (client, ``throttled_as``:
     the model, or the path of a request without one)."""
     if client is not None:
         decision = await runtime.throttle.hit_client(client.id)
         if decision is not None and not decision.allowed:
-            record.throttled = "client_rate_limit"
+            ctx.throttled("client_rate_limit")
             raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
-    assert record.client is not None
-    wait = await runtime.throttle.reconnect_wait(record.client, throttled_as)
+    assert ctx.client is not None
+    wait = await runtime.throttle.reconnect_wait(ctx.client, throttled_as)
     if wait > 0:
-        record.throttled = "reconnect"
+        ctx.throttled("reconnect")
         raise errors.reconnect_throttled(throttled_as, wait)
 
 
@@ -662,7 +607,7 @@ def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple
 
 
 async def _cancel_on_disconnect(
-    receive: Receive, exchange: _Exchange, work: Awaitable[None], body_done: asyncio.Event | None
+    receive: Receive, ctx: RequestContext, work: Awaitable[None], body_done: asyncio.Event | None
 ) -> None:
     """Run ``work``; cancel it the moment the client disconnects.
 
@@ -677,31 +622,29 @@ async def _cancel_on_disconnect(
         if body_done is not None:
             await body_done.wait()
         message = await receive()  # after the body: returns on disconnect or response end
-        if message["type"] == "http.disconnect" and not exchange.finished:
-            exchange.client_gone = True
+        if message["type"] == "http.disconnect" and not ctx.finished:
+            ctx.disconnected()
             task.cancel()
 
     watcher = asyncio.ensure_future(watch())
     try:
         await work
     finally:
-        exchange.finished = True
+        ctx.work_done()
         watcher.cancel()
 
 
-async def _answer_error(runtime: Runtime, send: Send, exchange: _Exchange, err: ProxyError) -> None:
-    record = exchange.record
-    record.status = err.status
-    record.error = err.code or err.type
-    if exchange.response_started:
+async def _answer_error(runtime: Runtime, send: Send, ctx: RequestContext, err: ProxyError) -> None:
+    ctx.failed(err.code or err.type, err.status)
+    if ctx.response_started:
         return  # too late for a status; streams end with an error event instead
-    body = exchange.dialect.error_body(err, exchange.request_id)
+    body = ctx.dialect.error_body(err, ctx.request_id)
     headers = err.raw_headers(body)
-    headers.append((REQUEST_ID, exchange.request_id.encode("latin-1")))
-    if record.backend is not None and runtime.config.server.routing_headers:
+    headers.append((REQUEST_ID, ctx.request_id.encode("latin-1")))
+    if ctx.backend is not None and runtime.config.server.routing_headers:
         # The backend and key last tried (a fallback's, when it came to that).
-        headers += _routing_headers(record.backend, record.upstream_model or "", record.key)
-    exchange.response_started = True
+        headers += _routing_headers(ctx.backend, ctx.upstream_model or "", ctx.key)
+    ctx.head_sent()
     try:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})
         await send({"type": "http.response.body", "body": body, "more_body": False})

@@ -27,7 +27,7 @@ from prometheus_client import (
 from proxy import __version__
 
 if TYPE_CHECKING:
-    from proxy.access_log import RequestRecord
+    from proxy.context import RequestContext
 
 MULTIPROCESS = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
 disable_created_metrics()  # type: ignore[no-untyped-call]  # *_created series are noise
@@ -164,15 +164,15 @@ realtime_frames_child = _Children(REALTIME_FRAMES)
 realtime_bytes_child = _Children(REALTIME_BYTES)
 
 
-def observe_request(record: RequestRecord) -> None:
+def observe_request(record: RequestContext) -> None:
     """Count one finished request: called once, after the last byte, off the byte path."""
     backend = record.backend or "none"
     model = record.model_label
     stream = "true" if record.stream else "false"
     client = record.client_label
-    requests_child(client, backend, model, str(record.status), stream, record.dialect).inc()
-    if record.throttled is not None:
-        throttled_child(record.throttled).inc()
+    requests_child(client, backend, model, str(record.status), stream, record.dialect.name).inc()
+    if record.throttle_reason is not None:
+        throttled_child(record.throttle_reason).inc()
     for attempt in record.attempt_errors:
         errors_child(*attempt).inc()
     if record.sent_at is None:
@@ -186,12 +186,12 @@ def observe_request(record: RequestRecord) -> None:
         tokens_child(backend, model, kind).inc(count)
 
 
-def observe_realtime_session(record: RequestRecord, seconds: float) -> None:
+def observe_realtime_session(record: RequestContext, seconds: float) -> None:
     """Count one Realtime session that was accepted, once it ended: a 101 answer and its
     length. Its tokens were counted as each ``response.done`` came (``count_tokens``): a
     session may last an hour, the token panels must not wait for its end."""
     backend = record.backend or "none"
-    labels = (record.client_label, backend, record.model_label, "101", "true", record.dialect)
+    labels = (record.client_label, backend, record.model_label, "101", "true", record.dialect.name)
     requests_child(*labels).inc()
     for attempt in record.attempt_errors:
         errors_child(*attempt).inc()

@@ -34,8 +34,9 @@ import aiohttp
 import orjson
 
 from proxy import errors, metrics
-from proxy.access_log import AccessLog, RequestRecord
+from proxy.access_log import AccessLog
 from proxy.classify import Verdict, classify, parse_seconds
+from proxy.context import RequestContext
 from proxy.dialects import OPENAI
 from proxy.errors import ProxyError
 from proxy.forward import (
@@ -99,17 +100,6 @@ class _ClientGone(Exception):
     """The client left before its handshake was answered."""
 
 
-class _Session:
-    """What one Realtime request has done so far."""
-
-    __slots__ = ("outcome", "record", "target")
-
-    def __init__(self, record: RequestRecord) -> None:
-        self.record = record
-        self.target: Target | None = None  # set once it counts for the reconnect throttle
-        self.outcome = Outcome.NEUTRAL
-
-
 async def handle_websocket(
     runtime: Runtime, access_log: AccessLog, scope: Scope, receive: Receive, send: Send
 ) -> None:
@@ -117,42 +107,39 @@ async def handle_websocket(
     if (await receive())["type"] != "websocket.connect":
         return  # gone before its handshake was even read
     request_id = client_request_id(scope["headers"]) or new_request_id()
-    record = RequestRecord("GET", scope["path"][:200], request_id, stream=True)
-    session = _Session(record)
+    ctx = RequestContext("GET", scope["path"][:200], request_id, OPENAI, stream=True)
     accepted_at: float | None = None
     try:
-        opened = await _unless_client_leaves(receive, _open_upstream(runtime, scope, session))
+        opened = await _unless_client_leaves(receive, _open_upstream(runtime, scope, ctx))
         try:
             await _accept(runtime, scope, send, opened, request_id)
             accepted_at = time.perf_counter()
-            record.status = 101
-            session.outcome = Outcome.SUCCESS
-            await _relay(session, opened, receive, send, runtime.redactor)
+            ctx.responded(101)
+            await _relay(ctx, opened, receive, send, runtime.redactor)
         finally:
             if not opened.socket.closed:  # the client left during our accept, or a bug
                 await _close_upstream(opened.socket, 1011, "")
     except ProxyError as err:
-        record.status, record.error = err.status, err.code or err.type
+        ctx.failed(err.code or err.type, err.status)
         await _refuse(scope, send, err, request_id)
     except _ClientGone:
-        record.status, record.error = 499, "client_disconnected"
-        session.outcome = Outcome.NEUTRAL
+        ctx.client_left()
     except Exception:
         log.exception("internal error in a Realtime session")
         if accepted_at is None:
-            record.status, record.error = 500, "internal_error"
+            ctx.failed("internal_error", 500)
             await _refuse(scope, send, errors.internal_error(), request_id)
         else:
-            record.error = "internal_error"
+            ctx.failed("internal_error")
             await _close_client(send, 1011, "internal error in the proxy")
     finally:
-        access_log.write(record)
+        access_log.write(ctx)
         if accepted_at is not None:
-            metrics.observe_realtime_session(record, time.perf_counter() - accepted_at)
+            metrics.observe_realtime_session(ctx, time.perf_counter() - accepted_at)
         else:
-            metrics.observe_request(record)
-        if session.target is not None and record.client is not None:
-            await runtime.throttle.record(record.client, session.target.model, session.outcome)
+            metrics.observe_request(ctx)
+        if ctx.target is not None and ctx.client is not None:
+            await runtime.throttle.record(ctx.client, ctx.target.model, ctx.outcome)
 
 
 async def _unless_client_leaves(receive: Receive, opening: Awaitable[_Opened]) -> _Opened:
@@ -179,33 +166,31 @@ async def _unless_client_leaves(receive: Receive, opening: Awaitable[_Opened]) -
 # ---------------------------------------------------------------- before the handshake
 
 
-async def _open_upstream(runtime: Runtime, scope: Scope, session: _Session) -> _Opened:
+async def _open_upstream(runtime: Runtime, scope: Scope, ctx: RequestContext) -> _Opened:
     """Every check a POST gets, then the upstream socket, open. Raises ``ProxyError``."""
-    record = session.record
     if scope["path"] != PATH:
         raise errors.unknown_url("GET", scope["path"][:200])
     client = runtime.auth.authenticate(_auth_headers(scope))
     if client is not None:
-        record.client = record.client_label = client.id
+        ctx.authenticated(client.id)
     else:
-        record.client = runtime.auth.address(scope)
+        ctx.anonymous(runtime.auth.address(scope))
 
     model = requested_model(scope["query_string"])
-    record.model = model
+    ctx.requested(model, True)
     target = routed_model(runtime, model)
-    record.backend, record.upstream_model = target.backend, target.upstream_model
-    record.model_label = target.label
+    ctx.routed(target)
     runtime.auth.check_model(client, model, target.model)
 
-    await admit_client(runtime, record, client, target.model)
-    session.target = target
+    await admit_client(runtime, ctx, client, target.model)
+    ctx.admitted(target)
     try:
-        return await _connect(runtime, scope, target, record)
+        return await _connect(runtime, scope, target, ctx)
     except ProxyError as err:
         if err.code == "upstream_rate_limited" or (
             err.status >= 500 and err.code != "no_usable_key"
         ):
-            session.outcome = Outcome.FAILURE
+            ctx.judged(Outcome.FAILURE)
         raise
 
 
@@ -271,9 +256,7 @@ def accepted_protocol(offered: list[str], upstream_chose: str | None) -> str | N
     return next((p for p in offered if p in DIALECT_PROTOCOLS), None)
 
 
-async def _connect(
-    runtime: Runtime, scope: Scope, target: Target, record: RequestRecord
-) -> _Opened:
+async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestContext) -> _Opened:
     """The upstream socket, through the breaker, the backend limit and the key pool: one
     more key when the first is refused (401) or rate limited (429), as for a POST."""
     backend = target.backend
@@ -282,13 +265,13 @@ async def _connect(
     wait = breaker.admit()
     ticket = breaker.probe_ticket if probing else None
     if wait:
-        record.throttled = "circuit_open"
+        ctx.throttled("circuit_open")
         raise errors.circuit_open(backend, wait)
     verdict: Verdict | None = None
     try:
         decision = await runtime.throttle.hit_backend(backend)
         if decision is not None and not decision.allowed:
-            record.throttled = "backend_rate_limit"
+            ctx.throttled("backend_rate_limit")
             raise errors.backend_rate_limited(backend, decision.reset_seconds)
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
@@ -302,9 +285,8 @@ async def _connect(
             except NoUsableKey as exc:
                 raise _no_key_left(exc, refused, backend) from None
             tried.append(key.id)
-            record.key = key.id
-            if record.sent_at is None:
-                record.sent_at = time.perf_counter()
+            ctx.key_chosen(key.id)
+            ctx.attempt_started()
             auth = OPENAI.upstream_auth(runtime.config.backends[backend], key.value)
             headers = forwarded_request_headers(scope["headers"], upstream.extra_headers, auth)
             try:
@@ -318,15 +300,13 @@ async def _connect(
                 )
             except ProxyError as err:
                 verdict = Verdict.BACKEND_FAILED
-                _attempt_failed(
-                    record, backend, key.id, "timeout" if err.status == 504 else "connect"
-                )
+                ctx.attempt_failed(backend, key.id, "timeout" if err.status == 504 else "connect")
                 raise
             except aiohttp.WSServerHandshakeError as exc:
                 verdict = classify(exc.status)
                 if verdict is Verdict.OK:  # a 2xx that is not a 101: not a WebSocket server
                     verdict = Verdict.BAD_STATUS
-                kind = _handshake_refused(runtime, record, key.id, exc, verdict)
+                kind = _handshake_refused(runtime, ctx, key.id, exc, verdict)
                 if kind == "key":
                     refused.append(key.id)
                 if kind in ("key", "limited") and len(tried) < 2:
@@ -334,47 +314,46 @@ async def _connect(
                 raise _handshake_error(backend, exc.status, verdict, refused) from None
             verdict = Verdict.OK
             pool.mark_success(key.id)
-            if runtime.unverified:
-                runtime.unverified.discard(backend)
+            runtime.state.verified(backend)
             return _Opened(target, socket, key.id)
     finally:
         # The breaker hears exactly one outcome, so a half-open probe slot is never kept.
         if verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
-            breaker.failure(record.client)
+            breaker.failure(ctx.client)
         elif verdict is None or verdict is Verdict.REDIRECT:
             breaker.release(ticket)
         else:
-            breaker.success(record.client)  # it answered (a 101, or a refusal of its own)
+            breaker.success(ctx.client)  # it answered (a 101, or a refusal of its own)
 
 
 def _handshake_refused(
     runtime: Runtime,
-    record: RequestRecord,
+    ctx: RequestContext,
     key_id: str,
     exc: aiohttp.WSServerHandshakeError,
     verdict: Verdict,
 ) -> str:
     """Learn from a refused upstream handshake: ``key`` (the key is refused: out of
     rotation), ``limited`` (cooled down), or ``other``."""
-    backend = record.backend or ""
+    backend = ctx.backend or ""
     pool = runtime.pools[backend]
     reason = f"{exc.status} from upstream at the Realtime handshake"
     if verdict is Verdict.KEY_REFUSED:
-        _attempt_failed(record, backend, key_id, "status_4xx")
+        ctx.attempt_failed(backend, key_id, "status_4xx")
         pool.mark_invalid(key_id, reason)
         return "key"
     if verdict is Verdict.KEY_LIMITED:
-        _attempt_failed(record, backend, key_id, "status_429")
+        ctx.attempt_failed(backend, key_id, "status_429")
         pool.cool_down(key_id, _retry_after(exc), reason)
         return "limited"
     if verdict is Verdict.BACKEND_FAILED:
-        _attempt_failed(record, backend, key_id, "status_5xx")
+        ctx.attempt_failed(backend, key_id, "status_5xx")
     elif verdict is Verdict.REDIRECT:
-        _attempt_failed(record, backend, key_id, "redirect")
+        ctx.attempt_failed(backend, key_id, "redirect")
     elif verdict is Verdict.BAD_STATUS:
-        _attempt_failed(record, backend, key_id, "bad_status")
+        ctx.attempt_failed(backend, key_id, "bad_status")
     else:
-        _attempt_failed(record, backend, key_id, "status_4xx")
+        ctx.attempt_failed(backend, key_id, "status_4xx")
     return "other"
 
 
@@ -434,11 +413,6 @@ def _no_key_left(exc: NoUsableKey, refused: list[str], backend: str) -> ProxyErr
     if exc.retry_after is not None:
         return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
     return errors.no_usable_key(exc.backend, exc.hint)
-
-
-def _attempt_failed(record: RequestRecord, backend: str, key_id: str, kind: str) -> None:
-    record.upstream_error = kind
-    record.attempt_errors.append((backend, key_id, kind))
 
 
 async def _refuse(scope: Scope, send: Send, err: ProxyError, request_id: str) -> None:
@@ -514,11 +488,10 @@ class _Tally:
 
 
 async def _relay(
-    session: _Session, opened: _Opened, receive: Receive, send: Send, redactor: Redactor
+    ctx: RequestContext, opened: _Opened, receive: Receive, send: Send, redactor: Redactor
 ) -> None:
     """Both directions at once until one ends; then the other side is closed with the
     code and reason of the first, and the task still reading is cancelled."""
-    record = session.record
     target = opened.target
     backend, label = target.backend, target.label
     active = metrics.realtime_sessions_child(backend)
@@ -527,7 +500,7 @@ async def _relay(
     received = _Tally(backend, label, UPSTREAM_TO_CLIENT)
     up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, sent))
     down = asyncio.ensure_future(
-        _upstream_to_client(opened.socket, send, record, label, received, redactor)
+        _upstream_to_client(opened.socket, send, ctx, label, received, redactor)
     )
     try:
         done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
@@ -535,11 +508,10 @@ async def _relay(
         for task in (up, down):
             task.cancel()
         if end.error is not None:
-            record.error = end.error
+            ctx.failed(end.error)
         if end.by_upstream:
             if end.error is not None:
-                record.attempt_errors.append((backend, opened.key_id, "stream_broken"))
-                session.outcome = Outcome.FAILURE
+                ctx.session_broke(backend, opened.key_id)
             await _close_client(send, end.code, end.reason)
             await _close_upstream(opened.socket, 1000, "")  # no-op when it closed itself
         else:
@@ -585,7 +557,7 @@ async def _client_to_upstream(
 async def _upstream_to_client(
     socket: aiohttp.ClientWebSocketResponse,
     send: Send,
-    record: RequestRecord,
+    ctx: RequestContext,
     label: str,
     tally: _Tally,
     redactor: Redactor,
@@ -598,7 +570,7 @@ async def _upstream_to_client(
         if kind is aiohttp.WSMsgType.TEXT:
             text: str = redactor.text(message.data)
             if _DONE_MARK in text:
-                _count_usage(text, record, label)
+                _count_usage(text, ctx, label)
             try:
                 await send({"type": "websocket.send", "text": text})
             except OSError:  # uvicorn: the client is gone
@@ -636,7 +608,7 @@ async def _upstream_to_client(
         # PING and PONG are answered by aiohttp (autoping) and never come here.
 
 
-def _count_usage(text: str, record: RequestRecord, label: str) -> None:
+def _count_usage(text: str, ctx: RequestContext, label: str) -> None:
     """Tokens from a ``response.done`` event, counted now (metrics) and for the log line."""
     try:
         event = orjson.loads(text)
@@ -649,9 +621,8 @@ def _count_usage(text: str, record: RequestRecord, label: str) -> None:
     if not isinstance(usage, dict):
         return
     prompt, completion = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
-    record.prompt_tokens += prompt
-    record.completion_tokens += completion
-    metrics.count_tokens(record.backend or "none", label, prompt, completion)
+    ctx.added_tokens(prompt, completion)
+    metrics.count_tokens(ctx.backend or "none", label, prompt, completion)
 
 
 def _count(value: object) -> int:

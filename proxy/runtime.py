@@ -2,6 +2,12 @@
 
 A request takes the current snapshot at its start and uses only that, so a config reload
 (a new snapshot, one reference swapped) never changes a request half-way.
+
+A snapshot's own fields never change. What it learns while it serves (requests in flight,
+discovered models, backends not yet seen answering, its background tasks) is in one
+explicit holder, ``Runtime.state``; the objects it holds keep their own state (key health
+in the pools, circuits in the breakers, both carried over to the next snapshot by
+``build_runtime``).
 """
 
 from __future__ import annotations
@@ -41,6 +47,24 @@ VERIFY_MAX_WAIT = 60.0  # a backend not answering yet is asked again at least th
 MAX_DISCOVERED = 10_000  # model ids kept from one backend's list
 
 
+@dataclass(slots=True)
+class RuntimeState:
+    """The only mutable part of a snapshot: what it learns while it serves."""
+
+    in_flight: int = 0  # requests using this snapshot: its pools close after the last
+    discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
+    # Backends not yet seen answering (new ones, at start or after a reload): /ready does
+    # not count them until their first GET /models comes back (a dummy key for a local
+    # server that is not running must not make the proxy look ready).
+    unverified: set[str] = field(default_factory=set)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)  # background work
+
+    def verified(self, backend: str) -> None:
+        """``backend`` answered (a request, or the start-up check): /ready counts it."""
+        if self.unverified:
+            self.unverified.discard(backend)
+
+
 @dataclass(frozen=True)
 class Runtime:
     config: Config
@@ -55,27 +79,27 @@ class Runtime:
     objects: ObjectStore = field(default_factory=MemoryObjects)
     placements: frozenset[Placement] = frozenset()  # the (backend, key) pairs that exist
     loaded_at: float = field(default_factory=time.time)
-    in_flight: list[int] = field(default_factory=lambda: [0])  # requests using this snapshot
-    discovered: dict[str, tuple[str, ...]] = field(default_factory=dict)  # backend -> ids
-    # Backends not yet seen answering (new ones, at start or after a reload): /ready does
-    # not count them until their first GET /models comes back (a dummy key for a local
-    # server that is not running must not make the proxy look ready).
-    unverified: set[str] = field(default_factory=set)
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
+
+    @property
+    def discovered(self) -> Mapping[str, tuple[str, ...]]:
+        """Each backend's own model list, as last fetched (read-only here)."""
+        return self.state.discovered
 
     async def start(self) -> None:
         for upstream in self.upstreams.values():
             await upstream.start()
+        tasks = self.state.tasks
         for name, backend in self.config.backends.items():
-            if name in self.unverified:
-                self._tasks.append(asyncio.create_task(self._verify(name)))
-            self._tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
-            self._tasks.append(asyncio.create_task(self._probe_breaker(name)))
+            if name in self.state.unverified:
+                tasks.append(asyncio.create_task(self._verify(name)))
+            tasks.append(asyncio.create_task(self._probe_invalid_keys(name)))
+            tasks.append(asyncio.create_task(self._probe_breaker(name)))
             if backend.discover_models:
-                self._tasks.append(asyncio.create_task(self._discover(name)))
-        self._tasks.append(asyncio.create_task(self._refresh_gauges()))
+                tasks.append(asyncio.create_task(self._discover(name)))
+        tasks.append(asyncio.create_task(self._refresh_gauges()))
         if self.throttle.storage.redis is not None:
-            self._tasks.append(asyncio.create_task(self._share_state()))
+            tasks.append(asyncio.create_task(self._share_state()))
 
     async def close(self) -> None:
         await self._stop_tasks()
@@ -87,7 +111,7 @@ class Runtime:
         """After a reload: stop background work now; close pools the successor does not
         use once the last request that began on this snapshot has finished."""
         await self._stop_tasks()
-        while self.in_flight[0] > 0:
+        while self.state.in_flight > 0:
             await asyncio.sleep(0.5)
         reused = {id(u) for u in successor.upstreams.values()}
         for upstream in self.upstreams.values():
@@ -97,11 +121,12 @@ class Runtime:
             await self.throttle.storage.close()
 
     async def _stop_tasks(self) -> None:
-        for task in self._tasks:
+        tasks = self.state.tasks
+        for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._tasks.clear()
+        tasks.clear()
 
     async def _probe_invalid_keys(self, backend: str) -> None:
         """Every ``key_probe_interval``: try each invalid key on ``GET /models``."""
@@ -164,7 +189,7 @@ class Runtime:
         left to requests: this only decides whether /ready may count the backend."""
         pool, upstream = self.pools[backend], self.upstreams[backend]
         wait = 1.0
-        while backend in self.unverified:
+        while backend in self.state.unverified:
             try:
                 usable = pool.usable()
                 if usable:
@@ -174,7 +199,7 @@ class Runtime:
                         reason = f"{status} from upstream on GET /models"
                         pool.mark_invalid(usable[0].id, reason)
                     if verdict is not None and verdict is not Verdict.BACKEND_FAILED:
-                        self.unverified.discard(backend)
+                        self.state.verified(backend)
                         return
                     log.warning("backend %s: not answering (%s)", backend, status)
             except Exception:
@@ -196,7 +221,7 @@ class Runtime:
                 for key in pool.usable()[:2]:  # a second key if the first one is refused
                     status, ids = await upstream.list_models(key.value)
                     if status == 200:
-                        self.discovered[backend] = self._sane_ids(ids)
+                        self.state.discovered[backend] = self._sane_ids(ids)
                         break
                     log.warning(
                         "backend %s: model discovery with key %s got %s", backend, key.id, status
@@ -260,8 +285,10 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
 
     Kept from ``previous``: connection pools of backends whose URL, timeouts and headers
     are unchanged; the health of every key whose id and value are unchanged (a key whose
-    value changed starts fresh); breakers of backends whose URL is unchanged; the throttle
-    storage when its URI is unchanged (backoff and limits go on counting).
+    value changed starts fresh); breakers of backends whose URL is unchanged (the same
+    ``Breaker`` objects, handed on explicitly below); the discovered models of backends
+    that still discover; the throttle storage when its URI is unchanged (backoff and limits
+    go on counting). Requests in flight and background tasks stay with their snapshot.
     """
     old = previous.config if previous is not None else None
     # What can fail is built first, so a failed reload leaves nothing half-changed.
@@ -287,7 +314,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
             pools[name].adopt_health(previous.pools[name])
             if _same_connection(before, backend):
                 upstreams[name] = previous.upstreams[name]
-            if before.base_url == backend.base_url:
+            if before.base_url == backend.base_url:  # its circuit, open or not, goes on
                 breakers[name] = previous.breakers[name]
                 breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
                 breakers[name].probe_timeout = _probe_timeout(backend)
@@ -302,7 +329,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     }
     return Runtime(
         config=config,
-        discovered=discovered,
+        state=RuntimeState(discovered=discovered, unverified=unverified),
         router=router,
         auth=auth,
         throttle=throttle,
@@ -310,7 +337,6 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         breakers=breakers,
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
-        unverified=unverified,
         objects=objects,
         placements=known_placements(
             {name: [key.id for key in backend.keys] for name, backend in config.backends.items()}

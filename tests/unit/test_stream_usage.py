@@ -9,6 +9,7 @@ import io
 import itertools
 import tracemalloc
 from collections.abc import AsyncIterator
+from types import SimpleNamespace
 from typing import Any, cast
 
 import aiohttp
@@ -19,7 +20,8 @@ from hypothesis import strategies as st
 from prometheus_client import REGISTRY
 
 from proxy import metrics
-from proxy.access_log import AccessLog, RequestRecord
+from proxy.access_log import AccessLog
+from proxy.context import RequestContext
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.streaming import (
     RelayResult,
@@ -485,11 +487,12 @@ def _token_sample(model: str, kind: str) -> float:
     return REGISTRY.get_sample_value("llm_proxy_tokens_total", labels) or 0.0
 
 
-def _finished_record(model: str, counts: TokenCounts) -> RequestRecord:
-    record = RequestRecord("POST", "/v1/chat/completions", "rid")
-    record.backend, record.model_label, record.status = "usage-test", model, 200
-    record.sent_at = record.started
-    record.tokens = counts
+def _finished_record(model: str, counts: TokenCounts) -> RequestContext:
+    record = RequestContext("POST", "/v1/chat/completions", "rid")
+    record.routed(cast(Any, SimpleNamespace(backend="usage-test", upstream_model="m", label=model)))
+    record.attempt_started()
+    record.responded(200)
+    record.counted(counts)
     return record
 
 
@@ -504,10 +507,10 @@ def test_observe_request_counts_every_token_type():
         assert _token_sample(model, kind) == 2 * value, kind
 
 
-def test_zero_types_make_no_series_and_the_old_setters_still_count():
+def test_zero_types_make_no_series_and_added_counts_count():
     model = "tokens-old-setters"
     record = _finished_record(model, NO_TOKENS)
-    record.prompt_tokens, record.completion_tokens = tokens(USAGE)
+    record.added_tokens(*tokens(USAGE))
     metrics.observe_request(record)
     assert (_token_sample(model, "prompt"), _token_sample(model, "completion")) == (11, 5)
     labels = {"backend": "usage-test", "model": model, "type": "cached"}
