@@ -12,7 +12,6 @@ them: what a request's log line and metrics say can be traced to these few metho
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from proxy.dialects import OPENAI, Dialect
@@ -185,8 +184,8 @@ class RequestContext:
     def added_tokens(self, prompt: int, completion: int) -> None:
         """A Realtime session's tokens, added as each response ends."""
         tokens = self.tokens
-        self.tokens = replace(
-            tokens, prompt=tokens.prompt + prompt, completion=tokens.completion + completion
+        self.tokens = tokens._replace(
+            prompt=tokens.prompt + prompt, completion=tokens.completion + completion
         )
 
     def overhead_measured(self, outbound: float) -> None:

@@ -17,8 +17,7 @@ spent thinking, and ``cache_creation`` / ``cache_read`` Anthropic's own two fiel
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 # A count at or above this is not a count (one request of a billion tokens does not
 # exist): an upstream sending 1e308, -5, "7" or true must not move a counter.
@@ -28,8 +27,7 @@ MAX_TOKENS = 10**9
 TOKEN_TYPES = ("prompt", "completion", "cached", "reasoning", "cache_creation", "cache_read")
 
 
-@dataclass(slots=True, frozen=True)
-class TokenCounts:
+class TokenCounts(NamedTuple):  # a tuple: made once per request, cheaply
     prompt: int = 0
     completion: int = 0
     cached: int = 0  # of prompt: read from the provider's prompt cache
@@ -58,7 +56,7 @@ NO_TOKENS = TokenCounts()
 
 def token_counts(usage: Mapping[str, Any] | None) -> TokenCounts:
     """The counts in one usage object; anything absent or not a sane count is 0."""
-    if not usage or not isinstance(usage, Mapping):
+    if not usage or not isinstance(usage, dict):  # parsed JSON: a dict, never another Mapping
         return NO_TOKENS
     cache_creation = _count(usage.get("cache_creation_input_tokens"))
     cache_read = _count(usage.get("cache_read_input_tokens"))
@@ -105,7 +103,7 @@ def _first_count(usage: Mapping[str, Any], name: str, other: str) -> int:
 
 def _detail(usage: Mapping[str, Any], group: str, name: str) -> int:
     details = usage.get(group)
-    return _count(details.get(name)) if isinstance(details, Mapping) else 0
+    return _count(details.get(name)) if isinstance(details, dict) else 0
 
 
 def asks_for_usage(payload: Mapping[str, Any]) -> bool:
