@@ -201,15 +201,23 @@ class ProxyApp:
         (the Anthropic SDK always sends it)."""
         runtime = self.runtime
         dialect = _models_dialect(request)
-        try:
-            client = runtime.auth.authenticate(request.headers.raw, dialect)
-        except ProxyError as err:
-            return error_response(err, dialect)
-        models = self._models(runtime, client)
+        models = self._visible_models(runtime, request, dialect)
+        if isinstance(models, Response):
+            return models
         if dialect is ANTHROPIC:
             owned = [(m["id"], m["owned_by"]) for m in models.values()]
             return JSONResponse(anthropic.models_page(owned))
         return JSONResponse({"object": "list", "data": list(models.values())})
+
+    def _visible_models(
+        self, runtime: Runtime, request: Request, dialect: Dialect
+    ) -> dict[str, dict[str, Any]] | Response:
+        """The models the request's client may see, or the refusal of its key."""
+        try:
+            client = runtime.auth.authenticate(request.headers.raw, dialect)
+        except ProxyError as err:
+            return error_response(err, dialect)
+        return self._models(runtime, client)
 
     def _models(self, runtime: Runtime, client: Client | None) -> dict[str, dict[str, Any]]:
         """Aliases and listed models from the config, then each backend's discovered ids;
@@ -225,12 +233,11 @@ class ProxyApp:
     async def get_model(self, request: Request) -> Response:
         runtime = self.runtime
         dialect = _models_dialect(request)
-        try:
-            client = runtime.auth.authenticate(request.headers.raw, dialect)
-        except ProxyError as err:
-            return error_response(err, dialect)
+        models = self._visible_models(runtime, request, dialect)
+        if isinstance(models, Response):
+            return models
         model_id = request.path_params["model_id"]
-        model = self._models(runtime, client).get(model_id)
+        model = models.get(model_id)
         if model is not None:
             if dialect is ANTHROPIC:
                 return JSONResponse(anthropic.model_object(model_id, model["owned_by"]))

@@ -183,6 +183,15 @@ async def _try_backend(
             runtime.state.verified(target.backend)
 
 
+async def backend_limited(runtime: Runtime, ctx: RequestContext, backend: str) -> ProxyError | None:
+    """The backend's outbound rate limit: the proxy's own 429 when it is spent."""
+    decision = await runtime.throttle.hit_backend(backend)
+    if decision is None or decision.allowed:
+        return None
+    ctx.throttled("backend_rate_limit")
+    return errors.backend_rate_limited(backend, decision.reset_seconds)
+
+
 class _Attempt:
     """Sending one request to one backend: one key, and once more with another key when
     the first is refused or rate limited."""
@@ -205,10 +214,9 @@ class _Attempt:
     async def run(self) -> Result | ProxyError:
         runtime, target, parts, ctx = self.runtime, self.target, self.parts, self.ctx
         backend = target.backend
-        decision = await runtime.throttle.hit_backend(backend)
-        if decision is not None and not decision.allowed:
-            ctx.throttled("backend_rate_limit")
-            return errors.backend_rate_limited(backend, decision.reset_seconds)
+        limited = await backend_limited(runtime, ctx, backend)
+        if limited is not None:
+            return limited
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
         config = runtime.config.backends[backend]

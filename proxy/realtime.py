@@ -39,6 +39,7 @@ from proxy.classify import Verdict, classify, parse_seconds
 from proxy.context import RequestContext
 from proxy.dialects import OPENAI
 from proxy.errors import ProxyError
+from proxy.failover import backend_limited
 from proxy.forward import (
     Receive,
     Scope,
@@ -269,10 +270,9 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
         raise errors.circuit_open(backend, wait)
     verdict: Verdict | None = None
     try:
-        decision = await runtime.throttle.hit_backend(backend)
-        if decision is not None and not decision.allowed:
-            ctx.throttled("backend_rate_limit")
-            raise errors.backend_rate_limited(backend, decision.reset_seconds)
+        limited = await backend_limited(runtime, ctx, backend)
+        if limited is not None:
+            raise limited
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
         query = upstream_query(scope["query_string"], target.upstream_model)
