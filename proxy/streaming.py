@@ -388,6 +388,11 @@ async def relay_stream(
         if stripper is not None:  # the stream is over: what it held is all there will be
             held = stripper.finish() + held
         result.usage = usage.usage  # however the stream ended, what it reported counts
+    if failure is not None and anthropic_stream and (stop.seen or stop.feed(held)):
+        # message_stop went by: the answer is whole, however the upstream then left. An error
+        # event after it would make the SDK raise on a complete message (and Claude Code pay
+        # for it again).
+        failure = None
     if failure is not None:
         result.error = failure[0]
         await send_stream_error(send, failure[1], failure[2], last, kind, held)

@@ -235,3 +235,17 @@ def test_message_stop_in_any_spelling_the_wire_allows_completes_the_stream(stop:
         chunks = [START, DELTA + stop[:at], stop[at:]]
         out, result, _ = relay(chunks, strip=False, kind=StreamKind.ANTHROPIC)
         assert (out, result.error) == (START + DELTA + stop, None)
+
+
+@pytest.mark.parametrize(
+    "failure", [aiohttp.ClientPayloadError("reset"), TimeoutError()], ids=["cut", "stall"]
+)
+def test_an_upstream_that_leaves_after_message_stop_leaves_a_complete_stream(
+    failure: BaseException,
+) -> None:
+    out, result, _ = relay(
+        [START, DELTA, STOP], strip=False, kind=StreamKind.ANTHROPIC, error=failure
+    )
+    assert out == START + DELTA + STOP  # no error event: the SDK would raise on a whole answer
+    assert result.error is None
+    assert token_counts(result.usage).completion == 15
