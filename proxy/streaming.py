@@ -30,10 +30,15 @@ from proxy.usage import token_counts
 Send = Callable[[MutableMapping[str, Any]], Awaitable[None]]
 
 _EVENT_ENDS = (b"\n\n", b"\r\n\r\n", b"\r\r")
-_STOP = b'"message_stop"'  # the type of the event that completes a Messages stream
+# The event that completes a Messages stream: its ``event:`` line, or ``"type"`` key. Never
+# the bare string ``"message_stop"``: a text delta whose text is exactly that word (a model
+# writing about this API) holds it too. Model output is only ever inside JSON strings, where
+# quotes are escaped and line ends cannot be: neither form below can be forged by it.
+_STOP = re.compile(rb'"type": ?"message_stop"|[\r\n]event: ?message_stop[\r\n]')
+_STOP_LONGEST = len(b'"type": "message_stop"')
 # An upstream's own error event (a JSON string cannot hold a raw line end, so no text can
 # forge it): the stream has ended, and told the SDK so already.
-_ERROR_EVENT = b"\nevent: error"
+_ERROR_EVENT = re.compile(re.escape(b"\nevent: error"))
 
 
 @dataclass(slots=True)
@@ -344,8 +349,10 @@ async def relay_stream(
     result = RelayResult()
     anthropic_stream = kind is StreamKind.ANTHROPIC
     usage = _UsageReader(merge=anthropic_stream)
-    stop = _Seen(_STOP)  # an Anthropic stream is complete at message_stop...
-    told = _Seen(_ERROR_EVENT, b"\n")  # ...or over, when the upstream sent its own error
+    # An Anthropic stream is complete at message_stop, or over when the upstream sent its
+    # own error event.
+    stop = _Seen(_STOP, _STOP_LONGEST, b"\n")
+    told = _Seen(_ERROR_EVENT, len(_ERROR_EVENT.pattern), b"\n")
     stripper = _UsageEventStripper() if strip_usage_event else None
     last = previous = b"\n\n"
     held = b""  # the start of a secret at the end of a chunk, until the next one shows
@@ -381,6 +388,11 @@ async def relay_stream(
         if stripper is not None:  # the stream is over: what it held is all there will be
             held = stripper.finish() + held
         result.usage = usage.usage  # however the stream ended, what it reported counts
+    if failure is not None and anthropic_stream and (stop.seen or stop.feed(held)):
+        # message_stop went by: the answer is whole, however the upstream then left. An error
+        # event after it would make the SDK raise on a complete message (and Claude Code pay
+        # for it again).
+        failure = None
     if failure is not None:
         result.error = failure[0]
         await send_stream_error(send, failure[1], failure[2], last, kind, held)
@@ -426,19 +438,20 @@ async def send_stream_error(
 
 
 class _Seen:
-    """Whether ``marker`` has gone by in a stream, however the chunks cut it."""
+    """Whether ``marker`` (at most ``longest`` bytes) has gone by in a stream, however the
+    chunks cut it."""
 
-    __slots__ = ("_marker", "_tail", "seen")
+    __slots__ = ("_keep", "_marker", "_tail", "seen")
 
-    def __init__(self, marker: bytes, before: bytes = b"") -> None:
+    def __init__(self, marker: re.Pattern[bytes], longest: int, before: bytes = b"") -> None:
         self._marker = marker
+        self._keep = longest - 1
         self._tail = before  # the last bytes seen, shorter than the marker
         self.seen = False
 
     def feed(self, chunk: bytes) -> bool:
-        marker = self._marker
-        keep = len(marker) - 1
-        if marker in chunk or marker in self._tail + chunk[:keep]:
+        marker, keep = self._marker, self._keep
+        if marker.search(chunk) or marker.search(self._tail + chunk[:keep]):
             self.seen = True
         self._tail = chunk[-keep:] if len(chunk) >= keep else (self._tail + chunk)[-keep:]
         return self.seen

@@ -200,3 +200,52 @@ def test_an_upstream_error_event_ends_the_stream_without_a_second_one(cut: int) 
     assert result.error == "stream_broken"
     first, _ = relay([overloaded], strip=False, kind=StreamKind.ANTHROPIC)[:2]
     assert first == overloaded  # an error event as the very first bytes, too
+
+
+@pytest.mark.parametrize(
+    "forged",
+    [
+        b'"text":"message_stop"',  # a model's text that is exactly the word
+        b'"text":"{\\"type\\":\\"message_stop\\"}"',  # a model quoting the event
+        b'"text":"event: message_stop\\n"',  # a model quoting the SSE line
+    ],
+)
+def test_message_stop_inside_a_text_delta_does_not_complete_the_stream(forged: bytes) -> None:
+    text = (
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,'
+        b'"delta":{"type":"text_delta",' + forged + b"}}\n\n"
+    )
+    out, result, _ = relay([START, text, DELTA], strip=False, kind=StreamKind.ANTHROPIC)
+    assert result.error == "stream_broken"  # the upstream ended it early: the SDK must raise
+    assert out.startswith(START + text + DELTA + b"event: error\ndata: ")
+    assert b"without message_stop" in out
+
+
+@pytest.mark.parametrize(
+    "stop",
+    [
+        STOP,
+        b'event: message_stop\r\ndata: {"type": "message_stop"}\r\n\r\n',
+        b'event:message_stop\rdata: {"type":"message_stop"}\r\r',
+        b'data: {"type": "message_stop"}\n\n',  # no event line: the data's type still says
+    ],
+)
+def test_message_stop_in_any_spelling_the_wire_allows_completes_the_stream(stop: bytes) -> None:
+    for at in range(1, len(stop)):
+        chunks = [START, DELTA + stop[:at], stop[at:]]
+        out, result, _ = relay(chunks, strip=False, kind=StreamKind.ANTHROPIC)
+        assert (out, result.error) == (START + DELTA + stop, None)
+
+
+@pytest.mark.parametrize(
+    "failure", [aiohttp.ClientPayloadError("reset"), TimeoutError()], ids=["cut", "stall"]
+)
+def test_an_upstream_that_leaves_after_message_stop_leaves_a_complete_stream(
+    failure: BaseException,
+) -> None:
+    out, result, _ = relay(
+        [START, DELTA, STOP], strip=False, kind=StreamKind.ANTHROPIC, error=failure
+    )
+    assert out == START + DELTA + STOP  # no error event: the SDK would raise on a whole answer
+    assert result.error is None
+    assert token_counts(result.usage).completion == 15
