@@ -212,12 +212,16 @@ class ProxyApp:
     def _visible_models(
         self, runtime: Runtime, request: Request, dialect: Dialect
     ) -> dict[str, dict[str, Any]] | Response:
-        """The models the request's client may see, or the refusal of its key."""
+        """The models the request's client may see (in another dialect, only those routed
+        to a backend that speaks it), or the refusal of its key."""
         try:
             client = runtime.auth.authenticate(request.headers.raw, dialect)
         except ProxyError as err:
             return error_response(err, dialect)
-        return self._models(runtime, client)
+        models = self._models(runtime, client)
+        if dialect is OPENAI:
+            return models
+        return {i: m for i, m in models.items() if _spoken(runtime, i, dialect)}
 
     def _models(self, runtime: Runtime, client: Client | None) -> dict[str, dict[str, Any]]:
         """Aliases and listed models from the config, then each backend's discovered ids;
@@ -274,6 +278,12 @@ def error_response(err: ProxyError, dialect: Dialect = OPENAI) -> Response:
     body = err.body() if dialect is OPENAI else dialect.error_body(err, "")
     headers, media_type = err.headers, "application/json"
     return Response(body, status_code=err.status, headers=headers, media_type=media_type)
+
+
+def _spoken(runtime: Runtime, model_id: str, dialect: Dialect) -> bool:
+    """``model_id`` is routed, in ``dialect``, to a backend that speaks it."""
+    target = runtime.router.resolve(model_id, dialect)
+    return target is not None and dialect.speaks(runtime.config.backends[target.backend])
 
 
 def _models_dialect(request: Request) -> Dialect:

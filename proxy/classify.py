@@ -82,13 +82,14 @@ def error_kinds(body: bytes) -> set[str]:
     return {str(v).lower() for v in (error.get("type"), error.get("code")) if v}
 
 
-def parse_seconds(value: bytes | str | float | None) -> float | None:
-    """A wait in seconds from an upstream header value; None when absent or not a sane
-    number (non-finite, negative, an HTTP date). Large values are capped."""
+def parse_seconds(value: bytes | str | float | None, unit: float = 1.0) -> float | None:
+    """A wait in seconds from an upstream header value counted in ``unit`` seconds
+    (0.001 for ``retry-after-ms``); None when absent or not a sane number (non-finite,
+    negative, an HTTP date). Large values are capped, once in seconds."""
     if value is None:
         return None
     try:
-        seconds = float(value)
+        seconds = float(value) * unit
     except ValueError:
         return None
     if not math.isfinite(seconds) or seconds < 0:

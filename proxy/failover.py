@@ -354,9 +354,9 @@ def _retry_after(answer: FailedAnswer) -> float | None:
     None when it gave none that is a sane number."""
     for name, value in answer.headers:
         if name == b"retry-after-ms":
-            ms = parse_seconds(value)
-            if ms is not None:
-                return ms / 1000
+            seconds = parse_seconds(value, unit=0.001)
+            if seconds is not None:
+                return seconds
         if name == b"retry-after":
             seconds = parse_seconds(value)
             if seconds is not None:

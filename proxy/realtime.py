@@ -363,9 +363,9 @@ def _retry_after(exc: aiohttp.WSServerHandshakeError) -> float | None:
     headers = exc.headers
     millis = headers.get("retry-after-ms")
     if millis is not None:
-        value = parse_seconds(millis.encode("latin-1"))
+        value = parse_seconds(millis, unit=0.001)
         if value is not None:
-            return value / 1000
+            return value
     seconds = headers.get("retry-after")
     return parse_seconds(seconds.encode("latin-1")) if seconds is not None else None
 

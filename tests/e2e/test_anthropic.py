@@ -114,6 +114,7 @@ backends:
   plain:                      # speaks OpenAI's API only
     base_url: {fake.url}/oa/v1
     keys: [{{id: plain-main, key: "{KEY_OTHER}"}}]
+    models: [gpt-plain]
 aliases:
   kimi: kimi-k2-anthropic
 routes:
@@ -256,7 +257,8 @@ def test_count_tokens_and_models(proxy: ProxyProcess, upstream: FakeAnthropic) -
 
     page = sdk.models.list()
     ids = [m.id for m in page.data]
-    assert ids == ["kimi", "kimi-k2-anthropic"]  # aliases, then listed models
+    # Aliases, then listed models; not gpt-plain, whose backend does not speak the dialect.
+    assert ids == ["kimi", "kimi-k2-anthropic"]
     assert all(m.type == "model" and m.display_name == m.id for m in page.data)
     assert sdk.models.retrieve("kimi").id == "kimi"
     with pytest.raises(anthropic.NotFoundError) as unknown:
@@ -268,6 +270,9 @@ def test_count_tokens_and_models(proxy: ProxyProcess, upstream: FakeAnthropic) -
         f"{proxy.url}/v1/models", headers={"authorization": f"Bearer {CLIENT_KEY}"}
     ).json()
     assert listed["object"] == "list" and listed["data"][0]["object"] == "model"
+    assert "gpt-plain" in [m["id"] for m in listed["data"]]
+    with pytest.raises(anthropic.NotFoundError):
+        sdk.models.retrieve("gpt-plain")
 
 
 def test_beta_calls_keep_their_query_and_unserved_paths_are_anthropic_404s(

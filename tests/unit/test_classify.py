@@ -76,3 +76,11 @@ def test_waits_from_upstream_headers_are_sane_or_ignored(
 def test_any_header_value_parses_to_a_finite_bounded_wait_or_none(value: bytes | str) -> None:
     seconds = parse_seconds(value)
     assert seconds is None or (math.isfinite(seconds) and 0 <= seconds <= MAX_UPSTREAM_WAIT)
+
+
+def test_a_wait_in_milliseconds_is_capped_in_seconds_not_before_the_division() -> None:
+    # an hour in retry-after-ms is an hour, not the cap (86,400) divided by 1,000
+    assert parse_seconds("3600000", unit=0.001) == 3600.0
+    assert parse_seconds(b"250", unit=0.001) == 0.25
+    assert parse_seconds("1e30", unit=0.001) == parse_seconds("1e30")
+    assert parse_seconds("-5", unit=0.001) is None
