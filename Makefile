@@ -10,19 +10,40 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test coverage lint format bench bench-peers soak fuzz sdk-suite clean
+.PHONY: run test lock coverage lint format bench bench-peers soak fuzz sdk-suite clean
 
-$(STAMP): pyproject.toml
+# Installs come from the lock files (requirements/*.txt, every package pinned with its hashes),
+# never from floating versions: a fresh clone installs exactly what was tested. `make lock`
+# refreshes them on purpose (see the README); tests/test_lock.py fails when they and
+# pyproject.toml disagree. The project itself goes in with --no-build-isolation, so that its
+# build backend is the locked setuptools too.
+LOCK_INPUTS := pyproject.toml requirements/build.in
+UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile $(LOCK_INPUTS) --universal --python-version 3.11 --generate-hashes --quiet$(if $(UPGRADE), --upgrade)
+LOCK_VENV := .venv-lock
+
+$(STAMP): requirements/dev.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP) $(RUN_STAMP)
 
-$(RUN_STAMP): pyproject.toml
+$(RUN_STAMP): requirements/run.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e .
+	$(BIN)/pip install --quiet --require-hashes -r requirements/run.txt
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(RUN_STAMP)
+
+# Bring the lock in line with pyproject.toml, keeping every pin that still fits (uv, itself
+# installed from its own locked hash); `make lock UPGRADE=1` takes the newest releases allowed.
+# Run it on purpose: after editing pyproject.toml's dependencies, or to take releases (a
+# security fix), then `make test`, and commit the lock with the result.
+UPGRADE ?=
+lock:
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --require-hashes -r requirements/lock-tool.txt
+	$(UV_COMPILE) -o requirements/run.txt
+	$(UV_COMPILE) --extra dev -o requirements/dev.txt
+	$(LOCK_VENV)/bin/uv pip compile requirements/lock-tool.in --universal --generate-hashes --quiet -o requirements/lock-tool.txt
 
 run: $(RUN_STAMP)
 	$(BIN)/proxy serve --config $(CONFIG)$(if $(PORT), --port $(PORT))
@@ -76,4 +97,4 @@ sdk-suite: $(STAMP)
 	$(BIN)/python scripts/sdk_suite.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(LOCK_VENV) .pytest_cache .ruff_cache

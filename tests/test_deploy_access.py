@@ -71,9 +71,11 @@ def test_make_run_takes_port_and_config_and_installs_no_test_tools():
     assert dry.returncode == 0, dry.stderr
     commands = dry.stdout
     assert "proxy serve --config other.yaml --port 9123" in commands
-    assert "pip install --quiet -e ." in commands
-    assert "[dev]" not in commands
+    # Running installs the running lock only, every package checked against its hash.
+    assert "--require-hashes -r requirements/run.txt" in commands
+    assert "requirements/dev.txt" not in commands
     test = subprocess.run(
         ["make", "-n", "-B", "test"], capture_output=True, text=True, cwd=ROOT, timeout=30
     )
-    assert "[dev]" in test.stdout and "pytest" in test.stdout and "ruff check" in test.stdout
+    assert "--require-hashes -r requirements/dev.txt" in test.stdout
+    assert "pytest" in test.stdout and "ruff check" in test.stdout

@@ -113,8 +113,8 @@ def test_unknown_model_is_a_404_naming_the_model(proxy, upstream):
     with pytest.raises(openai.NotFoundError) as info:
         client(proxy).chat.completions.create(model="mystery-model", messages=[])
     assert info.value.code == "model_not_found"
-    assert "mystery-model" in info.value.message
-    assert "kimi-k2" in info.value.message  # and what is routable
+    assert "mystery-model" in info.value.body["message"]
+    assert "kimi-k2" in info.value.body["message"]  # and what is routable
     assert upstream.requests() == []
 
 
@@ -122,7 +122,7 @@ def test_backend_without_key_answers_503_naming_the_variable(proxy, upstream):
     with pytest.raises(openai.InternalServerError) as info:
         client(proxy).chat.completions.create(model="unkeyed-model", messages=[])
     assert info.value.status_code == 503
-    assert "UNSET_TEST_KEY" in info.value.message
+    assert "UNSET_TEST_KEY" in info.value.body["message"]
     assert info.value.response.headers["x-should-retry"] == "false"
     assert upstream.requests() == []
 
@@ -157,4 +157,4 @@ def test_stream_cut_mid_way_raises_in_the_sdk_instead_of_ending_quietly(proxy, u
         for chunk in stream:
             received.append(chunk)
     assert len(received) == 3
-    assert "closed the stream before it was complete" in info.value.message
+    assert "closed the stream before it was complete" in info.value.body["message"]
