@@ -30,6 +30,7 @@ class Client:
     id: str
     digest: bytes
     models: re.Pattern[str] | None  # None: every model
+    shared_objects: bool = False  # `objects: shared`: sees every client's objects
 
 
 class ClientAuth:
@@ -41,7 +42,7 @@ class ClientAuth:
                 continue  # reported at start-up; nobody can authenticate as this client
             digest = _digest(c.key)
             pattern = _globs(c.models) if c.models else None
-            self._by_digest[digest] = Client(c.id, digest, pattern)
+            self._by_digest[digest] = Client(c.id, digest, pattern, c.objects == "shared")
         self._missing = [c for c in config.clients if not c.key]
         self._trusted = [
             ipaddress.ip_network(n, strict=False) for n in config.server.trusted_proxies

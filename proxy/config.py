@@ -349,6 +349,13 @@ class ObjectsConfig(_Section):
         30 * 86400.0
     )
     max_entries: Annotated[Whole, doc("ids remembered per process (memory storage)")] = 100_000
+    max_entries_per_client: Annotated[
+        Whole, doc("ids remembered per client (memory storage): none evicts another's")
+    ] = 20_000
+    unknown: Annotated[
+        Literal["refuse", "allow"],
+        doc("a client naming an id with no record: 404 (refuse) or sent on (allow)"),
+    ] = "refuse"
 
 
 @dataclass(frozen=True)
@@ -358,6 +365,9 @@ class ClientConfig(_Section):
     env_vars: SkipJsonSchema[tuple[str, ...]] = ()
     rate_limit: Annotated[Rate | None, doc("e.g. 600/minute")] = None
     models: Annotated[tuple[Text, ...], doc("glob patterns allowed; empty: every model")] = ()
+    objects: Annotated[
+        Literal["own", "shared"], doc("own: sees only its objects; shared: sees every one")
+    ] = "own"
 
 
 @dataclass(frozen=True)

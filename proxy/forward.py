@@ -44,9 +44,15 @@ from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.objects import (
     MAX_IDS,
+    Unknown,
+    Viewer,
     event_created_ids,
+    is_owned_list,
+    may_see,
     named_ids,
+    not_found_message,
     record_created,
+    visible_list,
 )
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
@@ -173,7 +179,7 @@ async def forward(
     # storage call, not even an await.
     ids = named_objects(parts) if parts.dialect is OPENAI else []
     if ids:
-        target = await stick_to_objects(runtime, ids, target)
+        target = await stick_to_objects(runtime, ids, target, client)
     ctx.routed(target)
     if model:
         runtime.auth.check_model(client, model, target.model)
@@ -195,17 +201,22 @@ async def forward(
     if isinstance(result, FailedAnswer):
         await _send_failed(runtime, send, ctx, result)
     else:
-        await _relay(runtime, send, ctx, result, parts)
+        await _relay(runtime, send, ctx, result, parts, client)
 
 
 async def _relay(
-    runtime: Runtime, send: Send, ctx: RequestContext, delivery: Delivery, parts: RequestParts
+    runtime: Runtime,
+    send: Send,
+    ctx: RequestContext,
+    delivery: Delivery,
+    parts: RequestParts,
+    client: Client | None = None,
 ) -> None:
     """Relay an upstream's answer by its kind: events as they come, a JSON answer read
     whole (its usage and ids taken), anything else (audio, a file) chunk by chunk."""
     response = delivery.response
     breaker = runtime.breakers[delivery.target.backend]
-    relay = _Relay(runtime, send, ctx, delivery, parts)
+    relay = _Relay(runtime, send, ctx, delivery, parts, client)
     try:
         ctx.responded(response.status)
         content_type = response.content_type
@@ -233,9 +244,12 @@ class _Relay:
         ctx: RequestContext,
         delivery: Delivery,
         parts: RequestParts,
+        client: Client | None = None,
     ) -> None:
         self.runtime = runtime
         self.parts = parts
+        self.client = client
+        self.owner = client.id if client is not None else None  # what it makes is its own
         self.send = send
         self.ctx = ctx
         self.delivery = delivery
@@ -300,6 +314,7 @@ class _Relay:
         if not _may_reveal_ids(path, payload):
             return send
         objects, backend, key_id = self.runtime.objects, self.backend, self.delivery.key_id
+        owner = self.owner
         seen: set[str] = set()
 
         async def record_and_send(message: Message) -> None:
@@ -316,7 +331,7 @@ class _Relay:
                         found = [i for i in ids if i not in seen][: MAX_IDS - len(seen)]
                         if found:
                             seen.update(found)
-                            await objects.remember(found, backend, key_id)
+                            await objects.remember(found, backend, key_id, owner)
             await send(message)
 
         return record_and_send
@@ -348,7 +363,10 @@ class _Relay:
                 parts.payload,
                 self.backend,
                 self.delivery.key_id,
+                self.owner,
             )
+            if self.client is not None and is_owned_list(parts.path, parts.method):
+                data = await _owned_page(runtime, self.client, data)
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
@@ -508,11 +526,46 @@ def named_objects(parts: RequestParts) -> list[str]:
     return ids
 
 
-async def stick_to_objects(runtime: Runtime, ids: list[str], target: Target) -> Target:
+def viewer_of(client: Client | None) -> Viewer | None:
+    """The client as object records see it; None for the open proxy's one tenant."""
+    return None if client is None else Viewer(client.id, client.shared_objects)
+
+
+async def _owned_page(runtime: Runtime, client: Client, data: bytes) -> bytes:
+    """A list page with only the objects ``client`` may see."""
+    viewer = viewer_of(client)
+    assert viewer is not None
+    if viewer.shared:
+        return data
+    unknown = Unknown(runtime.config.objects.unknown)
+    return await visible_list(runtime.objects, data, viewer, unknown, runtime.placements)
+
+
+def object_not_found(object_id: str) -> ProxyError:
+    """The upstream's own 404 for a missing object: another client's object, or one the
+    proxy has no record of, looks exactly like one that does not exist."""
+    message, param = not_found_message(object_id)
+    code = "model_not_found" if param == "model" else None
+    return ProxyError(404, message, param=param, code=code)
+
+
+async def stick_to_objects(
+    runtime: Runtime, ids: list[str], target: Target, client: Client | None = None
+) -> Target:
     """A request naming a file, response, batch... made through the proxy goes where it was
     made, with the key that made it (another key's project does not have it), whatever
-    round robin or a route would pick; no fallback: the object is nowhere else."""
-    placement = await runtime.objects.lookup(ids, runtime.placements)
+    round robin or a route would pick; no fallback: the object is nowhere else.
+
+    With ``clients:``, every id named must be the client's own (``may_see``): else the
+    upstream's 404, and nothing is sent."""
+    found = await runtime.objects.records(ids, runtime.placements)
+    viewer = viewer_of(client)
+    if viewer is not None:
+        unknown = Unknown(runtime.config.objects.unknown)
+        for object_id in ids[:MAX_IDS]:
+            if not may_see(viewer, found.get(object_id), unknown):
+                raise object_not_found(object_id)
+    placement = next((found[i].placement for i in ids if i in found), None)
     if placement is None:
         return target
     same_backend = placement.backend == target.backend

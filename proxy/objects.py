@@ -1,4 +1,10 @@
-"""Objects stick to where they were made: object id → (backend, key id).
+"""Objects stick to where they were made, and belong to who made them: object id →
+(backend, key id, owner client id).
+
+With ``clients:``, every record also names the client that made the object, and
+``may_see`` is the one answer to "may this client see this id": another client naming it
+gets the upstream's own 404 and nothing is sent upstream; list answers are filtered to the
+caller's objects (``visible_ids``). Without ``clients:`` there is one tenant: owner None.
 
 A file, batch, vector store, response, conversation or upload made through the proxy exists
 only on the backend that made it and, with several keys, only for that key's project. The
@@ -26,6 +32,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import orjson
@@ -38,6 +45,7 @@ T = TypeVar("T")
 MAX_IDS = 64  # ids one answer may record, or one request may name
 DEFAULT_TTL = 30 * 24 * 3600.0  # OpenAI keeps stored responses 30 days
 DEFAULT_MAX_ENTRIES = 100_000
+DEFAULT_MAX_PER_CLIENT = 20_000  # one client's share of the memory store
 REDIS_PREFIX = "objects/"  # like "shared/..." and "reconnect/streak/...": one namespace each
 REDIS_TIMEOUT = 0.25  # without the throttle's health-aware guard: the longest a call may take
 _LOG_EVERY = 60.0  # seconds between two log lines about a failing store
@@ -326,9 +334,18 @@ def _tool_ids(tools: object, found: list[str]) -> None:
             _add(found, container)
 
 
+# Values in an id's place that are settings, not ids (`container: "auto"`).
+_NOT_ID_VALUES = frozenset({"auto", "none"})
+
+
 def _add(found: list[str], value: object) -> None:
     """``value`` appended when it is a valid id not yet there, below ``MAX_IDS`` ids."""
-    if _is_id(value) and len(found) < MAX_IDS and value not in found:
+    if (
+        _is_id(value)
+        and len(found) < MAX_IDS
+        and value not in found
+        and value not in _NOT_ID_VALUES
+    ):
         found.append(value)
 
 
@@ -359,6 +376,40 @@ class Placement:
     key_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the store knows of one id: where it lives and which client made it (None: made
+    while the proxy was open, or recorded before owners were)."""
+
+    placement: Placement
+    owner: str | None
+
+
+class Unknown(Enum):
+    """What a client naming an id the proxy has no record of gets (``objects.unknown``)."""
+
+    REFUSE = "refuse"  # fail closed: the upstream key is shared, the id may be another's
+    ALLOW = "allow"  # objects made before the proxy recorded owners stay reachable
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """A client as the object records see it; ``shared``: it sees every object."""
+
+    client_id: str
+    shared: bool = False
+
+
+def may_see(viewer: Viewer | None, record: Record | None, unknown: Unknown) -> bool:
+    """May ``viewer`` name an object with ``record`` (None: no record)? The one place
+    tenancy is decided. ``viewer`` None is the open proxy's single tenant."""
+    if viewer is None or viewer.shared:
+        return True
+    if record is None or record.owner is None:
+        return unknown is Unknown.ALLOW
+    return record.owner == viewer.client_id
+
+
 def known_placements(keys: Mapping[str, Iterable[str]]) -> frozenset[Placement]:
     """Every (backend, key id) of a config, built once per runtime: ``lookup(ids, known)``
     then ignores placements of backends or keys that a reload took away."""
@@ -368,8 +419,18 @@ def known_placements(keys: Mapping[str, Iterable[str]]) -> frozenset[Placement]:
 class ObjectStore(Protocol):
     errors: int  # failed storage calls since the metrics loop last took them
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
-        """Record that ``ids`` live on ``backend`` under ``key_id``; never raises."""
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+    ) -> None:
+        """Record that ``ids`` live on ``backend`` under ``key_id``, made by ``owner``; an
+        id already recorded for another owner keeps its owner. Never raises."""
+
+    async def records(
+        self, ids: Sequence[str], known: Collection[Placement] | None = None
+    ) -> dict[str, Record]:
+        """The records of those of ``ids`` (the first ``MAX_IDS``) recorded, not expired
+        and, with ``known``, placed on a backend and key of the running config; empty when
+        the storage fails. Never raises."""
 
     async def lookup(
         self, ids: Sequence[str], known: Collection[Placement] | None = None
@@ -377,7 +438,9 @@ class ObjectStore(Protocol):
         """The placement of the first id (in order) recorded and not expired, among those in
         ``known`` when given; None when none is (or the storage fails). Never raises."""
 
-    def reconfigure(self, ttl: float, max_entries: int) -> None:
+    def reconfigure(
+        self, ttl: float, max_entries: int, max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    ) -> None:
         """A reload's new settings; what is remembered stays."""
 
     async def close(self) -> None: ...
@@ -405,12 +468,15 @@ class _Complaints:
 
 
 class MemoryObjects:
-    """Objects remembered in this process, oldest first: at most ``max_entries``, each for
-    ``ttl`` seconds after it was last remembered (by ``clock``, monotonic by default).
+    """Objects remembered in this process, oldest first: at most ``max_entries``, at most
+    ``max_per_client`` per owner (so one client's many ``store: true`` completions evict
+    only its own), each for ``ttl`` seconds after it was last remembered (by ``clock``,
+    monotonic by default).
 
-    Oldest-first keeps both bounds O(1): entries are in the order they were remembered, so
-    the expired ones are always at the front (purged a few at a time on every call) and the
-    one evicted when full is also the next to expire.
+    Oldest-first keeps every bound O(1): entries are in the order they were remembered, so
+    the expired ones are always at the front (purged a few at a time on every call), the one
+    evicted when full is also the next to expire, and each owner's ids are kept in the same
+    order beside them.
     """
 
     def __init__(
@@ -418,64 +484,115 @@ class MemoryObjects:
         ttl: float = DEFAULT_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.monotonic,
+        max_per_client: int = DEFAULT_MAX_PER_CLIENT,
     ) -> None:
         self.ttl = ttl
         self.max_entries = max(1, max_entries)
+        self.max_per_client = max(1, max_per_client)
         self._clock = clock
-        self._entries: OrderedDict[str, tuple[Placement, float]] = OrderedDict()  # id → at
+        self._entries: OrderedDict[str, tuple[Record, float]] = OrderedDict()  # id → at
+        self._by_owner: dict[str | None, OrderedDict[str, None]] = {}
         self.errors = 0  # memory never fails; here for the ObjectStore interface
 
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
+    def owned(self, owner: str | None) -> int:
+        """How many ids ``owner`` has recorded (for tests and the quota)."""
+        return len(self._by_owner.get(owner, ()))
+
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+    ) -> None:
         now = self._clock()
         self._purge(now)
-        placement = Placement(backend, key_id)
+        record = Record(Placement(backend, key_id), owner)
         entries = self._entries
+        mine = self._by_owner.setdefault(owner, OrderedDict())
         for object_id in ids[:MAX_IDS]:
-            entries[object_id] = (placement, now)
+            existing = entries.get(object_id)
+            if existing is not None and existing[0].owner != owner:
+                if now - existing[1] < self.ttl:
+                    continue  # another client's object stays its own
+                self._drop(object_id)
+            entries[object_id] = (record, now)
             entries.move_to_end(object_id)
+            mine[object_id] = None
+            mine.move_to_end(object_id)
+        while len(mine) > self.max_per_client:  # the quota evicts the owner's own oldest
+            self._drop(next(iter(mine)))
         while len(entries) > self.max_entries:
-            entries.popitem(last=False)
+            self._drop(next(iter(entries)))
 
-    async def lookup(
+    async def records(
         self, ids: Sequence[str], known: Collection[Placement] | None = None
-    ) -> Placement | None:
+    ) -> dict[str, Record]:
+        found: dict[str, Record] = {}
         if not ids:
-            return None
+            return found
         now = self._clock()
         self._purge(now)
         for object_id in ids[:MAX_IDS]:
             entry = self._entries.get(object_id)
             if entry is None:
                 continue
-            placement, at = entry
+            record, at = entry
             if now - at >= self.ttl:  # the purge is bounded: this entry may be left
                 continue
-            if known is None or placement in known:
-                return placement
-        return None
+            if known is None or record.placement in known:
+                found[object_id] = record
+        return found
 
-    def reconfigure(self, ttl: float, max_entries: int) -> None:
+    async def lookup(
+        self, ids: Sequence[str], known: Collection[Placement] | None = None
+    ) -> Placement | None:
+        return _first_placement(ids, await self.records(ids, known))
+
+    def reconfigure(
+        self, ttl: float, max_entries: int, max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    ) -> None:
         self.ttl = ttl
         self.max_entries = max(1, max_entries)
+        self.max_per_client = max(1, max_per_client)
+        for mine in list(self._by_owner.values()):
+            while len(mine) > self.max_per_client:
+                self._drop(next(iter(mine)))
         while len(self._entries) > self.max_entries:
-            self._entries.popitem(last=False)
+            self._drop(next(iter(self._entries)))
 
     async def close(self) -> None:
         self._entries.clear()
+        self._by_owner.clear()
+
+    def _drop(self, object_id: str) -> None:
+        entry = self._entries.pop(object_id, None)
+        if entry is None:
+            return
+        owner = entry[0].owner
+        mine = self._by_owner.get(owner)
+        if mine is not None:
+            mine.pop(object_id, None)
+            if not mine:
+                del self._by_owner[owner]
 
     def _purge(self, now: float, budget: int = 2 * MAX_IDS) -> None:
         """Drop expired entries from the front; a bounded number per call, and at least as
         many as a ``remember`` can add, so expired entries never pile up."""
         entries = self._entries
         while budget and entries:
-            _, at = next(iter(entries.values()))
+            object_id, (_, at) = next(iter(entries.items()))
             if now - at < self.ttl:
                 return
-            entries.popitem(last=False)
+            self._drop(object_id)
             budget -= 1
+
+
+def _first_placement(ids: Sequence[str], found: Mapping[str, Record]) -> Placement | None:
+    for object_id in ids[:MAX_IDS]:
+        record = found.get(object_id)
+        if record is not None:
+            return record.placement
+    return None
 
 
 class Guard(Protocol):
@@ -528,36 +645,54 @@ class RedisObjects:
     def errors(self, value: int) -> None:
         self._complaints.errors = value
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+    ) -> None:
         if not ids or not _storable_name(backend) or not _storable_name(key_id):
             return
-        value = f"{backend}{_SEP}{key_id}"
+        if owner is not None and not _storable_name(owner):
+            return
+        value = f"{backend}{_SEP}{key_id}" + ("" if owner is None else f"{_SEP}{owner}")
         seconds = max(1, int(self.ttl))
 
         async def write() -> None:
+            # SET NX: the first to record an id owns it (another client's answer naming the
+            # id cannot take it over); EXPIRE then refreshes the TTL as before.
             pipe = self.client.pipeline(transaction=False)
             for object_id in ids[:MAX_IDS]:
-                pipe.set(REDIS_PREFIX + object_id, value, ex=seconds)
+                pipe.set(REDIS_PREFIX + object_id, value, ex=seconds, nx=True)
+                pipe.expire(REDIS_PREFIX + object_id, seconds)
             await pipe.execute()
 
         await self._guard(write, None, self._complaints.failed)
 
+    async def records(
+        self, ids: Sequence[str], known: Collection[Placement] | None = None
+    ) -> dict[str, Record]:
+        found: dict[str, Record] = {}
+        if not ids:
+            return found
+        wanted = list(ids[:MAX_IDS])
+        names = [REDIS_PREFIX + object_id for object_id in wanted]
+        empty: list[Any] = []
+        raw = await self._guard(lambda: self.client.mget(names), empty, self._complaints.failed)
+        for object_id, value in zip(wanted, raw, strict=False):
+            record = _record_of(value)
+            if record is not None and (known is None or record.placement in known):
+                found[object_id] = record
+        return found
+
     async def lookup(
         self, ids: Sequence[str], known: Collection[Placement] | None = None
     ) -> Placement | None:
-        if not ids:
-            return None
-        names = [REDIS_PREFIX + object_id for object_id in ids[:MAX_IDS]]
-        empty: list[Any] = []
-        raw = await self._guard(lambda: self.client.mget(names), empty, self._complaints.failed)
-        for value in raw:
-            placement = _placement_of(value)
-            if placement is not None and (known is None or placement in known):
-                return placement
-        return None
+        return _first_placement(ids, await self.records(ids, known))
 
-    def reconfigure(self, ttl: float, max_entries: int) -> None:
-        self.ttl = ttl  # Redis bounds itself by the TTLs: max_entries is for memory
+    def reconfigure(
+        self, ttl: float, max_entries: int, max_per_client: int = DEFAULT_MAX_PER_CLIENT
+    ) -> None:
+        # Redis bounds itself by the TTLs and evicts nobody's records to make room, so no
+        # client can push out another's: max_entries and max_per_client are for memory.
+        self.ttl = ttl
 
     async def close(self) -> None:
         """The client belongs to whoever made it (the throttle's storage): left open."""
@@ -567,18 +702,20 @@ def _storable_name(name: str) -> bool:
     return 0 < len(name) <= _MAX_NAME and _CONTROL.search(name) is None
 
 
-def _placement_of(raw: object) -> Placement | None:
-    """A value read back from Redis, written by us or by anyone: None unless well-formed."""
-    if not isinstance(raw, bytes) or len(raw) > 2 * _MAX_NAME + 1:
+def _record_of(raw: object) -> Record | None:
+    """A value read back from Redis, written by us or by anyone: None unless well-formed.
+    ``backend\x1fkey`` (no owner: written while open, or before owners) or with an owner."""
+    if not isinstance(raw, bytes) or len(raw) > 3 * _MAX_NAME + 2:
         return None
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         return None
-    backend, sep, key_id = text.partition(_SEP)
-    if not sep or not _storable_name(backend) or not _storable_name(key_id):
+    names = text.split(_SEP)
+    if len(names) not in (2, 3) or not all(_storable_name(name) for name in names):
         return None
-    return Placement(backend, key_id)
+    owner = names[2] if len(names) == 3 else None
+    return Record(Placement(names[0], names[1]), owner)
 
 
 def make_object_store(
@@ -587,12 +724,13 @@ def make_object_store(
     max_entries: int = DEFAULT_MAX_ENTRIES,
     guard: Guard | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT,
 ) -> ObjectStore:
     """The store for the throttle's storage: ``make_object_store(store.redis, ttl,
     max_entries, store.call)`` with ``store`` a ``proxy.throttle.Store`` (its Redis pool and
     health-aware guard are reused); in memory when that storage is ``memory://``."""
     if redis_client is None:
-        return MemoryObjects(ttl, max_entries, clock)
+        return MemoryObjects(ttl, max_entries, clock, max_per_client)
     return RedisObjects(redis_client, ttl, guard, clock)
 
 
@@ -621,10 +759,92 @@ async def record_created(
     payload: Mapping[str, Any] | None,
     backend: str,
     key_id: str,
+    owner: str | None = None,
 ) -> list[str]:
     """Remember the objects a JSON answer created where it came from (the backend and key
-    that answered: a fallback's, when it came to that); the ids recorded."""
+    that answered: a fallback's, when it came to that), owned by the asking client; the ids
+    recorded."""
     ids = created_ids(path, method, status, body, payload)
     if ids:
-        await store.remember(ids, backend, key_id)
+        await store.remember(ids, backend, key_id, owner)
     return ids
+
+
+# ---------------------------------------------------------------- lists: the caller's only
+
+# Collections listed with GET whose items are objects made through the proxy: their pages
+# are filtered by owner. Sub-collections (`/vector_stores/{id}/files`, a job's events) are
+# not: their parent was already checked, and their items (events, input items) unrecorded.
+_LIST_PATHS = frozenset("/" + "/".join(root) for root in _ROOTS)
+
+
+def is_owned_list(path: str, method: str) -> bool:
+    return method == "GET" and _strip_v1(path) in _LIST_PATHS
+
+
+async def visible_list(
+    store: ObjectStore,
+    data: bytes,
+    viewer: Viewer,
+    unknown: Unknown,
+    known: Collection[Placement] | None = None,
+) -> bytes:
+    """A list answer (``{"object": "list", "data": [...]}``) with only the items ``viewer``
+    may see; ``first_id``/``last_id`` from what is left, ``has_more`` as the upstream said
+    (the next page follows the upstream's cursor). An answer that is not such a list is
+    returned as it came."""
+    document = _loads_dict(data)
+    if document is None or not isinstance(document.get("data"), list):
+        return data
+    items: list[Any] = document["data"]
+    ids = [item["id"] for item in items if isinstance(item, dict) and _is_id(item.get("id"))]
+    found: dict[str, Record] = {}
+    for start in range(0, len(ids), MAX_IDS):
+        found |= await store.records(ids[start : start + MAX_IDS], known)
+    kept = [
+        item
+        for item in items
+        if isinstance(item, dict)
+        and _is_id(item.get("id"))
+        and may_see(viewer, found.get(item["id"]), unknown)
+    ]
+    if len(kept) == len(items):
+        return data
+    document["data"] = kept
+    for name, index in (("first_id", 0), ("last_id", -1)):
+        if name in document:
+            document[name] = kept[index]["id"] if kept else None
+    return orjson.dumps(document)
+
+
+# ---------------------------------------------------------------- refusals, upstream-shaped
+
+# OpenAI's 404 for an object that is not there, by the id's prefix: another client's
+# object must look exactly like one that does not exist.
+_KINDS = (
+    ("file-", "File"),
+    ("batch_", "Batch"),
+    ("vs_", "VectorStore"),
+    ("vsfb_", "VectorStoreFileBatch"),
+    ("upload_", "Upload"),
+    ("ftjob-", "FineTuningJob"),
+    ("chatcmpl-", "ChatCompletion"),
+    ("conv_", "Conversation"),
+    ("cntr_", "Container"),
+    ("eval_", "Eval"),
+    ("evalrun_", "EvalRun"),
+    ("asst_", "Assistant"),
+    ("thread_", "Thread"),
+    ("run_", "Run"),
+    ("video_", "Video"),
+)
+
+
+def not_found_message(object_id: str) -> tuple[str, str | None]:
+    """The message and ``param`` OpenAI answers a missing ``object_id`` with."""
+    if object_id.startswith("resp_"):
+        return f"Response with id '{object_id}' not found.", None
+    if object_id.startswith("ft:"):
+        return f"The model '{object_id}' does not exist", "model"
+    kind = next((name for prefix, name in _KINDS if object_id.startswith(prefix)), "object")
+    return f"No such {kind} object: {object_id}", "id"

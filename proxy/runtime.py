@@ -349,10 +349,18 @@ def _object_store(config: Config, storage: Store, previous: Runtime | None) -> O
     memory: kept across reloads while the storage is)."""
     settings = config.objects
     if previous is not None:
-        previous.objects.reconfigure(settings.ttl, settings.max_entries)
+        previous.objects.reconfigure(
+            settings.ttl, settings.max_entries, settings.max_entries_per_client
+        )
         return previous.objects
     guard = storage.call if storage.redis is not None else None
-    return make_object_store(storage.redis, settings.ttl, settings.max_entries, guard)
+    return make_object_store(
+        storage.redis,
+        settings.ttl,
+        settings.max_entries,
+        guard,
+        max_per_client=settings.max_entries_per_client,
+    )
 
 
 def _probe_timeout(backend: BackendConfig) -> float:

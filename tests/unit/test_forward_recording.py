@@ -16,7 +16,9 @@ class _Store:
     def __init__(self, events: list[str]) -> None:
         self.events = events
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+    ) -> None:
         self.events.append(f"remember {','.join(ids)} {backend}/{key_id}")
 
 

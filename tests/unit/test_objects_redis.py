@@ -96,7 +96,7 @@ def test_through_the_throttle_storage(redis_server: RedisServer) -> None:
         b"no-separator",
         b"\x1fkey",
         b"backend\x1f",
-        b"a\x1fb\x1fc",
+        b"a\x1fb\x1fc\x1fd",  # backend, key, owner: three names at most
         b"a\nb\x1fk",
         b"\xff\xfe\x1f\x00",
         b"b" * 300 + b"\x1fk",
@@ -200,3 +200,31 @@ def test_redis_hung_misses_within_a_second(own_redis: RedisServer, guarded: bool
     assert found is None
     assert failures >= 1
     assert took < 3 * 1.0  # three calls, each under a second
+
+
+def test_owners_are_shared_between_replicas_and_the_first_owner_keeps_an_id(
+    redis_server: RedisServer,
+) -> None:
+    from proxy.objects import Record
+
+    async def run() -> tuple[dict[str, Record], dict[str, Record]]:
+        one, two = bare_store(redis_server.url), bare_store(redis_server.url)
+        try:
+            await one.remember(["file-own1", "resp_own2"], "openai", "k1", "team-a")
+            await two.remember(["file-own1"], "openai", "k2", "team-b")  # cannot take it
+            await two.remember(["file-legacy"], "openai", "k1")  # open proxy: no owner
+            return (
+                await two.records(["file-own1", "resp_own2", "file-legacy", "file-none"]),
+                await one.records([]),
+            )
+        finally:
+            await one.client.aclose()
+            await two.client.aclose()
+
+    found, nothing = asyncio.run(run())
+    assert found == {
+        "file-own1": Record(Placement("openai", "k1"), "team-a"),
+        "resp_own2": Record(Placement("openai", "k1"), "team-a"),
+        "file-legacy": Record(Placement("openai", "k1"), None),
+    }
+    assert nothing == {}
