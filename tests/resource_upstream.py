@@ -163,6 +163,16 @@ async def create_batch(request: web.Request) -> web.Response:
     return web.json_response(store.own(_key(request), batch))
 
 
+async def list_batches(request: web.Request) -> web.Response:
+    _record(request)
+    store: Store = request.app["store"]
+    key = _key(request)
+    data = [o for k, o in store.objects.values() if k == key and o["object"] == "batch"]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    page = {"object": "list", "data": data, "first_id": first, "last_id": last}
+    return web.json_response({**page, "has_more": False})
+
+
 async def batch_object(request: web.Request) -> web.Response:
     body = await request.read()
     _record(request, body_size=len(body))
@@ -255,6 +265,7 @@ def make_app() -> web.Application:
     app.router.add_route("*", "/v1/files/{id}", file_object)
     app.router.add_get("/v1/files/{id}/content", file_content)
     app.router.add_post("/v1/batches", create_batch)
+    app.router.add_get("/v1/batches", list_batches)
     app.router.add_route("*", "/v1/batches/{id}", batch_object)
     app.router.add_post("/v1/batches/{id}/cancel", batch_object)
     app.router.add_post("/v1/responses", create_response)
