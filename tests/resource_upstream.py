@@ -225,6 +225,36 @@ async def response_object(request: web.Request) -> web.Response:
     return _not_found("response") if found is None else web.json_response(found)
 
 
+async def create_chat(request: web.Request) -> web.Response:
+    """A chat completion, kept (and retrievable) when the request said ``store: true``."""
+    body = await request.json()
+    key = _key(request)
+    _record(request, model=body.get("model"))
+    answer = {
+        "id": f"chatcmpl-{next(_ids)}",
+        "object": "chat.completion",
+        "created": CREATED,
+        "model": body.get("model", ""),
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "hello"},
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+    if body.get("store") is True:
+        request.app["store"].own(key, answer)
+    return web.json_response(answer)
+
+
+async def chat_object(request: web.Request) -> web.Response:
+    _record(request)
+    found = request.app["store"].get(_key(request), request.match_info["id"])
+    return _not_found("chat completion") if found is None else web.json_response(found)
+
+
 async def speech(request: web.Request) -> web.StreamResponse:
     """Audio generated over time: one piece at once, the rest ``pause`` seconds later."""
     body = await request.json()
@@ -271,6 +301,8 @@ def make_app() -> web.Application:
     app.router.add_post("/v1/responses", create_response)
     app.router.add_get("/v1/responses/{id}", response_object)
     app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/chat/completions", create_chat)
+    app.router.add_get("/v1/chat/completions/{id}", chat_object)
     app.router.add_get("/v1/models", lambda r: web.json_response({"data": []}))
     app.router.add_route("*", "/v1/models/{id}", model_object)
     app.router.add_route("*", "/_mock/requests", requests_log)

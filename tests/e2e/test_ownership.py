@@ -182,3 +182,29 @@ def test_objects_unknown_allow_sends_an_unrecorded_id_on(
         assert [r["path"] for r in resources.requests()] == ["/v1/files/file-made-elsewhere"]
     finally:
         proxy.stop()
+
+
+def test_one_clients_stored_completions_do_not_evict_anothers_placements(
+    resources: ResourceUpstream, tmp_path: Path
+) -> None:
+    """team-b makes 40 stored completions on a proxy holding 10 ids per client (and 25 in
+    all): team-a's completion and file are still found, and still refused to team-b."""
+    text = config(resources, "objects: {max_entries: 25, max_entries_per_client: 10}")
+    proxy = start_proxy(text, tmp_path)
+    try:
+        a, b = sdk(proxy, TEAM_A), sdk(proxy, TEAM_B)
+        hello = [{"role": "user", "content": "hi"}]
+        kept = a.chat.completions.create(model="gpt-4o", messages=hello, store=True)
+        file = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+        for _ in range(40):
+            b.chat.completions.create(model="cheap-1", messages=hello, store=True)
+        resources.forget()
+        assert a.chat.completions.retrieve(kept.id).id == kept.id
+        assert a.files.retrieve(file.id).id == file.id
+        not_found(lambda: b.chat.completions.retrieve(kept.id))
+        assert [r["path"] for r in resources.requests()] == [
+            f"/v1/chat/completions/{kept.id}",
+            f"/v1/files/{file.id}",
+        ]
+    finally:
+        proxy.stop()
