@@ -44,15 +44,20 @@ from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.objects import (
     MAX_IDS,
+    MAX_LIST_PAGES,
     Unknown,
     Viewer,
+    add_visible,
     event_created_ids,
+    finished_list,
     is_owned_list,
+    list_limit,
+    list_page,
     may_see,
     named_ids,
     not_found_message,
+    query_after,
     record_created,
-    visible_list,
 )
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
@@ -366,7 +371,7 @@ class _Relay:
                 self.owner,
             )
             if self.client is not None and is_owned_list(parts.path, parts.method):
-                data = await _owned_page(runtime, self.client, data)
+                data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
@@ -531,14 +536,65 @@ def viewer_of(client: Client | None) -> Viewer | None:
     return None if client is None else Viewer(client.id, client.shared_objects)
 
 
-async def _owned_page(runtime: Runtime, client: Client, data: bytes) -> bytes:
-    """A list page with only the objects ``client`` may see."""
+async def _owned_page(
+    runtime: Runtime,
+    client: Client,
+    data: bytes,
+    delivery: Delivery,
+    parts: RequestParts,
+    ctx: RequestContext,
+) -> bytes:
+    """A list page with only the objects ``client`` may see, filled from up to
+    ``MAX_LIST_PAGES`` upstream pages (asked ``after`` the last, with the same key) so that
+    another client's many objects do not leave the caller an empty page."""
     viewer = viewer_of(client)
     assert viewer is not None
-    if viewer.shared:
+    page = list_page(data)
+    if viewer.shared or page is None:
         return data
     unknown = Unknown(runtime.config.objects.unknown)
-    return await visible_list(runtime.objects, data, viewer, unknown, runtime.placements)
+    store, known = runtime.objects, runtime.placements
+    await add_visible(page, page.document, store, viewer, unknown, known)
+    limit = list_limit(parts.query)
+    same_key = dataclasses.replace(delivery.target, pinned_key=delivery.key_id, fallbacks=())
+    for _ in range(MAX_LIST_PAGES - 1):
+        if not page.has_more or len(page.kept) >= limit or page.upstream_last is None:
+            break
+        following = dataclasses.replace(
+            parts, query=query_after(parts.query, page.upstream_last), _bodies={}
+        )
+        next_data = await _next_page(runtime, same_key, following, ctx)
+        if next_data is None:
+            break  # the upstream's cursor stays where it was: has_more says so
+        await add_visible(page, next_data, store, viewer, unknown, known)
+    return finished_list(page, limit)
+
+
+async def _next_page(
+    runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
+) -> bytes | None:
+    """One more upstream page of a list, or None when it could not be had."""
+    try:
+        result = await deliver(runtime, target, parts, ctx)
+    except ProxyError:
+        return None
+    if isinstance(result, FailedAnswer):
+        return None
+    response = result.response
+    breaker = runtime.breakers[result.target.backend]
+    try:
+        if response.status != 200 or response.content_type != "application/json":
+            breaker.release(result.ticket)
+            return None
+        limit = runtime.config.server.max_response_size
+        data = await runtime.upstreams[result.target.backend].read_all(response, limit)
+        breaker.success(ctx.client)
+        return runtime.redactor.bytes(data)
+    except ProxyError:
+        breaker.release(result.ticket)
+        return None
+    finally:
+        response.release()
 
 
 def object_not_found(object_id: str) -> ProxyError:

@@ -782,39 +782,106 @@ def is_owned_list(path: str, method: str) -> bool:
     return method == "GET" and _strip_v1(path) in _LIST_PATHS
 
 
-async def visible_list(
+MAX_LIST_PAGES = 5  # upstream pages read for one filtered list page, the first included
+DEFAULT_LIST_LIMIT = 20  # OpenAI's default `limit`
+MAX_LIST_LIMIT = 100  # OpenAI's largest
+
+
+@dataclass(slots=True)
+class ListPage:
+    """A list answer being filtered: the caller's items so far and the upstream's cursor."""
+
+    document: dict[str, Any]
+    kept: list[Any]
+    has_more: bool
+    upstream_last: str | None  # the last id of the upstream's last page: where to go on
+
+
+def list_page(data: bytes) -> ListPage | None:
+    """A list answer (``{"object": "list", "data": [...]}``) to filter; None for anything else."""
+    document = _loads_dict(data)
+    if document is None or not isinstance(document.get("data"), list):
+        return None
+    return ListPage(document, [], False, None)
+
+
+async def add_visible(
+    page: ListPage,
+    data: bytes | dict[str, Any],
     store: ObjectStore,
-    data: bytes,
     viewer: Viewer,
     unknown: Unknown,
     known: Collection[Placement] | None = None,
-) -> bytes:
-    """A list answer (``{"object": "list", "data": [...]}``) with only the items ``viewer``
-    may see; ``first_id``/``last_id`` from what is left, ``has_more`` as the upstream said
-    (the next page follows the upstream's cursor). An answer that is not such a list is
-    returned as it came."""
-    document = _loads_dict(data)
-    if document is None or not isinstance(document.get("data"), list):
-        return data
-    items: list[Any] = document["data"]
+) -> None:
+    """The items of one upstream page that ``viewer`` may see, added to ``page``."""
+    document = data if isinstance(data, dict) else _loads_dict(data)
+    items = document.get("data") if document is not None else None
+    if document is None or not isinstance(items, list):
+        page.has_more = False
+        return
     ids = [item["id"] for item in items if isinstance(item, dict) and _is_id(item.get("id"))]
     found: dict[str, Record] = {}
     for start in range(0, len(ids), MAX_IDS):
         found |= await store.records(ids[start : start + MAX_IDS], known)
-    kept = [
+    page.kept += [
         item
         for item in items
         if isinstance(item, dict)
         and _is_id(item.get("id"))
         and may_see(viewer, found.get(item["id"]), unknown)
     ]
-    if len(kept) == len(items):
-        return data
+    page.has_more = document.get("has_more") is True
+    page.upstream_last = ids[-1] if ids else None
+
+
+def finished_list(page: ListPage, limit: int) -> bytes:
+    """The filtered page: at most ``limit`` items, ``first_id``/``last_id`` from them,
+    ``has_more`` true while the upstream has more or items were left for the next page (the
+    SDK then asks ``after`` the last item shown: nothing is skipped)."""
+    document = page.document
+    kept = page.kept
+    more = page.has_more or len(kept) > limit
+    kept = kept[:limit]
     document["data"] = kept
+    if "has_more" in document:
+        document["has_more"] = more
     for name, index in (("first_id", 0), ("last_id", -1)):
         if name in document:
             document[name] = kept[index]["id"] if kept else None
     return orjson.dumps(document)
+
+
+def list_limit(query: str) -> int:
+    """The page size the client asked for (``limit``, 1 to 100 as OpenAI allows)."""
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if name == "limit" and value.isdigit():
+            return min(max(int(value), 1), MAX_LIST_LIMIT)
+    return DEFAULT_LIST_LIMIT
+
+
+def query_after(query: str, after: str) -> str:
+    """``query`` for the next upstream page: ``after`` that id, and the largest ``limit``
+    OpenAI allows (100), so a few pages pass over many objects of other clients."""
+    pairs = [p for p in query.split("&") if p and p.partition("=")[0] not in ("after", "limit")]
+    return "&".join([*pairs, f"after={after}", f"limit={MAX_LIST_LIMIT}"])
+
+
+async def visible_list(
+    store: ObjectStore,
+    data: bytes,
+    viewer: Viewer,
+    unknown: Unknown,
+    known: Collection[Placement] | None = None,
+    limit: int = 100,
+) -> bytes:
+    """One upstream list page with only the items ``viewer`` may see (see ``finished_list``);
+    an answer that is not such a list is returned as it came."""
+    page = list_page(data)
+    if page is None:
+        return data
+    await add_visible(page, page.document, store, viewer, unknown, known)
+    return finished_list(page, limit)
 
 
 # ---------------------------------------------------------------- refusals, upstream-shaped

@@ -100,7 +100,13 @@ async def list_files(request: web.Request) -> web.Response:
     store: Store = request.app["store"]
     key = _key(request)
     data = [o for k, o in store.objects.values() if k == key and o["object"] == "file"]
-    return web.json_response({"object": "list", "data": data, "has_more": False})
+    after = request.query.get("after")  # OpenAI's cursor: the items after this id
+    if after is not None:
+        ids = [o["id"] for o in data]
+        data = data[ids.index(after) + 1 :] if after in ids else []
+    limit = int(request.query.get("limit", "10000"))
+    page = {"object": "list", "data": data[:limit], "has_more": len(data) > limit}
+    return web.json_response(page)
 
 
 async def file_object(request: web.Request) -> web.Response:

@@ -208,3 +208,26 @@ def test_one_clients_stored_completions_do_not_evict_anothers_placements(
         ]
     finally:
         proxy.stop()
+
+
+def test_a_list_page_is_filled_from_further_upstream_pages_and_the_sdk_pages_on(
+    resources: ResourceUpstream, tmp_path: Path
+) -> None:
+    """team-b's 45 files between team-a's would leave team-a short pages: the proxy reads
+    on (up to 5 upstream pages) and the SDK's auto-pagination finds all of team-a's."""
+    proxy = start_proxy(config(resources), tmp_path)
+    try:
+        a, b = sdk(proxy, TEAM_A), sdk(proxy, TEAM_B)
+        before = [a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id for _ in "12"]
+        for _ in range(45):
+            b.files.create(file=("b.jsonl", b"{}\n"), purpose="batch")
+        after = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id
+        page = a.files.list(limit=20)
+        ids = [f.id for f in page.data]
+        assert set(before + [after]) <= set(ids)  # one page, from three upstream pages
+        assert all(i in before + [after] or i not in ids for i in ids)
+        small = [f.id for f in a.files.list(limit=2)]  # auto-paging: 2 at a time
+        assert set(before + [after]) <= set(small)
+        assert not {f.id for f in b.files.list(limit=20)} & set(before + [after])
+    finally:
+        proxy.stop()

@@ -159,3 +159,32 @@ TestQuota.settings = settings(
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
+
+
+def test_list_cursors_and_limits() -> None:
+    from proxy.objects import list_limit, query_after
+
+    assert list_limit("") == 20
+    assert list_limit("limit=5&order=desc") == 5
+    assert list_limit("limit=1000") == 100
+    assert list_limit("limit=x") == 20
+    assert query_after("limit=5&after=file-1&order=asc", "file-9") == (
+        "order=asc&after=file-9&limit=100"
+    )
+
+
+def test_a_page_holds_at_most_limit_items_and_has_more_when_some_were_held_back() -> None:
+    async def run() -> dict:  # type: ignore[type-arg]
+        store = MemoryObjects()
+        await store.remember(["file-a1", "file-a2"], "openai", "k1", "team-a")
+        page = {"object": "list", "data": [{"id": "file-a1"}, {"id": "file-a2"}]}
+        page |= {"has_more": False, "last_id": "file-a2"}
+        out = await visible_list(store, orjson.dumps(page), A, Unknown.REFUSE, limit=1)
+        return orjson.loads(out)  # type: ignore[no-any-return]
+
+    page = asyncio.run(run())
+    assert (page["data"], page["has_more"], page["last_id"]) == (
+        [{"id": "file-a1"}],
+        True,
+        "file-a1",
+    )
