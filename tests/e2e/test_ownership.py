@@ -222,12 +222,12 @@ def test_a_list_page_is_filled_from_further_upstream_pages_and_the_sdk_pages_on(
         for _ in range(45):
             b.files.create(file=("b.jsonl", b"{}\n"), purpose="batch")
         after = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id
+        mine = {*before, after}
         page = a.files.list(limit=20)
-        ids = [f.id for f in page.data]
-        assert set(before + [after]) <= set(ids)  # one page, from three upstream pages
-        assert all(i in before + [after] or i not in ids for i in ids)
+        assert {f.id for f in page.data} == mine  # one page, from three upstream pages
+        assert page.has_more is False
         small = [f.id for f in a.files.list(limit=2)]  # auto-paging: 2 at a time
-        assert set(before + [after]) <= set(small)
-        assert not {f.id for f in b.files.list(limit=20)} & set(before + [after])
+        assert sorted(small) == sorted(mine)  # each once, none missing
+        assert not {f.id for f in b.files.list(limit=20)} & mine
     finally:
         proxy.stop()
