@@ -9,19 +9,23 @@ Retry-After.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import json
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import openai
 import pytest
+from websockets.asyncio.client import connect
+from websockets.exceptions import ConnectionClosed
 
-from tests.conftest import KEYS_ENV, MockUpstream, ProxyProcess, start_proxy
+from tests.conftest import KEYS_ENV, MockUpstream, ProxyProcess, read_listening_port, start_proxy
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 EXIT_BOUND = 10.0  # generous for a loaded machine; the measured exit is printed by the test
@@ -181,3 +185,82 @@ def test_anthropic_stream_past_the_drain_gets_event_error(
         assert [r["error"] for r in access_lines(proxy)] == ["drained"]
     finally:
         proxy.stop()
+
+
+def test_answer_not_started_at_the_deadline_gets_503(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    proxy = start_proxy(drain_config(upstream, 1), tmp_path, KEYS_ENV)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(
+                httpx.post,
+                f"{proxy.base_url}/chat/completions",
+                json={
+                    "model": "gpt-4o-mini",
+                    "messages": [{"role": "user", "content": "hi"}],
+                    "mock": {"delay": 10},  # the head would come in 10 s: far past the drain
+                },
+                timeout=30,
+            )
+            wait_until(lambda: any("chat/completions" in str(r) for r in upstream.requests()))
+            proxy.process.send_signal(signal.SIGTERM)
+            answer = pending.result(timeout=10)
+        assert answer.status_code == 503
+        assert answer.json()["error"]["code"] == "server_shutting_down"
+        assert answer.headers["retry-after"] == "1"
+        code, _ = wait_exit(proxy.process)
+        assert code == 0, proxy.log()
+        assert [r["error"] for r in access_lines(proxy)] == ["drained"]
+    finally:
+        proxy.stop()
+
+
+def test_realtime_session_past_the_drain_gets_close_1012(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "realtime_upstream.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        port = read_listening_port(process, "realtime upstream")
+        config = f"""
+server: {{drain_timeout: 1}}
+backends:
+  rt:
+    base_url: http://127.0.0.1:{port}/v1
+    keys: [{{id: key-a, key: "${{TEST_KEY_A}}"}}]
+routes:
+  - {{prefix: "", backend: rt}}
+"""
+        proxy = start_proxy(config, tmp_path, KEYS_ENV)
+        try:
+            closed = asyncio.run(_realtime_until_closed(proxy))
+            assert closed == 1012  # service restart: the client reconnects elsewhere
+            code, _ = wait_exit(proxy.process)
+            assert code == 0, proxy.log()
+            assert "0 request(s) and 1 Realtime session(s)" in proxy.log()
+        finally:
+            proxy.stop()
+    finally:
+        process.terminate()
+        process.wait(timeout=5)
+
+
+async def _realtime_until_closed(proxy: ProxyProcess) -> int | None:
+    url = f"ws://127.0.0.1:{proxy.port}/v1/realtime?model=gpt-realtime"
+    async with connect(url, additional_headers={"Authorization": "Bearer x"}) as ws:
+        await asyncio.wait_for(ws.recv(), 5)  # session.created: the session is up
+        proxy.process.send_signal(signal.SIGTERM)
+        with pytest.raises(ConnectionClosed):
+            async with asyncio.timeout(10):
+                while True:
+                    await ws.recv()
+        return ws.close_code
+
+
+def wait_until(condition: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
