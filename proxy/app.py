@@ -110,7 +110,7 @@ class ProxyApp:
                     await self.runtime.start()
                     self.runtime.report()
                     self.reloader.install_signal_handler()
-                    DRAIN.install(self.runtime.config.server.drain_timeout)
+                    DRAIN.install(lambda: self.runtime.config.server.drain_timeout)
                     if self.runtime.config.server.config_poll_interval > 0:
                         self.reloader.interval = self.runtime.config.server.config_poll_interval
                         self._watch = asyncio.create_task(self.reloader.watch())

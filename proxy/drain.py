@@ -64,6 +64,7 @@ class Drain:
         self.tasks: set[asyncio.Task[Any]] = set()  # HTTP requests: cancelled at the deadline
         self.sessions: set[asyncio.Task[Any]] = set()  # Realtime: uvicorn's 1012 ends them
         self.timeout = 30.0
+        self._configured: Callable[[], float] | None = None  # the config in force at the signal
         self._previous: dict[int, Handler] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._run: asyncio.Task[None] | None = None
@@ -77,10 +78,11 @@ class Drain:
     def expired(self) -> bool:
         return self.phase is Phase.EXPIRED
 
-    def install(self, timeout: float) -> None:
+    def install(self, timeout: Callable[[], float]) -> None:
         """Take SIGTERM and SIGINT over from uvicorn (called in the lifespan's start-up,
-        after uvicorn installed its handlers): uvicorn's handler runs after the drain."""
-        self.timeout = timeout
+        after uvicorn installed its handlers): uvicorn's handler runs after the drain.
+        ``timeout`` is read at the signal, so a reloaded ``drain_timeout`` counts."""
+        self._configured = timeout
         self._loop = asyncio.get_running_loop()
         self._hurry = asyncio.Event()
         for sig in SIGNALS:
@@ -102,6 +104,8 @@ class Drain:
             self._hurry.set()
             return
         self.phase = Phase.DRAINING
+        if self._configured is not None:
+            self.timeout = self._configured()
         self._run = asyncio.ensure_future(self.run(sig))
 
     async def run(self, sig: int) -> None:
