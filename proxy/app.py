@@ -32,6 +32,7 @@ from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
 from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic, bearer_token
+from proxy.drain import DRAIN
 from proxy.errors import ProxyError
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
@@ -81,19 +82,23 @@ class ProxyApp:
                 # One snapshot per request: a reload never changes a request half-way.
                 runtime = self.runtime
                 runtime.state.in_flight += 1
+                task = _tracked(DRAIN.tasks)
                 try:
                     await forward.handle(runtime, self.access_log, scope, receive, send)
                 finally:
                     runtime.state.in_flight -= 1
+                    DRAIN.tasks.discard(task)
             else:
                 await self.cold(scope, receive, _with_request_id(scope, send))
         elif scope["type"] == "websocket":  # GET /v1/realtime (the only WebSocket endpoint)
             runtime = self.runtime
             runtime.state.in_flight += 1  # a reload keeps this snapshot's pools until it ends
+            task = _tracked(DRAIN.sessions)
             try:
                 await realtime.handle_websocket(runtime, self.access_log, scope, receive, send)
             finally:
                 runtime.state.in_flight -= 1
+                DRAIN.sessions.discard(task)
         elif scope["type"] == "lifespan":
             await self.lifespan(receive, send)
 
@@ -105,6 +110,7 @@ class ProxyApp:
                     await self.runtime.start()
                     self.runtime.report()
                     self.reloader.install_signal_handler()
+                    DRAIN.install(lambda: self.runtime.config.server.drain_timeout)
                     if self.runtime.config.server.config_poll_interval > 0:
                         self.reloader.interval = self.runtime.config.server.config_poll_interval
                         self._watch = asyncio.create_task(self.reloader.watch())
@@ -151,6 +157,8 @@ class ProxyApp:
     async def ready(self, request: Request) -> Response:
         """Ready when the config is loaded and at least one backend can serve: a usable key,
         a closed circuit, and seen answering since it was configured."""
+        if DRAIN.draining:  # shutting down: out of the endpoints at once
+            return JSONResponse({"ready": False, "draining": True, "backends": []}, 503)
         runtime = self.runtime
         serving = [
             name
@@ -267,6 +275,14 @@ def _with_request_id(scope: Scope, send: Send) -> Send:
         await send(message)
 
     return send_with_id
+
+
+def _tracked(tasks: set[asyncio.Task[Any]]) -> asyncio.Task[Any]:
+    """The request's task, known to the drain (which waits for it, then ends it)."""
+    task = asyncio.current_task()
+    assert task is not None  # an ASGI call always runs in a task
+    tasks.add(task)
+    return task
 
 
 def with_admin_port(config: Config, port: int) -> Config:

@@ -440,6 +440,13 @@ class ServerConfig(_Section):
     header_timeout: Annotated[Positive, doc("connection open -> headers in; 408")] = 10.0
     body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
     max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
+    # 30 s: a non-streamed answer or a short stream finishes in it, and with a 5 s preStop
+    # and a 10 s margin the pod's grace period (45 s) stays near Kubernetes' default; a
+    # long stream is ended with its dialect's error event, never cut silently. Capped at
+    # an hour: a rollout must end.
+    drain_timeout: Annotated[
+        Positive, Le(3600), doc("SIGTERM -> requests in flight may finish; then ended")
+    ] = 30.0
     max_response_size: Annotated[Size, doc("non-streamed bodies; 502 beyond")] = 64 * 2**20
     max_upload_size: Annotated[Size, doc("streamed (multipart, binary) request bodies; 413")] = (
         512 * 2**20

@@ -226,6 +226,19 @@ def retry_after_headers(seconds: float) -> dict[str, str]:
     }
 
 
+def shutting_down() -> ProxyError:
+    """A request refused, or ended, by the drain (``proxy.drain``): another replica will
+    serve it. 503 with Retry-After, which the SDKs retry; the connection is closed so the
+    client's next request opens one to a replica that stays."""
+    return ProxyError(
+        503,
+        "The proxy is shutting down; retry the request (another replica will serve it).",
+        type="server_error",
+        code="server_shutting_down",
+        headers=retry_after_headers(1) | {"connection": "close"},
+    )
+
+
 def reconnect_throttled(model: str, wait: float) -> ProxyError:
     return ProxyError(
         429,

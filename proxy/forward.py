@@ -39,6 +39,7 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import OPENAI, Dialect, for_request
+from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
@@ -85,6 +86,8 @@ async def handle(
     ctx = RequestContext(scope["method"], scope["path"], request_id, dialect)
     parts: RequestParts | None = None
     try:
+        if DRAIN.draining:
+            raise errors.shutting_down()
         path = forwarded_path(scope, dialect, runtime)
         check_method(scope["method"], path, dialect)
         refuse_content_encoding(scope["headers"])
@@ -103,7 +106,15 @@ async def handle(
         ctx.client_left()
     except ResponseCut:
         raise  # the server drops the connection: the client sees the body end too early
-    except asyncio.CancelledError:
+    except asyncio.CancelledError as exc:
+        if cancelled_by_drain(exc) and not ctx.client_gone:
+            _uncancel()
+            # (A stream under way ended itself with its error event, in relay_stream.)
+            if ctx.response_started:  # a body half-sent: dropped, so it is seen incomplete
+                ctx.error = DRAINED
+                raise ResponseCut(DRAINED) from None
+            await _answer_error(runtime, send, ctx, errors.shutting_down())
+            ctx.error = DRAINED  # after _answer_error's code: the log says why it ended
         if not ctx.client_gone:
             raise
         # The client left: the upstream call was cancelled with this task, so nothing is
@@ -122,6 +133,12 @@ async def handle(
         metrics.observe_request(ctx)
         if ctx.target is not None and ctx.client is not None:
             await runtime.throttle.record(ctx.client, ctx.target.model, ctx.outcome)
+
+
+def _uncancel() -> None:
+    current = asyncio.current_task()
+    if current is not None:
+        current.uncancel()
 
 
 async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: str) -> RequestParts:
@@ -307,7 +324,9 @@ class _Relay:
             ctx.first_data(result.first_data_at)
         if _generates(self.parts):  # not a stored response's events replayed (GET)
             ctx.counted(token_counts(result.usage))
-        if result.error is not None:
+        if result.error == DRAINED:
+            ctx.error = DRAINED  # the proxy ended it, shutting down: no fault of the backend
+        elif result.error is not None:
             ctx.upstream_broke(self.backend, self.delivery.key_id, result.error)
 
     def _recording_ids(self, send: Send) -> Send:

@@ -42,6 +42,11 @@ REQUESTS = Counter(
     "dialect: openai, anthropic).",
     ["client", "backend", "model", "status", "stream", "endpoint"],
 )
+DRAINED = Counter(
+    "llm_proxy_drained",
+    "Requests (streams, answers, Realtime sessions) still in flight at the end of a "
+    "shutdown's server.drain_timeout, and ended then.",
+)
 DURATION = Histogram(
     "llm_proxy_request_duration_seconds",
     "Time from request in to the last byte out.",
@@ -162,6 +167,10 @@ throttled_child = _Children(THROTTLED)
 realtime_sessions_child = _Children(REALTIME_SESSIONS)
 realtime_frames_child = _Children(REALTIME_FRAMES)
 realtime_bytes_child = _Children(REALTIME_BYTES)
+
+
+def drained(count: int) -> None:
+    DRAINED.inc(count)
 
 
 def observe_request(record: RequestContext) -> None:

@@ -83,6 +83,7 @@ INTERNAL_PATHS = frozenset({"/metrics", "/health", "/ready"})
 PROBE_HEAD_TIMEOUT = 2.0  # a connection in the reserve has this long to send its head
 SILENT_GRACE = 0.25  # a connection this young is not taken for a silent one
 MAX_PIPELINED = 16  # requests queued behind the one in progress, per connection
+SHUTDOWN_AFTER_DRAIN = 5  # uvicorn's own wait, after proxy.drain's
 LINGER_SECONDS = 1.0  # after a 408/431: read and drop what is in flight, so the answer is seen
 
 
@@ -599,7 +600,9 @@ def serve(
         proxy_headers=False,  # never trust X-Forwarded-For blindly
         log_config=log_config,
         log_level=log_level,
-        timeout_graceful_shutdown=30,
+        # proxy.drain has already waited server.drain_timeout and ended what was left: this
+        # is only for Realtime sessions to take their 1012 close frame, and stragglers.
+        timeout_graceful_shutdown=SHUTDOWN_AFTER_DRAIN,
     )
     try:
         sockets = [bind(host, port)]

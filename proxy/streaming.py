@@ -13,6 +13,7 @@ have got without the proxy's question. Only then are chunks framed into whole ev
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -24,6 +25,7 @@ import orjson
 
 from proxy.dialects import anthropic, openai
 from proxy.dialects.base import StreamKind as StreamKind
+from proxy.drain import DRAINED, cancelled_by_drain
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.usage import token_counts
 
@@ -381,6 +383,15 @@ async def relay_stream(
     except aiohttp.ClientError:
         message = f"Backend '{backend}' closed the stream before it was complete."
         failure = ("stream_broken", message, "upstream_stream_broken")
+    except asyncio.CancelledError as exc:
+        if not cancelled_by_drain(exc):
+            raise
+        # The drain's deadline (server.drain_timeout): told to the client, never a silent cut.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        message = "The proxy is shutting down: the stream was ended; retry the request."
+        failure = (DRAINED, message, "server_shutting_down")
     finally:
         if held:  # the redactor's last bytes: no secret's start after all, so read them too
             usage.feed(held)

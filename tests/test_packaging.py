@@ -68,6 +68,35 @@ def test_deployment_probes_resources_security_and_config():
     )
 
 
+PRESTOP_SECONDS = 5  # the endpoints drop the pod meanwhile
+DRAIN_MARGIN = 10  # after drain_timeout: the error events at the deadline, the exit
+
+
+def _seconds(duration: str) -> float:
+    return float(duration.removesuffix("s"))
+
+
+def test_the_grace_period_covers_prestop_and_the_configmaps_drain_timeout():
+    [deployment] = documents("deployment.yaml")
+    pod = deployment["spec"]["template"]["spec"]
+    [container] = pod["containers"]
+    [configmap] = documents("configmap.yaml")
+    drain = parse_config(configmap["data"]["config.yaml"], "configmap", {}).server.drain_timeout
+    assert container["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", str(PRESTOP_SECONDS)]
+    assert pod["terminationGracePeriodSeconds"] == PRESTOP_SECONDS + drain + DRAIN_MARGIN
+    # The readiness probe is the endpoints' signal too: /ready turns 503 at SIGTERM.
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
+
+
+def test_compose_stop_grace_period_covers_the_drain():
+    compose = yaml.safe_load((ROOT / "deploy" / "docker-compose.yml").read_text())
+    shipped = parse_config(
+        (ROOT / "config.yaml").read_text(), "config.yaml", {"PROXY_STORAGE": "redis://redis:6379"}
+    )
+    grace = _seconds(compose["services"]["proxy"]["stop_grace_period"])
+    assert grace == shipped.server.drain_timeout + DRAIN_MARGIN
+
+
 def test_the_configmap_holds_a_valid_proxy_config_on_shared_redis():
     [configmap] = documents("configmap.yaml")
     config = parse_config(configmap["data"]["config.yaml"], "configmap", {})

@@ -45,7 +45,8 @@ routes:
     assert problems(text) == [
         "c.yaml:2: server.port: must be at most 65535",
         "c.yaml:3: server.hots: unknown field, did you mean 'host'? (known: admin_key, "
-        "admin_port, body_timeout, config_poll_interval, forward_paths, header_timeout, host, "
+        "admin_port, body_timeout, config_poll_interval, drain_timeout, forward_paths, "
+        "header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
         "max_spilled_bodies, max_upload_size, port, "
         "routing_headers, trusted_proxies)",
