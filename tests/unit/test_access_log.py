@@ -14,11 +14,25 @@ from proxy.context import RequestContext
 from proxy.dialects import OPENAI
 
 _TOKEN = re.compile(r'(?:([a-z_]+)=)?("(?:[^"\\]|\\.)*"|[^ "]*)(?: |$)')
-_KEYS = (
-    "status client duration_ms request_id upstream_request_id model upstream_model backend "
-    "key stream ttft_ms prompt_tokens completion_tokens cached_tokens reasoning_tokens "
-    "throttled error"
-).split()
+_KEYS = [
+    "status",
+    "client",
+    "duration_ms",
+    "request_id",
+    "upstream_request_id",
+    "model",
+    "upstream_model",
+    "backend",
+    "key",
+    "stream",
+    "ttft_ms",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "throttled",
+    "error",
+]
 
 
 def line_for(path: str, model: str) -> str:
