@@ -429,6 +429,12 @@ class ServerConfig(_Section):
     max_header_size: Annotated[Size, doc("request line + headers; 431 beyond")] = 64 * 2**10
     header_timeout: Annotated[Positive, doc("connection open -> headers in; 408")] = 10.0
     body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
+    upload_deadline: Annotated[
+        Positive, doc("headers in -> whole streamed upload in, however it trickles; 408")
+    ] = 3600.0
+    max_uploads_per_client: Annotated[
+        Whole, doc("streamed uploads one client key sends at once; 429 beyond")
+    ] = 8
     max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
     max_response_size: Annotated[Size, doc("non-streamed bodies; 502 beyond")] = 64 * 2**20
     max_upload_size: Annotated[Size, doc("streamed (multipart, binary) request bodies; 413")] = (

@@ -50,8 +50,8 @@ routes:
         "c.yaml:3: server.hots: unknown field, did you mean 'host'? (known: admin_key, "
         "admin_port, body_timeout, config_poll_interval, forward_paths, header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
-        "max_spilled_bodies, max_upload_size, port, "
-        "routing_headers, trusted_proxies)",
+        "max_spilled_bodies, max_upload_size, max_uploads_per_client, port, "
+        "routing_headers, trusted_proxies, upload_deadline)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "
         "(known: connect, first_byte, idle, read)",
