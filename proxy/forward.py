@@ -75,12 +75,14 @@ async def handle(
     dialect = for_request(scope["path"], scope["headers"])
     ctx = RequestContext(scope["method"], scope["path"], request_id, dialect)
     parts: RequestParts | None = None
+    body_unread = True
     try:
         path = forwarded_path(scope, dialect, runtime)
         check_method(scope["method"], path, dialect)
         refuse_content_encoding(scope["headers"])
         client = authenticate(runtime, scope, dialect, ctx)
         with upload_slot(runtime, scope, client):
+            body_unread = False
             parts = await read_request(runtime, scope, receive, path)
             parts.dialect = dialect
             upload = parts.upload
@@ -93,7 +95,7 @@ async def handle(
     except ProxyError as err:
         # Refused before its body was read (no key, a bad path): the connection closes
         # after the answer, so an unread body cannot go on holding it.
-        await _answer_error(runtime, send, ctx, err, close=parts is None)
+        await _answer_error(runtime, send, ctx, err, close=body_unread)
     except ClientGone:
         ctx.client_left()
     except ResponseCut:
