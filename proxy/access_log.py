@@ -15,16 +15,17 @@ from typing import TextIO
 import orjson
 
 from proxy.context import RequestContext
-from proxy.logfmt import escape_controls
+from proxy.logfmt import field_value
 from proxy.usage import TokenCounts
 
 FLUSH_INTERVAL = 0.05
 
 
 def escaped(text: str | None) -> str:
-    """A field for the text line, control characters escaped: a client cannot forge a
-    second log line with ``%0A`` in its path (pre-auth)."""
-    return escape_controls(text) if text else "-"
+    """A field for the text line, control characters escaped and quoted when it holds a
+    space, a quote or ``=``: a client cannot forge a second log line with ``%0A`` in its
+    path, nor add ``status=200`` to this one with a space (pre-auth)."""
+    return field_value(text) if text else "-"
 
 
 class AccessLog:
@@ -76,7 +77,7 @@ class AccessLog:
             f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
             f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)} throttled={r.throttle_reason or '-'} "
-            f"error={r.error or r.upstream_error or '-'}\n"
+            f"error={escaped(r.error or r.upstream_error)}\n"
         )
 
     def _json(self, r: RequestContext) -> str:

@@ -15,8 +15,9 @@ from __future__ import annotations
 import asyncio
 import re
 import tempfile
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import orjson
 
@@ -48,6 +49,27 @@ class BodyBudget:
     (40 clients each holding back the end of a 9 MiB body would hold 360 MB)."""
 
     held = 0
+
+
+class UploadSlots:
+    """Streamed uploads each client key is sending at once, in this process: one client
+    cannot hold every upload (and its disk and memory budgets) for the others."""
+
+    held: ClassVar[dict[str, int]] = {}
+
+    @classmethod
+    def take(cls, client: str, limit: int) -> bool:
+        count = cls.held.get(client, 0)
+        if count >= limit:
+            return False
+        cls.held[client] = count + 1
+        return True
+
+    @classmethod
+    def give_back(cls, client: str) -> None:
+        count = cls.held.pop(client, 1) - 1
+        if count > 0:
+            cls.held[client] = count
 
 
 class SpillBudget:
@@ -149,9 +171,18 @@ class Upload:
     then the rest straight from the client. Sent once, unless it was all in the head."""
 
     def __init__(
-        self, receive: Receive, headers: Headers, limit: int, budget: int, disk_budget: int
+        self,
+        receive: Receive,
+        headers: Headers,
+        limit: int,
+        budget: int,
+        disk_budget: int,
+        deadline: float = 3600.0,
     ) -> None:
         self._receive = receive
+        # However slowly it trickles (each gap within body_timeout), it ends by then.
+        self._deadline_s = deadline
+        self._deadline = time.monotonic() + deadline
         self._limit = limit
         self._budget = budget
         self._head = _Head(disk_budget)
@@ -238,7 +269,11 @@ class Upload:
         return model.encode()
 
     async def _next(self) -> bytes:
-        message = await self._receive()
+        left = self._deadline - time.monotonic()
+        try:
+            message = await asyncio.wait_for(self._receive(), max(left, 0.0))
+        except TimeoutError:
+            raise errors.upload_deadline(self._deadline_s) from None
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk: bytes = message.get("body", b"")

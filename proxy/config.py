@@ -439,6 +439,12 @@ class ServerConfig(_Section):
     max_header_size: Annotated[Size, doc("request line + headers; 431 beyond")] = 64 * 2**10
     header_timeout: Annotated[Positive, doc("connection open -> headers in; 408")] = 10.0
     body_timeout: Annotated[Positive, doc("headers in -> whole body in; 408")] = 60.0
+    upload_deadline: Annotated[
+        Positive, doc("headers in -> whole streamed upload in, however it trickles; 408")
+    ] = 3600.0
+    max_uploads_per_client: Annotated[
+        Whole, doc("streamed uploads one client key sends at once; 429 beyond")
+    ] = 8
     max_connections: Annotated[Whole, doc("beyond, only /health and /ready answer")] = 2048
     # 30 s: a non-streamed answer or a short stream finishes in it, and with a 5 s preStop
     # and a 10 s margin the pod's grace period (45 s) stays near Kubernetes' default; a

@@ -25,7 +25,7 @@ _Loader: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 _TAG = "tag:yaml.org,2002:"
 _CONSTRUCT = {_TAG + t: f"construct_yaml_{t}" for t in ("null", "bool", "int", "float", "str")}
 _CONSTRUCT[_TAG + "timestamp"] = "construct_yaml_str"  # `2025-01-01`: text, not a date
-_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-((?:[^$}]|\$(?!\{))*))?\}")
+_REF_HEAD = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(\}|:-)")
 
 
 class YamlRefused(Exception):
@@ -90,27 +90,64 @@ class Document:
         return result
 
     def interpolate(self, text: str, place: Path, line: int) -> str:
-        """``${VAR}``, ``${VAR:-default}``, innermost first (a default may hold ``${OTHER}``)."""
+        """``${VAR}``, ``${VAR:-default}`` (a default may hold ``${OTHER}``), parsed in one
+        pass: no marker in the text, so no byte of a value can be taken for one, and a
+        variable's value is never expanded again."""
         names: list[str] = []
-        values: list[str] = []  # what each \0n\0 marker stands for: never expanded again
-
-        def ref(match: re.Match[str]) -> str:
-            names.append(match[1])
-            values.append(self.environ.get(match[1]) or _restore(match[2] or "", values))
-            return f"\0{len(values) - 1}\0"
-
-        expanded, before = text, ""
-        while expanded != before:
-            before, expanded = expanded, _REF.sub(ref, expanded)
-        if "${" in expanded:
+        try:
+            expanded = _Expansion(text, self.environ, names).all()
+        except _Malformed:
             message = f"malformed reference in {text!r}: expected ${{VAR}} or ${{VAR:-default}}"
             self.problems.append((line, place, message))
             return text
-        result = Env(_restore(expanded, values))
+        result = Env(expanded)
         result.raw = text
         result.names = tuple(sorted(set(names), key=lambda name: text.index("${" + name)))
         result.unset = tuple(n for n in result.names if not self.environ.get(n))
         return result
+
+
+class _Malformed(Exception):
+    pass
+
+
+class _Expansion:
+    """A recursive-descent reading of one string's references, left to right."""
+
+    def __init__(self, text: str, environ: Mapping[str, str], names: list[str]) -> None:
+        self.text = text
+        self.environ = environ
+        self.names = names
+        self.at = 0
+
+    def all(self) -> str:
+        out: list[str] = []
+        while self.at < len(self.text):
+            out.append(self._ref() if self.text.startswith("${", self.at) else self._char())
+        return "".join(out)
+
+    def _char(self) -> str:
+        self.at += 1
+        return self.text[self.at - 1]
+
+    def _ref(self) -> str:
+        head = _REF_HEAD.match(self.text, self.at)
+        if head is None:
+            raise _Malformed
+        self.at = head.end()
+        name = head[1]
+        self.names.append(name)
+        default = self._default() if head[2] == ":-" else ""
+        return self.environ.get(name) or default
+
+    def _default(self) -> str:
+        out: list[str] = []
+        while self.at < len(self.text):
+            if self.text[self.at] == "}":
+                self.at += 1
+                return "".join(out)
+            out.append(self._ref() if self.text.startswith("${", self.at) else self._char())
+        raise _Malformed  # the text ended inside ${VAR:-...
 
 
 def read_yaml(text: str, environ: Mapping[str, str]) -> Document:
@@ -147,7 +184,3 @@ def _size(node: yaml.Node, sizes: dict[int, int], inside: frozenset[int]) -> int
         if sizes[id(node)] > MAX_VALUES:
             raise YamlRefused(line, f"more than {MAX_VALUES} values once aliases are expanded")
     return sizes[id(node)]
-
-
-def _restore(text: str, values: list[str]) -> str:
-    return re.sub(r"\0(\d+)\0", lambda match: values[int(match[1])], text)

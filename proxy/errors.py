@@ -296,6 +296,26 @@ def circuit_open(backend: str, wait: float) -> ProxyError:
     )
 
 
+def too_many_uploads(client: str, limit: int) -> ProxyError:
+    return ProxyError(
+        429,
+        f"Client '{client}' is sending {limit} uploads at once, as many as it may; "
+        "retry when one has finished.",
+        type="rate_limit_error",
+        code="too_many_uploads",
+        headers=retry_after_headers(1.0),
+    )
+
+
+def upload_deadline(seconds: float) -> ProxyError:
+    return ProxyError(
+        408,
+        f"The upload was not received within {seconds:g} s.",
+        type="invalid_request_error",
+        code="request_timeout",
+    )
+
+
 def server_busy(what: str) -> ProxyError:
     return ProxyError(
         503,

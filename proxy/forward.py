@@ -9,6 +9,7 @@ from its path: OpenAI's API, or Anthropic's ``/v1/messages``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import difflib
 import itertools
@@ -16,7 +17,7 @@ import logging
 import os
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Awaitable, Callable, Iterator, MutableMapping
 from typing import Any
 
 import aiohttp
@@ -29,6 +30,7 @@ from proxy.bodies import (
     JSON_TYPES,
     ClientGone,
     Upload,
+    UploadSlots,
     checked_model,
     form_boundary,
     json_or_opaque,
@@ -85,23 +87,29 @@ async def handle(
     dialect = for_request(scope["path"], scope["headers"])
     ctx = RequestContext(scope["method"], scope["path"], request_id, dialect)
     parts: RequestParts | None = None
+    body_unread = True
     try:
         if DRAIN.draining:
             raise errors.shutting_down()
         path = forwarded_path(scope, dialect, runtime)
         check_method(scope["method"], path, dialect)
         refuse_content_encoding(scope["headers"])
-        parts = await read_request(runtime, scope, receive, path)
-        parts.dialect = dialect
-        upload = parts.upload
-        await _cancel_on_disconnect(
-            receive,
-            ctx,
-            forward(runtime, scope, send, parts, ctx),
-            upload.done if upload is not None else None,
-        )
+        client = authenticate(runtime, scope, dialect, ctx)
+        with upload_slot(runtime, scope, client):
+            body_unread = False
+            parts = await read_request(runtime, scope, receive, path)
+            parts.dialect = dialect
+            upload = parts.upload
+            await _cancel_on_disconnect(
+                receive,
+                ctx,
+                forward(runtime, scope, send, parts, ctx, client),
+                upload.done if upload is not None else None,
+            )
     except ProxyError as err:
-        await _answer_error(runtime, send, ctx, err)
+        # Refused before its body was read (no key, a bad path): the connection closes
+        # after the answer, so an unread body cannot go on holding it.
+        await _answer_error(runtime, send, ctx, err, close=body_unread)
     except ClientGone:
         ctx.client_left()
     except ResponseCut:
@@ -162,6 +170,7 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
             server.max_upload_size,
             server.max_buffered_bodies,
             server.max_spilled_bodies,
+            server.upload_deadline,
         )
         model_optional = runtime.router.path_rule(path) is not None or path.startswith(
             FORMS_WITHOUT_MODEL
@@ -183,16 +192,43 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
     return RequestParts(method, path, query, headers, payload, body, model)
 
 
-async def forward(
-    runtime: Runtime, scope: Scope, send: Send, parts: RequestParts, ctx: RequestContext
-) -> None:
-    # auth
-    client = runtime.auth.authenticate(scope["headers"], parts.dialect)
+def authenticate(
+    runtime: Runtime, scope: Scope, dialect: Dialect, ctx: RequestContext
+) -> Client | None:
+    """The client, from the headers alone, before any byte of the body is read: a request
+    without a valid key never holds an upload's memory, disk or slot."""
+    client = runtime.auth.authenticate(scope["headers"], dialect)
     if client is not None:
         ctx.authenticated(client.id)
     else:
         ctx.anonymous(runtime.auth.address(scope))
+    return client
 
+
+@contextlib.contextmanager
+def upload_slot(runtime: Runtime, scope: Scope, client: Client | None) -> Iterator[None]:
+    """One of the client's ``max_uploads_per_client`` slots, for a streamed upload (an
+    open proxy has no client keys: its clients may share one address behind a balancer)."""
+    if client is None or scope["method"] != "POST" or media_type(scope["headers"]) != FORM:
+        yield
+        return
+    limit = runtime.config.server.max_uploads_per_client
+    if not UploadSlots.take(client.id, limit):
+        raise errors.too_many_uploads(client.id, limit)
+    try:
+        yield
+    finally:
+        UploadSlots.give_back(client.id)
+
+
+async def forward(
+    runtime: Runtime,
+    scope: Scope,
+    send: Send,
+    parts: RequestParts,
+    ctx: RequestContext,
+    client: Client | None,
+) -> None:
     # route
     model = parts.model
     ctx.requested(model, parts.payload.get("stream") is True)
@@ -762,13 +798,17 @@ async def _cancel_on_disconnect(
         watcher.cancel()
 
 
-async def _answer_error(runtime: Runtime, send: Send, ctx: RequestContext, err: ProxyError) -> None:
+async def _answer_error(
+    runtime: Runtime, send: Send, ctx: RequestContext, err: ProxyError, close: bool = False
+) -> None:
     ctx.failed(err.code or err.type, err.status)
     if ctx.response_started:
         return  # too late for a status; streams end with an error event instead
     body = ctx.dialect.error_body(err, ctx.request_id)
     headers = err.raw_headers(body)
     headers.append((REQUEST_ID, ctx.request_id.encode("latin-1")))
+    if close:
+        headers.append((b"connection", b"close"))
     if ctx.backend is not None and runtime.config.server.routing_headers:
         # The backend and key last tried (a fallback's, when it came to that).
         headers += _routing_headers(ctx.backend, ctx.upstream_model or "", ctx.key)

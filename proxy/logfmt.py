@@ -24,6 +24,19 @@ def escape_controls(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+# What would end a field or start another in a `key=value` line; a value holding one is quoted.
+_NEEDS_QUOTES = frozenset(' "=\\')
+
+
+def field_value(text: str) -> str:
+    """``text`` as one field of a ``key=value`` line (logfmt): control characters escaped,
+    and quoted (``"`` and ``\\`` escaped inside) when it holds a space, a quote, ``=`` or a
+    backslash, so that a path or a model id cannot add fields to the line."""
+    if _NEEDS_QUOTES.isdisjoint(text):
+        return escape_controls(text)
+    return '"' + escape_controls(text.replace("\\", "\\\\").replace('"', '\\"')) + '"'
+
+
 def _timestamp(created: float) -> str:
     # The access log's format, so both kinds of line sort and parse alike.
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))

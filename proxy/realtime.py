@@ -228,20 +228,22 @@ def requested_model(query_string: bytes) -> str:
     return model
 
 
+# The query parameters OpenAI's Realtime API defines for the WebSocket URL: `model`, and
+# `call_id` (joining a WebRTC/SIP call); `intent` (beta: `intent=transcription`).
+_REALTIME_PARAMS = ("call_id", "intent")
+
+
 def upstream_query(query_string: bytes, upstream_model: str) -> str:
-    """The client's query as it sent it, with the (first) model replaced by the upstream's
-    id and any further model parameters dropped (the upstream must not pick another)."""
-    parts: list[str] = []
-    replaced = False
+    """The upstream's query: the model (the upstream's id) and the API's other parameters,
+    each once, as sent; nothing else the client wrote (a ``deployment=`` or a second
+    ``model`` would let the client pick what the proxy did not route)."""
+    parts = ["model=" + quote(upstream_model, safe="")]
+    seen: set[str] = set()
     for part in query_string.decode("latin-1").split("&"):
-        if not part:
-            continue
-        if unquote_plus(part.partition("=")[0]) == "model":
-            if replaced:
-                continue
-            part = "model=" + quote(upstream_model, safe="")
-            replaced = True
-        parts.append(part)
+        name = unquote_plus(part.partition("=")[0])
+        if name in _REALTIME_PARAMS and name not in seen:
+            seen.add(name)
+            parts.append(part)
     return "&".join(parts)
 
 

@@ -78,6 +78,7 @@ SECRETS_ENV = {
     "FUZZ_UPSTREAM_KEY_B": "sk-fuzz+UP/stream=b9c8d7e6f5e4",
     "FUZZ_CLIENT_KEY": "sk-fuzzCLIENT-4d3c2b1a0f9e8d7c",
     "FUZZ_CLIENT_KEY_2": "sk-fuzzLIMITED-77aa88bb99cc00dd",
+    "FUZZ_WITNESS_KEY": "sk-fuzzWITNESS-1f2e3d4c5b6a7988",
     "FUZZ_ADMIN_KEY": "fuzz-ADMIN-5e6f7a8b9c0d1e2f3a4b",
 }
 SECRETS = tuple(SECRETS_ENV.values())
@@ -99,6 +100,15 @@ SLACK = 5.0  # on a shared 2-core machine a timer can fire seconds late: not a b
 MAX_READ = 4 * 1024 * 1024
 
 
+# The second client identity: a well-behaved client whose plain requests, sent all through
+# the run, must be answered 200 whatever the fuzzing client (the other identity) does to
+# its own requests. Its own backend for now, so the shared breaker and key health (issue 19's
+# other parts) are not what it measures; route it to `hostile` once those are per client.
+WITNESS_BACKEND = "calm-witness"
+WITNESS_MODEL = "w-witness"
+WITNESS_EVERY = 0.1
+
+
 def fuzz_config(upstream_url: str, generation: int) -> str:
     """The good config: one backend (two keys) on the hostile upstream, short timeouts, an
     admin key. One backend only, so /ready says whether *it* recovered."""
@@ -116,7 +126,12 @@ throttle:
 clients:
   - {{id: fuzz-client, key: "${{FUZZ_CLIENT_KEY}}"}}
   - {{id: fuzz-limited, key: "${{FUZZ_CLIENT_KEY_2}}", rate_limit: 20/second, models: ["h-*"]}}
+  - {{id: fuzz-witness, key: "${{FUZZ_WITNESS_KEY}}", models: ["{WITNESS_MODEL}"]}}
 backends:
+  {WITNESS_BACKEND}:
+    base_url: {upstream_url}/v1
+    keys: [{{id: witness-a, key: "${{FUZZ_UPSTREAM_KEY_A}}"}}]
+    timeout: {{connect: 1, first_byte: 3, idle: 2}}
   hostile:
     base_url: {upstream_url}/v1
     keys:
@@ -130,6 +145,7 @@ backends:
 aliases:
   fz-alias: h-aliased
 routes:
+  - {{prefix: "{WITNESS_MODEL}", backend: {WITNESS_BACKEND}}}
   - {{prefix: "h-", backend: hostile}}
   - {{prefix: "calm-", backend: hostile}}
 """
@@ -1374,6 +1390,7 @@ class Break:
 class Report:
     seconds: float = 0.0
     cases: int = 0
+    witness_cases: int = 0  # the other client identity's requests, all to be served
     statuses: Counter[int] = field(default_factory=Counter)
     outcomes: Counter[str] = field(default_factory=Counter)  # answered, left, closed, timeout
     plan_kinds: Counter[str] = field(default_factory=Counter)
@@ -1421,7 +1438,8 @@ class Report:
         lines = [
             f"fuzz: {self.cases} requests in {self.seconds:.1f} s, {self.reloads} hot reloads of "
             f"hostile files, {self.checks} `proxy check` runs, {self.restarts} proxy restarts",
-            f"  outcomes: {dict(sorted(self.outcomes.items()))}",
+            f"  outcomes: {dict(sorted(self.outcomes.items()))}; the other client identity"
+            f" (witness): {self.witness_cases} requests",
             f"  statuses: {dict(sorted(self.statuses.items()))}",
             f"  upstream plans: {dict(sorted(self.plan_kinds.items()))}",
             f"  proxy RSS {self.rss_start_mb:.1f} MB after warm-up, "
@@ -1562,6 +1580,29 @@ class Fuzz:
             example = f"status={result.status} error={result.error} body={result.body[:160]!r}"
             for invariant, signature in problems:
                 self.report.add(invariant, signature, self.repro_of(case), example, size)
+
+    async def witness(self, stop: asyncio.Event) -> None:
+        """The other client identity: its plain requests, among the fuzzer's, get what
+        they would get alone (200 and the upstream's answer); a reload window or a
+        restart of the proxy excuses a miss, nothing the fuzzing client sends does."""
+        case = witness_case()
+        while not stop.is_set():
+            await self.up.wait()
+            proxy, started = self.proxy, time.monotonic()
+            result = await send_case(proxy.port, case, timeout=5)
+            if proxy is not self.proxy or proxy.process.poll() is not None:
+                continue
+            self.report.witness_cases += 1
+            ok = result.status == 200 and b'"chat.completion"' in result.body
+            if not ok and not self.in_window(started, time.monotonic()):
+                self.report.add(
+                    "one client cannot change what another gets",
+                    f"the witness client got {result.status} {result.error or ''}".strip(),
+                    self.repro_of(case),
+                    f"status={result.status} body={result.body[:160]!r}",
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), WITNESS_EVERY)
 
     def repro_of(self, case: Case) -> Callable[[], str]:
         return lambda: self.case_repro(case)
@@ -1807,6 +1848,7 @@ class Fuzz:
                 asyncio.ensure_future(self.hostile_probes(session, stop)),
                 asyncio.ensure_future(self.reload_loop(session, stop)),
                 asyncio.ensure_future(self.check_loop(stop)),
+                asyncio.ensure_future(self.witness(stop)),
             ]
             warm = asyncio.ensure_future(self.warm_rss(started + min(5.0, self.seconds * 0.2)))
             await asyncio.gather(*(self.worker(gen, deadline) for gen in self.gens))
@@ -2001,6 +2043,7 @@ def run_fuzz(
 def _merge(total: Report, part: Report) -> None:
     total.seconds += part.seconds
     total.cases += part.cases
+    total.witness_cases += part.witness_cases
     total.statuses.update(part.statuses)
     total.outcomes.update(part.outcomes)
     total.plan_kinds.update(part.plan_kinds)
@@ -2017,6 +2060,21 @@ def _merge(total: Report, part: Report) -> None:
             total.breaks[key].count += b.count
         else:
             total.breaks[key] = b
+
+
+def witness_case() -> Case:
+    """The witness client's request: a plain chat the upstream answers 200."""
+    plan = Gen(0).plan_ok(False)
+    body = orjson.dumps(
+        {"model": WITNESS_MODEL, "messages": [{"role": "user", "content": "hi"}], "hostile": plan}
+    ).decode("latin-1")
+    headers = [
+        ["Host", "127.0.0.1"],
+        ["Authorization", f"Bearer {SECRETS_ENV['FUZZ_WITNESS_KEY']}"],
+        ["Content-Type", "application/json"],
+        ["Content-Length", str(len(body))],
+    ]
+    return Case("POST", "/v1/chat/completions", headers, body, plan_status=200, plan_kind="ok")
 
 
 def plan_case(plan: dict[str, Any]) -> Case:

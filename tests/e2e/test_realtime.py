@@ -167,7 +167,9 @@ def test_the_sdk_session_sends_receives_and_closes_through_the_proxy(
 
     async def session() -> tuple[dict[str, Any], dict[str, Any], Any, float]:
         client = AsyncOpenAI(base_url=rt_proxy.base_url, api_key=CLIENT_KEY, max_retries=0)
-        async with client.realtime.connect(model="fast-rt") as conn:
+        # Issue 19: a parameter the API does not define (`deployment=`) never goes upstream.
+        extra = {"deployment": "other", "call_id": "c1"}
+        async with client.realtime.connect(model="fast-rt", extra_query=extra) as conn:
             created = json.loads(await conn.recv_bytes())
             event = {"type": "conversation.item.create", "item": {"type": "message", "x": "é"}}
             await conn.send_raw(json.dumps(event))
@@ -188,7 +190,7 @@ def test_the_sdk_session_sends_receives_and_closes_through_the_proxy(
     wait_for(lambda: upstream.log()[-1]["close_code"] is not None)
     [seen] = upstream.log()
     assert seen["key"] in (KEY_A, KEY_B)  # the backend's key, never the client's
-    assert seen["query"] == "model=gpt-realtime-2025"  # the alias applied
+    assert seen["query"] == "model=gpt-realtime-2025&call_id=c1"  # the alias applied
     assert seen["path"] == "/v1/realtime"
     assert seen["extra"] == "yes"
     assert seen["openai_beta"] is None  # the GA SDK sends none

@@ -7,8 +7,11 @@ import time
 import tracemalloc
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.config import ConfigError, parse_config
+from proxy.config_yaml import Document
 
 GOOD = """\
 backends:
@@ -48,8 +51,8 @@ routes:
         "admin_port, body_timeout, config_poll_interval, drain_timeout, forward_paths, "
         "header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
-        "max_spilled_bodies, max_upload_size, port, "
-        "routing_headers, trusted_proxies)",
+        "max_spilled_bodies, max_upload_size, max_uploads_per_client, port, "
+        "routing_headers, trusted_proxies, upload_deadline)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "
         "(known: connect, first_byte, idle, read)",
@@ -296,3 +299,39 @@ def test_an_unusable_storage_url_is_refused_without_showing_its_password() -> No
         "Port could not be cast to integer value as 'port'"
     )
     assert "hunter2" not in str(caught.value)
+
+
+_LITERAL = st.text(alphabet=st.characters(blacklist_characters="$"), max_size=12)
+_ENV = st.dictionaries(st.sampled_from(["A", "B", "C"]), st.text(max_size=12), max_size=3)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_LITERAL, st.sampled_from(["A", "B", "C"])), max_size=5), _ENV)
+def test_interpolation_keeps_every_byte_of_the_text_and_of_the_values(parts, environ):
+    # Issue 19: the expansion once marked values with \0n\0 in the text: a NUL in the file
+    # or in a variable's value was taken for a marker (an IndexError, a traceback).
+    text = "".join(literal + "${" + name + "}" for literal, name in parts)
+    expected = "".join(literal + environ.get(name, "") for literal, name in parts)
+    doc = Document(environ)
+    assert doc.interpolate(text, ("v",), 1) == expected
+    assert doc.problems == []
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from(["$", "{", "}", ":", "-", "A", "\0", "0", "x"])), _ENV)
+def test_interpolation_of_any_text_is_a_value_or_a_problem(text, environ):
+    doc = Document(environ)
+    result = doc.interpolate(text, ("v",), 1)
+    if doc.problems:
+        assert result == text and "malformed reference" in doc.problems[0][2]
+    else:
+        assert "${" not in result.replace(environ.get("A", ""), "") or "${" in str(environ)
+
+
+def test_nul_bytes_in_a_value_are_a_problem_not_a_traceback():
+    text = GOOD.replace('"${OPENAI_API_KEY}"', '"${OPENAI_API_KEY}\\x007\\x00"')
+    with pytest.raises(ConfigError) as caught:
+        parse_config(text, "c.yaml", {"OPENAI_API_KEY": "sk-a\x000\x00"})
+    assert [p.message for p in caught.value.problems] == ["must not contain control characters"]
+    doc = Document({"V": "a\x000\x00"})
+    assert doc.interpolate("${V}\x007\x00", ("v",), 1) == "a\x000\x00\x007\x00"

@@ -220,12 +220,19 @@ def test_a_refused_handshake_is_an_http_answer_in_openais_error_shape() -> None:
     ("query", "upstream_model", "expected"),
     [
         (b"model=fast", "gpt-realtime", "model=gpt-realtime"),
-        (b"call_id=c1&model=a%2Fb&x=1", "m/1", "call_id=c1&model=m%2F1&x=1"),
+        (b"call_id=c1&model=a%2Fb&x=1", "m/1", "model=m%2F1&call_id=c1"),
         (b"model=a&model=b", "up", "model=up"),  # a second model never reaches the upstream
-        (b"mod%65l=a&k=v+w", "up", "model=up&k=v+w"),
+        (b"mod%65l=a&k=v+w", "up", "model=up"),
+        # Issue 19: only the API's parameters go on, each once; never `deployment=`.
+        (b"model=a&deployment=other&api-version=1", "up", "model=up"),
+        (
+            b"model=a&intent=transcription&call_id=c&call_id=d",
+            "up",
+            "model=up&intent=transcription&call_id=c",
+        ),
     ],
 )
-def test_the_upstream_query_carries_the_upstream_model_and_the_rest_as_sent(
+def test_the_upstream_query_carries_the_upstream_model_and_the_apis_parameters_only(
     query: bytes, upstream_model: str, expected: str
 ) -> None:
     assert realtime.upstream_query(query, upstream_model) == expected
