@@ -262,6 +262,20 @@ class Runtime:
             metrics.STORAGE_ERRORS.inc(self.objects.errors)
             self.objects.errors = 0
 
+    def summary(self) -> str:
+        """The state of a new config in a few words, for the one reload line."""
+        parts = []
+        for name in self.config.backends:
+            usable = len(self.pools[name].usable())
+            parts.append(
+                f"{name} {usable} key{'s' if usable != 1 else ''}"
+                if usable
+                else f"{name} NO usable key ({self.pools[name].missing_hint()})"
+            )
+        clients = len(self.config.clients)
+        who = f"{clients} client{'s' if clients != 1 else ''}" if clients else "no clients (open)"
+        return f"backends: {', '.join(parts)}; {who}"
+
     def report(self) -> None:
         """Say at start-up which backends can serve and which need a key set."""
         self.auth.report()
