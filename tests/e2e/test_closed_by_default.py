@@ -114,3 +114,15 @@ def test_a_port_in_use_is_named_without_a_traceback(upstream, tmp_path):
     assert result.returncode != 0
     assert f"cannot listen on 127.0.0.1 port {port}: already in use" in output
     assert "Traceback" not in output
+
+
+def test_with_clients_and_an_admin_port_metrics_are_only_there(upstream, tmp_path):
+    admin_port = free_port()
+    proxy = start_proxy(config(upstream), tmp_path, extra_args=("--admin-port", str(admin_port)))
+    try:
+        auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+        assert httpx.get(f"{proxy.url}/metrics", headers=auth).status_code == 404
+        metrics = httpx.get(f"http://127.0.0.1:{admin_port}/metrics")
+        assert metrics.status_code == 200 and "llm_proxy_" in metrics.text
+    finally:
+        proxy.stop()
