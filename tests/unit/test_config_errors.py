@@ -47,7 +47,7 @@ routes:
         "c.yaml:3: server.hots: unknown field, did you mean 'host'? (known: admin_key, "
         "admin_port, body_timeout, config_poll_interval, forward_paths, header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
-        "max_spilled_bodies, max_upload_size, port, "
+        "max_spilled_bodies, max_upload_size, open, port, "
         "routing_headers, trusted_proxies)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "
