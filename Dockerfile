@@ -25,4 +25,7 @@ EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/health', timeout=2).status != 200)"]
 ENTRYPOINT ["proxy"]
+# Bound to 0.0.0.0, the bundled config.yaml (no `clients:`) is refused with a message saying
+# how to add client keys: mount a closed config (deploy/config.yaml reads PROXY_CLIENT_KEY)
+# or one with `server.open: true`. An open proxy on every interface is never the default.
 CMD ["serve", "--config", "/etc/proxy/config.yaml", "--host", "0.0.0.0", "--port", "8080"]

@@ -34,6 +34,7 @@ from proxy.config import Config, load_config
 from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic, bearer_token
 from proxy.drain import DRAIN
 from proxy.errors import ProxyError
+from proxy.exposure import BIND_HOST_ENV, refusal
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
 from proxy.reload import Reloader
@@ -57,7 +58,13 @@ class ProxyApp:
     def __init__(self, config: Config, log_format: str = "text") -> None:
         self.runtime: Runtime = build_runtime(config)
         self.access_log = AccessLog(fmt=log_format)
-        self.reloader = Reloader(config.path, lambda: self.runtime, self._swap)
+        bind_host = os.environ.get(BIND_HOST_ENV)
+        self.reloader = Reloader(
+            config.path,
+            lambda: self.runtime,
+            self._swap,
+            gate=lambda new: _reload_refusal(new, bind_host),
+        )
         self._watch: asyncio.Task[None] | None = None
         self._orphan_watch: asyncio.Task[None] | None = None
         self.supervisor: int | None = None  # a worker's supervisor pid (--workers N)
@@ -321,6 +328,12 @@ class _Route(Route):
 
 def _route(path: str, endpoint: Endpoint, *methods: str) -> Route:
     return _Route(path, endpoint, methods=list(methods))  # GET brings HEAD, as in Starlette
+
+
+def _reload_refusal(config: Config, bind_host: str | None) -> str | None:
+    """A reload must not turn a closed listener open (one log line: no newlines)."""
+    refused = refusal(config, bind_host) if bind_host is not None else None
+    return " ".join(refused.split()) if refused is not None else None
 
 
 def _may_use(runtime: Runtime, client: Client, model_id: str) -> bool:

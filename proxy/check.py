@@ -53,6 +53,37 @@ def print_table(config: Config, out: TextIO) -> None:
         out.write(f"  anything else -> {config.default_backend}\n")
     elif not config.paths:
         out.write("  (none: such requests get 404 no_route; add paths: or default_backend)\n")
+    warnings = offline_warnings(config, router)
+    if warnings:
+        out.write("\nwarnings:\n")
+        out.writelines(f"  warning: {w}\n" for w in warnings)
+
+
+def offline_warnings(config: Config, router: Router) -> list[str]:
+    """What is valid but likely a mistake: found without calling any backend."""
+    warnings = []
+    for alias, model in config.aliases.items():
+        target = router.resolve(alias)
+        models = config.backends[target.backend].models if target else ()
+        if target and models and target.upstream_model not in models:
+            warnings.append(
+                f"alias {alias} -> {model}: backend {target.backend} does not list "
+                f"{target.upstream_model!r} in its models ({', '.join(models)})"
+            )
+    for name, backend in config.backends.items():
+        warnings += [
+            f"backends.{name}.keys {key.id}: written in the file in plain text; "
+            f'read it from the environment instead (key: "${{VAR}}")'
+            for key in backend.keys
+            if key.present and not key.env_vars
+        ]
+    warnings += [
+        f"clients {client.id}: key written in the file in plain text; "
+        f'read it from the environment instead (key: "${{VAR}}")'
+        for client in config.clients
+        if client.key and not client.env_vars
+    ]
+    return warnings
 
 
 def _key_state(key: KeyConfig) -> str:

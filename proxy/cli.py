@@ -75,9 +75,15 @@ def check(config: Config, args: argparse.Namespace) -> int:
 def serve(config: Config, args: argparse.Namespace) -> int:
     from proxy import server
     from proxy.app import ADMIN_PORT_ENV, with_admin_port
+    from proxy.exposure import BIND_HOST_ENV, refusal
 
     host = args.host or config.server.host
     port = args.port or config.server.port
+    refused = refusal(config, host)
+    if refused is not None:
+        print(f"error: {refused}", file=sys.stderr)
+        return EXIT_INVALID_CONFIG
+    os.environ[BIND_HOST_ENV] = host  # a reload is held to the same rule (workers too)
     if args.admin_port is not None:
         config = with_admin_port(config, args.admin_port)
         os.environ[ADMIN_PORT_ENV] = str(args.admin_port)  # for the workers' own load

@@ -426,6 +426,9 @@ DEFAULT_FORWARD_PATHS = (
 @dataclass(frozen=True)
 class ServerConfig(_Section):
     host: Annotated[Text, doc("listen address")] = "127.0.0.1"
+    open: Annotated[
+        Bool, doc("serve without `clients:` on a non-loopback address (refused otherwise)")
+    ] = False
     port: Annotated[Port, doc("listen port")] = 8080
     routing_headers: Annotated[Bool, doc("x-proxy-backend/-key/-model on responses")] = True
     max_body_size: Annotated[Size, doc("request bodies; 413 beyond")] = 10 * 2**20

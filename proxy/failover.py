@@ -57,7 +57,8 @@ class RequestParts:
         return self.upload is None or self.upload.replayable
 
     def path_for(self, target: Target) -> str:
-        if self.model_in_path and target.upstream_model != self.model:
+        if self.model_in_path and (target.upstream_model != self.model or "/" in self.model):
+            # One path segment upstream too: a "/" in the id goes on as %2F.
             return "/models/" + quote(target.upstream_model, safe=":")
         return self.path
 

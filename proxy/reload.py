@@ -20,7 +20,7 @@ import signal
 from collections.abc import Callable
 
 from proxy import metrics
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 from proxy.runtime import Runtime, build_runtime
 
 log = logging.getLogger("proxy.reload")
@@ -35,8 +35,10 @@ class Reloader:
         current: Callable[[], Runtime],
         swap: Callable[[Runtime], None],
         interval: float = POLL_INTERVAL,
+        gate: Callable[[Config], str | None] = lambda config: None,
     ) -> None:
         self.path = path
+        self._gate = gate  # why a new config must not be served (closed by default)
         self._current = current
         self._swap = swap
         self.interval = interval
@@ -88,6 +90,9 @@ class Reloader:
         config = await asyncio.to_thread(load_config, self.path)
         if config.digest == old.config.digest:
             return True  # touched, not changed
+        refused = self._gate(config)
+        if refused is not None:
+            raise ConfigError(self.path, "clients", refused)
         new = build_runtime(config, previous=old)
         try:
             await new.start()
@@ -97,10 +102,13 @@ class Reloader:
         else:
             self._swap(new)
             metrics.CONFIG_RELOADS.labels("success").inc()
-            log.warning(
-                "config reloaded (%s): %s, sha256 %s", reason, self.path, config.digest[:12]
+            log.info(
+                "config reloaded (%s): %s, sha256 %s; %s",
+                reason,
+                self.path,
+                config.digest[:12],
+                new.summary(),
             )
-            new.report()
             task = asyncio.create_task(old.retire(new))
             self._retiring.add(task)
             task.add_done_callback(self._retiring.discard)

@@ -58,11 +58,16 @@ class RuntimeState:
     # server that is not running must not make the proxy look ready).
     unverified: set[str] = field(default_factory=set)
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # background work
+    # Unverified backends already logged as not answering: their coming back is logged too.
+    unanswering: set[str] = field(default_factory=set)
 
     def verified(self, backend: str) -> None:
         """``backend`` answered (a request, or the start-up check): /ready counts it."""
         if self.unverified:
             self.unverified.discard(backend)
+            if backend in self.unanswering:  # the warnings stop: say why, once
+                self.unanswering.discard(backend)
+                log.info("backend %s: answering again", backend)
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,7 @@ class Runtime:
                         self.state.verified(backend)
                         return
                     log.warning("backend %s: not answering (%s)", backend, status)
+                    self.state.unanswering.add(backend)
             except Exception:
                 log.exception("backend %s: start-up check failed", backend)
             await asyncio.sleep(wait)
@@ -261,6 +267,20 @@ class Runtime:
         if self.objects.errors:
             metrics.STORAGE_ERRORS.inc(self.objects.errors)
             self.objects.errors = 0
+
+    def summary(self) -> str:
+        """The state of a new config in a few words, for the one reload line."""
+        parts = []
+        for name in self.config.backends:
+            usable = len(self.pools[name].usable())
+            parts.append(
+                f"{name} {usable} key{'s' if usable != 1 else ''}"
+                if usable
+                else f"{name} NO usable key ({self.pools[name].missing_hint()})"
+            )
+        clients = len(self.config.clients)
+        who = f"{clients} client{'s' if clients != 1 else ''}" if clients else "no clients (open)"
+        return f"backends: {', '.join(parts)}; {who}"
 
     def report(self) -> None:
         """Say at start-up which backends can serve and which need a key set."""

@@ -49,6 +49,7 @@ WebSocket protocol would run the app past their wrappers.
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import logging
 import resource
@@ -604,13 +605,16 @@ def serve(
         # is only for Realtime sessions to take their 1012 close frame, and stragglers.
         timeout_graceful_shutdown=SHUTDOWN_AFTER_DRAIN,
     )
-    try:
-        sockets = [bind(host, port)]
-        if admin_port is not None:
-            sockets.append(bind(host, admin_port))
-    except OSError as exc:
-        log.error("cannot listen on %s: %s", host, exc)
-        return STARTUP_FAILURE
+    sockets = []
+    for listen_port in (port,) if admin_port is None else (port, admin_port):
+        try:
+            sockets.append(bind(host, listen_port))
+        except OSError as exc:  # a port in use, mostly: name it, no traceback
+            for sock in sockets:
+                sock.close()
+            reason = "already in use" if exc.errno == errno.EADDRINUSE else exc.strerror or exc
+            log.error("cannot listen on %s port %d: %s", host, listen_port, reason)
+            return STARTUP_FAILURE
     shown = f"[{host}]" if ":" in host else host
     log.info("listening on http://%s:%d", shown, port)
     if admin_port is not None:

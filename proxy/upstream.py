@@ -238,6 +238,10 @@ class Upstream:
 
 def _describe(exc: BaseException) -> str:
     # Never echo request headers: an exception's text may carry them in other clients.
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        # Our own wording: aiohttp's says "ssl:default" even for an http:// URL.
+        reason = exc.os_error.strerror or type(exc.os_error).__name__
+        return f"cannot connect to {exc.host}:{exc.port}: {reason}"
     return type(exc).__name__ + (
         f" ({exc})" if isinstance(exc, aiohttp.ClientConnectionError) else ""
     )

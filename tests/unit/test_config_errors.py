@@ -51,7 +51,7 @@ routes:
         "admin_port, body_timeout, config_poll_interval, drain_timeout, forward_paths, "
         "header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
-        "max_spilled_bodies, max_upload_size, max_uploads_per_client, port, "
+        "max_spilled_bodies, max_upload_size, max_uploads_per_client, open, port, "
         "routing_headers, trusted_proxies, upload_deadline)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "

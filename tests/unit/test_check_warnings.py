@@ -1,0 +1,56 @@
+"""Offline `proxy check` warns about what is valid but likely a mistake."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from proxy.check import print_table
+from proxy.config import load_config
+
+CONFIG = """
+backends:
+  moonshot:
+    base_url: http://127.0.0.1:1/v1
+    keys:
+      - {id: from-env, key: "${CHECK_TEST_KEY}"}
+      - {id: literal, key: sk-written-in-the-file-0001}
+    models: [kimi-k2-0711-preview]
+clients:
+  - {id: env-client, key: "${CHECK_TEST_CLIENT}"}
+  - {id: plain-client, key: sk-client-in-the-file-0001}
+aliases:
+  kimi-k2: kimi-k2-0711-preview
+  kimi-typo: kimi-k2-0711-previw
+routes:
+  - {prefix: "kimi-", backend: moonshot}
+"""
+
+
+def table(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    out = io.StringIO()
+    print_table(load_config(str(path), {"CHECK_TEST_KEY": "sk-env", "CHECK_TEST_CLIENT": "c"}), out)
+    return out.getvalue()
+
+
+def test_an_alias_to_a_model_its_backend_does_not_list_is_warned(tmp_path):
+    text = table(tmp_path, CONFIG)
+    assert "warning: alias kimi-typo -> kimi-k2-0711-previw: backend moonshot does not list" in text
+    assert "warning: alias kimi-k2 " not in text
+
+
+def test_keys_written_in_plain_text_are_warned_never_shown(tmp_path):
+    text = table(tmp_path, CONFIG)
+    assert "warning: backends.moonshot.keys literal: written in the file in plain text" in text
+    assert "warning: clients plain-client: key written in the file in plain text" in text
+    assert "from-env:" not in text.split("warnings:")[1] and "env-client" not in text
+    assert "sk-written-in-the-file" not in text and "sk-client-in-the-file" not in text
+
+
+def test_a_clean_config_has_no_warnings(tmp_path):
+    clean = CONFIG.replace("      - {id: literal, key: sk-written-in-the-file-0001}\n", "")
+    clean = clean.replace("  - {id: plain-client, key: sk-client-in-the-file-0001}\n", "")
+    clean = clean.replace("  kimi-typo: kimi-k2-0711-previw\n", "")
+    assert "warnings:" not in table(tmp_path, clean)
