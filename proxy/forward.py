@@ -814,7 +814,7 @@ async def _answer_error(
     body = ctx.dialect.error_body(err, ctx.request_id)
     headers = err.raw_headers(body)
     headers.append((REQUEST_ID, ctx.request_id.encode("latin-1")))
-    if close:
+    if close and all(name != b"connection" for name, _ in headers):  # the drain's 503 has it
         headers.append((b"connection", b"close"))
     if ctx.backend is not None and runtime.config.server.routing_headers:
         # The backend and key last tried (a fallback's, when it came to that).
