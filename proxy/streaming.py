@@ -48,8 +48,14 @@ _RESPONSE_END = re.compile(
 _RESPONSE_END_LONGEST = len(b'"type": "response.incomplete"')
 # The text of a delta, for the estimate of a cut stream that reported no usage: chat's
 # ``content``, Responses' ``delta``, Messages' ``text``. Bytes of JSON, escapes included:
-# an estimate, marked as one.
-_TEXT = re.compile(rb'"(?:content|delta|text)": ?"((?:[^"\\]|\\.)*)"')
+# an estimate, marked as one. One key per kind: a pattern that starts with a long literal
+# is searched at C speed (about 1 us a chunk), an alternation of keys is 5 times slower.
+_STRING = rb'": ?"([^"\\]*(?:\\.[^"\\]*)*)"'
+_TEXT = {
+    StreamKind.RESPONSES: re.compile(rb'"delta' + _STRING),
+    StreamKind.ANTHROPIC: re.compile(rb'"text' + _STRING),
+}
+_CONTENT = re.compile(rb'"content' + _STRING)  # chat (legacy completions: not estimated)
 CHARS_PER_TOKEN = 4  # the documented estimate: completion tokens = text bytes seen / 4
 
 
@@ -376,6 +382,7 @@ async def relay_stream(
     anthropic_stream = kind is StreamKind.ANTHROPIC
     responses_stream = kind is StreamKind.RESPONSES
     finished = _Seen(_RESPONSE_END, _RESPONSE_END_LONGEST, b"\n")
+    text_of = _TEXT.get(kind, _CONTENT).findall
     after_gone = 0
     usage = _UsageReader(merge=anthropic_stream)
     # An Anthropic stream is complete at message_stop, or over when the upstream sent its
@@ -395,7 +402,7 @@ async def relay_stream(
             usage.feed(chunk)  # every byte the upstream sent, the event left out included
             result.usage = usage.usage  # known at once: a cancelled caller still has it
             if usage.usage is None:  # the estimate is needed only while no usage came
-                result.text_bytes += sum(len(t) for t in _TEXT.findall(chunk))
+                result.text_bytes += sum(map(len, text_of(chunk)))
             if responses_stream and not finished.seen:
                 finished.feed(chunk)
             if gone is not None and gone():
