@@ -48,7 +48,7 @@ routes:
         "admin_port, body_timeout, config_poll_interval, forward_paths, header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
         "max_spilled_bodies, max_upload_size, port, "
-        "routing_headers, trusted_proxies)",
+        "routing_headers, trusted_proxies, usage_grace, usage_grace_bytes)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "
         "(known: connect, first_byte, idle, read)",

@@ -119,3 +119,18 @@ def test_a_delta_that_names_the_final_event_does_not_complete_a_responses_stream
     forged = text[1].replace(TEXT.encode(), b'\\"type\\": \\"response.completed\\"')
     sent, result = _relay([text[0], forged], StreamKind.RESPONSES)
     assert result.error == "stream_broken" and b"event: error" in sent
+
+
+def test_the_grace_is_validated_and_capped() -> None:
+    from proxy.config import parse_config
+    from tests.unit.test_config_errors import GOOD, problems
+
+    env = {"OPENAI_API_KEY": "sk-test-000000000000"}
+    good = parse_config(GOOD + "server: {usage_grace: 500ms, usage_grace_bytes: 64KiB}\n", "c", env)
+    assert (good.server.usage_grace, good.server.usage_grace_bytes) == (0.5, 64 << 10)
+    assert problems(GOOD + "server: {usage_grace: 31}\n", **env) == [
+        "c.yaml:8: server.usage_grace: must be at most 30"
+    ]
+    assert problems(GOOD + "server: {usage_grace_bytes: 17MiB}\n", **env) == [
+        "c.yaml:8: server.usage_grace_bytes: must be at most 16777216"
+    ]
