@@ -76,7 +76,8 @@ class AccessLog:
             f"upstream_request_id={escaped(r.upstream_request_id)} model={escaped(r.model)} "
             f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
             f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
-            f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)} throttled={r.throttle_reason or '-'} "
+            f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)}{_PARTIAL[r.tokens_partial]} "
+            f"throttled={r.throttle_reason or '-'} "
             f"error={escaped(r.error or r.upstream_error)}\n"
         )
 
@@ -106,7 +107,13 @@ class AccessLog:
         if r.tokens.cache_creation or r.tokens.cache_read:  # Anthropic's, only where they are
             line["cache_creation_tokens"] = r.tokens.cache_creation
             line["cache_read_tokens"] = r.tokens.cache_read
+        if r.tokens_partial:  # a cut stream: what was known, the completion maybe estimated
+            line["tokens_partial"] = True
         return orjson.dumps(line).decode() + "\n"
+
+
+# Only on the lines of a cut stream, whose counts are what was known (an estimate, maybe).
+_PARTIAL = {False: "", True: " tokens=partial"}
 
 
 def _text_tokens(t: TokenCounts) -> str:

@@ -466,6 +466,14 @@ class ServerConfig(_Section):
     forward_paths: Annotated[
         tuple[ForwardPath, ...], doc("paths after /v1 forwarded, with all below them")
     ] = DEFAULT_FORWARD_PATHS
+    # After a streaming client leaves, the upstream is read on (and dropped) this long and
+    # this far to collect the usage event; capped so a gone client cannot hold a stream.
+    usage_grace: Annotated[
+        Seconds, Le(30), doc("after a stream's client left: read on for its usage (s)")
+    ] = 2.0
+    usage_grace_bytes: Annotated[
+        Size, Le(16 * 2**20), doc("after a stream's client left: read on at most this much")
+    ] = 2**20
 
 
 @dataclass(frozen=True)

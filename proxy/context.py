@@ -56,9 +56,11 @@ class RequestContext:
         "started",
         "status",
         "stream",
+        "streaming",
         "target",
         "throttle_reason",
         "tokens",
+        "tokens_partial",
         "ttft",
         "upstream_error",
         "upstream_model",
@@ -105,6 +107,8 @@ class RequestContext:
         self.response_started = False  # a status went out: errors can only end the body now
         self.finished = False  # the work is over: a disconnect no longer cancels anything
         self.client_gone = False  # the client disconnected while the work ran
+        self.tokens_partial = False  # counts known of a cut stream, completion estimated
+        self.streaming = False  # a stream is being relayed: a disconnect gets the grace
 
     # ------------------------------------------------------------ who, what, where
 
@@ -178,8 +182,9 @@ class RequestContext:
     def first_data(self, at: float) -> None:
         self.ttft = at - self.started
 
-    def counted(self, tokens: TokenCounts) -> None:
+    def counted(self, tokens: TokenCounts, partial: bool = False) -> None:
         self.tokens = tokens
+        self.tokens_partial = partial
 
     def added_tokens(self, prompt: int, completion: int) -> None:
         """A Realtime session's tokens, added as each response ends."""
@@ -207,6 +212,12 @@ class RequestContext:
     def disconnected(self) -> None:
         """The client left while the work ran: the work is cancelled."""
         self.client_gone = True
+
+    def left_after_end(self) -> None:
+        """The client left, and the proxy read the upstream's answer to its end anyway
+        (its usage counted in full): the status stays the upstream's."""
+        self.error = "client_left_after_end"
+        self.outcome = Outcome.NEUTRAL
 
     def client_left(self) -> None:
         """The request ends because its client left: nothing to learn from it."""

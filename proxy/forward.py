@@ -65,7 +65,14 @@ from proxy.objects import (
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.streaming import ResponseCut, StreamKind, relay_bytes, relay_stream, usage_of
+from proxy.streaming import (
+    RelayResult,
+    ResponseCut,
+    StreamKind,
+    relay_bytes,
+    relay_stream,
+    usage_of,
+)
 from proxy.throttle import Outcome
 from proxy.usage import NO_TOKENS, TokenCounts, token_counts
 
@@ -105,7 +112,10 @@ async def handle(
                 ctx,
                 forward(runtime, scope, send, parts, ctx, client),
                 upload.done if upload is not None else None,
+                runtime.config.server.usage_grace,
             )
+        if ctx.client_gone:  # left, but the stream was read to its end in the grace
+            ctx.left_after_end()
     except ProxyError as err:
         # Refused before its body was read (no key, a bad path): the connection closes
         # after the answer, so an unread body cannot go on holding it.
@@ -187,6 +197,11 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
         payload = parse_payload(body)
     else:
         payload = json_or_opaque(body)
+    stream = payload.get("stream")
+    if stream is not None and type(stream) is not bool:
+        # vLLM and other pydantic backends take "true" or 1 as true, where the proxy reads
+        # no stream: the two would disagree on what the answer is (and its usage).
+        raise errors.bad_request("'stream' must be a JSON boolean (true or false).", param="stream")
     named = payload.get("model")
     model = checked_model(named) if named is not None else ""
     return RequestParts(method, path, query, headers, payload, body, model)
@@ -345,21 +360,30 @@ class _Relay:
         ctx.overhead_measured(time.perf_counter() - self.head_at)
         streams = metrics.streams_child(self.backend)
         streams.inc()
+        result = RelayResult()
+        ctx.streaming = True
         try:
-            result = await relay_stream(
+            await relay_stream(
                 self.delivery.response,
                 self._recording_ids(self.send),
                 self.backend,
                 kind,
                 self.runtime.redactor,
                 strip_usage_event=self.delivery.strip_usage,
+                result=result,
+                gone=lambda: ctx.client_gone,
+                grace_bytes=self.runtime.config.server.usage_grace_bytes,
             )
         finally:
+            ctx.streaming = False
             streams.dec()
+            if _generates(self.parts):  # not a stored response's events replayed (GET)
+                # Counted however the relay ended (cancelled too): what is known.
+                _count_stream(ctx, result)
         if result.first_data_at is not None:
             ctx.first_data(result.first_data_at)
-        if _generates(self.parts):  # not a stored response's events replayed (GET)
-            ctx.counted(token_counts(result.usage))
+        if ctx.client_gone and not result.complete:
+            raise ClientGone()
         if result.error == DRAINED:
             ctx.error = DRAINED  # the proxy ended it, shutting down: no fault of the backend
         elif result.error is not None:
@@ -777,8 +801,24 @@ def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple
     return headers
 
 
+def _count_stream(ctx: RequestContext, result: RelayResult) -> None:
+    """A stream's tokens: its usage when whole; what is known of a cut one, the completion
+    estimated from the text seen when no count of it came (``partial`` in the log)."""
+    counts = token_counts(result.usage)
+    if result.complete:
+        ctx.counted(counts)
+    elif counts.completion == 0:
+        ctx.counted(counts._replace(completion=result.estimated_completion()), partial=True)
+    else:
+        ctx.counted(counts, partial=True)
+
+
 async def _cancel_on_disconnect(
-    receive: Receive, ctx: RequestContext, work: Awaitable[None], body_done: asyncio.Event | None
+    receive: Receive,
+    ctx: RequestContext,
+    work: Awaitable[None],
+    body_done: asyncio.Event | None,
+    grace: float = 0.0,
 ) -> None:
     """Run ``work``; cancel it the moment the client disconnects.
 
@@ -795,6 +835,13 @@ async def _cancel_on_disconnect(
         message = await receive()  # after the body: returns on disconnect or response end
         if message["type"] == "http.disconnect" and not ctx.finished:
             ctx.disconnected()
+            if ctx.streaming and grace > 0:
+                # The upstream answered: read on (sending nothing) for the usage event,
+                # which Codex and the SDKs leave before; bounded in time here, in bytes
+                # by the relay.
+                await asyncio.sleep(grace)
+                if ctx.finished:
+                    return
             task.cancel()
 
     watcher = asyncio.ensure_future(watch())

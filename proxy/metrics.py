@@ -72,6 +72,13 @@ TOKENS = Counter(
     "(Anthropic's cache counts).",
     ["backend", "model", "type"],
 )
+PARTIAL_TOKENS = Counter(
+    "llm_proxy_partial_tokens",
+    "The part of llm_proxy_tokens_total counted from streams cut mid-way (the tokens=partial "
+    "log lines): the counts they reported, and completion estimated as text bytes / 4 where "
+    "none came.",
+    ["backend", "model", "type"],
+)
 STREAMS_ACTIVE = Gauge(
     "llm_proxy_streams_active",
     "Streams being relayed now.",
@@ -160,6 +167,7 @@ requests_child = _Children(REQUESTS)
 duration_child = _Children(DURATION)
 ttft_child = _Children(TTFT)
 tokens_child = _Children(TOKENS)
+partial_tokens_child = _Children(PARTIAL_TOKENS)
 streams_child = _Children(STREAMS_ACTIVE)
 errors_child = _Children(UPSTREAM_ERRORS)
 throttled_child = _Children(THROTTLED)
@@ -193,6 +201,8 @@ def observe_request(record: RequestContext) -> None:
         OVERHEAD.observe(record.overhead)
     for kind, count in record.tokens.nonzero():
         tokens_child(backend, model, kind).inc(count)
+        if record.tokens_partial:
+            partial_tokens_child(backend, model, kind).inc(count)
 
 
 def observe_realtime_session(record: RequestContext, seconds: float) -> None:

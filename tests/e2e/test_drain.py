@@ -106,7 +106,10 @@ def test_stream_across_sigterm_completes_then_exits(upstream: MockUpstream, tmp_
         assert code == 0, proxy.log()
         assert exit_after < 3.0, f"exited {exit_after:.2f} s after the last stream, not at once"
         print(f"exit {exit_after:.2f} s after the stream ended (drain_timeout 10 s)")
-        assert [r["error"] for r in access_lines(proxy)] == ["server_shutting_down", None]
+        refused_error, stream_error = [r["error"] for r in access_lines(proxy)]
+        assert refused_error == "server_shutting_down"
+        # The SDK may close at [DONE] before the upstream's body ends: still a whole stream.
+        assert stream_error in (None, "client_left_after_end")
     finally:
         proxy.stop()
 

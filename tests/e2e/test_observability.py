@@ -149,7 +149,13 @@ def test_active_streams_gauge_counts_streams_in_flight(proxy, upstream):
         chunks = response.iter_raw()  # kept: a dropped iterator closes the connection
         next(chunks)
         assert value(scrape(proxy), "llm_proxy_streams_active", backend="mock") == 1
-    time.sleep(0.3)
+    # The client left: the stream is read on for its usage for server.usage_grace (2 s)
+    # at most, then it is over.
+    deadline = time.monotonic() + 3
+    while time.monotonic() < deadline:
+        if value(scrape(proxy), "llm_proxy_streams_active", backend="mock") == 0:
+            break
+        time.sleep(0.1)
     assert value(scrape(proxy), "llm_proxy_streams_active", backend="mock") == 0
 
 

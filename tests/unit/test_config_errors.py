@@ -52,7 +52,7 @@ routes:
         "header_timeout, host, "
         "max_body_size, max_buffered_bodies, max_connections, max_header_size, max_response_size, "
         "max_spilled_bodies, max_upload_size, max_uploads_per_client, open, port, "
-        "routing_headers, trusted_proxies, upload_deadline)",
+        "routing_headers, trusted_proxies, upload_deadline, usage_grace, usage_grace_bytes)",
         "c.yaml:6: backends.openai.base_url: bad URL 'ftp://x': expected http(s)://host[:port]/path",
         "c.yaml:7: backends.openai.timeout.conect: unknown field, did you mean 'connect'? "
         "(known: connect, first_byte, idle, read)",
