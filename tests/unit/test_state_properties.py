@@ -20,7 +20,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from proxy.breaker import Breaker, BreakerState
 from proxy.config import BreakerConfig, Config, ReconnectConfig, ThrottleConfig, parse_config
-from proxy.keys import INVALID_MAX, KeyPool, KeyState, NoUsableKey
+from proxy.keys import (
+    CONFIRM_INTERVAL,
+    CONFIRM_TIMEOUT,
+    INVALID_MAX,
+    KeyPool,
+    KeyState,
+    NoUsableKey,
+)
 from proxy.shared import _valid_time
 from proxy.throttle import Outcome, Throttle, _valid_wait, make_storage
 
@@ -157,6 +164,7 @@ class KeyPoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.pool = key_pool(self.clock, 300.0)
+        self.confirming: set[str] = set()
 
     @rule()
     def pick(self) -> None:
@@ -173,6 +181,21 @@ class KeyPoolMachine(RuleBasedStateMachine):
     @rule(key=KEY_IDS)
     def refused(self, key: str) -> None:
         self.pool.mark_invalid(key, "401")
+
+    @rule(key=KEY_IDS)
+    def refused_once_and_a_confirming_probe_starts(self, key: str) -> None:
+        # A refusal alone changes no state: only a probe's confirmation (mark_invalid) does.
+        before = self.pool.state_of(key)
+        started = self.pool.begin_confirm(key)
+        assert self.pool.state_of(key) is before
+        if started:
+            assert not self.pool.begin_confirm(key)  # one probe per key at a time
+            self.confirming.add(key)
+
+    @rule(key=KEY_IDS)
+    def the_confirming_probe_ends(self, key: str) -> None:
+        self.pool.end_confirm(key)
+        self.confirming.discard(key)
 
     @rule(key=KEY_IDS)
     def probe_succeeded(self, key: str) -> None:
@@ -197,6 +220,9 @@ class KeyPoolMachine(RuleBasedStateMachine):
         self.clock.now += max(self.pool.max_cooldown, INVALID_MAX)
         for key in ("one", "two"):
             assert self.pool.state_of(key) is KeyState.OK
+            # A confirming probe that never reported back frees its slot by time alone.
+            assert self.pool.health[key].confirm_free_at <= self.clock.now
+        self.confirming.clear()
         assert self.pool.state_of("gone") is KeyState.MISSING  # configuration, not failure
 
     @invariant()
@@ -206,6 +232,9 @@ class KeyPoolMachine(RuleBasedStateMachine):
             left = self.pool.cooldown_left(key)
             assert math.isfinite(left) and 0 <= left <= self.pool.max_cooldown
         assert self.pool.state_of("gone") is KeyState.MISSING
+        for key in ("one", "two"):  # a probe slot is bounded: deadline plus interval
+            left = self.pool.health[key].confirm_free_at - self.clock.now
+            assert left <= CONFIRM_TIMEOUT + CONFIRM_INTERVAL
         self.pool.missing_hint()  # the operator's text never raises
 
 
