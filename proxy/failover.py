@@ -161,7 +161,7 @@ async def _try_backend(
 ) -> Result | ProxyError:
     breaker = runtime.breakers[target.backend]
     probing = breaker.is_open  # a 0 from admit() then hands this attempt the probe slot
-    wait = breaker.admit()
+    wait = breaker.admit(ctx.client)
     ticket = breaker.probe_ticket if probing else None
     if wait:
         ctx.throttled("circuit_open")

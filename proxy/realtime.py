@@ -263,7 +263,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
     backend = target.backend
     breaker = runtime.breakers[backend]
     probing = breaker.is_open
-    wait = breaker.admit()
+    wait = breaker.admit(ctx.client)
     ticket = breaker.probe_ticket if probing else None
     if wait:
         ctx.throttled("circuit_open")

@@ -349,6 +349,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
     unverified: set[str] = set()
+    multi_tenant = len(config.clients) > 1  # one client's failures must not shut it for others
     for name, backend in config.backends.items():
         before = old.backends.get(name) if old is not None else None
         if previous is not None and before is not None:
@@ -359,9 +360,13 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 breakers[name] = previous.breakers[name]
                 breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
                 breakers[name].probe_timeout = _probe_timeout(backend)
+                breakers[name].multi_tenant = multi_tenant
         upstreams.setdefault(name, Upstream(backend))
         if name not in breakers:  # a new backend, or a new URL: seen answering from scratch
-            breakers[name] = Breaker(name, backend.breaker, probe_timeout=_probe_timeout(backend))
+            timeout = _probe_timeout(backend)
+            breakers[name] = Breaker(
+                name, backend.breaker, probe_timeout=timeout, multi_tenant=multi_tenant
+            )
             unverified.add(name)
     discovered = {
         name: ids

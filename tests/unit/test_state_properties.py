@@ -136,6 +136,64 @@ TestBreakerMachine = BreakerMachine.TestCase
 TestBreakerMachine.settings = SETTINGS
 
 
+# ---------------------------------------------------------------- one client, others' admission
+
+
+class TenantsMachine(RuleBasedStateMachine):
+    """Several tenants: whatever client A does (fail, succeed, take and drop probe slots,
+    over any time), client B, whose requests succeed, and the proxy's own background probe
+    (the backend answers it) are always admitted: B's admission never depends on A."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        config = BreakerConfig(3, 1.0, 8.0)
+        self.breaker = Breaker("b", config, clock=self.clock, probe_timeout=5, multi_tenant=True)
+        self.ticket: int | None = None
+
+    @rule()
+    def a_fails(self) -> None:
+        self.breaker.failure("a")
+
+    @rule()
+    def a_succeeds(self) -> None:
+        self.breaker.success("a")
+
+    @rule()
+    def a_asks(self) -> None:
+        probing = self.breaker.is_open
+        if self.breaker.admit("a") == 0 and probing:
+            self.ticket = self.breaker.probe_ticket
+
+    @rule(abandon=st.booleans())
+    def a_drops_its_probe(self, abandon: bool) -> None:
+        if not abandon:
+            self.breaker.release(self.ticket)
+        self.ticket = None
+
+    @rule()
+    def the_proxys_probe_answers(self) -> None:
+        if self.breaker.is_open and self.breaker.admit() == 0:
+            self.breaker.probe_succeeded()
+
+    @rule(step=CLOCK_STEPS)
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule(step=st.floats(min_value=0.0, max_value=2.0))
+    def a_moment_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @invariant()
+    def b_is_admitted_and_served(self) -> None:
+        assert self.breaker.admit("b") == 0
+        assert self.breaker.state is BreakerState.CLOSED
+
+
+TestTenantsMachine = TenantsMachine.TestCase
+TestTenantsMachine.settings = SETTINGS
+
+
 # ---------------------------------------------------------------- key pool
 
 POOL_CONFIG = """
