@@ -6,10 +6,19 @@ closed ──(N failures in a row)──▶ open ──(cooldown over: by time a
    └─────────────────────────(probe succeeds)─────────────────────────────────┘
 
 Failures are connect errors, timeouts and 5xx; the cooldown doubles from ``min_open`` to
-``max_open`` while the backend keeps failing and resets when a probe succeeds. A streak
-whose failures all come from one client, while another client succeeded in the last
-``SOLO_WINDOW`` seconds, does not open the circuit: one client's failing requests must not
-shut a backend for everybody (its own reconnect throttle slows it down instead).
+``max_open`` while the backend keeps failing and resets when a probe succeeds.
+
+Failures are attributed to clients. With several tenants (``clients:`` lists more than
+one), a streak whose failures all come from one client never opens the circuit, quiet
+moment or not: one client's failing requests must not shut a backend for everybody (its own
+reconnect throttle slows it down instead); it takes failures from two clients or more. In
+half-open, the probe slot is not handed to a client whose failures are the current streak:
+the probe is the proxy's own (the runtime's background ``GET /models``) or another
+client's, so a client failing on purpose cannot hold the circuit open. An open proxy is one
+tenant: any ``failures`` in a row open it, and any request may probe (the breaker still
+protects a failing upstream). Without clients, and with one client, a lone client's streak
+opens it as before, also when another recently succeeded (``SOLO_WINDOW`` applies only
+there, where clients are told apart by address).
 
 Every state leaves by time alone: ``open`` lasts at most ``max_open``; in ``half_open`` one
 probe at a time is let through, and a probe whose outcome is never reported (its client
@@ -51,8 +60,10 @@ class Breaker:
         config: BreakerConfig,
         clock: Callable[[], float] = time.monotonic,
         probe_timeout: float = PROBE_TIMEOUT,
+        multi_tenant: bool = False,
     ) -> None:
         self.backend = backend
+        self.multi_tenant = multi_tenant  # several clients: one client's streak is its own
         self._clock = clock
         self.probe_timeout = _bounded(probe_timeout, PROBE_TIMEOUT, PROBE_TIMEOUT)
         self.failures = 0
@@ -64,6 +75,7 @@ class Breaker:
         self._config = config
         self.open_for = config.min_open
         self._streak_clients: set[str] = set()  # who failed in the current streak (<= 2)
+        self._last_failure_at = -math.inf  # clock time of the last failure
         self._recent_successes: dict[str, float] = {}  # client -> clock time (<= 2 entries)
 
     # ------------------------------------------------------------ configuration
@@ -105,11 +117,13 @@ class Breaker:
 
     # ------------------------------------------------------------ the request path
 
-    def admit(self) -> float:
+    def admit(self, client: str | None = None) -> float:
         """0 when a request may go upstream now; otherwise seconds until it may.
 
         In half-open, a 0 hands the caller the one probe slot: it must then report exactly
-        one of ``success()``, ``failure()`` or ``release()``.
+        one of ``success()``, ``failure()`` or ``release()``. With several tenants, a client
+        whose failures make the current streak does not get it (it waits a second; the
+        proxy's own probe or another client's decides).
         """
         if not self._opened:
             return 0.0
@@ -118,9 +132,22 @@ class Breaker:
             return min(self.open_until - now, self._config.max_open)  # (float rounding)
         if self._probe_deadline and now < self._probe_deadline:  # a probe is out
             return min(1.0, self._probe_deadline - now)
+        if self._held_by(client, now):
+            return 1.0
         self._probe_deadline = now + self.probe_timeout
         self.probe_ticket += 1  # the holder's proof, for release()
         return 0.0
+
+    def _held_by(self, client: str | None, now: float) -> bool:
+        """Whether ``client`` may not take the probe slot: several tenants, and its failures
+        are the current streak, the last under ``SOLO_WINDOW`` ago (refused, it fails no
+        more: by time alone it may probe again)."""
+        return (
+            self.multi_tenant
+            and client is not None
+            and client in self._streak_clients
+            and now - self._last_failure_at < SOLO_WINDOW
+        )
 
     def success(self, client: str | None = None) -> None:
         if self._opened:
@@ -148,13 +175,17 @@ class Breaker:
             self._probe_deadline = 0.0
             self._probation = True
         self.failures = 0
+        self._streak_clients.clear()  # on probation, a new streak: whose is it?
 
     def failure(self, client: str | None = None) -> None:
         self.failures += 1
+        self._last_failure_at = self._clock()
         if client is not None and len(self._streak_clients) < 2:  # one, or "several"
             self._streak_clients.add(client)
         state = self.state
         if state is CLOSED and self._probation:
+            if self.multi_tenant and self._one_clients_problem():
+                return  # one client failing on probation: its own, not the backend's
             self._probation = False
             self.open_for = min(self.open_for * 2, self._config.max_open)
             self._open(self.open_for, "after a failure on probation")
@@ -180,6 +211,8 @@ class Breaker:
         backend does not, and the circuit stays closed for everybody else."""
         if len(self._streak_clients) != 1:
             return False
+        if self.multi_tenant:
+            return True  # several tenants: one client's streak is its own, in quiet times too
         (only,) = self._streak_clients
         now = self._clock()
         return any(

@@ -2,9 +2,13 @@
 
 Key health, the circuit breaker, failover and the reconnect throttle all act on a
 ``Verdict`` from here; nobody else compares status codes. The rule that matters most: only
-an error about the key itself (401, or a 403 whose type or code says the key is invalid or
-revoked) may take a shared key out of rotation. A 403 about a model, a path or a permission
-is that one client's problem: it is passed through and changes nothing for anyone else.
+an error about the key itself (a 401, or a 403 whose type or code says the key is invalid
+or revoked) may take a shared key out of rotation, and only once a probe with that key
+alone confirms it (``Runtime.suspect_key``). A 401 or 403 about a scope, a permission, a
+model or a path (OpenAI's ``missing_scope`` / "insufficient permissions", Anthropic's
+``permission_error``) is ``KEY_LACKS_SCOPE``: the key is valid but this request is outside
+what it may do; like any other 403 it is that one client's answer, relayed unchanged, and
+changes nothing for anyone else.
 """
 
 from __future__ import annotations
@@ -19,7 +23,8 @@ import orjson
 class Verdict(StrEnum):
     OK = "ok"  # 1xx/2xx: relay it
     CLIENT_ERROR = "client_error"  # a 4xx about this request: relay it, learn nothing
-    KEY_REFUSED = "key_refused"  # the key itself is refused: take it out, try another key
+    KEY_REFUSED = "key_refused"  # the key looks invalid: confirm by probe, try another key
+    KEY_LACKS_SCOPE = "key_lacks_scope"  # valid key, request outside its scopes: relay it
     KEY_LIMITED = "key_limited"  # 429: cool the key down, try another key
     BACKEND_FAILED = "backend_failed"  # 5xx: counts for the breaker, worth a fallback
     REDIRECT = "redirect"  # 3xx: never followed (it would re-send the prompt elsewhere)
@@ -42,6 +47,32 @@ _KEY_ERRORS = frozenset(
     }
 )
 
+# Codes and types that say "the key is fine, this request is outside what it may do": a
+# scope, a permission, a model or a path. Checked after _KEY_ERRORS (a revoked key wins).
+_SCOPE_ERRORS = frozenset(
+    {
+        "missing_scope",
+        "missing_scopes",
+        "insufficient_scope",
+        "insufficient_permissions",
+        "permission_error",
+        "permission_denied",
+        "permission_denied_error",
+        "model_not_found",
+        "model_not_allowed",
+        "unsupported_model",
+        "access_denied",
+    }
+)
+# The same in an error message, for providers that put it only in words ("You have
+# insufficient permissions for this operation. Missing scopes: api.batch.write").
+_SCOPE_MESSAGE = re.compile(
+    rb"missing scope|insufficient permission|does not have (the )?(necessary |required )?"
+    rb"(scope|permission|access)|not (allowed|permitted) to (use|access)|"
+    rb"do(es)? not have access to (the )?model",
+    re.IGNORECASE,
+)
+
 # A 429 that no wait can cure: the request itself is over the key's per-minute budget.
 _TOO_LARGE = re.compile(rb"request too large|must be reduced", re.IGNORECASE)
 
@@ -58,10 +89,8 @@ def classify(status: int, body: bytes = b"") -> Verdict:
         return Verdict.OK
     if status < 400:
         return Verdict.REDIRECT
-    if status == 401:
-        return Verdict.KEY_REFUSED
-    if status == 403:
-        return Verdict.KEY_REFUSED if error_kinds(body) & _KEY_ERRORS else Verdict.CLIENT_ERROR
+    if status == 401 or status == 403:
+        return _refusal(status, body)
     if status == 429:
         # "Request too large ... must be reduced": about this request, not the key's load.
         # Cooling the key (and the retry's key) down would fail every other client.
@@ -71,8 +100,20 @@ def classify(status: int, body: bytes = b"") -> Verdict:
     return Verdict.CLIENT_ERROR
 
 
+def _refusal(status: int, body: bytes) -> Verdict:
+    """A 401 or 403: about the key (invalid, revoked), about its scopes, or (a 403 that
+    says neither) about the request."""
+    kinds = error_kinds(body)
+    if kinds & _KEY_ERRORS:
+        return Verdict.KEY_REFUSED
+    if kinds & _SCOPE_ERRORS or _SCOPE_MESSAGE.search(body[:4096]):
+        return Verdict.KEY_LACKS_SCOPE
+    return Verdict.KEY_REFUSED if status == 401 else Verdict.CLIENT_ERROR
+
+
 def error_kinds(body: bytes) -> set[str]:
-    """The ``type`` and ``code`` of an OpenAI-style error body, lower-cased."""
+    """The ``type`` and ``code`` of an OpenAI-style (or Anthropic-style) error body,
+    lower-cased."""
     try:
         error = orjson.loads(body).get("error")
     except (orjson.JSONDecodeError, AttributeError):

@@ -2,10 +2,12 @@
 
 For the route's backend, then each of its fallbacks in order, before any byte has reached
 the client: skip a backend whose circuit is open or whose outbound limit is spent; send with
-the next usable key; when the upstream refuses the key itself (``classify``) take it out and
-try once more with another key; on 429 cool the key down and try once more with another. A
+the next usable key; when the upstream refuses the key itself (``classify``) have a probe
+confirm it before the key is taken out (``Runtime.suspect_key``) and try once more with
+another key; on 429 cool the key down and try once more with another. A
 5xx, a 429, refused keys, a connect error or a timeout move on to the next fallback. An
-error about the request itself (a 400, a 403 about a model or a path) is relayed as it is:
+error about the request itself (a 400, a 401 or 403 about a scope, a permission, a model or
+a path) is relayed as it is:
 nothing is learnt from it and nothing is retried. When everything failed, the last failure
 is answered: an upstream error passed through unchanged, or the proxy's own error (503
 ``no_usable_key`` when the upstream refused the proxy's keys, never the upstream's 401).
@@ -160,7 +162,7 @@ async def _try_backend(
 ) -> Result | ProxyError:
     breaker = runtime.breakers[target.backend]
     probing = breaker.is_open  # a 0 from admit() then hands this attempt the probe slot
-    wait = breaker.admit()
+    wait = breaker.admit(ctx.client)
     ticket = breaker.probe_ticket if probing else None
     if wait:
         ctx.throttled("circuit_open")
@@ -271,8 +273,9 @@ class _Attempt:
                 self.verdict = classify(status)
                 return err
             self.verdict = last_answer.verdict
-            if self.verdict is Verdict.CLIENT_ERROR:
-                # About this request only: relayed as it is, nothing learnt, no retry.
+            if self.verdict is Verdict.CLIENT_ERROR or self.verdict is Verdict.KEY_LACKS_SCOPE:
+                # About this request only (a scope or permission the key lacks included):
+                # relayed as it is, no key state changed, no retry on another key.
                 self._attempt_failed(key.id, "status_4xx")
                 return last_answer
             if self.verdict is Verdict.BACKEND_FAILED:
@@ -284,7 +287,8 @@ class _Attempt:
                 pool.cool_down(key.id, _retry_after(last_answer), reason)
             else:
                 self._attempt_failed(key.id, "status_4xx")
-                pool.mark_invalid(key.id, reason)
+                # Out of rotation only once a probe with this key alone confirms it.
+                runtime.suspect_key(backend, key.id, reason, dialect)
                 refused.append(key.id)
             if len(tried) > 1 or not parts.replayable:  # one retry, never a storm of them
                 return self._nothing_left(None, last_answer, refused)
@@ -346,7 +350,9 @@ def _worth_a_fallback(result: FailedAnswer | ProxyError) -> bool:
     """A fallback may help when this backend failed or its keys are refused or limited;
     never for an answer about the request itself (a 4xx relayed to the client)."""
     if isinstance(result, FailedAnswer):
-        return result.verdict is not Verdict.CLIENT_ERROR
+        return result.verdict is not Verdict.CLIENT_ERROR and (
+            result.verdict is not Verdict.KEY_LACKS_SCOPE
+        )
     return result.status >= 500 or result.status == 429
 
 

@@ -1,8 +1,12 @@
 """Per-backend key pools: round-robin over the usable keys, key health, and hints.
 
 A key is usable when it has a value (an unset ``${VAR}`` leaves it missing), the upstream
-has not refused it (401/403 make it ``invalid`` until a background probe succeeds), and it
-is not cooling down after a 429. The pool only ever hands out ``KeyConfig`` objects;
+has not refused it, and it is not cooling down after a 429. A refusal (a 401, or a 403
+about the key) only makes the key a suspect: it is ``invalid`` once a confirming probe with
+that key alone (``GET /models``) is refused too, until a background probe succeeds. Probes
+are bounded per key: one in flight, with a deadline, and at most one per
+``CONFIRM_INTERVAL`` (``begin_confirm``), so no client can make the proxy hammer the
+upstream or take a key out by itself. The pool only ever hands out ``KeyConfig`` objects;
 callers log and return ``key.id``, never ``key.value``.
 
 Every failure state leaves by time alone: ``cooldown`` lasts at most the backend's
@@ -28,6 +32,8 @@ log = logging.getLogger("proxy.keys")
 _COOLDOWN_BASE = 1.0  # a 429 without retry-after: 1 s, 2 s, 4 s ... while it repeats
 _COOLDOWN_MAX = 60.0  # ...up to this (or the backend's max_cooldown, when smaller)
 INVALID_MAX = 24 * 3600.0  # an invalid key nobody re-validated is tried again after a day
+CONFIRM_TIMEOUT = 10.0  # a confirming probe's deadline (its slot frees by time alone)
+CONFIRM_INTERVAL = 10.0  # at most one confirming probe per key this often
 
 
 class KeyState(StrEnum):
@@ -55,6 +61,7 @@ class KeyHealth:
     cooldown_until: float = 0.0  # pool clock
     invalid_until: float = 0.0  # pool clock
     cooldown_streak: int = 0
+    confirm_free_at: float = 0.0  # pool clock: no confirming probe of this key before it
 
 
 class KeyPool:
@@ -146,6 +153,24 @@ class KeyPool:
         health.state = KeyState.INVALID
         health.invalid_until = self._clock() + INVALID_MAX
         health.last_error = reason
+
+    def begin_confirm(self, key_id: str) -> bool:
+        """A refusal makes ``key_id`` a suspect: whether a confirming probe may start now
+        (none in flight, none in the last ``CONFIRM_INTERVAL``). True takes the slot until
+        ``end_confirm`` or, at the latest, the deadline plus the interval."""
+        health = self.health[key_id]
+        now = self._clock()
+        if health.state is KeyState.MISSING or now < health.confirm_free_at:
+            return False
+        if self._current(health, now) is KeyState.INVALID:
+            return False  # already out: the re-validation probe owns it
+        health.confirm_free_at = now + CONFIRM_TIMEOUT + CONFIRM_INTERVAL
+        return True
+
+    def end_confirm(self, key_id: str) -> None:
+        """The confirming probe is over (whatever it said): the next one after the interval."""
+        health = self.health[key_id]
+        health.confirm_free_at = min(health.confirm_free_at, self._clock() + CONFIRM_INTERVAL)
 
     def cool_down(self, key_id: str, seconds: float | None, reason: str) -> None:
         """A 429: out of rotation for ``seconds`` (the upstream's retry-after) or, when that is

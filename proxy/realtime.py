@@ -265,7 +265,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
     backend = target.backend
     breaker = runtime.breakers[backend]
     probing = breaker.is_open
-    wait = breaker.admit()
+    wait = breaker.admit(ctx.client)
     ticket = breaker.probe_ticket if probing else None
     if wait:
         ctx.throttled("circuit_open")
@@ -342,7 +342,7 @@ def _handshake_refused(
     reason = f"{exc.status} from upstream at the Realtime handshake"
     if verdict is Verdict.KEY_REFUSED:
         ctx.attempt_failed(backend, key_id, "status_4xx")
-        pool.mark_invalid(key_id, reason)
+        runtime.suspect_key(backend, key_id, reason, OPENAI)  # out once a probe confirms
         return "key"
     if verdict is Verdict.KEY_LIMITED:
         ctx.attempt_failed(backend, key_id, "status_429")

@@ -25,6 +25,7 @@ from proxy.breaker import PROBE_TIMEOUT, Breaker
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
+from proxy.dialects import OPENAI, Dialect
 from proxy.keys import KeyPool, build_pools
 from proxy.objects import (
     MemoryObjects,
@@ -60,6 +61,8 @@ class RuntimeState:
     tasks: list[asyncio.Task[None]] = field(default_factory=list)  # background work
     # Unverified backends already logged as not answering: their coming back is logged too.
     unanswering: set[str] = field(default_factory=set)
+    # Confirming probes of refused keys: at most one per key (KeyPool.begin_confirm).
+    confirming: set[asyncio.Task[None]] = field(default_factory=set)
 
     def verified(self, backend: str) -> None:
         """``backend`` answered (a request, or the start-up check): /ready counts it."""
@@ -127,11 +130,47 @@ class Runtime:
 
     async def _stop_tasks(self) -> None:
         tasks = self.state.tasks
+        tasks.extend(self.state.confirming)
+        self.state.confirming.clear()
         for task in tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         tasks.clear()
+
+    def suspect_key(self, backend: str, key_id: str, reason: str, dialect: Dialect) -> None:
+        """The upstream refused ``key_id`` (``Verdict.KEY_REFUSED``): take it out only if a
+        probe with that key alone, ``GET /models`` with the dialect's auth, is refused too.
+        One probe per key at a time, with a deadline, one per ``CONFIRM_INTERVAL`` at most:
+        a client cannot make the proxy hammer the upstream, nor take a key out by sending
+        requests the upstream refuses for its own reasons."""
+        pool = self.pools[backend]
+        if not pool.begin_confirm(key_id):
+            return
+        task = asyncio.create_task(self._confirm_key(backend, key_id, reason, dialect))
+        self.state.confirming.add(task)
+        task.add_done_callback(self.state.confirming.discard)
+
+    async def _confirm_key(self, backend: str, key_id: str, reason: str, dialect: Dialect) -> None:
+        pool, upstream = self.pools[backend], self.upstreams[backend]
+        key = next(k for k in pool.keys if k.id == key_id)
+        try:
+            auth = dialect.upstream_auth(self.config.backends[backend], key.value)
+            status, body = await upstream.check_key(auth)
+            verdict = classify(status, body) if isinstance(status, int) else None
+            if verdict is Verdict.KEY_REFUSED:
+                pool.mark_invalid(key_id, f"{reason}; confirmed by GET /models ({status})")
+            else:  # it answers (or the check could not tell): the key stays
+                log.info(
+                    "backend %s: key %s refused once, but GET /models with it got %s: kept",
+                    backend,
+                    key_id,
+                    status,
+                )
+        except Exception:  # a bug must not leave the slot taken (it frees by time anyway)
+            log.exception("backend %s: confirming probe of key %s failed", backend, key_id)
+        finally:
+            pool.end_confirm(key_id)
 
     async def _probe_invalid_keys(self, backend: str) -> None:
         """Every ``key_probe_interval``: try each invalid key on ``GET /models``."""
@@ -198,11 +237,13 @@ class Runtime:
             try:
                 usable = pool.usable()
                 if usable:
-                    status, _ = await upstream.list_models(usable[0].value)
-                    verdict = classify(status) if isinstance(status, int) else None
+                    key = usable[0]
+                    auth = OPENAI.upstream_auth(self.config.backends[backend], key.value)
+                    status, body = await upstream.check_key(auth)  # a probe with that key alone
+                    verdict = classify(status, body) if isinstance(status, int) else None
                     if verdict is Verdict.KEY_REFUSED:
                         reason = f"{status} from upstream on GET /models"
-                        pool.mark_invalid(usable[0].id, reason)
+                        pool.mark_invalid(key.id, reason)
                     if verdict is not None and verdict is not Verdict.BACKEND_FAILED:
                         self.state.verified(backend)
                         return
@@ -328,6 +369,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
     unverified: set[str] = set()
+    multi_tenant = len(config.clients) > 1  # one client's failures must not shut it for others
     for name, backend in config.backends.items():
         before = old.backends.get(name) if old is not None else None
         if previous is not None and before is not None:
@@ -338,9 +380,13 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 breakers[name] = previous.breakers[name]
                 breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
                 breakers[name].probe_timeout = _probe_timeout(backend)
+                breakers[name].multi_tenant = multi_tenant
         upstreams.setdefault(name, Upstream(backend))
         if name not in breakers:  # a new backend, or a new URL: seen answering from scratch
-            breakers[name] = Breaker(name, backend.breaker, probe_timeout=_probe_timeout(backend))
+            timeout = _probe_timeout(backend)
+            breakers[name] = Breaker(
+                name, backend.breaker, probe_timeout=timeout, multi_tenant=multi_tenant
+            )
             unverified.add(name)
     discovered = {
         name: ids

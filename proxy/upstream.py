@@ -211,6 +211,28 @@ class Upstream:
             ids = []
         return 200, ids
 
+    async def check_key(self, auth: tuple[str, str]) -> tuple[int | str, bytes]:
+        """``GET {base_url}/models`` with one key's ``auth`` header (the dialect's): the
+        status (or why it could not be sent) and, for a refusal, its error body (capped),
+        so ``classify`` can tell a revoked key from one that lacks a scope."""
+        if self._session is None:
+            return "not started", b""
+        headers = {auth[0]: auth[1], "accept": "application/json"}
+        try:
+            async with self._session.get(
+                self.url("/models"),
+                headers={**self.extra_headers, **headers},
+                timeout=self._probe_timeout,
+                allow_redirects=False,
+            ) as response:
+                if response.status == 200:
+                    return 200, b""
+                return response.status, await self._read_capped(response, _CHECK_BODY_LIMIT)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            return _describe(exc), b""
+        except ProxyError:
+            return "error body too large", b""
+
     async def read_all(self, response: aiohttp.ClientResponse, limit: int) -> bytes:
         """The whole body of a response that is not streamed to the client, at most
         ``limit`` bytes (502 ``upstream_response_too_large`` beyond: never buffered whole)."""
@@ -234,6 +256,9 @@ class Upstream:
                 raise upstream_response_too_large(self.name, limit)
             chunks.append(chunk)
         return b"".join(chunks)
+
+
+_CHECK_BODY_LIMIT = 64 * 1024  # a refusal's error body, read to classify it
 
 
 def _describe(exc: BaseException) -> str:

@@ -22,6 +22,7 @@ throttle: {{reconnect: {{base: 2s, max: 8s}}}}
 clients:
   - {{id: team, key: "{CLIENT}", rate_limit: 10/minute, models: ["limit-*"]}}
   - {{id: ops, key: "{CLIENT}-ops"}}
+  - {{id: ops-2, key: "{CLIENT}-ops-2"}}
 backends:
   mock:
     base_url: {mock.url}/v1
@@ -100,8 +101,9 @@ def test_a_key_refused_on_one_replica_is_taken_out_on_the_other(replicas, upstre
 
 def test_a_circuit_opened_on_one_replica_is_open_on_the_other(replicas, upstream):
     a, b = replicas
-    for i in range(2):
-        assert post(a, f"fragile-{i}", status=503).status_code == 503
+    for i in range(2):  # two clients fail: one client's streak would be its own (issue 19)
+        key = (f"{CLIENT}-ops", f"{CLIENT}-ops-2")[i]
+        assert post(a, f"fragile-{i}", key=key, status=503).status_code == 503
     time.sleep(1.2)
     upstream.reset()
     refused = post(b, "fragile-x")

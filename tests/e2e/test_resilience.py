@@ -25,7 +25,10 @@ throttle:  # waits from the first failure: these tests look at one failure at a 
   reconnect: {{base: 1s, max: 60s, after: 1, min_failure_ratio: 0}}
 clients:
   - {{id: team-a, key: "{CLIENT_A}"}}
-  - {{id: team-b, key: "{CLIENT_B}", rate_limit: 3/minute, models: ["kimi-*", "storm-*"]}}
+  - id: team-b
+    key: "{CLIENT_B}"
+    rate_limit: 3/minute
+    models: ["kimi-*", "storm-*", "breaker-*"]
 backends:
   mock:
     base_url: {mock.url}/v1
@@ -207,9 +210,11 @@ def test_when_every_key_is_refused_the_backend_answers_503_naming_why(proxy, ups
 
 
 def test_circuit_opens_after_n_failures_and_half_opens_after_the_cooldown(proxy, upstream):
-    # Different models, so the reconnect throttle (per client and model) stays out of it.
-    for i in range(3):
-        assert post(proxy, {"model": f"breaker-{i}", "mock": {"status": 500}}).status_code == 500
+    # Different models, so the reconnect throttle (per client and model) stays out of it;
+    # two clients, since one client's streak is its own (issue 19).
+    for i, key in enumerate((CLIENT_A, CLIENT_B, CLIENT_A)):
+        body = {"model": f"breaker-{i}", "mock": {"status": 500}}
+        assert post(proxy, body, key=key).status_code == 500
     refused = post(proxy, {"model": "breaker-x"})
     assert refused.status_code == 503
     assert error_code(refused) == "backend_unavailable"

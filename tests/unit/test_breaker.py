@@ -162,3 +162,73 @@ def test_failures_from_two_clients_open_it_whoever_succeeded() -> None:
     for client in ("a", "b", "a"):
         breaker.failure(client)
     assert breaker.state == "open"
+
+
+def tenants(clock: Clock) -> Breaker:
+    config = BreakerConfig(failures=3, min_open=1.0, max_open=4.0)
+    return Breaker("b", config, clock=clock, probe_timeout=10.0, multi_tenant=True)
+
+
+def test_several_tenants_one_clients_streak_never_opens_it_in_a_quiet_moment() -> None:
+    """Issue 19: nobody else succeeded lately, 3 failures from A, then A failing every
+    0.5 s: the circuit stays closed for B (A's own reconnect throttle slows A down)."""
+    clock = Clock()
+    b = tenants(clock)
+    for _ in range(80):  # 40 s of A failing twice a second
+        b.failure("team-a")
+        clock.now += 0.5
+    assert b.state == CLOSED and b.admit("team-b") == 0
+
+
+def test_several_tenants_two_failing_clients_open_it() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    assert b.state == OPEN
+
+
+def test_the_half_open_probe_is_never_the_failing_clients_own() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 1.0
+    assert b.state == HALF_OPEN
+    assert b.admit("team-a") > 0  # its failures are the streak: it may not probe
+    assert b.admit("team-b") == 0  # another client probes
+    b.success("team-b")
+    assert b.state == CLOSED and b.admit("team-a") == 0
+
+
+def test_the_failing_clients_may_probe_again_by_time_alone() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 10.0  # refused, they failed no more: SOLO_WINDOW later they may probe
+    assert b.admit("team-a") == 0
+
+
+def test_on_probation_one_clients_failure_does_not_reopen_it_for_everyone() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 1.0
+    assert b.admit() == 0  # the proxy's own background probe
+    b.probe_succeeded()
+    b.failure("team-a")
+    assert b.state == CLOSED and b.admit("team-b") == 0
+    b.failure("team-c")  # a second client fails too: the backend does
+    assert b.state == OPEN
+
+
+def test_an_open_proxy_is_one_tenant_and_still_protects_the_upstream() -> None:
+    clock = Clock()
+    b = breaker(clock)  # multi_tenant=False: no clients configured
+    for _ in range(3):
+        b.failure("127.0.0.1")
+    assert b.state == OPEN
+    clock.now += 1.0
+    assert b.admit("127.0.0.1") == 0  # the one tenant may probe

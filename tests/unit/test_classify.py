@@ -27,9 +27,32 @@ def error(type_: str | None = None, code: str | None = None) -> bytes:
         (401, b"", Verdict.KEY_REFUSED),  # 401 is always about the credentials
         (401, b"not json", Verdict.KEY_REFUSED),
         # A 403 about a model, a path or a permission is the client's, not the key's...
-        (403, error("invalid_request_error", "model_not_found"), Verdict.CLIENT_ERROR),
-        (403, error("permission_error"), Verdict.CLIENT_ERROR),
+        (403, error("invalid_request_error", "model_not_found"), Verdict.KEY_LACKS_SCOPE),
+        (403, error("permission_error"), Verdict.KEY_LACKS_SCOPE),
         (403, b"<html>Forbidden</html>", Verdict.CLIENT_ERROR),
+        # A 401 about a scope or a permission: the key is fine, the request is outside it.
+        (401, error("invalid_request_error", "missing_scope"), Verdict.KEY_LACKS_SCOPE),
+        (
+            401,
+            b'{"error": {"message": "You have insufficient permissions for this operation. '
+            b'Missing scopes: api.batch.write.", "type": "invalid_request_error"}}',
+            Verdict.KEY_LACKS_SCOPE,
+        ),
+        (
+            403,
+            b'{"type": "error", "error": {"type": "permission_error", '
+            b'"message": "Your API key does not have permission to use the specified resource."}}',
+            Verdict.KEY_LACKS_SCOPE,
+        ),
+        (401, error("invalid_request_error", "invalid_api_key"), Verdict.KEY_REFUSED),
+        (
+            401,
+            b'{"type": "error", "error": {"type": "authentication_error", '
+            b'"message": "invalid x-api-key"}}',
+            Verdict.KEY_REFUSED,
+        ),
+        # A revoked key's answer wins over words about permissions.
+        (401, error("api_key_revoked", "missing_scope"), Verdict.KEY_REFUSED),
         # ...unless it says the key is bad.
         (403, error("invalid_request_error", "api_key_revoked"), Verdict.KEY_REFUSED),
         (403, error("authentication_error"), Verdict.KEY_REFUSED),

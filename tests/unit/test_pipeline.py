@@ -59,9 +59,16 @@ class FakeUpstream:
     url: str = ""
     answer: Answer | None = None
     seen: list[Seen] = field(default_factory=list)
+    refused_keys: set[str] = field(default_factory=set)  # GET /models with them: 401
+    probes: list[str] = field(default_factory=list)  # the authorization of each GET
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
         if request.method == "GET":  # the runtime's start-up check and probes
+            auth = request.headers.get("authorization", "")
+            self.probes.append(auth)
+            if auth.removeprefix("Bearer ") in self.refused_keys:
+                error = {"message": "Incorrect API key", "code": "invalid_api_key"}
+                return web.json_response({"error": error}, status=401)
             return web.json_response({"object": "list", "data": [{"id": "m-1"}]})
         seen = Seen(request.path, request.headers.get("authorization", ""), await request.json())
         self.seen.append(seen)
@@ -206,10 +213,16 @@ def test_a_refused_key_is_taken_out_and_the_client_gets_503_no_usable_key() -> N
 
     async def scenario(fake: FakeUpstream) -> None:
         fake.answer = answer
+        fake.refused_keys = {KEY_1}  # really revoked: the confirming probe is refused too
         async with proxy_in_front_of(fake) as client:
             first = await client.post("/v1/chat/completions", json=chat("lone-1"))
-            second = await client.post("/v1/chat/completions", json=chat("lone-1"))
             states = await key_states(client, "lone")
+            for _ in range(100):  # the confirming probe runs in the background
+                if states["kl"]["state"] == "invalid":
+                    break
+                await asyncio.sleep(0.02)
+                states = await key_states(client, "lone")
+            second = await client.post("/v1/chat/completions", json=chat("lone-1"))
         for response in (first, second):
             assert response.status_code == 503  # never the upstream's 401: the client's key is fine
             assert response.json()["error"]["code"] == "no_usable_key"
@@ -218,7 +231,77 @@ def test_a_refused_key_is_taken_out_and_the_client_gets_503_no_usable_key() -> N
         assert KEY_1 not in first.text + second.text
         assert states["kl"]["state"] == "invalid"
         assert str(states["kl"]["last_error"]).startswith("401 from upstream: Incorrect API key")
+        assert "confirmed by GET /models (401)" in str(states["kl"]["last_error"])
         assert len(fake.posts()) == 1  # the second request never reached the upstream
+
+    run(scenario)
+
+
+MISSING_SCOPE = {
+    "error": {
+        "message": "You have insufficient permissions for this operation. Missing scopes: "
+        "api.batch.write.",
+        "type": "invalid_request_error",
+        "param": None,
+        "code": "missing_scope",
+    }
+}
+
+
+def test_a_missing_scope_401_is_relayed_and_changes_no_key() -> None:
+    """The issue's attack: one client's request outside a restricted key's scopes. Before,
+    both keys were marked invalid (the retry burnt the second) and everyone got 503."""
+
+    async def answer(request: web.Request, seen: Seen) -> web.StreamResponse:
+        if seen.body.get("scoped"):
+            return web.json_response(MISSING_SCOPE, status=401)
+        return web.json_response(CHAT_ANSWER)
+
+    async def scenario(fake: FakeUpstream) -> None:
+        fake.answer = answer
+        async with proxy_in_front_of(fake) as client:
+            refused = await client.post("/v1/chat/completions", json=chat("m-1") | {"scoped": 1})
+            await asyncio.sleep(0.1)  # a probe, if one were started, would be done
+            states = await key_states(client, "main")
+            others = [await client.post("/v1/chat/completions", json=chat("m-1")) for _ in "ab"]
+        assert refused.status_code == 401
+        assert refused.json() == MISSING_SCOPE  # the upstream's answer, unchanged
+        assert [r.status_code for r in others] == [200, 200]
+        assert {r.headers["x-proxy-key"] for r in others} == {"k1", "k2"}  # both still serve
+        assert [states[k]["state"] for k in ("k1", "k2")] == ["ok", "ok"]
+        assert [states[k]["last_error"] for k in ("k1", "k2")] == [None, None]
+        assert len(fake.posts()) == 3  # no retry on the second key, no fallback
+        assert f"Bearer {KEY_2}" not in fake.probes  # and no confirming probe either
+
+    run(scenario)
+
+
+def test_a_401_the_probe_does_not_confirm_changes_no_key() -> None:
+    """A 401 that says "invalid key" while the key itself answers GET /models: the request
+    is retried once on the other key; the first key stays in rotation; a second such 401
+    within the interval starts no second probe."""
+
+    async def answer(request: web.Request, seen: Seen) -> web.StreamResponse:
+        if seen.authorization == f"Bearer {KEY_1}" and seen.body.get("poison"):
+            error = {"message": "Incorrect API key", "code": "invalid_api_key"}
+            return web.json_response({"error": error}, status=401)
+        return web.json_response(CHAT_ANSWER)
+
+    async def scenario(fake: FakeUpstream) -> None:
+        fake.answer = answer
+        async with proxy_in_front_of(fake) as client:
+            await asyncio.sleep(0.05)  # the start-up check's GET is done
+            before = len(fake.probes)
+            answers = []
+            for _ in range(4):
+                answers.append(
+                    await client.post("/v1/chat/completions", json=chat("m-1") | {"poison": 1})
+                )
+                await asyncio.sleep(0.05)
+            states = await key_states(client, "main")
+        assert [r.status_code for r in answers] == [200] * 4
+        assert [states[k]["state"] for k in ("k1", "k2")] == ["ok", "ok"]
+        assert fake.probes[before:] == [f"Bearer {KEY_1}"]  # one probe, that key alone
 
     run(scenario)
 

@@ -20,7 +20,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from proxy.breaker import Breaker, BreakerState
 from proxy.config import BreakerConfig, Config, ReconnectConfig, ThrottleConfig, parse_config
-from proxy.keys import INVALID_MAX, KeyPool, KeyState, NoUsableKey
+from proxy.keys import (
+    CONFIRM_INTERVAL,
+    CONFIRM_TIMEOUT,
+    INVALID_MAX,
+    KeyPool,
+    KeyState,
+    NoUsableKey,
+)
 from proxy.shared import _valid_time
 from proxy.throttle import Outcome, Throttle, _valid_wait, make_storage
 
@@ -129,6 +136,64 @@ TestBreakerMachine = BreakerMachine.TestCase
 TestBreakerMachine.settings = SETTINGS
 
 
+# ---------------------------------------------------------------- one client, others' admission
+
+
+class TenantsMachine(RuleBasedStateMachine):
+    """Several tenants: whatever client A does (fail, succeed, take and drop probe slots,
+    over any time), client B, whose requests succeed, and the proxy's own background probe
+    (the backend answers it) are always admitted: B's admission never depends on A."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        config = BreakerConfig(3, 1.0, 8.0)
+        self.breaker = Breaker("b", config, clock=self.clock, probe_timeout=5, multi_tenant=True)
+        self.ticket: int | None = None
+
+    @rule()
+    def a_fails(self) -> None:
+        self.breaker.failure("a")
+
+    @rule()
+    def a_succeeds(self) -> None:
+        self.breaker.success("a")
+
+    @rule()
+    def a_asks(self) -> None:
+        probing = self.breaker.is_open
+        if self.breaker.admit("a") == 0 and probing:
+            self.ticket = self.breaker.probe_ticket
+
+    @rule(abandon=st.booleans())
+    def a_drops_its_probe(self, abandon: bool) -> None:
+        if not abandon:
+            self.breaker.release(self.ticket)
+        self.ticket = None
+
+    @rule()
+    def the_proxys_probe_answers(self) -> None:
+        if self.breaker.is_open and self.breaker.admit() == 0:
+            self.breaker.probe_succeeded()
+
+    @rule(step=CLOCK_STEPS)
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule(step=st.floats(min_value=0.0, max_value=2.0))
+    def a_moment_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @invariant()
+    def b_is_admitted_and_served(self) -> None:
+        assert self.breaker.admit("b") == 0
+        assert self.breaker.state is BreakerState.CLOSED
+
+
+TestTenantsMachine = TenantsMachine.TestCase
+TestTenantsMachine.settings = SETTINGS
+
+
 # ---------------------------------------------------------------- key pool
 
 POOL_CONFIG = """
@@ -157,6 +222,7 @@ class KeyPoolMachine(RuleBasedStateMachine):
         super().__init__()
         self.clock = Clock()
         self.pool = key_pool(self.clock, 300.0)
+        self.confirming: set[str] = set()
 
     @rule()
     def pick(self) -> None:
@@ -173,6 +239,21 @@ class KeyPoolMachine(RuleBasedStateMachine):
     @rule(key=KEY_IDS)
     def refused(self, key: str) -> None:
         self.pool.mark_invalid(key, "401")
+
+    @rule(key=KEY_IDS)
+    def refused_once_and_a_confirming_probe_starts(self, key: str) -> None:
+        # A refusal alone changes no state: only a probe's confirmation (mark_invalid) does.
+        before = self.pool.state_of(key)
+        started = self.pool.begin_confirm(key)
+        assert self.pool.state_of(key) is before
+        if started:
+            assert not self.pool.begin_confirm(key)  # one probe per key at a time
+            self.confirming.add(key)
+
+    @rule(key=KEY_IDS)
+    def the_confirming_probe_ends(self, key: str) -> None:
+        self.pool.end_confirm(key)
+        self.confirming.discard(key)
 
     @rule(key=KEY_IDS)
     def probe_succeeded(self, key: str) -> None:
@@ -197,6 +278,9 @@ class KeyPoolMachine(RuleBasedStateMachine):
         self.clock.now += max(self.pool.max_cooldown, INVALID_MAX)
         for key in ("one", "two"):
             assert self.pool.state_of(key) is KeyState.OK
+            # A confirming probe that never reported back frees its slot by time alone.
+            assert self.pool.health[key].confirm_free_at <= self.clock.now
+        self.confirming.clear()
         assert self.pool.state_of("gone") is KeyState.MISSING  # configuration, not failure
 
     @invariant()
@@ -206,6 +290,9 @@ class KeyPoolMachine(RuleBasedStateMachine):
             left = self.pool.cooldown_left(key)
             assert math.isfinite(left) and 0 <= left <= self.pool.max_cooldown
         assert self.pool.state_of("gone") is KeyState.MISSING
+        for key in ("one", "two"):  # a probe slot is bounded: deadline plus interval
+            left = self.pool.health[key].confirm_free_at - self.clock.now
+            assert left <= CONFIRM_TIMEOUT + CONFIRM_INTERVAL
         self.pool.missing_hint()  # the operator's text never raises
 
 

@@ -1,0 +1,64 @@
+"""Issue 19: one client failing in a quiet moment never makes another client's request fail."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import MockUpstream, ProxyProcess, start_proxy
+
+KEY = "sk-fair-breaker-0000000001"
+TEAM_A, TEAM_B = "ck-team-a-0123456789", "ck-team-b-0123456789"
+
+
+def config(mock: MockUpstream) -> str:
+    return f"""
+throttle: {{reconnect: {{enabled: false}}}}
+clients:
+  - {{id: team-a, key: "{TEAM_A}"}}
+  - {{id: team-b, key: "{TEAM_B}"}}
+backends:
+  mock:
+    base_url: {mock.url}/v1
+    keys: [{{id: main, key: "{KEY}"}}]
+    breaker: {{failures: 3, min_open: 2s, max_open: 10s}}
+routes:
+  - {{prefix: "", backend: mock}}
+"""
+
+
+@pytest.fixture
+def proxy(upstream: MockUpstream, tmp_path) -> ProxyProcess:
+    process = start_proxy(config(upstream), tmp_path)
+    yield process
+    process.stop()
+
+
+def post(proxy: ProxyProcess, client: str, **mock) -> httpx.Response:
+    body = {"model": "m", "messages": [], **({"mock": mock} if mock else {})}
+    headers = {"authorization": f"Bearer {client}"}
+    return httpx.post(f"{proxy.base_url}/chat/completions", json=body, headers=headers, timeout=10)
+
+
+def test_one_clients_failures_in_a_quiet_moment_never_refuse_another_client(proxy):
+    # A quiet moment: nobody has succeeded lately. Three failures from team-a...
+    assert [post(proxy, TEAM_A, status=500).status_code for _ in range(3)] == [500] * 3
+    # ...then team-a failing every 0.5 s while team-b works: team-b is always served.
+    served = []
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        assert post(proxy, TEAM_A, status=500).status_code == 500  # its own answer
+        served.append(post(proxy, TEAM_B).status_code)
+        time.sleep(0.5)
+    assert served and set(served) == {200}
+    assert "circuit open" not in proxy.log()
+
+
+def test_failures_from_two_clients_still_open_it(proxy):
+    for client in (TEAM_A, TEAM_B, TEAM_A):
+        assert post(proxy, client, status=500).status_code == 500
+    refused = post(proxy, TEAM_B)
+    assert refused.status_code == 503
+    assert refused.json()["error"]["code"] == "backend_unavailable"
