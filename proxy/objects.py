@@ -25,7 +25,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeGuard, TypeVar
 
 import orjson
@@ -46,6 +46,7 @@ _MAX_PARTS = 16  # content parts looked at per message
 _MAX_SEGMENTS = 12  # path segments looked at
 _MAX_NAME = 256  # backend names and key ids read back from Redis
 _SEP = "\x1f"  # between backend and key id in a Redis value; config names never hold it
+_MAX_LINES = 999_999_999  # a batch file's line count, as stored (OpenAI's cap is 50,000)
 
 # An object id: OpenAI's are `file-…`, `resp_…`, `chatcmpl-…`, `ftjob-…`; at most 128 chars.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{2,127}")
@@ -357,6 +358,9 @@ def _loads_dict(data: bytes) -> dict[str, Any] | None:
 class Placement:
     backend: str
     key_id: str
+    # --- batch files (issue 19): the requests a `purpose: batch` file holds, counted as
+    # it was uploaded; what a batch made from it costs. Not part of where it lives.
+    lines: int | None = field(default=None, compare=False)
 
 
 def known_placements(keys: Mapping[str, Iterable[str]]) -> frozenset[Placement]:
@@ -368,8 +372,11 @@ def known_placements(keys: Mapping[str, Iterable[str]]) -> frozenset[Placement]:
 class ObjectStore(Protocol):
     errors: int  # failed storage calls since the metrics loop last took them
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
-        """Record that ``ids`` live on ``backend`` under ``key_id``; never raises."""
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, lines: int | None = None
+    ) -> None:
+        """Record that ``ids`` live on ``backend`` under ``key_id`` (a batch file: with
+        its ``lines``); never raises."""
 
     async def lookup(
         self, ids: Sequence[str], known: Collection[Placement] | None = None
@@ -428,10 +435,12 @@ class MemoryObjects:
     def __len__(self) -> int:
         return len(self._entries)
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, lines: int | None = None
+    ) -> None:
         now = self._clock()
         self._purge(now)
-        placement = Placement(backend, key_id)
+        placement = Placement(backend, key_id, lines)
         entries = self._entries
         for object_id in ids[:MAX_IDS]:
             entries[object_id] = (placement, now)
@@ -528,10 +537,14 @@ class RedisObjects:
     def errors(self, value: int) -> None:
         self._complaints.errors = value
 
-    async def remember(self, ids: Sequence[str], backend: str, key_id: str) -> None:
+    async def remember(
+        self, ids: Sequence[str], backend: str, key_id: str, lines: int | None = None
+    ) -> None:
         if not ids or not _storable_name(backend) or not _storable_name(key_id):
             return
         value = f"{backend}{_SEP}{key_id}"
+        if lines is not None:  # batch files: a third field
+            value += f"{_SEP}{min(max(lines, 0), _MAX_LINES)}"
         seconds = max(1, int(self.ttl))
 
         async def write() -> None:
@@ -569,16 +582,19 @@ def _storable_name(name: str) -> bool:
 
 def _placement_of(raw: object) -> Placement | None:
     """A value read back from Redis, written by us or by anyone: None unless well-formed."""
-    if not isinstance(raw, bytes) or len(raw) > 2 * _MAX_NAME + 1:
+    if not isinstance(raw, bytes) or len(raw) > 2 * _MAX_NAME + 2 + len(str(_MAX_LINES)):
         return None
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         return None
     backend, sep, key_id = text.partition(_SEP)
+    key_id, lines_sep, lines = key_id.partition(_SEP)  # batch files: their line count
     if not sep or not _storable_name(backend) or not _storable_name(key_id):
         return None
-    return Placement(backend, key_id)
+    if lines_sep and not (lines.isascii() and lines.isdigit() and len(lines) <= 9):
+        return None
+    return Placement(backend, key_id, int(lines) if lines_sep else None)
 
 
 def make_object_store(
@@ -621,10 +637,15 @@ async def record_created(
     payload: Mapping[str, Any] | None,
     backend: str,
     key_id: str,
+    lines: int | None = None,
 ) -> list[str]:
     """Remember the objects a JSON answer created where it came from (the backend and key
-    that answered: a fallback's, when it came to that); the ids recorded."""
+    that answered: a fallback's, when it came to that), a batch file's ``lines`` with it;
+    the ids recorded."""
     ids = created_ids(path, method, status, body, payload)
     if ids:
-        await store.remember(ids, backend, key_id)
+        if lines is None:
+            await store.remember(ids, backend, key_id)
+        else:
+            await store.remember(ids, backend, key_id, lines)
     return ids
