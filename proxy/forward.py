@@ -575,7 +575,11 @@ async def check_batch_lines(
     assert upload.boundary is not None
     upload.peek = lines  # from here on, its count is the file's
     await upload.filter_with(BatchFilter(upload.boundary, lines), runtime.router.renames)
-    return dataclasses.replace(target, fallbacks=())
+    key = target.pinned_key
+    rule = runtime.router.path_rule("/files")
+    if key is None and rule is not None and rule.backend == target.backend:
+        key = rule.pinned_key  # `paths: /files` names the key files go with
+    return dataclasses.replace(target, fallbacks=(), pinned_key=key)
 
 
 def batch_requests(parts: RequestParts) -> int | None:

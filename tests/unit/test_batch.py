@@ -66,7 +66,7 @@ BAD = line(1, "cheap-mini") + line(2, "gpt-4o-expensive") + line(3, "cheap")
 
 def test_an_alias_is_rewritten_and_every_other_byte_is_sent_as_it_came() -> None:
     sent, lines = run(form(GOOD), [])
-    first, second, blank, third = GOOD.split(b"\n")
+    first, _second, blank, third = GOOD.split(b"\n")
     expected = form(
         first + b"\n" + line(2, "cheap-mini-2024") + blank + b"\n" + third
     )  # the alias's line re-serialised; the others, the blank one, the last without \n: same
