@@ -6,6 +6,8 @@ costs its lines against the client's rate limit."""
 from __future__ import annotations
 
 import hashlib
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -15,8 +17,8 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import ProxyProcess, start_proxy
-from tests.e2e.test_resources import KEY_1, ResourceUpstream
+from tests.conftest import ProxyProcess, rss_kb, start_proxy
+from tests.e2e.test_resources import KEY_1, ResourceUpstream, _peak_rss
 
 TEAM_A = "team-a-key-0123456789"
 TEAM_B = "team-b-key-0123456789"
@@ -209,3 +211,64 @@ def test_a_batch_purpose_sent_after_its_file_is_refused(proxy: ProxyProcess) -> 
     assert answer.status_code == 400
     assert answer.json()["error"]["code"] == "invalid_batch_file"
     assert "comes after the file" in answer.json()["error"]["message"]
+
+
+@pytest.mark.serial  # RSS of one process under a 100 MB transfer: alone, not beside others
+def test_a_100_mb_batch_file_streams_with_flat_memory_and_every_line_rewritten(
+    proxy: ProxyProcess, resources: ResourceUpstream
+) -> None:
+    resources.forget()
+    padding = "x" * 2000
+    lines = 50_000  # OpenAI's most per batch file
+    file_size = [0]
+
+    def upload() -> Iterator[bytes]:
+        yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
+        for start in range(0, lines, 500):
+            piece = b"".join(
+                orjson.dumps(
+                    {
+                        "custom_id": f"q{n}",
+                        "method": "POST",
+                        "url": "/v1/chat/completions",
+                        "body": {
+                            "model": "cheap-fast",
+                            "messages": [{"role": "user", "content": padding}],
+                        },
+                    }
+                )
+                + b"\n"
+                for n in range(start, start + 500)
+            )
+            file_size[0] += len(piece)
+            yield piece
+        yield b"\r\n--xx--\r\n"
+
+    pid = proxy.process.pid
+    before = rss_kb(pid)
+    peak = [before]
+    stop = threading.Event()
+    watcher = threading.Thread(target=_peak_rss, args=(pid, stop, peak))
+    watcher.start()
+    started = time.monotonic()
+    try:
+        answer = httpx.post(
+            f"{proxy.base_url}/files",
+            content=upload(),
+            headers={
+                "content-type": "multipart/form-data; boundary=xx",
+                "authorization": f"Bearer {TEAM_A}",
+            },
+            timeout=120,
+        )
+    finally:
+        stop.set()
+        watcher.join()
+    took = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    (seen,) = file_uploads(resources)
+    renamed = len("gpt-4o-mini-2024-07-18") - len("cheap-fast")
+    assert seen["size"] == answer.json()["bytes"] == file_size[0] + lines * renamed  # each line
+    assert (peak[0] - before) < 30 * 1024, (before, peak[0])
+    print(f"100 MB batch file: {took:.1f} s, RSS +{(peak[0] - before) // 1024} MiB")
