@@ -17,7 +17,7 @@ import re
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
-from typing import IO, Any, ClassVar
+from typing import IO, Any, ClassVar, Protocol
 
 import orjson
 
@@ -196,19 +196,33 @@ class Upload:
         self.started = False  # bytes of it went upstream
         self.failure: ProxyError | ClientGone | None = None  # why sending it stopped
         self.done = asyncio.Event()  # set with the last byte: disconnects may be watched
+        self.boundary: bytes | None = None
+        self.peek: Peek | None = None  # what read the head besides the form's parser
+        # A batch file's lines are checked on the way out (``proxy.batch``): the filter,
+        # or, for an upload held whole, the checked bytes ready to send.
+        self._filter: OutFilter | None = None
+        self._may_change = False  # the filter may change the length: sent chunked
+        self._prepared: bytes | None = None
 
     @property
     def replayable(self) -> bool:
         """Can be sent (again) to another key or backend: nothing sent yet, or all held."""
         return not self.started or self._head.whole
 
-    async def read_head(self, boundary: bytes | None, model_optional: bool) -> None:
+    async def read_head(
+        self, boundary: bytes | None, model_optional: bool, peek: Peek | None = None
+    ) -> None:
         """Read up to the form's model (or its first file, when the path can route without
-        one; or its end), then on while the head stays small: a small upload is held whole."""
-        scan = self._scan = _FormScan(boundary) if boundary is not None else None
+        one; or its end; with ``peek``, until it has decided too), then on while the head
+        stays small: a small upload is held whole."""
+        self.boundary, self.peek = boundary, peek
+        scan = self._scan = _FormScan(boundary, peek) if boundary is not None else None
         try:
             while not self.complete:
-                if scan is not None and not scan.decided(model_optional):
+                if scan is not None and (
+                    not scan.decided(model_optional)
+                    or (peek is not None and not peek.decided and not scan.ended)
+                ):
                     chunk = await self._next()
                     self._feed(chunk)
                     if scan.model is not None and self.model is None:
@@ -227,7 +241,9 @@ class Upload:
 
     def length_for(self, model: str | None) -> int | None:
         """The Content-Length sent upstream: the client's, changed by the model's length."""
-        if self.declared is None:
+        if self._prepared is not None:
+            return len(self._prepared)
+        if self.declared is None or self._may_change:
             return None
         replacement = self._replacement(model)
         if not replacement:
@@ -239,17 +255,40 @@ class Upload:
         """The body as sent upstream: the head (the model field's value replaced by
         ``model``), then the rest as the client sends it."""
         self.started = True
-        async for piece in self._head.pieces(self._span, self._replacement(model)):
-            yield piece
-        self._release_budget()
-        while not self.complete:
-            try:
+        if self._prepared is not None:
+            yield self._prepared
+            return
+        out = self._filter
+        try:
+            async for piece in self._head.pieces(self._span, self._replacement(model)):
+                piece = piece if out is None else out.feed(piece)
+                if piece:  # never an empty chunk: chunked encoding would read its end
+                    yield piece
+            self._release_budget()
+            while not self.complete:
                 chunk = await self._next()
                 self._feed(chunk)  # a second model field is refused, even past the head
-            except (ProxyError, ClientGone) as exc:
-                self.failure = exc
-                raise
-            yield chunk
+                chunk = chunk if out is None else out.feed(chunk)
+                if chunk:
+                    yield chunk
+            tail = b"" if out is None else out.finish()
+        except (ProxyError, ClientGone) as exc:
+            # Raised before the last byte went: the upstream never has the whole body.
+            self.failure = exc
+            raise
+        if tail:
+            yield tail
+
+    async def filter_with(self, out: OutFilter, may_change: bool) -> None:
+        """Send the body through ``out`` (a batch file's line check). An upload held whole
+        is checked now, before anything is sent, and keeps its exact length; one still
+        arriving is checked as it goes, sent chunked when ``out`` may change its length."""
+        if not self._head.whole:
+            self._filter, self._may_change = out, may_change
+            return
+        pieces = [out.feed(piece) async for piece in self._head.pieces(self._span, b"")]
+        pieces.append(out.finish())
+        self._prepared = b"".join(pieces)
 
     def close(self) -> None:
         self._release_budget()
@@ -401,12 +440,40 @@ _MEDIA_TYPE = re.compile(rb"[ \t]*[A-Za-z0-9!#$&^_.+/-]+[ \t]*")
 _ESCAPE = re.compile(rb"\\(.)")
 
 
+class OutFilter(Protocol):
+    """Bytes of a body in, the bytes to send out (``proxy.batch.BatchFilter``)."""
+
+    def feed(self, chunk: bytes) -> bytes: ...
+    def finish(self) -> bytes: ...
+
+
+class PartSink(Protocol):
+    """Told every byte a ``_FormScan`` consumed, in order, split by meaning: a form's
+    structure (boundaries, part headers) and each part's value. A batch file's lines are
+    checked (and rewritten) this way, by the same parser that checks the form."""
+
+    def raw(self, data: bytes) -> None: ...
+    def part_start(self, name: bytes | None, is_file: bool) -> None: ...
+    def data(self, data: bytes) -> None: ...
+    def part_end(self) -> None: ...
+
+
+class Peek(PartSink, Protocol):
+    """A sink that says when it has seen enough of the head (a batch file's first line)."""
+
+    @property
+    def decided(self) -> bool: ...
+
+
 class _FormScan:
     """Finds a multipart form's ``model`` field as the bytes come in, and notes its first
     file part. Holds back only what a decision needs: a part's headers, the model's value
     and the last few bytes that may begin a boundary."""
 
-    def __init__(self, boundary: bytes) -> None:
+    def __init__(self, boundary: bytes, sink: PartSink | None = None) -> None:
+        self._sink = sink
+        self._data_end = 0  # where the last "data" step's value ended in its buffer
+        self._part: tuple[bytes | None, bool] = (None, False)  # the part's name, is a file
         self._first = b"--" + boundary
         self._delimiter = b"\r\n--" + boundary
         self._state = "preamble"
@@ -430,12 +497,33 @@ class _FormScan:
         buffer = self._buffer + chunk
         at = 0
         while not self.ended:
+            state = self._state
             moved = self._step(buffer, at)
             if moved is None:
                 break
+            if self._sink is not None:
+                self._tell(self._sink, state, buffer, at, moved)
             at = moved
         self._offset += at
         self._buffer = buffer[at:]
+
+    def rest(self) -> bytes:
+        """The bytes fed but not consumed (after the form's end: its epilogue), handed
+        over once."""
+        rest, self._buffer = self._buffer, b""
+        return rest
+
+    def _tell(self, sink: PartSink, state: str, buffer: bytes, at: int, moved: int) -> None:
+        if state != "data":
+            sink.raw(buffer[at:moved])
+            if state == "headers":
+                sink.part_start(*self._part)
+            return
+        end = self._data_end
+        sink.data(buffer[at:end])
+        if end < moved:  # the delimiter: the part is over
+            sink.part_end()
+            sink.raw(buffer[end:moved])
 
     def _step(self, buffer: bytes, at: int) -> int | None:
         """One state's work from ``at``; the new position, or None when more bytes are
@@ -478,7 +566,10 @@ class _FormScan:
                 if len(buffer) - at > _MODEL_FIELD_LIMIT:
                     raise _bad_model()
                 return None
-            return self._wait(buffer, at, len(self._delimiter) - 1)
+            skip = self._wait(buffer, at, len(self._delimiter) - 1)
+            self._data_end = at if skip is None else skip
+            return skip
+        self._data_end = found
         if self._in_model:
             self._end_model(buffer[at:found], self._offset + at)
         self._state = "after_boundary"
@@ -506,6 +597,7 @@ class _FormScan:
             raise _bad_form("a part's name is not one plain name parameter")
         is_file = any(key in (b"filename", b"filename*") for key, _ in params)
         self.file_seen = self.file_seen or is_file
+        self._part = (names[0] if names else None, is_file)
         is_model = not is_file and names == [b"model"]
         if is_model and (self.model is not None or self._in_model):
             raise _bad_form("the model field is given twice")

@@ -25,6 +25,7 @@ import orjson
 
 from proxy import errors, metrics
 from proxy.access_log import AccessLog
+from proxy.batch import BatchFilter, BatchLines
 from proxy.bodies import (
     FORM,
     JSON_TYPES,
@@ -185,8 +186,19 @@ async def read_request(runtime: Runtime, scope: Scope, receive: Receive, path: s
         model_optional = runtime.router.path_rule(path) is not None or path.startswith(
             FORMS_WITHOUT_MODEL
         )
-        await upload.read_head(form_boundary(headers), model_optional)
-        return RequestParts(method, path, query, headers, {}, b"", upload.model or "", upload)
+        # A batch file is routed by its lines' model: the head is read to its first line.
+        peek = BatchLines(server.max_body_size) if path == "/files" else None
+        await upload.read_head(form_boundary(headers), model_optional, peek)
+        form_model = upload.model or ""
+        if peek is not None and peek.is_batch:
+            if upload.model is not None:
+                raise errors.bad_request(
+                    "A batch file's form has no model field: each line names its own.",
+                    param="model",
+                    code="invalid_batch_file",
+                )
+            form_model = peek.first_model or ""
+        return RequestParts(method, path, query, headers, {}, b"", form_model, upload)
     body = await read_whole(scope, receive, server.max_body_size, server.max_buffered_bodies)
     if path.startswith("/models/"):
         model = checked_model(path.removeprefix("/models/"))
@@ -254,11 +266,16 @@ async def forward(
     if ids:
         target = await stick_to_objects(runtime, ids, target, client)
     ctx.routed(target)
-    if model:
+    batch_file = batch_upload(parts)
+    if batch_file is not None:
+        # Every line checked as the request it is, line 1's model included.
+        target = await check_batch_lines(runtime, client, batch_file, target)
+    elif model:
         runtime.auth.check_model(client, model, target.model)
+    cost = await batch_cost(runtime, client, parts) if parts.path == "/batches" else 1
 
     # throttle
-    await admit_client(runtime, ctx, client, target.model or parts.path)
+    await admit_client(runtime, ctx, client, target.model or parts.path, cost)
     ctx.admitted(target)
 
     # key → upstream, with retries on another key and fallbacks
@@ -448,6 +465,7 @@ class _Relay:
                 self.backend,
                 self.delivery.key_id,
                 self.owner,
+                lines=batch_requests(parts),
             )
             if self.client is not None and is_owned_list(parts.path, parts.method):
                 data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
@@ -586,12 +604,16 @@ def routed_model(runtime: Runtime, model: str, dialect: Dialect = OPENAI) -> Tar
 
 
 async def admit_client(
-    runtime: Runtime, ctx: RequestContext, client: Client | None, throttled_as: str
+    runtime: Runtime,
+    ctx: RequestContext,
+    client: Client | None,
+    throttled_as: str,
+    cost: int = 1,
 ) -> None:
-    """The client's own rate limit, then the reconnect backoff of (client, ``throttled_as``:
-    the model, or the path of a request without one)."""
+    """The client's own rate limit (``cost`` requests: a batch's lines), then the reconnect
+    backoff of (client, ``throttled_as``: the model, or the path of a request without one)."""
     if client is not None:
-        decision = await runtime.throttle.hit_client(client.id)
+        decision = await runtime.throttle.hit_client(client.id, cost)
         if decision is not None and not decision.allowed:
             ctx.throttled("client_rate_limit")
             raise errors.client_rate_limited(client.id, decision.limit, decision.reset_seconds)
@@ -712,6 +734,80 @@ async def stick_to_objects(
         upstream_model=target.upstream_model if same_backend else target.model,
         rewrite=target.rewrite if same_backend else NO_RULES,
     )
+
+
+# ---------------------------------------------------------------- batches
+
+
+def batch_upload(parts: RequestParts) -> Upload | None:
+    """The upload when it is a ``purpose: batch`` file (its purpose before its file)."""
+    upload = parts.upload
+    if upload is None or not isinstance(upload.peek, BatchLines) or not upload.peek.is_batch:
+        return None
+    return upload
+
+
+async def check_batch_lines(
+    runtime: Runtime, client: Client | None, upload: Upload, target: Target
+) -> Target:
+    """Check (and rewrite) every line of a batch file on its way out: each line's model
+    routed and allowed as a single request's would be, all of them on ``target``'s backend
+    (the first line's). An object lives on one backend: no fallback."""
+
+    def resolve(model: str) -> Target:
+        line_target = routed_model(runtime, model)
+        runtime.auth.check_model(client, model, line_target.model)
+        return line_target
+
+    lines = BatchLines(runtime.config.server.max_body_size, resolve, target.backend)
+    assert upload.boundary is not None
+    upload.peek = lines  # from here on, its count is the file's
+    await upload.filter_with(BatchFilter(upload.boundary, lines), runtime.router.renames)
+    key = target.pinned_key
+    rule = runtime.router.path_rule("/files")
+    if key is None and rule is not None and rule.backend == target.backend:
+        key = rule.pinned_key  # `paths: /files` names the key files go with
+    return dataclasses.replace(target, fallbacks=(), pinned_key=key)
+
+
+def batch_requests(parts: RequestParts) -> int | None:
+    """The requests of a batch file just uploaded, for its placement record."""
+    upload = batch_upload(parts)
+    return (
+        upload.peek.requests if upload is not None and isinstance(upload.peek, BatchLines) else None
+    )
+
+
+async def batch_cost(runtime: Runtime, client: Client | None, parts: RequestParts) -> int:
+    """What creating a batch costs against the client's rate limit: its file's requests.
+    A client with a limit or model globs may only run files the proxy checked."""
+    if parts.method != "POST" or client is None:
+        return 1
+    file_id = parts.payload.get("input_file_id")
+    placement = (
+        await runtime.objects.lookup([file_id], runtime.placements)
+        if isinstance(file_id, str)
+        else None
+    )
+    lines = placement.lines if placement is not None else None
+    capacity = runtime.throttle.client_capacity(client.id)
+    if lines is None:
+        if capacity is None and client.models is None:
+            return 1
+        raise errors.bad_request(
+            "The batch's input_file_id must name a file uploaded through this proxy with "
+            "purpose 'batch' (its lines are checked and counted there).",
+            param="input_file_id",
+            code="unchecked_batch_file",
+        )
+    if capacity is not None and lines > capacity:
+        raise errors.bad_request(
+            f"The batch has {lines} requests, more than client '{client.id}' may make in "
+            f"one rate-limit window ({capacity}): it can never fit. Split the file.",
+            param="input_file_id",
+            code="batch_exceeds_rate_limit",
+        )
+    return max(lines, 1)
 
 
 FINE_TUNED = "ft:"  # OpenAI's fine-tuned model ids

@@ -31,7 +31,7 @@ import re
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol, TypeGuard, TypeVar
 
@@ -54,6 +54,7 @@ _MAX_PARTS = 16  # content parts looked at per message
 _MAX_SEGMENTS = 12  # path segments looked at
 _MAX_NAME = 256  # backend names and key ids read back from Redis
 _SEP = "\x1f"  # between backend and key id in a Redis value; config names never hold it
+_MAX_LINES = 999_999_999  # a batch file's line count, as stored (OpenAI's cap is 50,000)
 
 # An object id: OpenAI's are `file-…`, `resp_…`, `chatcmpl-…`, `ftjob-…`; at most 128 chars.
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{2,127}")
@@ -374,6 +375,9 @@ def _loads_dict(data: bytes) -> dict[str, Any] | None:
 class Placement:
     backend: str
     key_id: str
+    # --- batch files (issue 19): the requests a `purpose: batch` file holds, counted as
+    # it was uploaded; what a batch made from it costs. Not part of where it lives.
+    lines: int | None = field(default=None, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -420,10 +424,16 @@ class ObjectStore(Protocol):
     errors: int  # failed storage calls since the metrics loop last took them
 
     async def remember(
-        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+        self,
+        ids: Sequence[str],
+        backend: str,
+        key_id: str,
+        owner: str | None = None,
+        lines: int | None = None,
     ) -> None:
-        """Record that ``ids`` live on ``backend`` under ``key_id``, made by ``owner``; an
-        id already recorded for another owner keeps its owner. Never raises."""
+        """Record that ``ids`` live on ``backend`` under ``key_id``, made by ``owner`` (a
+        batch file: with its ``lines``); an id already recorded for another owner keeps its
+        owner. Never raises."""
 
     async def records(
         self, ids: Sequence[str], known: Collection[Placement] | None = None
@@ -502,11 +512,16 @@ class MemoryObjects:
         return len(self._by_owner.get(owner, ()))
 
     async def remember(
-        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+        self,
+        ids: Sequence[str],
+        backend: str,
+        key_id: str,
+        owner: str | None = None,
+        lines: int | None = None,
     ) -> None:
         now = self._clock()
         self._purge(now)
-        record = Record(Placement(backend, key_id), owner)
+        record = Record(Placement(backend, key_id, lines), owner)
         entries = self._entries
         mine = self._by_owner.setdefault(owner, OrderedDict())
         for object_id in ids[:MAX_IDS]:
@@ -646,13 +661,23 @@ class RedisObjects:
         self._complaints.errors = value
 
     async def remember(
-        self, ids: Sequence[str], backend: str, key_id: str, owner: str | None = None
+        self,
+        ids: Sequence[str],
+        backend: str,
+        key_id: str,
+        owner: str | None = None,
+        lines: int | None = None,
     ) -> None:
         if not ids or not _storable_name(backend) or not _storable_name(key_id):
             return
         if owner is not None and not _storable_name(owner):
             return
-        value = f"{backend}{_SEP}{key_id}" + ("" if owner is None else f"{_SEP}{owner}")
+        # backend, key [, owner [, lines]]: a batch file without an owner has "" for it.
+        value = f"{backend}{_SEP}{key_id}"
+        if owner is not None or lines is not None:
+            value += f"{_SEP}{owner or ''}"
+        if lines is not None:
+            value += f"{_SEP}{min(max(lines, 0), _MAX_LINES)}"
         seconds = max(1, int(self.ttl))
 
         async def write() -> None:
@@ -704,18 +729,29 @@ def _storable_name(name: str) -> bool:
 
 def _record_of(raw: object) -> Record | None:
     """A value read back from Redis, written by us or by anyone: None unless well-formed.
-    ``backend\x1fkey`` (no owner: written while open, or before owners) or with an owner."""
-    if not isinstance(raw, bytes) or len(raw) > 3 * _MAX_NAME + 2:
+    ``backend\x1fkey`` (no owner: written while open, or before owners), with an owner, or
+    with an owner (maybe empty) and a batch file's line count."""
+    if not isinstance(raw, bytes) or len(raw) > 3 * _MAX_NAME + 3 + len(str(_MAX_LINES)):
         return None
     try:
         text = raw.decode()
     except UnicodeDecodeError:
         return None
     names = text.split(_SEP)
-    if len(names) not in (2, 3) or not all(_storable_name(name) for name in names):
+    if len(names) not in (2, 3, 4) or not all(_storable_name(name) for name in names[:2]):
         return None
-    owner = names[2] if len(names) == 3 else None
-    return Record(Placement(names[0], names[1]), owner)
+    owner = names[2] if len(names) >= 3 else None
+    if owner is not None and not _storable_name(owner):
+        if not (owner == "" and len(names) == 4):
+            return None
+        owner = None
+    lines: int | None = None
+    if len(names) == 4:
+        count = names[3]
+        if not (count.isascii() and count.isdigit() and len(count) <= 9):
+            return None
+        lines = int(count)
+    return Record(Placement(names[0], names[1], lines), owner)
 
 
 def make_object_store(
@@ -760,13 +796,14 @@ async def record_created(
     backend: str,
     key_id: str,
     owner: str | None = None,
+    lines: int | None = None,
 ) -> list[str]:
     """Remember the objects a JSON answer created where it came from (the backend and key
-    that answered: a fallback's, when it came to that), owned by the asking client; the ids
-    recorded."""
+    that answered: a fallback's, when it came to that), owned by the asking client, a batch
+    file's ``lines`` with it; the ids recorded."""
     ids = created_ids(path, method, status, body, payload)
     if ids:
-        await store.remember(ids, backend, key_id, owner)
+        await store.remember(ids, backend, key_id, owner, lines)
     return ids
 
 

@@ -63,6 +63,13 @@ class Router:
         self._known = set(self._aliases.values()) | set(self._listed)
         self._known |= {f.model for r in self._routes for f in r.fallback if f.model}
         self._backends = config.backends
+        # Whether any model id may be sent changed (an alias, a stripped prefix, rewrite
+        # rules): a batch file streamed past its head is then sent without a length.
+        self.renames = (
+            bool(self._aliases)
+            or any(r.strip_prefix or r.request_rewrite for r in self._routes)
+            or any(self._rules.values())
+        )
         self._cache: dict[str, Target | None] = {}
         self._other_caches: dict[str, dict[str, Target | None]] = {}  # other dialects
         self.models = self._model_list()

@@ -437,26 +437,34 @@ class Throttle:
 
     # ------------------------------------------------------------ rate limits
 
-    async def hit_client(self, client: str) -> RateDecision | None:
-        """Count one request of ``client``; None when it has no limit."""
+    async def hit_client(self, client: str, cost: int = 1) -> RateDecision | None:
+        """Count ``cost`` requests of ``client`` (a batch: its lines); None when it has no
+        limit."""
         items = self._client_limits.get(client)
-        return await self._hit(items, "client", client) if items else None
+        return await self._hit(items, "client", client, cost) if items else None
+
+    def client_capacity(self, client: str) -> int | None:
+        """The most requests ``client`` may make in one window of its tightest limit."""
+        items = self._client_limits.get(client)
+        return min(item.amount for item in items) if items else None
 
     async def hit_backend(self, backend: str) -> RateDecision | None:
         items = self._backend_limits.get(backend)
         return await self._hit(items, "backend", backend) if items else None
 
-    async def _hit(self, items: list[limits.RateLimitItem], kind: str, name: str) -> RateDecision:
+    async def _hit(
+        self, items: list[limits.RateLimitItem], kind: str, name: str, cost: int = 1
+    ) -> RateDecision:
         allowed = RateDecision(True, items[0].amount, -1, 0.0)
         return await self.storage.call(
-            lambda: self._hit_all(items, kind, name), allowed, self.storage_failed
+            lambda: self._hit_all(items, kind, name, cost), allowed, self.storage_failed
         )
 
     async def _hit_all(
-        self, items: list[limits.RateLimitItem], kind: str, name: str
+        self, items: list[limits.RateLimitItem], kind: str, name: str, cost: int = 1
     ) -> RateDecision:
         for item in items:
-            if not await self._limiter.hit(item, kind, name):
+            if not await self._limiter.hit(item, kind, name, cost=cost):
                 # Window stats only on a refusal: they cost as much as the hit itself.
                 stats = await self._limiter.get_window_stats(item, kind, name)
                 reset = min(max(stats.reset_time - time.time(), 0.0), item.get_expiry())

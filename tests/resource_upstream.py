@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import BodyPartReader, web
 
 CREATED = 1700000000
+_HEAD_KEPT = 64 * 1024  # a file at most this big is recorded whole (its lines)
 _ids = itertools.count(1)
 
 
@@ -63,11 +64,14 @@ async def _read_form(request: web.Request) -> tuple[dict[str, str], dict[str, An
         if part.filename is None:
             fields[part.name or ""] = (await part.read()).decode()
             continue
-        digest, size = hashlib.sha256(), 0
+        digest, size, head = hashlib.sha256(), 0, b""
         while chunk := await part.read_chunk(256 * 1024):
             digest.update(chunk)
             size += len(chunk)
+            head = (head + chunk)[:_HEAD_KEPT]
         upload = {"filename": part.filename, "size": size, "sha256": digest.hexdigest()}
+        if size <= _HEAD_KEPT:  # a small file's lines, for tests of batch files
+            upload["lines"] = head.decode("latin-1").split("\n")
     upload["order"] = order
     return fields, upload
 

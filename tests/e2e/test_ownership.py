@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 import openai
+import orjson
 import pytest
 
 from tests.conftest import ProxyProcess, RedisServer, start_proxy
@@ -82,12 +83,23 @@ def not_found(call: Callable[[], Any]) -> dict[str, Any]:
     return body
 
 
+def batch_line(question: str = "q") -> bytes:
+    """One line of a batch file (the proxy checks each: a model team-b may use too)."""
+    body = {"model": "cheap-mini", "messages": [{"role": "user", "content": question}]}
+    return (
+        orjson.dumps(
+            {"custom_id": "q1", "method": "POST", "url": "/v1/chat/completions", "body": body}
+        )
+        + b"\n"
+    )
+
+
 def test_team_as_objects_are_404_for_team_b_and_nothing_reaches_the_upstream(
     proxies: tuple[ProxyProcess, ProxyProcess], resources: ResourceUpstream
 ) -> None:
     made_on, asked_on = proxies  # with Redis: made on one replica, asked on the other
     a, b = sdk(made_on, TEAM_A), sdk(asked_on, TEAM_B)
-    file = a.files.create(file=("notes.jsonl", b'{"secret": 1}\n'), purpose="batch")
+    file = a.files.create(file=("notes.jsonl", batch_line("my secret question")), purpose="batch")
     batch = a.batches.create(
         input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
     )
@@ -147,8 +159,8 @@ def test_team_bs_own_objects_work_and_a_shared_client_sees_everyones(
 ) -> None:
     one, two = proxies
     a, b, ops = sdk(one, TEAM_A), sdk(two, TEAM_B), sdk(two, OPS)
-    mine = b.files.create(file=("b.jsonl", b"{}\n"), purpose="batch")
-    theirs = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+    mine = b.files.create(file=("b.jsonl", batch_line()), purpose="batch")
+    theirs = a.files.create(file=("a.jsonl", batch_line()), purpose="batch")
     assert b.files.retrieve(mine.id).id == mine.id
     listed_b = [f.id for f in b.files.list()]
     assert mine.id in listed_b and theirs.id not in listed_b
@@ -195,7 +207,7 @@ def test_one_clients_stored_completions_do_not_evict_anothers_placements(
         a, b = sdk(proxy, TEAM_A), sdk(proxy, TEAM_B)
         hello = [{"role": "user", "content": "hi"}]
         kept = a.chat.completions.create(model="gpt-4o", messages=hello, store=True)
-        file = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch")
+        file = a.files.create(file=("a.jsonl", batch_line()), purpose="batch")
         for _ in range(40):
             b.chat.completions.create(model="cheap-1", messages=hello, store=True)
         resources.forget()
@@ -218,10 +230,10 @@ def test_a_list_page_is_filled_from_further_upstream_pages_and_the_sdk_pages_on(
     proxy = start_proxy(config(resources), tmp_path)
     try:
         a, b = sdk(proxy, TEAM_A), sdk(proxy, TEAM_B)
-        before = [a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id for _ in "12"]
+        before = [a.files.create(file=("a.jsonl", batch_line()), purpose="batch").id for _ in "12"]
         for _ in range(45):
-            b.files.create(file=("b.jsonl", b"{}\n"), purpose="batch")
-        after = a.files.create(file=("a.jsonl", b"{}\n"), purpose="batch").id
+            b.files.create(file=("b.jsonl", batch_line()), purpose="batch")
+        after = a.files.create(file=("a.jsonl", batch_line()), purpose="batch").id
         mine = {*before, after}
         page = a.files.list(limit=20)
         assert {f.id for f in page.data} == mine  # one page, from three upstream pages

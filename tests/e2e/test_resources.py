@@ -145,7 +145,7 @@ def test_files_are_created_listed_read_and_deleted_with_the_path_rules_key(
     client: openai.OpenAI, resources: ResourceUpstream
 ) -> None:
     data = b'{"custom_id": "1"}\n' * 1000
-    created = client.files.create(file=("batch.jsonl", data), purpose="batch")
+    created = client.files.create(file=("batch.jsonl", data), purpose="user_data")
     assert created.bytes == len(data)
     assert [f.id for f in client.files.list()] == [created.id]
     assert client.files.retrieve(created.id).filename == "batch.jsonl"
@@ -159,7 +159,8 @@ def test_files_are_created_listed_read_and_deleted_with_the_path_rules_key(
 def test_batches_are_created_retrieved_and_cancelled_with_the_key_that_owns_their_file(
     client: openai.OpenAI, resources: ResourceUpstream
 ) -> None:
-    file = client.files.create(file=("in.jsonl", b"{}\n"), purpose="batch")
+    line = b'{"custom_id": "1", "method": "POST", "url": "/v1/embeddings", "body": {"model": "e"}}'
+    file = client.files.create(file=("in.jsonl", line), purpose="batch")
     for _ in range(3):  # round robin would pick each key in turn: the file pins key one
         batch = client.batches.create(
             input_file_id=file.id, endpoint="/v1/chat/completions", completion_window="24h"
@@ -321,7 +322,7 @@ def test_a_slow_steady_upload_outlives_body_timeout_and_a_silent_one_does_not(
     proxy = start_proxy(config(resources, "server: {body_timeout: 1}"), tmp_path)
 
     def upload(pause: float, pieces: int) -> Iterator[bytes]:
-        yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+        yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
         yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
         for _ in range(pieces):
             time.sleep(pause)
@@ -363,7 +364,7 @@ def test_a_200_mb_upload_and_a_100_mb_download_keep_the_proxys_memory_flat(
         piece = bytes(range(256)) * 4096  # 1 MiB
 
         def upload() -> Iterator[bytes]:
-            yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nbatch\r\n'
+            yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nuser_data\r\n'
             yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="f"\r\n\r\n'
             for _ in range(200):
                 yield piece

@@ -543,3 +543,17 @@ def test_a_fine_tuned_model_is_bound_to_the_key_whose_job_made_it() -> None:
     }
     ids = created_ids("/fine_tuning/jobs/ftjob-abc", "GET", 200, orjson.dumps(job))
     assert "ft:gpt-4o-mini:acme::xyz" in ids and "ftjob-abc" in ids
+
+
+def test_a_batch_files_line_count_is_kept_in_memory_and_ignored_where_it_lives() -> None:
+    async def run() -> tuple[Placement | None, Placement | None]:
+        store = MemoryObjects()
+        await store.remember(["file-lines"], "openai", "k", lines=10)
+        await store.remember(["file-plain"], "openai", "k")
+        known = known_placements({"openai": ["k"]})
+        return await store.lookup(["file-lines"], known), await store.lookup(["file-plain"])
+
+    with_lines, plain = asyncio.run(run())
+    assert with_lines == Placement("openai", "k") and with_lines is not None
+    assert with_lines.lines == 10
+    assert plain is not None and plain.lines is None

@@ -228,3 +228,32 @@ def test_owners_are_shared_between_replicas_and_the_first_owner_keeps_an_id(
         "file-legacy": Record(Placement("openai", "k1"), None),
     }
     assert nothing == {}
+
+
+def test_a_batch_files_line_count_rides_in_its_placement(redis_server: RedisServer) -> None:
+    async def run() -> tuple[Placement | None, Placement | None]:
+        store = bare_store(redis_server.url)
+        try:
+            await store.remember(["file-lines"], "openai", "key-b", lines=50_000)
+            await store.remember(["file-plain"], "openai", "key-b")
+            return await store.lookup(["file-lines"]), await store.lookup(["file-plain"])
+        finally:
+            await store.client.aclose()
+
+    with_lines, plain = asyncio.run(run())
+    assert with_lines is not None and with_lines.lines == 50_000
+    assert plain is not None and plain.lines is None
+    assert with_lines in known_placements({"openai": ["key-b"]})  # still where it lives
+    direct = redis.Redis.from_url(redis_server.url)
+    assert direct.get(REDIS_PREFIX + "file-lines") == b"openai\x1fkey-b\x1f\x1f50000"
+    direct.set(REDIS_PREFIX + "file-bad-lines", b"openai\x1fkey-b\x1f\x1f-1")
+    direct.close()
+
+    async def garbage() -> Placement | None:
+        store = bare_store(redis_server.url)
+        try:
+            return await store.lookup(["file-bad-lines"])
+        finally:
+            await store.client.aclose()
+
+    assert asyncio.run(garbage()) is None
