@@ -69,6 +69,7 @@ from proxy.bodies import is_upload
 from proxy.config import Config
 from proxy.errors import ProxyError, error_body, unknown_url
 from proxy.realtime import MAX_FRAME_SIZE
+from proxy.realtime import PATH as REALTIME_PATH
 
 log = logging.getLogger("proxy.server")
 
@@ -190,6 +191,12 @@ def _error_bytes(
         b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
     )
     return head + body
+
+
+def _is_handshake(headers: list[tuple[bytes, bytes]]) -> bool:
+    """The headers a WebSocket opening handshake needs besides the upgrade (RFC 6455, 4.1)."""
+    found = dict(headers)  # uvicorn lower-cases the names
+    return bool(found.get(b"sec-websocket-key")) and found.get(b"sec-websocket-version") == b"13"
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -341,14 +348,32 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         The WebSocket protocol runs the app itself, not ``self.app``: the probe reserve and
         the admin listener must refuse the upgrade here, or their wrappers (probes only,
         internal endpoints only) would be bypassed."""
-        if self.probe_only or self._on_admin_port():
-            self._cancel_timers()
-            path = self.url.partition(b"?")[0].decode("latin-1")[:200]
-            refusal = (
-                _busy_response()
-                if self.probe_only
-                else _error_bytes(404, f"Unknown request URL: GET {path}.", "unknown_url")
+        method = self.parser.get_method()
+        path = self.url.partition(b"?")[0].decode("latin-1")[:200]
+        refusal: bytes | None = None
+        if self.probe_only:
+            refusal = _busy_response()
+        elif self._on_admin_port():
+            refusal = _error_bytes(404, f"Unknown request URL: GET {path}.", "unknown_url")
+        elif method != b"GET":
+            # Only a GET opens a WebSocket (RFC 6455, 4.1). Refused here, in JSON: the
+            # parser stops at an upgrade's head, so as a plain request its body would be lost.
+            refusal = _error_bytes(
+                400,
+                f"'Upgrade: websocket' is only for GET {REALTIME_PATH}, not "
+                f"{method.decode('latin-1')[:20]} {path}.",
+                "unsupported_upgrade",
             )
+        elif not _is_handshake(self.headers):
+            # What the WebSocket protocol would refuse in text/plain: in the API's shape.
+            refusal = _error_bytes(
+                400,
+                "Not a WebSocket handshake: Sec-WebSocket-Key and Sec-WebSocket-Version: 13 "
+                "are required.",
+                "invalid_websocket_handshake",
+            )
+        if refusal is not None:
+            self._cancel_timers()
             self.transport.write(refusal)
             self.transport.close()
             return

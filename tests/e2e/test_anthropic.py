@@ -24,6 +24,7 @@ from tests.conftest import KEY_A, KEY_B, KEY_OTHER, ProxyProcess, free_port, sta
 ROOT = Path(__file__).resolve().parents[2]
 CLIENT_KEY = "sk-anth-client-0000000000000c1"
 NARROW_KEY = "sk-anth-narrow-0000000000000n2"
+SECOND_KEY = "sk-anth-second-0000000000000s3"
 MESSAGES = [{"role": "user", "content": "Hello"}]
 TOOLS = [
     {
@@ -85,6 +86,7 @@ throttle:
 clients:
   - {{id: team, key: "{CLIENT_KEY}"}}
   - {{id: narrow, key: "{NARROW_KEY}", models: ["kimi*"], rate_limit: 2/minute}}
+  - {{id: second, key: "{SECOND_KEY}"}}
 backends:
   kimi:                       # Moonshot-like: Bearer on its Anthropic endpoint
     base_url: {fake.url}/oa/v1
@@ -379,9 +381,10 @@ def test_an_open_circuit_is_an_overloaded_error_with_retry_after(
 ) -> None:
     sdk = client(proxy)
     upstream.configure(fail_next=[{"status": 529}, {"status": 529}])
-    for _ in range(2):
+    # Two clients' failures: one client's streak is its own, it opens no circuit (issue 19).
+    for failing in (sdk, client(proxy, api_key=SECOND_KEY)):
         with pytest.raises(anthropic.APIStatusError):
-            sdk.messages.create(model="flaky-1", max_tokens=5, messages=MESSAGES)
+            failing.messages.create(model="flaky-1", max_tokens=5, messages=MESSAGES)
     with pytest.raises(anthropic.InternalServerError) as opened:
         sdk.messages.create(model="flaky-1", max_tokens=5, messages=MESSAGES)
     assert opened.value.status_code == 503

@@ -75,6 +75,46 @@ def error_of(body: bytes) -> dict[str, object]:
     return error
 
 
+# ---------------------------------------------------------------- upgrades
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT"])
+def test_an_upgrade_of_anything_but_a_get_is_refused_in_json_and_nothing_is_forwarded(
+    guarded, upstream, method
+):
+    """The parser stops at an upgrade's head: served as a plain request, a POST would go
+    upstream without its body. Refused instead, in the API's shape (not text/plain)."""
+    body = b'{"model": "gpt-4o-mini", "messages": []}'
+    before = len(upstream.requests())
+    with connect(guarded) as sock:
+        sock.sendall(
+            f"{method} /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+            f"Upgrade: websocket\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        status, headers, answer, closed = read_response(sock)
+    assert status == 400
+    assert headers["content-type"] == "application/json"
+    error = error_of(answer)
+    assert error["code"] == "unsupported_upgrade"
+    assert f"not {method} /v1/chat/completions" in str(error["message"])
+    assert closed
+    assert len(upstream.requests()) == before
+
+
+def test_a_get_upgrade_without_a_handshake_is_refused_in_json(guarded):
+    with connect(guarded) as sock:
+        sock.sendall(
+            b"GET /v1/realtime?model=x HTTP/1.1\r\nHost: x\r\nConnection: upgrade\r\n"
+            b"Upgrade: websocket\r\n\r\n"
+        )
+        status, headers, answer, closed = read_response(sock)
+    assert (status, headers["content-type"]) == (400, "application/json")
+    assert error_of(answer)["code"] == "invalid_websocket_handshake"
+    assert closed
+
+
 # ---------------------------------------------------------------- head size
 
 
