@@ -5,10 +5,11 @@ middleware stack); the few cold endpoints (``/health``, ``/v1/models``) use Star
 router. The lifespan opens the upstream connection pools and closes them again.
 
 ``/metrics`` and ``/admin/*`` are internal: with ``server.admin_port`` set they answer only
-on that listener (404 on the main port; see ``proxy.server``), otherwise on the main port,
-which must then not be exposed as is (the shipped nginx config passes only ``/v1/`` and
-``/health``). With ``clients:`` configured, ``/v1/models`` needs a client key and lists
-only the models that client may use.
+on that listener (404 on the main port; see ``proxy.server``), otherwise on the main port:
+there, with ``clients:`` configured, only with ``server.admin_key`` (``/admin/status``
+always needs it). The shipped nginx config passes only ``/v1/`` and ``/health``.
+With ``clients:`` configured, ``/v1/models`` needs a client key and lists only the models
+that client may use.
 """
 
 from __future__ import annotations
@@ -189,24 +190,39 @@ class ProxyApp:
         return internal
 
     async def metrics(self, request: Request) -> Response:
+        config = self.runtime.config
+        if config.clients and self.admin_port is None:
+            # Clients share the main port: its metrics (client and key ids, traffic) are
+            # the operator's, behind the admin key (none: not served there at all).
+            refusal = await self._admin_refusal(request)
+            if refusal is not None:
+                return refusal
         self.runtime.publish_gauges()
         body, content_type = metrics.exposition()
         return Response(body, media_type=content_type)
 
     async def admin_status(self, request: Request) -> Response:
+        refusal = await self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        return JSONResponse(admin.status(self.runtime))
+
+    async def _admin_refusal(self, request: Request) -> Response | None:
+        """None when the request carries the admin key; else 404 (no admin key configured:
+        the page does not exist) or 401."""
         admin_key = self.runtime.config.server.admin_key
-        if not admin_key:  # no admin key: the page does not exist
+        if not admin_key:
             return await self._not_found_response(request)
         presented = bearer_token(request.headers.raw) or ""
-        if not hmac.compare_digest(presented.encode(), admin_key.encode()):
-            return error_response(
-                ProxyError(
-                    401,
-                    "Admin key required: 'Authorization: Bearer <admin_key>'.",
-                    code="invalid_api_key",
-                )
+        if hmac.compare_digest(presented.encode(), admin_key.encode()):
+            return None
+        return error_response(
+            ProxyError(
+                401,
+                "Admin key required: 'Authorization: Bearer <admin_key>'.",
+                code="invalid_api_key",
             )
-        return JSONResponse(admin.status(self.runtime))
+        )
 
     async def _not_found_response(self, request: Request) -> Response:
         return error_response(errors.unknown_url(request.method, request.url.path))

@@ -83,6 +83,12 @@ def offline_warnings(config: Config, router: Router) -> list[str]:
         for client in config.clients
         if client.key and not client.env_vars
     ]
+    server = config.server
+    if config.clients and server.admin_port is None and not server.admin_key:
+        warnings.append(
+            "/metrics is not served: with clients: it needs server.admin_port or "
+            "server.admin_key (the main port shows it only with the admin key)"
+        )
     return warnings
 
 

@@ -1669,11 +1669,13 @@ class Fuzz:
     async def scrape(self, session: aiohttp.ClientSession) -> None:
         """/metrics and /admin/status: no secret, bounded, never a 500."""
         timeout = aiohttp.ClientTimeout(total=10)
+        headers = {"authorization": f"Bearer {ADMIN_KEY}"}
         try:
-            async with session.get(f"{self.proxy.url}/metrics", timeout=timeout) as r:
+            async with session.get(
+                f"{self.proxy.url}/metrics", headers=headers, timeout=timeout
+            ) as r:
                 metrics_text = await r.text()
                 metrics_status = r.status
-            headers = {"authorization": f"Bearer {ADMIN_KEY}"}
             async with session.get(
                 f"{self.proxy.url}/admin/status", headers=headers, timeout=timeout
             ) as r:

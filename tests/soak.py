@@ -25,10 +25,12 @@ import aiohttp
 from tests.conftest import start_mock, start_proxy
 
 CLIENT = "sk-soak-client-00000000000001"
+ADMIN = "adm-soak-000000000000000002"
 
 
 def soak_config(mock_url: str) -> str:
     return f"""
+server: {{admin_key: "{ADMIN}"}}
 throttle: {{reconnect: {{base: 0.2s, max: 2s}}}}
 clients: [{{id: soak, key: "{CLIENT}"}}]
 backends:
@@ -146,7 +148,8 @@ async def drive(
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         await asyncio.sleep(0.5)  # let cancelled upstream calls and the access log settle
         report.rss_end_mb = rss_mb(pid)
-        async with session.get(f"{proxy_url}/metrics") as response:
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        async with session.get(f"{proxy_url}/metrics", headers=admin) as response:
             for line in (await response.text()).splitlines():
                 if line.startswith("llm_proxy_streams_active{"):
                     report.streams_active_end = max(report.streams_active_end, 0) + float(

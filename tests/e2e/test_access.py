@@ -95,7 +95,11 @@ def test_internal_endpoints_answer_on_the_admin_port_and_nothing_else_does(split
 def test_without_admin_port_the_internal_endpoints_stay_on_the_main_port(mock_upstream, tmp_path):
     proxy = start_proxy(config(mock_upstream, None), tmp_path)
     try:
-        assert httpx.get(f"{proxy.url}/metrics").status_code == 200
+        # With clients: the main port's metrics are the operator's, behind the admin key.
+        assert httpx.get(f"{proxy.url}/metrics").status_code == 401
+        assert httpx.get(f"{proxy.url}/metrics", headers=bearer("wrong")).status_code == 401
+        metrics = httpx.get(f"{proxy.url}/metrics", headers=bearer(ADMIN))
+        assert metrics.status_code == 200 and "llm_proxy_requests_total" in metrics.text
         assert httpx.get(f"{proxy.url}/admin/status", headers=bearer(ADMIN)).status_code == 200
     finally:
         proxy.stop()

@@ -15,6 +15,7 @@ KEY_A = "sk-obs-aaaaaaaaaaaaaaaa0001"
 KEY_B = "sk-obs-bbbbbbbbbbbbbbbb0002"
 CLIENT = "sk-obs-client-000000000042"
 ADMIN = "adm-obs-000000000000000777"
+ADMIN_HEADERS = {"authorization": f"Bearer {ADMIN}"}
 
 
 def config(mock: MockUpstream) -> str:
@@ -42,7 +43,7 @@ routes:
 
 
 def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple], float]:
-    text = httpx.get(f"{proxy.url}/metrics").text
+    text = httpx.get(f"{proxy.url}/metrics", headers=ADMIN_HEADERS).text
     samples = {}
     for family in text_string_to_metric_families(text):
         for s in family.samples:
@@ -268,7 +269,7 @@ def test_counts_are_summed_over_workers(upstream, tmp_path, workers):
         totals = set()
         for _ in range(6):  # whichever worker answers the scrape, the sum is the same
             with httpx.Client() as c:
-                text = c.get(f"{proxy.url}/metrics").text
+                text = c.get(f"{proxy.url}/metrics", headers=ADMIN_HEADERS).text
             m = {
                 (s.name, tuple(sorted(s.labels.items()))): s.value
                 for f in text_string_to_metric_families(text)

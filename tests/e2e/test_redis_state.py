@@ -68,7 +68,8 @@ def post(proxy: ProxyProcess, key: str = f"{CLIENT}-ops", **mock) -> httpx.Respo
 
 
 def storage_errors(proxy: ProxyProcess) -> float:
-    for line in httpx.get(f"{proxy.url}/metrics").text.splitlines():
+    admin = {"authorization": f"Bearer {ADMIN}"}
+    for line in httpx.get(f"{proxy.url}/metrics", headers=admin).text.splitlines():
         if line.startswith("llm_proxy_storage_errors_total"):
             return float(line.split()[-1])
     raise AssertionError("no llm_proxy_storage_errors_total series")

@@ -13,11 +13,13 @@ from tests.conftest import MockUpstream, ProxyProcess, RedisServer, start_proxy
 KEY_BAD = "sk-replica-bad-0000000001"
 KEY_GOOD = "sk-replica-good-000000002"
 CLIENT = "sk-replica-client-0000003"
+ADMIN = "adm-replica-00000000000004"
 
 
 def config(mock: MockUpstream, redis_url: str) -> str:
     return f"""
 storage: {redis_url}
+server: {{admin_key: "{ADMIN}"}}
 throttle: {{reconnect: {{base: 2s, max: 8s}}}}
 clients:
   - {{id: team, key: "{CLIENT}", rate_limit: 10/minute, models: ["limit-*"]}}
@@ -120,7 +122,8 @@ def test_redis_down_fails_open_loudly_and_recovers(replicas, upstream, redis_ser
         statuses = [post(a, "limit-x", key=CLIENT).status_code for _ in range(12)]
         assert statuses == [200] * 12  # limits not enforced, nothing refused or hung
         assert time.monotonic() - started < 10
-        metrics = httpx.get(f"{a.url}/metrics").text
+        admin = {"authorization": f"Bearer {ADMIN}"}
+        metrics = httpx.get(f"{a.url}/metrics", headers=admin).text
         errors = [
             line
             for line in metrics.splitlines()

@@ -49,8 +49,16 @@ def test_keys_written_in_plain_text_are_warned_never_shown(tmp_path):
     assert "sk-written-in-the-file" not in text and "sk-client-in-the-file" not in text
 
 
+def test_metrics_out_of_reach_with_clients_is_warned(tmp_path):
+    assert "warning: /metrics is not served: with clients: it needs" in table(tmp_path, CONFIG)
+    for server in ("server: {admin_port: 9091}\n", "server: {admin_key: adm}\n"):
+        assert "/metrics is not served" not in table(tmp_path, server + CONFIG)
+
+
 def test_a_clean_config_has_no_warnings(tmp_path):
-    clean = CONFIG.replace("      - {id: literal, key: sk-written-in-the-file-0001}\n", "")
+    clean = "server: {admin_port: 9091}\n" + CONFIG.replace(
+        "      - {id: literal, key: sk-written-in-the-file-0001}\n", ""
+    )
     clean = clean.replace("  - {id: plain-client, key: sk-client-in-the-file-0001}\n", "")
     clean = clean.replace("  kimi-typo: kimi-k2-0711-previw\n", "")
     assert "warnings:" not in table(tmp_path, clean)
