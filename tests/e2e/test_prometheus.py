@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 from tests.conftest import ROOT, MockUpstream, ProxyProcess, free_port, start_proxy
-from tests.e2e.test_observability import CLIENT, config
+from tests.e2e.test_observability import ADMIN, CLIENT, config
 
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboard.json"
 
@@ -53,6 +53,8 @@ def prometheus(tmp_path, upstream: MockUpstream):
         "global: {scrape_interval: 1s, evaluation_interval: 1s}\n"
         "scrape_configs:\n"
         f"  - job_name: proxy\n    static_configs: [{{targets: ['127.0.0.1:{proxy.port}']}}]\n"
+        # With clients: the main port's /metrics needs the admin key.
+        f"    authorization: {{credentials: '{ADMIN}'}}\n"
     )
     process = subprocess.Popen(
         [
