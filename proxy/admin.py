@@ -40,6 +40,11 @@ def status(runtime: Runtime) -> dict[str, Any]:
                 "state": str(breaker.state),
                 "consecutive_failures": breaker.failures,
                 "open_seconds": _seconds(breaker.open_seconds()) if breaker.is_open else None,
+                # Models whose own circuit is open (their 5xx): seconds left, 0 half-open.
+                "models_open": {
+                    model: _seconds(left)
+                    for model, left in runtime.model_circuits[name].open_models().items()
+                },
             },
             "rate_limit": backend.rate_limit,
             "models": list(backend.models),

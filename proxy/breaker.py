@@ -5,7 +5,9 @@ closed ──(N failures in a row)──▶ open ──(cooldown over: by time a
    │                               └──────(probe fails: cooldown x2)──────────┤
    └─────────────────────────(probe succeeds)─────────────────────────────────┘
 
-Failures are connect errors, timeouts and 5xx; the cooldown doubles from ``min_open`` to
+Failures are connect errors, timeouts, broken statuses and 5xx to requests without a model;
+a 5xx to a model's request is that model's (``ModelCircuits``: a broken or retired model
+does not close its backend's other models). The cooldown doubles from ``min_open`` to
 ``max_open`` while the backend keeps failing and resets when a probe succeeds.
 
 Failures are attributed to clients. With several tenants (``clients:`` lists more than
@@ -33,7 +35,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections import OrderedDict
 from collections.abc import Callable
+from dataclasses import dataclass
 from enum import StrEnum
 
 from proxy.config import BreakerConfig
@@ -248,6 +252,126 @@ class Breaker:
         self._probe_deadline = 0.0
         shown = f"{round(seconds, 1):g}"  # 0.5 s, 1 s, 60 s
         log.warning("backend %s: circuit open for %s s %s", self.backend, shown, why)
+
+
+# ---------------------------------------------------------------- a model's own circuit
+
+MAX_MODEL_CIRCUITS = 256  # per backend: model ids can come from clients (a catch-all route)
+
+
+class ModelCircuits:
+    """The circuits of one backend's models. A 5xx is about the model that answered it (a
+    broken or retired model): it opens that model's circuit, never its backend's other
+    models. Connect errors and timeouts stay with the backend's own breaker.
+
+    Bounded: at most ``MAX_MODEL_CIRCUITS``, made on a model's first request; past the
+    bound a closed circuit is dropped first (it holds nothing), else the oldest (dropping
+    an open one only lets that model be tried again: the breaker's purpose is protecting the
+    upstream, which the backend's own breaker still does)."""
+
+    def __init__(
+        self,
+        backend: str,
+        config: BreakerConfig,
+        probe_timeout: float = PROBE_TIMEOUT,
+        multi_tenant: bool = False,
+        clock: Callable[[], float] = time.monotonic,
+        bound: int = MAX_MODEL_CIRCUITS,
+    ) -> None:
+        self.backend = backend
+        self._clock = clock
+        self._bound = max(1, bound)
+        self._breakers: OrderedDict[str, Breaker] = OrderedDict()
+        self.reconfigure(config, probe_timeout, multi_tenant)
+
+    def reconfigure(self, config: BreakerConfig, probe_timeout: float, multi_tenant: bool) -> None:
+        self.config, self.probe_timeout, self.multi_tenant = config, probe_timeout, multi_tenant
+        for breaker in self._breakers.values():
+            breaker.reconfigure(config)
+            breaker.probe_timeout = _bounded(probe_timeout, PROBE_TIMEOUT, PROBE_TIMEOUT)
+            breaker.multi_tenant = multi_tenant
+
+    def __len__(self) -> int:
+        return len(self._breakers)
+
+    def get(self, model: str) -> Breaker:
+        breaker = self._breakers.get(model)
+        if breaker is not None:
+            self._breakers.move_to_end(model)
+            return breaker
+        shown = model[:100].encode("unicode_escape").decode("ascii")  # a client's id, logged
+        breaker = Breaker(
+            f"{self.backend} model '{shown}'",
+            self.config,
+            self._clock,
+            self.probe_timeout,
+            self.multi_tenant,
+        )
+        self._breakers[model] = breaker
+        if len(self._breakers) > self._bound:
+            closed = next((m for m, b in self._breakers.items() if not b.is_open), None)
+            del self._breakers[closed if closed is not None else next(iter(self._breakers))]
+        return breaker
+
+    def open_models(self) -> dict[str, float]:
+        """Models whose circuit is not closed, with the seconds left open (0: half-open)."""
+        return {m: b.open_seconds() for m, b in self._breakers.items() if b.is_open}
+
+
+@dataclass(slots=True)
+class Admission:
+    """An attempt let through its circuits (the backend's, and its model's when it names
+    one), with the probe slots it took: exactly one outcome is reported, which frees them."""
+
+    backend: Breaker
+    model: Breaker | None
+    backend_ticket: int | None
+    model_ticket: int | None
+
+    def served(self, client: str | None) -> None:
+        self.backend.success(client)
+        if self.model is not None:
+            self.model.success(client)
+
+    def backend_failed(self, client: str | None) -> None:
+        """No answer (connect error, timeout), a broken status or a cut body: the backend's."""
+        self.backend.failure(client)
+        if self.model is not None:
+            self.model.release(self.model_ticket)
+
+    def answered_5xx(self, client: str | None) -> None:
+        """A 5xx answer: the model's failure; the backend itself answered. Without a model
+        (a file, a batch...) it is the backend's."""
+        if self.model is None:
+            self.backend.failure(client)
+            return
+        self.model.failure(client)
+        self.backend.success(client)
+
+    def released(self) -> None:
+        """No verdict (the client left, a key cooling down, a 4xx, a redirect)."""
+        self.backend.release(self.backend_ticket)
+        if self.model is not None:
+            self.model.release(self.model_ticket)
+
+
+def admit(backend: Breaker, model: Breaker | None, client: str | None) -> float | Admission:
+    """Through ``backend``'s circuit, then ``model``'s: the wait (seconds) when either is
+    open, else the ``Admission`` holding whatever probe slots were taken."""
+    probing = backend.is_open
+    wait = backend.admit(client)
+    if wait:
+        return wait
+    backend_ticket = backend.probe_ticket if probing else None
+    model_ticket = None
+    if model is not None:
+        probing = model.is_open
+        wait = model.admit(client)
+        if wait:
+            backend.release(backend_ticket)
+            return wait
+        model_ticket = model.probe_ticket if probing else None
+    return Admission(backend, model, backend_ticket, model_ticket)
 
 
 def _bounded(value: float, default: float, cap: float) -> float:

@@ -296,6 +296,18 @@ def circuit_open(backend: str, wait: float) -> ProxyError:
     )
 
 
+def model_circuit_open(backend: str, model: str, wait: float) -> ProxyError:
+    return ProxyError(
+        503,
+        f"Model '{model[:200]}' on backend '{backend}' keeps failing (5xx); the proxy stopped "
+        f"sending it requests for {wait:.1f} s (circuit breaker open). Other models of the "
+        "backend are served.",
+        type="server_error",
+        code="backend_unavailable",
+        headers=retry_after_headers(wait),
+    )
+
+
 def too_many_uploads(client: str, limit: int) -> ProxyError:
     return ProxyError(
         429,

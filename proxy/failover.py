@@ -24,6 +24,7 @@ import orjson
 
 from proxy import errors, rewrite
 from proxy.bodies import ClientGone, Upload
+from proxy.breaker import Admission, admit
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
 from proxy.context import RequestContext
@@ -113,7 +114,7 @@ class Delivery:
     response: aiohttp.ClientResponse
     target: Target
     key_id: str
-    ticket: int | None = None  # the breaker's probe slot, when this attempt holds it
+    admission: Admission  # through the circuits: the relay reports the outcome to it
     strip_usage: bool = False  # usage was asked for by the proxy, not by the client
 
 
@@ -160,29 +161,35 @@ async def deliver(
 async def _try_backend(
     runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
 ) -> Result | ProxyError:
-    breaker = runtime.breakers[target.backend]
-    probing = breaker.is_open  # a 0 from admit() then hands this attempt the probe slot
-    wait = breaker.admit(ctx.client)
-    ticket = breaker.probe_ticket if probing else None
-    if wait:
+    model = target.upstream_model
+    backend = runtime.breakers[target.backend]
+    admitted = admit(
+        backend, runtime.model_circuits[target.backend].get(model) if model else None, ctx.client
+    )
+    if not isinstance(admitted, Admission):
         ctx.throttled("circuit_open")
-        return errors.circuit_open(target.backend, wait)
-    attempt = _Attempt(runtime, target, parts, ctx, ticket)
+        if backend.is_open:
+            return errors.circuit_open(target.backend, admitted)
+        return errors.model_circuit_open(target.backend, model, admitted)
+    attempt = _Attempt(runtime, target, parts, ctx, admitted)
     try:
         return await attempt.run()
     finally:
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
-        # the breaker hears an outcome, so a half-open probe slot is never left taken.
-        if attempt.verdict is Verdict.BACKEND_FAILED or attempt.verdict is Verdict.BAD_STATUS:
-            breaker.failure(ctx.client)
-        elif attempt.verdict is None or attempt.verdict is Verdict.REDIRECT:
-            breaker.release(ticket)
+        # the circuits hear an outcome, so a half-open probe slot is never left taken.
+        verdict = attempt.verdict
+        if verdict is Verdict.BACKEND_FAILED and attempt.answered_5xx:
+            admitted.answered_5xx(ctx.client)  # the model's failure, not its backend's
+        elif verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
+            admitted.backend_failed(ctx.client)
+        elif verdict is None or verdict is Verdict.REDIRECT:
+            admitted.released()
         else:
-            if attempt.verdict is not Verdict.OK:
+            if verdict is not Verdict.OK:
                 # The backend answered: up, whatever it thought of the request. (An OK is
                 # reported by the relay once the answer is in: a body cut after a 200 head
                 # is the backend failing.)
-                breaker.success(ctx.client)
+                admitted.served(ctx.client)
             runtime.state.verified(target.backend)
 
 
@@ -205,14 +212,15 @@ class _Attempt:
         target: Target,
         parts: RequestParts,
         ctx: RequestContext,
-        ticket: int | None,
+        admission: Admission,
     ) -> None:
         self.runtime = runtime
         self.target = target
         self.parts = parts
         self.ctx = ctx
         self.verdict: Verdict | None = None  # the last upstream verdict; None: no answer
-        self.ticket = ticket  # the probe slot, if held: handed on with a Delivery
+        self.admission = admission  # the probe slots, if held: handed on with a Delivery
+        self.answered_5xx = False  # BACKEND_FAILED by a 5xx answer (not a connect error)
 
     async def run(self) -> Result | ProxyError:
         runtime, target, parts, ctx = self.runtime, self.target, self.parts, self.ctx
@@ -266,11 +274,12 @@ class _Attempt:
                     self._attempt_failed(key.id, "bad_status")
                     return errors.upstream_bad_status(backend, status)
                 pool.mark_success(key.id)
-                return Delivery(response, target, key.id, self.ticket, inject_usage)
+                return Delivery(response, target, key.id, self.admission, inject_usage)
             try:
                 last_answer = await self._read_failed(response, key.id)
             except ProxyError as err:  # an error body past the size cap
                 self.verdict = classify(status)
+                self.answered_5xx = status >= 500
                 return err
             self.verdict = last_answer.verdict
             if self.verdict is Verdict.CLIENT_ERROR or self.verdict is Verdict.KEY_LACKS_SCOPE:
@@ -279,6 +288,7 @@ class _Attempt:
                 self._attempt_failed(key.id, "status_4xx")
                 return last_answer
             if self.verdict is Verdict.BACKEND_FAILED:
+                self.answered_5xx = True
                 self._attempt_failed(key.id, "status_5xx")
                 return last_answer
             reason = self._reason(last_answer)

@@ -305,7 +305,6 @@ async def _relay(
     """Relay an upstream's answer by its kind: events as they come, a JSON answer read
     whole (its usage and ids taken), anything else (audio, a file) chunk by chunk."""
     response = delivery.response
-    breaker = runtime.breakers[delivery.target.backend]
     relay = _Relay(runtime, send, ctx, delivery, parts, client)
     try:
         ctx.responded(response.status)
@@ -318,7 +317,7 @@ async def _relay(
             await relay.bytes()
     finally:
         if not relay.reported:  # the client left before the answer was in: no verdict
-            breaker.release(delivery.ticket)
+            delivery.admission.released()
         # Returns the connection to the pool when the body was read to the end, closes it
         # otherwise (client gone, stream broken): the upstream stops generating at once.
         response.release()
@@ -344,7 +343,6 @@ class _Relay:
         self.ctx = ctx
         self.delivery = delivery
         self.backend = delivery.target.backend
-        self.breaker = runtime.breakers[self.backend]
         self.reported = False
         self.head_at = time.perf_counter()
 
@@ -356,12 +354,12 @@ class _Relay:
         )
 
     def _served(self) -> None:
-        self.breaker.success(self.ctx.client)
+        self.delivery.admission.served(self.ctx.client)
         self.reported = True
 
     def _failed(self, kind: str) -> None:
         """Cut or stalled after the head: the backend failed, whatever it began."""
-        self.breaker.failure(self.ctx.client)
+        self.delivery.admission.backend_failed(self.ctx.client)
         self.reported = True
         self.ctx.upstream_broke(self.backend, self.delivery.key_id, kind)
 
@@ -682,17 +680,17 @@ async def _next_page(
     if isinstance(result, FailedAnswer):
         return None
     response = result.response
-    breaker = runtime.breakers[result.target.backend]
+    admission = result.admission
     try:
         if response.status != 200 or response.content_type != "application/json":
-            breaker.release(result.ticket)
+            admission.released()
             return None
         limit = runtime.config.server.max_response_size
         data = await runtime.upstreams[result.target.backend].read_all(response, limit)
-        breaker.success(ctx.client)
+        admission.served(ctx.client)
         return runtime.redactor.bytes(data)
     except ProxyError:
-        breaker.release(result.ticket)
+        admission.released()
         return None
     finally:
         response.release()

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy import metrics
-from proxy.breaker import PROBE_TIMEOUT, Breaker
+from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
@@ -82,6 +82,8 @@ class Runtime:
     pools: Mapping[str, KeyPool]
     breakers: Mapping[str, Breaker]
     upstreams: Mapping[str, Upstream]
+    # Each backend's models' circuits (a 5xx is the model's); carried over with `breakers`.
+    model_circuits: Mapping[str, ModelCircuits] = field(default_factory=dict)
     redactor: Redactor = NO_SECRETS  # every configured secret, scrubbed from what we write
     # Where each file, response, batch... was made: requests naming it go there.
     objects: ObjectStore = field(default_factory=MemoryObjects)
@@ -368,6 +370,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
+    model_circuits: dict[str, ModelCircuits] = {}
     unverified: set[str] = set()
     multi_tenant = len(config.clients) > 1  # one client's failures must not shut it for others
     for name, backend in config.backends.items():
@@ -381,12 +384,17 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
                 breakers[name].reconfigure(backend.breaker)  # new bounds apply to its state
                 breakers[name].probe_timeout = _probe_timeout(backend)
                 breakers[name].multi_tenant = multi_tenant
+                model_circuits[name] = previous.model_circuits[name]
+                model_circuits[name].reconfigure(
+                    backend.breaker, _probe_timeout(backend), multi_tenant
+                )
         upstreams.setdefault(name, Upstream(backend))
         if name not in breakers:  # a new backend, or a new URL: seen answering from scratch
             timeout = _probe_timeout(backend)
             breakers[name] = Breaker(
                 name, backend.breaker, probe_timeout=timeout, multi_tenant=multi_tenant
             )
+            model_circuits[name] = ModelCircuits(name, backend.breaker, timeout, multi_tenant)
             unverified.add(name)
     discovered = {
         name: ids
@@ -401,6 +409,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         throttle=throttle,
         pools=pools,
         breakers=breakers,
+        model_circuits=model_circuits,
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
         objects=objects,

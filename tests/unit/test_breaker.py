@@ -3,8 +3,19 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from proxy.breaker import CLOSED, HALF_OPEN, OPEN, Breaker, BreakerState
+from proxy.breaker import (
+    CLOSED,
+    HALF_OPEN,
+    OPEN,
+    Admission,
+    Breaker,
+    BreakerState,
+    ModelCircuits,
+    admit,
+)
 from proxy.config import BreakerConfig
 
 
@@ -232,3 +243,88 @@ def test_an_open_proxy_is_one_tenant_and_still_protects_the_upstream() -> None:
     assert b.state == OPEN
     clock.now += 1.0
     assert b.admit("127.0.0.1") == 0  # the one tenant may probe
+
+
+# ---------------------------------------------------------------- a model's own circuit
+
+
+def model_circuits(clock: Clock, bound: int = 256) -> ModelCircuits:
+    config = BreakerConfig(failures=3, min_open=1.0, max_open=8.0)
+    return ModelCircuits("b", config, 10.0, multi_tenant=False, clock=clock, bound=bound)
+
+
+def test_a_models_5xx_open_only_that_model_and_leave_by_time_alone():
+    clock = Clock()
+    backend, models = breaker(clock), model_circuits(clock)
+    for _ in range(3):
+        passed = admit(backend, models.get("broken"), "a")
+        assert isinstance(passed, Admission)
+        passed.answered_5xx("a")
+    assert admit(backend, models.get("broken"), "a") == pytest.approx(1.0)
+    assert isinstance(admit(backend, models.get("fine"), "a"), Admission)
+    assert backend.state is CLOSED and list(models.open_models()) == ["broken"]
+    clock.now += 1.0  # half-open: one probe, and a success closes it
+    probe = admit(backend, models.get("broken"), "a")
+    assert isinstance(probe, Admission) and probe.model_ticket is not None
+    assert admit(backend, models.get("broken"), "b") > 0  # the slot is taken
+    probe.served("a")
+    assert models.open_models() == {}
+
+
+def test_connect_errors_stay_backend_wide_and_free_the_models_probe_slot():
+    clock = Clock()
+    backend, models = breaker(clock), model_circuits(clock)
+    for _ in range(3):
+        models.get("m").failure("a")
+    clock.now += 1.0  # m half-open: this attempt takes its probe slot
+    for _ in range(3):
+        passed = admit(backend, models.get("m"), "a")
+        assert isinstance(passed, Admission)
+        passed.backend_failed("a")  # no answer at all: the backend's failure
+    assert backend.state is OPEN
+    assert admit(backend, models.get("other"), "a") > 0  # every model waits for it
+    clock.now += 1.0
+    assert isinstance(admit(backend, None, "a"), Admission)  # its probe slot was freed
+
+
+def test_a_model_refused_after_the_backend_admitted_hands_the_backends_slot_back():
+    clock = Clock()
+    backend, models = opened(clock), model_circuits(clock)
+    for _ in range(3):
+        models.get("m").failure("a")
+    clock.now += 1.0  # both half-open
+    models.get("m").admit("x")  # someone holds m's probe slot
+    assert admit(backend, models.get("m"), "a") > 0
+    assert isinstance(admit(backend, None, "b"), Admission)  # the backend's slot is free
+
+
+def test_model_circuits_are_bounded_and_drop_closed_ones_first():
+    clock = Clock()
+    models = model_circuits(clock, bound=3)
+    for _ in range(3):
+        models.get("open-one").failure()
+    for i in range(50):  # a client sending 50 made-up model ids
+        models.get(f"made-up-{i}")
+    assert len(models) == 3
+    assert list(models.open_models()) == ["open-one"]  # not pushed out by closed ones
+
+
+@given(st.lists(st.sampled_from(["5xx", "ok", "release", "tick"]), max_size=60))
+def test_whatever_happens_to_one_model_another_model_is_admitted(steps):
+    clock = Clock()
+    backend, models = breaker(clock), model_circuits(clock)
+    for step in steps:
+        if step == "tick":
+            clock.now += 0.7
+            continue
+        passed = admit(backend, models.get("a"), "a")
+        if isinstance(passed, Admission):
+            if step == "5xx":
+                passed.answered_5xx("a")
+            elif step == "ok":
+                passed.served("a")
+            else:
+                passed.released()
+        other = admit(backend, models.get("b"), "b")
+        assert isinstance(other, Admission)
+        other.served("b")

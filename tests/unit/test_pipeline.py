@@ -329,6 +329,41 @@ def test_a_500_falls_back_to_the_second_backend() -> None:
     run(scenario)
 
 
+def test_a_model_answering_5xx_opens_its_own_circuit_and_its_backend_serves_the_others() -> None:
+    """A broken (or retired) model: its 5xx open that model's circuit only (issue 19)."""
+
+    async def answer(request: web.Request, seen: Seen) -> web.StreamResponse:
+        if seen.body["model"] == "lone-broken":
+            error = {"message": "model crashed", "type": "server_error"}
+            return web.json_response({"error": error}, status=500)
+        return web.json_response(CHAT_ANSWER)
+
+    async def scenario(fake: FakeUpstream) -> None:
+        fake.answer = answer
+        async with proxy_in_front_of(fake) as client:
+            statuses = [
+                (await client.post("/v1/chat/completions", json=chat("lone-broken"))).status_code
+                for _ in range(5)  # the default breaker: 5 failures in a row
+            ]
+            assert statuses == [500] * 5  # the upstream's own answers, relayed
+            sent = len(fake.posts())
+            refused = await client.post("/v1/chat/completions", json=chat("lone-broken"))
+            assert refused.status_code == 503
+            assert refused.json()["error"]["code"] == "backend_unavailable"
+            assert "Model 'lone-broken' on backend 'lone'" in refused.json()["error"]["message"]
+            assert 1 <= int(refused.headers["retry-after"]) <= 60
+            assert len(fake.posts()) == sent  # nothing sent while it is open
+            for _ in range(3):  # the backend's other models: served all along
+                fine = await client.post("/v1/chat/completions", json=chat("lone-fine"))
+                assert fine.status_code == 200
+            page = await client.get("/admin/status", headers={"authorization": f"Bearer {ADMIN}"})
+            breaker = page.json()["backends"]["lone"]["breaker"]
+            assert breaker["state"] == "closed"
+            assert list(breaker["models_open"]) == ["lone-broken"]
+
+    run(scenario)
+
+
 def test_a_stream_cut_mid_way_ends_with_an_error_event() -> None:
     first_event = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"Hel"}}]}\n\n'
 
