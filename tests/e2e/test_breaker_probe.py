@@ -20,6 +20,7 @@ backends:
     base_url: {mock.url}/v1
     keys: [{{id: main, key: "{KEY}"}}]
     breaker: {{failures: 2, min_open: 0.5s, max_open: 2s}}
+    timeout: {{first_byte: 0.3}}
   dead:
     base_url: http://127.0.0.1:{free_port()}/v1
     keys: [{{id: dead-main, key: "{KEY}"}}]
@@ -51,8 +52,9 @@ def circuit_gauge(proxy: ProxyProcess, backend: str) -> float:
 
 def test_ready_recovers_with_no_client_traffic(proxy, upstream):
     post(proxy, "dead-x")  # the dead backend's circuit is open for good: not what /ready needs
-    assert post(proxy, "m", status=500).status_code == 500
-    assert post(proxy, "m", status=500).status_code == 500
+    # Timeouts: the backend's (a 5xx would be only the model's).
+    assert post(proxy, "m", delay=1).status_code == 504
+    assert post(proxy, "m", delay=1).status_code == 504
     assert post(proxy, "m").json()["error"]["code"] == "backend_unavailable"
     assert httpx.get(f"{proxy.url}/ready").status_code == 503
     upstream.reset()

@@ -15,6 +15,8 @@ KEY_BAD = "sk-res-bad-000000000000aaaa"
 KEY_GOOD = "sk-res-good-00000000000bbbb"
 CLIENT_A = "sk-client-a-0000000000000001"
 CLIENT_B = "sk-client-b-0000000000000002"
+CLIENT_C = "sk-client-c-resilience-00003"
+CLIENT_D = "sk-client-d-resilience-00004"
 
 
 def config(mock: MockUpstream, storage: str = "memory://", probe: str = "0.5") -> str:
@@ -29,6 +31,8 @@ clients:
     key: "{CLIENT_B}"
     rate_limit: 3/minute
     models: ["kimi-*", "storm-*", "breaker-*"]
+  - {{id: team-c, key: "{CLIENT_C}", models: ["breaker-*"]}}
+  - {{id: team-d, key: "{CLIENT_D}", models: ["breaker-*"]}}
 backends:
   mock:
     base_url: {mock.url}/v1
@@ -209,21 +213,26 @@ def test_when_every_key_is_refused_the_backend_answers_503_naming_why(proxy, ups
 # ------------------------------------------------------------------ backend protection
 
 
-def test_circuit_opens_after_n_failures_and_half_opens_after_the_cooldown(proxy, upstream):
-    # Different models, so the reconnect throttle (per client and model) stays out of it;
-    # two clients, since one client's streak is its own (issue 19).
-    for i, key in enumerate((CLIENT_A, CLIENT_B, CLIENT_A)):
-        body = {"model": f"breaker-{i}", "mock": {"status": 500}}
+def test_a_models_5xx_open_its_circuit_which_half_opens_after_the_cooldown(proxy, upstream):
+    # Three clients (one client's streak is its own, and the reconnect throttle is per
+    # client and model); a 5xx is the model's: the backend's other models stay served.
+    for key in (CLIENT_A, CLIENT_B, CLIENT_C):
+        body = {"model": "breaker-broken", "mock": {"status": 500}}
         assert post(proxy, body, key=key).status_code == 500
-    refused = post(proxy, {"model": "breaker-x"})
+    refused = post(proxy, {"model": "breaker-broken"}, key=CLIENT_D)  # (a-c: throttled)
     assert refused.status_code == 503
     assert error_code(refused) == "backend_unavailable"
+    assert "Model 'breaker-broken' on backend 'breaky'" in refused.json()["error"]["message"]
     assert refused.headers["retry-after"] == "1"
     assert len(upstream.requests()) == 3  # the open circuit did not call the upstream
+    assert post(proxy, {"model": "breaker-other"}).status_code == 200  # its backend serves
     time.sleep(1.1)
-    assert post(proxy, {"model": "breaker-y"}).status_code == 200  # the half-open probe
-    assert post(proxy, {"model": "breaker-z"}).status_code == 200  # closed again
-    assert "circuit open for 1 s after 3 failures" in proxy.log()
+    # Half-open: the probe is a client's whose failures are not the streak (team-a and
+    # team-b are, for 10 s), and it closes the model's circuit.
+    assert post(proxy, {"model": "breaker-broken"}, key=CLIENT_D).status_code == 200
+    assert post(proxy, {"model": "breaker-broken"}).status_code == 200  # closed again
+    assert "model 'breaker-broken': circuit open for 1 s after 3 failures" in proxy.log()
+    assert "backend breaky: circuit open" not in proxy.log()
 
 
 def test_one_clients_failing_requests_do_not_open_the_circuit_for_another(proxy, upstream):
