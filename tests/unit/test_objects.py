@@ -283,7 +283,7 @@ def test_created_ids_bounded_against_a_hostile_upstream() -> None:
     }
     started = time.perf_counter()
     ids = created_ids("/fine_tuning/jobs", "POST", 200, body(document))
-    assert time.perf_counter() - started < 0.5  # mostly parsing the 4 MB answer
+    assert time.perf_counter() - started < 2.0  # a bound, not a benchmark (busy CI: 0.55 s)
     assert len(ids) == MAX_IDS
     assert ids[0] == "batch_1"
 
