@@ -13,14 +13,28 @@ does not close its backend's other models). The cooldown doubles from ``min_open
 Failures are attributed to clients. With several tenants (``clients:`` lists more than
 one), a streak whose failures all come from one client never opens the circuit, quiet
 moment or not: one client's failing requests must not shut a backend for everybody (its own
-reconnect throttle slows it down instead); it takes failures from two clients or more. In
-half-open, the probe slot is not handed to a client whose failures are the current streak:
-the probe is the proxy's own (the runtime's background ``GET /models``) or another
-client's, so a client failing on purpose cannot hold the circuit open. An open proxy is one
-tenant: any ``failures`` in a row open it, and any request may probe (the breaker still
-protects a failing upstream). Without clients, and with one client, a lone client's streak
-opens it as before, also when another recently succeeded (``SOLO_WINDOW`` applies only
-there, where clients are told apart by address).
+reconnect throttle slows it down instead); it takes failures from two clients or more.
+The clients whose failures opened the circuit (its streak, at most ``MAX_STREAK``) are kept
+off the half-open probe for the open period and one more cooldown, so the probe is the
+proxy's own (the runtime's background ``GET /models``) or another client's. After that a
+streak client may probe, but its failed probe (or its failure on probation) does not reopen
+the circuit for the others: it leaves it half-open, where anyone else may probe at once, and
+keeps that client off the probe for a hold that doubles with each of its failures (up to
+``max_open``). When another client's request closes the circuit, the streak's clients are
+suspects for ``SUSPECT_FOR``: their failures alone open it no more (with anyone else's they
+do). So colluding clients cannot hold a healthy circuit open, nor reopen it after each
+close, and a broken upstream still sees at most one probe per streak client per hold. A
+client new to the streak failing a probe reopens it, doubled, as without tenants.
+
+An open proxy is one tenant: any ``failures`` in a row open it, and any request may probe
+(the breaker still protects a failing upstream). Without clients, and with one client, a
+lone client's streak opens it as before, also when another recently succeeded
+(``SOLO_WINDOW`` applies only there, where clients are told apart by address).
+
+Only a real success (a 2xx served) forgets a streak. A 4xx, or a 5xx to a model's request,
+is an answer: it closes the circuit (on probation) when that request held the probe, and
+otherwise changes nothing, so one client's answered-but-refused requests cannot keep
+resetting a streak others' timeouts are building.
 
 Every state leaves by time alone: ``open`` lasts at most ``max_open``; in ``half_open`` one
 probe at a time is let through, and a probe whose outcome is never reported (its client
@@ -46,6 +60,8 @@ log = logging.getLogger("proxy.breaker")
 
 PROBE_TIMEOUT = 60.0  # the default (and the cap) for a probe that never reports back
 SOLO_WINDOW = 10.0  # another client's success this recent makes a one-client streak its own
+MAX_STREAK = 8  # clients remembered in a streak (a ninth failing client is a new one)
+SUSPECT_FOR = 600.0  # how long a streak whose circuit another client's success closed is suspect
 
 
 class BreakerState(StrEnum):
@@ -78,8 +94,9 @@ class Breaker:
         self._probation = False  # closed by the background probe, not yet by a real success
         self._config = config
         self.open_for = config.min_open
-        self._streak_clients: set[str] = set()  # who failed in the current streak (<= 2)
-        self._last_failure_at = -math.inf  # clock time of the last failure
+        self._streak_clients: set[str] = set()  # who failed in the current streak
+        self._held: dict[str, tuple[float, float]] = {}  # streak client -> (until, hold)
+        self._suspects: dict[str, float] = {}  # client -> until (<= MAX_STREAK entries)
         self._recent_successes: dict[str, float] = {}  # client -> clock time (<= 2 entries)
 
     # ------------------------------------------------------------ configuration
@@ -137,23 +154,28 @@ class Breaker:
         if self._probe_deadline and now < self._probe_deadline:  # a probe is out
             return min(1.0, self._probe_deadline - now)
         if self._held_by(client, now):
-            return 1.0
+            return min(max(1.0, self._held[client or ""][0] - now), self._config.max_open)
         self._probe_deadline = now + self.probe_timeout
         self.probe_ticket += 1  # the holder's proof, for release()
         return 0.0
 
     def _held_by(self, client: str | None, now: float) -> bool:
         """Whether ``client`` may not take the probe slot: several tenants, and its failures
-        are the current streak, the last under ``SOLO_WINDOW`` ago (refused, it fails no
-        more: by time alone it may probe again)."""
-        return (
-            self.multi_tenant
-            and client is not None
-            and client in self._streak_clients
-            and now - self._last_failure_at < SOLO_WINDOW
-        )
+        are the current streak's, its hold not over yet (it leaves by time alone)."""
+        if not self.multi_tenant or client is None:
+            return False
+        held = self._held.get(client)
+        return held is not None and now < held[0]
 
     def success(self, client: str | None = None) -> None:
+        streak = self._streak_clients
+        if (  # another client served while the streak's clients fail: theirs, it seems
+            streak
+            and self.multi_tenant
+            and client not in streak
+            and (self._opened or self._probation or all(map(self._suspected, streak)))
+        ):
+            self._suspect_streak()
         if self._opened:
             log.warning("backend %s: circuit closed again (probe succeeded)", self.backend)
             self._opened = False
@@ -162,6 +184,7 @@ class Breaker:
         self._probation = False
         self.failures = 0
         self._streak_clients.clear()
+        self._held.clear()
         if client is not None:
             self._note_success(client)
 
@@ -178,29 +201,58 @@ class Breaker:
             self._opened = False
             self._probe_deadline = 0.0
             self._probation = True
-        self.failures = 0
-        self._streak_clients.clear()  # on probation, a new streak: whose is it?
+        self.failures = 0  # the streak's clients are kept: their failures are still theirs
 
-    def failure(self, client: str | None = None) -> None:
+    def answered(self, ticket: int | None = None) -> None:
+        """The backend answered, though not with a success of this request (a 4xx, or a 5xx
+        about a model): it is up. That closes the circuit (on probation) only when this
+        request held the probe; it resets no streak (a client's refused requests must not
+        hide the timeouts others get)."""
+        if ticket is not None and ticket == self.probe_ticket and self.state is HALF_OPEN:
+            self.probe_succeeded()
+        else:
+            self.release(ticket)
+
+    def failure(self, client: str | None = None, ticket: int | None = None) -> None:
+        """A failure, from ``client``; ``ticket`` frees the probe slot if it held it."""
         self.failures += 1
-        self._last_failure_at = self._clock()
-        if client is not None and len(self._streak_clients) < 2:  # one, or "several"
+        member = client is not None and client in self._streak_clients
+        if client is not None and not member and len(self._streak_clients) < MAX_STREAK:
             self._streak_clients.add(client)
         state = self.state
-        if state is CLOSED and self._probation:
-            if self.multi_tenant and self._one_clients_problem():
-                return  # one client failing on probation: its own, not the backend's
-            self._probation = False
-            self.open_for = min(self.open_for * 2, self._config.max_open)
-            self._open(self.open_for, "after a failure on probation")
-        elif state is HALF_OPEN:
-            self.open_for = min(self.open_for * 2, self._config.max_open)
-            self._open(self.open_for, "after a failed probe")
-        elif state is CLOSED and self.failures >= self._config.failures:
-            if self._one_clients_problem():
-                return
+        if state is HALF_OPEN or (state is CLOSED and self._probation):
+            own = member or self._suspected(client)
+            self._failed_test(client if own else None, state)
+        elif (
+            state is CLOSED
+            and self.failures >= self._config.failures
+            and not self._one_clients_problem()
+        ):
             self.open_for = self._config.min_open
             self._open(self.open_for, f"after {self.failures} failures in a row")
+        self.release(ticket)
+
+    def _failed_test(self, member: str | None, state: BreakerState) -> None:
+        """A failure in half-open or on probation. From a client of the streak (several
+        tenants): its own again; it is held off the probe, the circuit stays (or goes back
+        to) half-open for the others. Otherwise the backend still fails: reopen, doubled."""
+        if self.multi_tenant and member is not None:
+            self._hold(member)
+            if state is CLOSED:  # on probation: half-open now, anyone else may probe
+                self._opened, self.open_until, self._probe_deadline = True, self._clock(), 0.0
+            return
+        if state is CLOSED and self.multi_tenant and self._one_clients_problem():
+            return  # one client failing on probation: its own, not the backend's
+        self._probation = False
+        self.open_for = min(self.open_for * 2, self._config.max_open)
+        why = "after a failed probe" if state is HALF_OPEN else "after a failure on probation"
+        self._open(self.open_for, why)
+
+    def _hold(self, client: str) -> None:
+        """Keep a streak client off the probe: its hold doubles with each failed test."""
+        _, hold = self._held.get(client, (0.0, self.open_for / 2))
+        hold = min(max(hold * 2, self._config.min_open), self._config.max_open)
+        self._held[client] = (self._clock() + hold, hold)
 
     def _note_success(self, client: str) -> None:
         """Remember the last two clients that succeeded, and when (bounded: two entries)."""
@@ -209,14 +261,38 @@ class Breaker:
             oldest = min(self._recent_successes, key=self._recent_successes.__getitem__)
             del self._recent_successes[oldest]
 
+    def _suspect_streak(self) -> None:
+        """Another client's request succeeded as soon as the circuit let it: the streak's
+        failures were its clients' own (colluding, or a poisoned body each). For
+        ``SUSPECT_FOR`` their failures alone open nothing; with anyone else's they do. Each
+        such success while they fail, suspected, renews it."""
+        until = self._clock() + SUSPECT_FOR
+        for client in self._streak_clients:
+            self._suspects.pop(client, None)
+            self._suspects[client] = until
+        while len(self._suspects) > MAX_STREAK:
+            del self._suspects[next(iter(self._suspects))]  # the oldest first
+
+    def _suspected(self, client: str | None) -> bool:
+        until = self._suspects.get(client or "")
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._suspects[client or ""]
+        return False
+
     def _one_clients_problem(self) -> bool:
         """Every failure of the streak came from one client while another client succeeded
         within ``SOLO_WINDOW``: that client's requests fail (a poisoned body, say), the
-        backend does not, and the circuit stays closed for everybody else."""
+        backend does not, and the circuit stays closed for everybody else. With several
+        tenants, also a streak of suspects only (``_suspect_streak``)."""
+        if self.multi_tenant and self._streak_clients:
+            return len(self._streak_clients) == 1 or all(
+                self._suspected(client) for client in self._streak_clients
+            )
         if len(self._streak_clients) != 1:
             return False
-        if self.multi_tenant:
-            return True  # several tenants: one client's streak is its own, in quiet times too
         (only,) = self._streak_clients
         now = self._clock()
         return any(
@@ -250,6 +326,9 @@ class Breaker:
         self._opened = True
         self.open_until = self._clock() + seconds
         self._probe_deadline = 0.0
+        if self.multi_tenant:  # the streak's clients wait out one more cooldown: others probe
+            for client in self._streak_clients:
+                self._held[client] = (self.open_until + seconds, seconds)
         shown = f"{round(seconds, 1):g}"  # 0.5 s, 1 s, 60 s
         log.warning("backend %s: circuit open for %s s %s", self.backend, shown, why)
 
@@ -307,10 +386,10 @@ class ModelCircuits:
             self.probe_timeout,
             self.multi_tenant,
         )
-        self._breakers[model] = breaker
-        if len(self._breakers) > self._bound:
+        if len(self._breakers) >= self._bound:  # before inserting: never the new one
             closed = next((m for m, b in self._breakers.items() if not b.is_open), None)
             del self._breakers[closed if closed is not None else next(iter(self._breakers))]
+        self._breakers[model] = breaker
         return breaker
 
     def open_models(self) -> dict[str, float]:
@@ -329,13 +408,21 @@ class Admission:
     model_ticket: int | None
 
     def served(self, client: str | None) -> None:
+        """A success: the request was served."""
         self.backend.success(client)
         if self.model is not None:
             self.model.success(client)
 
+    def answered(self) -> None:
+        """An answer that is not a success (a 4xx, a 429): the backend is up, the model
+        proved nothing."""
+        self.backend.answered(self.backend_ticket)
+        if self.model is not None:
+            self.model.release(self.model_ticket)
+
     def backend_failed(self, client: str | None) -> None:
         """No answer (connect error, timeout), a broken status or a cut body: the backend's."""
-        self.backend.failure(client)
+        self.backend.failure(client, self.backend_ticket)
         if self.model is not None:
             self.model.release(self.model_ticket)
 
@@ -343,13 +430,13 @@ class Admission:
         """A 5xx answer: the model's failure; the backend itself answered. Without a model
         (a file, a batch...) it is the backend's."""
         if self.model is None:
-            self.backend.failure(client)
+            self.backend.failure(client, self.backend_ticket)
             return
-        self.model.failure(client)
-        self.backend.success(client)
+        self.model.failure(client, self.model_ticket)
+        self.backend.answered(self.backend_ticket)
 
     def released(self) -> None:
-        """No verdict (the client left, a key cooling down, a 4xx, a redirect)."""
+        """No verdict (the client left, a key cooling down, a redirect)."""
         self.backend.release(self.backend_ticket)
         if self.model is not None:
             self.model.release(self.model_ticket)

@@ -186,10 +186,10 @@ async def _try_backend(
             admitted.released()
         else:
             if verdict is not Verdict.OK:
-                # The backend answered: up, whatever it thought of the request. (An OK is
-                # reported by the relay once the answer is in: a body cut after a 200 head
-                # is the backend failing.)
-                admitted.served(ctx.client)
+                # The backend answered: up, whatever it thought of the request, but not a
+                # success that forgets a failure streak. (An OK is reported by the relay once
+                # the answer is in: a body cut after a 200 head is the backend failing.)
+                admitted.answered()
             runtime.state.verified(target.backend)
 
 

@@ -731,7 +731,9 @@ def _record_of(raw: object) -> Record | None:
     """A value read back from Redis, written by us or by anyone: None unless well-formed.
     ``backend\x1fkey`` (no owner: written while open, or before owners), with an owner, or
     with an owner (maybe empty) and a batch file's line count."""
-    if not isinstance(raw, bytes) or len(raw) > 3 * _MAX_NAME + 3 + len(str(_MAX_LINES)):
+    # A first bound in bytes before decoding (a UTF-8 character is at most 4 bytes); the
+    # names' own bound is in characters, checked below.
+    if not isinstance(raw, bytes) or len(raw) > 4 * (3 * _MAX_NAME) + 3 + len(str(_MAX_LINES)):
         return None
     try:
         text = raw.decode()

@@ -321,11 +321,13 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
     finally:
         # The breaker hears exactly one outcome, so a half-open probe slot is never kept.
         if verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
-            breaker.failure(ctx.client)
+            breaker.failure(ctx.client, ticket)
         elif verdict is None or verdict is Verdict.REDIRECT:
             breaker.release(ticket)
+        elif verdict is Verdict.OK:
+            breaker.success(ctx.client)  # a 101: a session
         else:
-            breaker.success(ctx.client)  # it answered (a 101, or a refusal of its own)
+            breaker.answered(ticket)  # a refusal of its own: up, but no success
 
 
 def _handshake_refused(

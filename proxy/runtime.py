@@ -227,7 +227,7 @@ class Runtime:
             elif verdict:
                 breaker.probe_succeeded()
             else:
-                breaker.failure()
+                breaker.failure(None, ticket)
 
     async def _verify(self, backend: str) -> None:
         """Until the backend has answered once (here, or to a request): ``GET /models``,

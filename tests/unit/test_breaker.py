@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -217,8 +218,69 @@ def test_the_failing_clients_may_probe_again_by_time_alone() -> None:
     b = tenants(clock)
     for client in ("team-a", "team-c", "team-a"):
         b.failure(client)
-    clock.now += 10.0  # refused, they failed no more: SOLO_WINDOW later they may probe
+    clock.now += 1.9  # open for 1 s, then held one more cooldown: others probe first
+    assert b.admit("team-a") > 0
+    clock.now += 0.1
     assert b.admit("team-a") == 0
+
+
+def test_colluders_failing_every_probe_never_keep_it_open_for_the_others() -> None:
+    """Review of issue 19: two clients that fail on purpose, one request every 0.5 s, with
+    a cooldown longer than any hold: the circuit opens once, then stays half-open (a
+    streak client's failed probe is its own), and a third client is let through."""
+    clock = Clock()
+    config = BreakerConfig(failures=3, min_open=15.0, max_open=120.0)
+    b = Breaker("b", config, clock=clock, probe_timeout=10.0, multi_tenant=True)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    refused_b = upstream_calls = 0
+    for step in range(2400):  # 20 minutes
+        clock.now += 0.5
+        for client in ("team-a", "team-c"):
+            probing = b.is_open
+            if b.admit(client) == 0:
+                upstream_calls += 1
+                b.failure(client, b.probe_ticket if probing else None)
+        if step % 20 == 0:  # team-b every 10 s, whose requests the backend serves
+            if b.admit("team-b") == 0:
+                b.success("team-b")
+                for _ in range(3):  # ... and the colluders open it again at once
+                    for client in ("team-a", "team-c"):
+                        b.failure(client)
+            else:
+                refused_b += 1
+    assert refused_b <= 2  # the first open period only: 15 s
+    assert upstream_calls > 0
+
+
+def test_a_streak_clients_failed_probes_back_off_and_leave_it_half_open() -> None:
+    clock = Clock()
+    b = tenants(clock)  # min_open 1, max_open 4
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 2.0  # open 1 s, held 1 s more
+    probes = []
+    for _ in range(40):  # team-a tries every 0.25 s for 10 s, failing each probe
+        probing = b.is_open
+        if b.admit("team-a") == 0:
+            probes.append(clock.now)
+            b.failure("team-a", b.probe_ticket if probing else None)
+        assert b.state is HALF_OPEN and b.admit("team-b") == 0  # anyone else: at once
+        b.release(b.probe_ticket)
+        clock.now += 0.25
+    gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
+    assert gaps == sorted(gaps) and gaps[-1] == pytest.approx(4.0)  # 2, 4, 4 ... capped
+
+
+def test_a_new_client_failing_the_probe_reopens_it() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 1.0
+    assert b.admit("team-d") == 0
+    b.failure("team-d", b.probe_ticket)  # a client new to the streak: the backend fails
+    assert b.state is OPEN and b.open_seconds() == pytest.approx(2.0)
 
 
 def test_on_probation_one_clients_failure_does_not_reopen_it_for_everyone() -> None:
@@ -229,10 +291,45 @@ def test_on_probation_one_clients_failure_does_not_reopen_it_for_everyone() -> N
     clock.now += 1.0
     assert b.admit() == 0  # the proxy's own background probe
     b.probe_succeeded()
-    b.failure("team-a")
-    assert b.state == CLOSED and b.admit("team-b") == 0
-    b.failure("team-c")  # a second client fails too: the backend does
-    assert b.state == OPEN
+    b.failure("team-a")  # a streak client: half-open, where anyone else probes at once
+    assert b.state is HALF_OPEN and b.admit("team-a") > 0 and b.admit("team-b") == 0
+    b.success("team-b")
+    assert b.state is CLOSED and b.admit("team-a") == 0
+
+
+def test_on_probation_a_new_clients_failure_reopens_it() -> None:
+    clock = Clock()
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 1.0
+    b.admit()
+    b.probe_succeeded()
+    b.failure("team-d")  # streak team-a, team-c and now team-d: the backend fails
+    assert b.state is OPEN
+
+
+def test_an_answer_that_is_not_a_success_resets_no_streak() -> None:
+    """Review of issue 19: one client's 4xx (or its model's 5xx) must not keep wiping the
+    timeouts two other clients are getting."""
+    clock = Clock()
+    b = tenants(clock)
+    for _ in range(3):
+        b.failure("team-a")
+        b.answered()  # team-x's request answered 400 in between
+        b.failure("team-c")
+    assert b.state is OPEN
+
+
+def test_an_answer_to_the_probe_closes_it_on_probation() -> None:
+    clock = Clock()
+    b = opened(clock)
+    clock.now += 1.0
+    assert b.admit("a") == 0
+    b.answered(b.probe_ticket)
+    assert b.state is CLOSED
+    b.failure("a")  # on probation: the next failure reopens it, doubled
+    assert b.state is OPEN and b.open_seconds() == pytest.approx(2.0)
 
 
 def test_an_open_proxy_is_one_tenant_and_still_protects_the_upstream() -> None:
@@ -307,6 +404,33 @@ def test_model_circuits_are_bounded_and_drop_closed_ones_first():
         models.get(f"made-up-{i}")
     assert len(models) == 3
     assert list(models.open_models()) == ["open-one"]  # not pushed out by closed ones
+
+
+def test_with_every_circuit_open_a_new_models_circuit_still_opens():
+    """Review of issue 19: the new circuit was dropped right after it was made when all
+    the others were open, so no further model's circuit could open."""
+    clock = Clock()
+    models = model_circuits(clock, bound=3)
+    for name in ("m1", "m2", "m3", "m4"):
+        for _ in range(3):
+            models.get(name).failure()
+    assert list(models.open_models()) == ["m2", "m3", "m4"]  # the oldest open one dropped
+
+
+def test_a_models_5xx_leaves_the_backends_timeout_streak_alone():
+    """Review of issue 19: team-x's model answering 500 reset the backend's streak, so
+    timeouts from team-a and team-c never opened it."""
+    clock = Clock()
+    backend = tenants(clock)
+    models = ModelCircuits("b", backend.config, 10.0, multi_tenant=True, clock=clock)
+    for client in ("team-a", "team-x", "team-c", "team-x", "team-a"):
+        passed = admit(backend, models.get("broken" if client == "team-x" else "m"), client)
+        assert isinstance(passed, Admission)
+        if client == "team-x":
+            passed.answered_5xx(client)
+        else:
+            passed.backend_failed(client)  # a timeout
+    assert backend.state is OPEN
 
 
 @given(st.lists(st.sampled_from(["5xx", "ok", "release", "tick"]), max_size=60))

@@ -257,3 +257,20 @@ def test_a_batch_files_line_count_rides_in_its_placement(redis_server: RedisServ
             await store.client.aclose()
 
     assert asyncio.run(garbage()) is None
+
+
+def test_long_non_ascii_names_read_back_as_written(redis_server: RedisServer) -> None:
+    """Names are bounded in characters, not bytes: 256 'é' (512 bytes each) round-trip."""
+    from proxy.objects import Record
+
+    backend, key, owner = "é" * 256, "ü" * 256, "ß" * 256
+
+    async def run() -> dict[str, Record]:
+        store = bare_store(redis_server.url)
+        try:
+            await store.remember(["file-wide"], backend, key, owner, lines=123)
+            return await store.records(["file-wide"])
+        finally:
+            await store.client.aclose()
+
+    assert asyncio.run(run()) == {"file-wide": Record(Placement(backend, key, 123), owner)}

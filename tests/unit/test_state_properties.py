@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from proxy.breaker import Breaker, BreakerState
+from proxy.breaker import MAX_STREAK, Breaker, BreakerState
 from proxy.config import BreakerConfig, Config, ReconnectConfig, ThrottleConfig, parse_config
 from proxy.keys import (
     CONFIRM_INTERVAL,
@@ -192,6 +192,71 @@ class TenantsMachine(RuleBasedStateMachine):
 
 TestTenantsMachine = TenantsMachine.TestCase
 TestTenantsMachine.settings = SETTINGS
+
+
+class CollusionMachine(RuleBasedStateMachine):
+    """Several tenants: clients a and c fail on purpose (any order, taking and dropping
+    probe slots, over any time short of ``SUSPECT_FOR``), and the proxy's background probe
+    answers. Once b, whose requests the backend serves, has closed the circuit, a and c can
+    never open it again; b is refused only while the circuit their first streak opened is
+    open, or a probe slot is out; and the breaker's memory of them stays bounded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        config = BreakerConfig(3, 5.0, 60.0)
+        self.breaker = Breaker("b", config, clock=self.clock, probe_timeout=5, multi_tenant=True)
+        for client in ("a", "c", "a"):
+            self.breaker.failure(client)
+        self.tickets: dict[str, int | None] = {"a": None, "c": None}
+        self.b_closed_it = False
+
+    @rule(client=st.sampled_from(["a", "c"]), with_ticket=st.booleans())
+    def a_colluder_fails(self, client: str, with_ticket: bool) -> None:
+        ticket = self.tickets[client] if with_ticket else None
+        self.breaker.failure(client, ticket)
+        self.tickets[client] = None
+
+    @rule(client=st.sampled_from(["a", "c"]))
+    def a_colluder_asks(self, client: str) -> None:
+        probing = self.breaker.is_open
+        if self.breaker.admit(client) == 0 and probing:
+            self.tickets[client] = self.breaker.probe_ticket
+
+    @rule(client=st.sampled_from(["a", "c"]))
+    def a_colluder_drops_its_probe(self, client: str) -> None:
+        self.breaker.release(self.tickets[client])
+        self.tickets[client] = None
+
+    @rule()
+    def the_proxys_probe_answers(self) -> None:
+        if self.breaker.is_open and self.breaker.admit() == 0:
+            self.breaker.probe_succeeded()
+
+    @rule()
+    def b_asks(self) -> None:
+        state = self.breaker.state
+        if self.breaker.admit("b") == 0:
+            self.breaker.success("b")
+            self.b_closed_it = True
+        else:
+            probe_out = any(t == self.breaker.probe_ticket for t in self.tickets.values())
+            assert (state is BreakerState.OPEN and not self.b_closed_it) or probe_out
+
+    @rule(step=st.floats(min_value=0.0, max_value=8.0))
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @invariant()
+    def colluders_cannot_open_it_again_and_are_remembered_boundedly(self) -> None:
+        b = self.breaker
+        if self.b_closed_it:
+            assert b.state is not BreakerState.OPEN
+        assert len(b._held) <= 2 * MAX_STREAK and len(b._suspects) <= MAX_STREAK
+
+
+TestCollusionMachine = CollusionMachine.TestCase
+TestCollusionMachine.settings = SETTINGS
 
 
 # ---------------------------------------------------------------- key pool
