@@ -75,7 +75,8 @@ class AccessLog:
             f"request_id={escaped(r.request_id)} "
             f"upstream_request_id={escaped(r.upstream_request_id)} model={escaped(r.model)} "
             f"upstream_model={escaped(r.upstream_model)} backend={r.backend or '-'} "
-            f"key={r.key or '-'} stream={'true' if r.stream else 'false'} "
+            f"key={r.key or '-'} attempts={r.attempts} deployment={escaped(r.deployment)} "
+            f"stream={'true' if r.stream else 'false'} "
             f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)}{_PARTIAL[r.tokens_partial]} "
             f"throttled={r.throttle_reason or '-'} "
             f"error={escaped(r.error or r.upstream_error)}\n"
@@ -93,6 +94,8 @@ class AccessLog:
             "upstream_model": r.upstream_model,
             "backend": r.backend,
             "key": r.key,
+            "attempts": r.attempts,
+            "deployment": r.deployment,
             "status": r.status,
             "duration_ms": round((time.perf_counter() - r.started) * 1000, 2),
             "stream": r.stream,

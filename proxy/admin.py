@@ -8,6 +8,7 @@ import math
 import time
 from typing import Any
 
+from proxy.config import RouteConfig
 from proxy.redact import redact_url
 from proxy.runtime import Runtime
 
@@ -66,6 +67,9 @@ def status(runtime: Runtime) -> dict[str, Any]:
                 "strip_prefix": r.strip_prefix,
                 "key": r.key,
                 "fallback": [{"backend": f.backend, "model": f.model} for f in r.fallback],
+                "max_attempts": r.max_attempts,
+                "affinity": r.affinity,
+                **(_pool(runtime, r) if len(r.deployments) > 1 else {}),
             }
             for r in config.routes
         ],
@@ -75,6 +79,32 @@ def status(runtime: Runtime) -> dict[str, Any]:
         ],
     }
     return {name: finite(value) for name, value in page.items()}
+
+
+def _pool(runtime: Runtime, route: RouteConfig) -> dict[str, Any]:
+    """A route's deployments with their live state: what the balancer sees now."""
+    now = time.monotonic()
+    deployments = []
+    for d in route.deployments:
+        stats = runtime.deployments[d.name]
+        model = d.model or ""
+        deployments.append(
+            {
+                "name": d.name,
+                "backend": d.backend,
+                "model": d.model,
+                "weight": d.weight,
+                "key": d.key,
+                "healthy": not (
+                    runtime.breakers[d.backend].is_open
+                    or runtime.model_circuits[d.backend].is_open(model)
+                    or not runtime.pools[d.backend].has_usable(d.key)
+                ),
+                "in_flight": stats.in_flight,
+                "latency_seconds": round(stats.latency(now), 4),
+            }
+        )
+    return {"strategy": route.strategy, "deployments": deployments}
 
 
 def finite(value: Any) -> Any:

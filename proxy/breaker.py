@@ -392,6 +392,11 @@ class ModelCircuits:
         self._breakers[model] = breaker
         return breaker
 
+    def is_open(self, model: str) -> bool:
+        """Whether ``model``'s circuit is not closed (no circuit made: closed)."""
+        breaker = self._breakers.get(model)
+        return breaker is not None and breaker.is_open
+
     def open_models(self) -> dict[str, float]:
         """Models whose circuit is not closed, with the seconds left open (0: half-open)."""
         return {m: b.open_seconds() for m, b in self._breakers.items() if b.is_open}

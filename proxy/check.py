@@ -44,7 +44,15 @@ def print_table(config: Config, out: TextIO) -> None:
             extras.append("fallback " + ", ".join(f.backend for f in route.fallback))
         extras += [f"rewrite: {rule}" for rule in route.request_rewrite.describe()]
         suffix = f"  ({', '.join(extras)})" if extras else ""
-        out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
+        if len(route.deployments) == 1:
+            out.write(f"  {i}. '{route.prefix}*' -> {route.backend}{suffix}\n")
+            continue
+        head = f"{route.strategy}, at most {route.max_attempts} attempts, affinity {route.affinity}"
+        out.write(f"  {i}. '{route.prefix}*' -> pool ({head}){suffix}\n")
+        for d in route.deployments:
+            pinned = f", key {d.key}" if d.key else ""
+            sent = f" as {d.model}" if d.model else ""
+            out.write(f"       - {d.backend}{sent} (weight {d.weight:g}{pinned})\n")
     out.write("\nrequests without a model (first match on the path after /v1):\n")
     for path_rule in config.paths:
         pinned = f"  (key {path_rule.key})" if path_rule.key else ""

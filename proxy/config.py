@@ -326,14 +326,68 @@ class FallbackConfig(_Section):
     model: Annotated[Text | None, doc("the id sent there; default: the same id")] = None
 
 
+Weight = Annotated[float, pydantic.Strict(False), Gt(0), Le(1_000_000)]
+MAX_ATTEMPTS = 10  # upstream attempts of one request, at most, whatever a route says
+
+
+@dataclass(frozen=True)
+class DeploymentConfig(_Section):
+    backend: Annotated[Text, doc("a backend serving the route's models")]
+    model: Annotated[Text | None, doc("the id sent there; default: the id as routed")] = None
+    weight: Annotated[Weight, doc("share of the traffic, relative to the others")] = 1.0
+    key: Annotated[Text | None, doc("pin one key id of the backend")] = None
+
+    @property
+    def name(self) -> str:
+        """How metrics, logs and /admin name it: bounded by the config."""
+        return f"{self.backend}/{self.model}" if self.model else self.backend
+
+
 @dataclass(frozen=True)
 class RouteConfig(_Section):
     prefix: Annotated[AnyText, doc('model ids starting with this ("" matches all)')]
-    backend: Annotated[Text, doc("the backend that serves them")]
+    backend: Annotated[Text | None, doc("the backend that serves them (or deployments:)")] = None
     strip_prefix: Annotated[Bool, doc("send the id without the prefix")] = False
     key: Annotated[Text | None, doc("pin one key id of the backend")] = None
+    deployments: Annotated[
+        tuple[DeploymentConfig, ...], doc("backends serving them, balanced (or backend:)")
+    ] = ()
+    strategy: Annotated[
+        Literal["weighted", "least-busy", "latency"], doc("how a deployment is chosen")
+    ] = "weighted"
+    max_attempts: Annotated[
+        int,
+        pydantic.Strict(),
+        Ge(1),
+        Le(MAX_ATTEMPTS),
+        doc("upstream attempts per request, all causes together (keys, deployments, fallbacks)"),
+    ] = 3
+    affinity: Annotated[
+        Literal["session", "client", "none"],
+        doc("keep a conversation on one deployment and key (its prompt cache)"),
+    ] = "session"
     fallback: Annotated[tuple[FallbackConfig, ...], doc("tried in order on failure")] = ()
     request_rewrite: Annotated[Rewrite, doc("applied after the backend's rules")] = NO_RULES
+
+    @pydantic.model_validator(mode="after")
+    def _one_pool(self) -> RouteConfig:
+        """``backend:`` is a pool of one; ``deployments:`` names several. Exactly one."""
+        if (self.backend is None) == (not self.deployments):
+            raise ValueError("give either backend: or deployments:, not both or neither")
+        if self.backend is not None:
+            one = DeploymentConfig(self.backend, None, 1.0, self.key)
+            object.__setattr__(self, "deployments", (one,))
+        else:
+            names = [d.name for d in self.deployments]
+            twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+            if twice is not None:
+                raise ValueError(f"deployment '{twice}' is listed twice")
+            object.__setattr__(self, "backend", self.deployments[0].backend)
+        return self
+
+    @property
+    def first_backend(self) -> str:
+        return self.deployments[0].backend
 
 
 @dataclass(frozen=True)
@@ -491,6 +545,10 @@ class Config(_Section):
         ObjectsConfig()
     )
     clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
+    session_headers: Annotated[
+        tuple[Annotated[Text, _NO_CONTROL], ...],
+        doc("request headers naming a conversation, for affinity (read, never forwarded)"),
+    ] = ("x-claude-code-session-id", "session-id", "thread-id")
     throttle: Annotated[ThrottleConfig, doc("backoff and rate counting")] = ThrottleConfig()
     storage: Annotated[Storage, doc("memory:// or redis://host:port (shared)")] = "memory://"
     digest: SkipJsonSchema[str] = ""  # sha256 of the file's text: which version is in force
@@ -583,7 +641,10 @@ def _cross_checks(raw: Any) -> Iterator[tuple[Path, str]]:
         key_ids[name] = ids
     known = ", ".join(backends) or "none"
     for i, route in enumerate(map(_dict, _list(top.get("routes")))):
-        yield from _backend_and_key(("routes", i), route, key_ids)
+        if route.get("backend") is not None:
+            yield from _backend_and_key(("routes", i), route, key_ids)
+        for j, deployment in enumerate(map(_dict, _list(route.get("deployments")))):
+            yield from _backend_and_key(("routes", i, "deployments", j), deployment, key_ids)
         for j, step in enumerate(_list(route.get("fallback"))):
             if (other := _scalar(_dict(step).get("backend"))) is not None and other not in backends:
                 message = f"unknown backend '{other}' (known: {known})"

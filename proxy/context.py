@@ -19,6 +19,7 @@ from proxy.throttle import Outcome
 from proxy.usage import NO_TOKENS, TokenCounts
 
 if TYPE_CHECKING:
+    from proxy.balance import DeploymentStats
     from proxy.routing import Target
 
 
@@ -36,10 +37,15 @@ class RequestContext:
 
     __slots__ = (
         "attempt_errors",
+        "attempt_limit",
+        "attempts",
         "backend",
         "client",
         "client_gone",
         "client_label",
+        "deployment",
+        "deployment_since",
+        "deployment_stats",
         "dialect",
         "error",
         "finished",
@@ -53,6 +59,7 @@ class RequestContext:
         "request_id",
         "response_started",
         "sent_at",
+        "session",
         "started",
         "status",
         "stream",
@@ -94,6 +101,12 @@ class RequestContext:
         # connect | timeout | redirect | bad_status | status_4xx | status_429 | status_5xx | ...
         self.upstream_error: str | None = None
         self.attempt_errors: list[tuple[str, str, str]] = []  # backend, key, kind
+        self.attempts = 0  # upstream calls made (all causes: keys, deployments, fallbacks)
+        self.attempt_limit = 0  # no further call once ``attempts`` reaches it
+        self.session: str | None = None  # the conversation, for affinity (never logged)
+        self.deployment: str | None = None  # the pool deployment answering, by name
+        self.deployment_stats: DeploymentStats | None = None  # its in-flight count is ours
+        self.deployment_since = 0.0  # perf_counter when the call to it began
         self.status = 0
         self.error: str | None = None
         self.sent_at: float | None = None  # perf_counter when the first upstream call began
@@ -143,8 +156,13 @@ class RequestContext:
 
     def attempt_started(self) -> None:
         """An upstream call begins: the first one marks where the proxy's own time ends."""
+        self.attempts += 1
         if self.sent_at is None:
             self.sent_at = time.perf_counter()
+
+    @property
+    def attempts_left(self) -> bool:
+        return self.attempts < self.attempt_limit
 
     def attempt_failed(self, backend: str, key_id: str, kind: str) -> None:
         self.upstream_error = kind

@@ -15,6 +15,9 @@ is answered: an upstream error passed through unchanged, or the proxy's own erro
 
 from __future__ import annotations
 
+import random
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -22,7 +25,8 @@ from urllib.parse import quote
 import aiohttp
 import orjson
 
-from proxy import errors, rewrite
+from proxy import balance, errors, rewrite
+from proxy.balance import Affinity, DeploymentStats, session_key
 from proxy.bodies import ClientGone, Upload
 from proxy.breaker import Admission, admit
 from proxy.classify import Verdict, classify, parse_seconds
@@ -138,13 +142,25 @@ _ERROR_BODY_LIMIT = 1024 * 1024  # error bodies are small; a huge one is not rel
 async def deliver(
     runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
 ) -> Result:
-    """The first good answer among the target and its fallbacks, else the last failure.
+    """The first good answer among the route's deployments (in the pool's order) and its
+    fallbacks, else the last failure; at most ``target.max_attempts`` upstream calls.
 
     Raises ``ProxyError`` when the last failure is the proxy's own (open circuit, no key,
-    connect error, timeout, backend limit).
+    connect error, timeout, backend limit, no attempt left).
     """
+    ctx.attempt_limit = ctx.attempts + target.max_attempts  # this delivery's budget
+    if target.affinity is not Affinity.NONE:
+        ctx.session = session_key(
+            parts.payload,
+            parts.client_headers,
+            runtime.session_headers,
+            ctx.client,
+            target.affinity,
+        )
     last: Result | ProxyError | None = None
-    for candidate in (target, *target.fallbacks):
+    for candidate in _candidates(runtime, target, ctx):
+        if not ctx.attempts_left:
+            break
         ctx.routed(candidate)
         result = await _try_backend(runtime, candidate, parts, ctx)
         if isinstance(result, Delivery):
@@ -152,10 +168,38 @@ async def deliver(
         last = result
         if not _worth_a_fallback(result) or not parts.replayable:
             break
+    assert last is not None  # the first candidate always has its attempt
     if isinstance(last, ProxyError):
         raise last
-    assert last is not None
     return last
+
+
+_RANDOM = random.Random()
+
+
+def _candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequence[Target]:
+    """The route's deployments in the order this request tries them, then its fallbacks."""
+    pool = target.pool
+    if pool is None:
+        return (target, *target.fallbacks)
+    healthy = [_healthy(runtime, member) for member in pool.members]
+    stats = [runtime.deployments[name] for name in pool.names]
+    now = time.monotonic()
+    session = ctx.session
+    indexes = balance.order(
+        pool.strategy, pool.weights, healthy, stats, pool.names, session, _RANDOM, now
+    )
+    return [*(pool.members[i] for i in indexes), *target.fallbacks]
+
+
+def _healthy(runtime: Runtime, member: Target) -> bool:
+    """Worth trying first: its circuits are closed and it has a usable key."""
+    backend = member.backend
+    return not (
+        runtime.breakers[backend].is_open
+        or runtime.model_circuits[backend].is_open(member.upstream_model)
+        or not runtime.pools[backend].has_usable(member.pinned_key)
+    )
 
 
 async def _try_backend(
@@ -172,9 +216,18 @@ async def _try_backend(
             return errors.circuit_open(target.backend, admitted)
         return errors.model_circuit_open(target.backend, model, admitted)
     attempt = _Attempt(runtime, target, parts, ctx, admitted)
+    stats = runtime.deployments.get(target.deployment) if target.deployment else None
+    result: Result | ProxyError | None = None
+    if stats is not None:
+        stats.selections += 1
+        stats.in_flight += 1
+        since = time.perf_counter()
     try:
-        return await attempt.run()
+        result = await attempt.run()
+        return result
     finally:
+        if stats is not None:
+            _deployment_tried(ctx, stats, since, result)
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
         # the circuits hear an outcome, so a half-open probe slot is never left taken.
         verdict = attempt.verdict
@@ -191,6 +244,41 @@ async def _try_backend(
                 # the answer is in: a body cut after a 200 head is the backend failing.)
                 admitted.answered()
             runtime.state.verified(target.backend)
+
+
+def _deployment_tried(
+    ctx: RequestContext, stats: DeploymentStats, since: float, result: Result | ProxyError | None
+) -> None:
+    """A deployment's attempt ended: an answer being relayed stays in flight until the
+    request ends (``deployment_done``); a timeout is a (long) latency sample."""
+    if isinstance(result, Delivery):
+        ctx.deployment, ctx.deployment_stats, ctx.deployment_since = (
+            result.target.deployment,
+            stats,
+            since,
+        )
+        return
+    stats.in_flight -= 1
+    if isinstance(result, ProxyError) and result.status == 504:
+        stats.observe(time.perf_counter() - since, time.monotonic())
+
+
+def deployment_done(ctx: RequestContext) -> None:
+    """The request ended: its deployment has one request fewer in flight, and learns how
+    long it took (to the first token of a stream, to the end of an answer)."""
+    stats = ctx.deployment_stats
+    if stats is None:
+        return
+    ctx.deployment_stats = None
+    stats.in_flight -= 1
+    if ctx.error is not None or ctx.status >= 500 or ctx.status == 0:
+        return
+    now = time.perf_counter()
+    if ctx.ttft is not None and ctx.sent_at is not None:
+        sample = ctx.sent_at + ctx.ttft - ctx.deployment_since
+    else:
+        sample = now - ctx.deployment_since
+    stats.observe(sample, time.monotonic())
 
 
 async def backend_limited(runtime: Runtime, ctx: RequestContext, backend: str) -> ProxyError | None:
@@ -238,8 +326,10 @@ class _Attempt:
         refused: list[str] = []
         last_answer: FailedAnswer | None = None
         while True:
+            if tried and not ctx.attempts_left:  # the request's budget: no storm of retries
+                return self._nothing_left(None, last_answer, refused)
             try:
-                key = pool.pick(target.pinned_key, exclude=tried)
+                key = pool.pick(target.pinned_key, tried, ctx.session)
             except NoUsableKey as exc:
                 return self._nothing_left(exc, last_answer, refused)
             tried.append(key.id)

@@ -44,7 +44,7 @@ from proxy.context import RequestContext
 from proxy.dialects import OPENAI, Dialect, for_request
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
-from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver
+from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver, deployment_done
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.objects import (
     MAX_IDS,
@@ -148,6 +148,7 @@ async def handle(
     finally:
         if parts is not None and parts.upload is not None:
             parts.upload.close()
+        deployment_done(ctx)
         access_log.write(ctx)
         metrics.observe_request(ctx)
         if ctx.target is not None and ctx.client is not None:
@@ -539,7 +540,7 @@ def _response_headers(
     if upstream_id is not None:  # the SDK shows it as `_request_id`: the provider's is useful
         ctx.upstream_identified(upstream_id.decode("latin-1"))
     if runtime.config.server.routing_headers:
-        headers += _routing_headers(target.backend, target.upstream_model, key_id)
+        headers += _routing_headers(target.backend, target.upstream_model, key_id, ctx.attempts)
     return headers
 
 
@@ -888,11 +889,17 @@ def new_request_id() -> str:
     return f"{_ID_PREFIX}{next(_id_counter):010x}"
 
 
-def _routing_headers(backend: str, model: str, key_id: str | None) -> list[tuple[bytes, bytes]]:
+def _routing_headers(
+    backend: str, model: str, key_id: str | None, attempts: int
+) -> list[tuple[bytes, bytes]]:
     headers = [(b"x-proxy-backend", backend.encode()), (b"x-proxy-model", model.encode())]
     if key_id is not None:
         headers.append((b"x-proxy-key", key_id.encode()))
+    headers.append((b"x-proxy-attempts", _ATTEMPTS[attempts] if attempts < 16 else b"16"))
     return headers
+
+
+_ATTEMPTS = [str(n).encode() for n in range(16)]
 
 
 def _count_stream(ctx: RequestContext, result: RelayResult) -> None:
@@ -959,7 +966,7 @@ async def _answer_error(
         headers.append((b"connection", b"close"))
     if ctx.backend is not None and runtime.config.server.routing_headers:
         # The backend and key last tried (a fallback's, when it came to that).
-        headers += _routing_headers(ctx.backend, ctx.upstream_model or "", ctx.key)
+        headers += _routing_headers(ctx.backend, ctx.upstream_model or "", ctx.key, ctx.attempts)
     ctx.head_sent()
     try:
         await send({"type": "http.response.start", "status": err.status, "headers": headers})

@@ -25,6 +25,7 @@ from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 
+from proxy.balance import key_order
 from proxy.config import BackendConfig, KeyConfig
 
 log = logging.getLogger("proxy.keys")
@@ -78,13 +79,23 @@ class KeyPool:
 
     # ------------------------------------------------------------ picking
 
-    def pick(self, pinned: str | None = None, exclude: Collection[str] = ()) -> KeyConfig:
+    def pick(
+        self, pinned: str | None = None, exclude: Collection[str] = (), session: str | None = None
+    ) -> KeyConfig:
+        """The next usable key: round robin, or for a ``session`` the first usable in its
+        rendezvous order (the same on every replica: its prompt cache stays with it)."""
         now = self._clock()
         if pinned is not None:
             candidates: tuple[KeyConfig, ...] = (self._by_id[pinned],)
         else:
             candidates = self.keys
         count = len(candidates)
+        if session is not None and count > 1:
+            for key_id in key_order(session, [k.id for k in candidates]):
+                if key_id not in exclude and self._usable(key_id, now):
+                    self.health[key_id].last_used = time.time()
+                    return self._by_id[key_id]
+            raise self._no_usable_key(candidates, now)
         for offset in range(count):
             index = (self._next + offset) % count
             key = candidates[index]
@@ -98,6 +109,12 @@ class KeyPool:
     def states(self) -> list[tuple[KeyConfig, bool]]:
         now = self._clock()
         return [(k, self._usable(k.id, now)) for k in self.keys]
+
+    def has_usable(self, pinned: str | None = None) -> bool:
+        now = self._clock()
+        if pinned is not None:
+            return self._usable(pinned, now)
+        return any(self._usable(k.id, now) for k in self.keys)
 
     def usable(self) -> list[KeyConfig]:
         now = self._clock()

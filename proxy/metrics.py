@@ -118,6 +118,24 @@ STORAGE_ERRORS = Counter(
 )
 # Realtime (WebSocket) sessions: seconds to hours.
 SESSION_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200)
+DEPLOYMENT_SELECTIONS = Counter(
+    "llm_proxy_deployment_selections",
+    "Attempts sent to each deployment of a route's pool (backend/model, from the config).",
+    ["deployment"],
+)
+DEPLOYMENT_IN_FLIGHT = Gauge(
+    "llm_proxy_deployment_in_flight",
+    "Requests a pool deployment is answering now.",
+    ["deployment"],
+    multiprocess_mode="livesum",
+)
+DEPLOYMENT_LATENCY = Gauge(
+    "llm_proxy_deployment_latency_seconds",
+    "A pool deployment's latency estimate (peak EWMA of time to first token or duration), "
+    "as the latency strategy sees it now.",
+    ["deployment"],
+    multiprocess_mode="livemax",
+)
 REALTIME_SESSIONS = Gauge(
     "llm_proxy_realtime_sessions_active",
     "Realtime WebSocket sessions being relayed now.",
@@ -236,6 +254,15 @@ def exposition() -> tuple[bytes, str]:
 def set_key_states(states: Iterable[tuple[str, str, bool]]) -> None:
     for backend, key, usable in states:
         KEY_USABLE.labels(backend, key).set(1 if usable else 0)
+
+
+def set_deployment_states(states: Iterable[tuple[str, int, int, float]]) -> None:
+    """Per deployment: attempts since the last call, in flight now, latency estimate."""
+    for name, new_selections, in_flight, latency in states:
+        if new_selections:
+            DEPLOYMENT_SELECTIONS.labels(name).inc(new_selections)
+        DEPLOYMENT_IN_FLIGHT.labels(name).set(in_flight)
+        DEPLOYMENT_LATENCY.labels(name).set(latency)
 
 
 def set_circuit_states(states: Iterable[tuple[str, bool]]) -> None:

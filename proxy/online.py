@@ -233,6 +233,12 @@ def _wanted_models(config: Config) -> dict[str, dict[str, str]]:
             wanted.setdefault(target.backend, {}).setdefault(
                 target.upstream_model, f"target of alias {alias}"
             )
+    for i, route in enumerate(config.routes):
+        for d in route.deployments:  # each deployment's own id, on its own backend
+            if d.model is not None:
+                wanted.setdefault(d.backend, {}).setdefault(
+                    d.model, f"deployment of routes[{i}] '{route.prefix}*'"
+                )
     return wanted
 
 

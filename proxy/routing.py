@@ -15,12 +15,14 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 
+from proxy.balance import Affinity, Strategy
 from proxy.config import Config, RouteConfig
 from proxy.dialects import OPENAI, Dialect
 from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
 MAX_MODEL_LENGTH = 256
+DEFAULT_ATTEMPTS = 3  # a request routed by a backend's model list, or without a model
 NO_MODEL = "-"  # the model label of requests that name none
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -42,6 +44,22 @@ class Target:
     label: str = ""  # the metrics label: a model id from the config, or the route's pattern
     rewrite: RewriteRules = NO_RULES  # the backend's rules, then the route's
     dialect: Dialect = OPENAI  # the wire the client speaks, and the backend is spoken to in
+    pool: Pool | None = None  # the route's deployments (this target is the first); None: one
+    max_attempts: int = DEFAULT_ATTEMPTS  # upstream attempts of a request, all causes together
+    affinity: Affinity = Affinity.SESSION  # which conversation stays on one deployment and key
+    deployment: str = ""  # a pool member's name (metrics, /admin); "" outside a pool
+
+
+@dataclass(frozen=True, slots=True)
+class Pool:
+    """A route's deployments, balanced: each a ``Target`` of its own (backend, model id,
+    key pin, rewrite rules), with its weight and its name (for metrics and /admin)."""
+
+    route: str  # the route's pattern, e.g. "kimi-k2*"
+    members: tuple[Target, ...]
+    names: tuple[str, ...]
+    weights: tuple[float, ...]
+    strategy: Strategy
 
 
 @dataclass(frozen=True)
@@ -105,7 +123,28 @@ class Router:
             for f in target.fallbacks
             if dialect.speaks(self._backends[f.backend])
         )
-        return replace(target, dialect=dialect, rewrite=NO_RULES, fallbacks=fallbacks)
+        pool = target.pool
+        if pool is not None:
+            kept = [
+                (replace(m, dialect=dialect, rewrite=NO_RULES, pool=None, fallbacks=()), n, w)
+                for m, n, w in zip(pool.members, pool.names, pool.weights, strict=True)
+                if dialect.speaks(self._backends[m.backend])
+            ]
+            if kept:
+                members = tuple(m for m, _, _ in kept)
+                names = tuple(n for _, n, _ in kept)
+                weights = tuple(w for _, _, w in kept)
+                pool = replace(pool, members=members, names=names, weights=weights)
+                first = members[0]
+                return replace(
+                    first,
+                    fallbacks=fallbacks,
+                    pool=pool if len(kept) > 1 else None,
+                    max_attempts=target.max_attempts,
+                    affinity=target.affinity,
+                )
+            pool = None
+        return replace(target, dialect=dialect, rewrite=NO_RULES, fallbacks=fallbacks, pool=pool)
 
     def speakers(self, dialect: Dialect) -> list[str]:
         """The backends that speak ``dialect``, for the message of an error."""
@@ -130,10 +169,35 @@ class Router:
                     )
                     for f in route.fallback
                 )
-                rules = self._rules[route.backend].merged(route.request_rewrite)
-                return Target(
-                    requested, model, route.backend, upstream, route.key, fallbacks, label, rules
+                members = tuple(
+                    Target(
+                        requested,
+                        model,
+                        d.backend,
+                        d.model or upstream,
+                        d.key,
+                        label=label,
+                        rewrite=self._rules[d.backend].merged(route.request_rewrite),
+                        deployment=d.name if len(route.deployments) > 1 else "",
+                    )
+                    for d in route.deployments
                 )
+                first = replace(
+                    members[0],
+                    fallbacks=fallbacks,
+                    max_attempts=route.max_attempts,
+                    affinity=Affinity(route.affinity),
+                )
+                if len(members) == 1:
+                    return first
+                pool = Pool(
+                    f"{route.prefix}*",
+                    members,
+                    tuple(d.name for d in route.deployments),
+                    tuple(d.weight for d in route.deployments),
+                    Strategy(route.strategy),
+                )
+                return replace(first, pool=pool)
         backend = self._listed.get(model)
         if backend is not None:
             return Target(

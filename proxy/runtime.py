@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy import metrics
+from proxy.balance import DeploymentStats
 from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
@@ -88,6 +89,10 @@ class Runtime:
     # Where each file, response, batch... was made: requests naming it go there.
     objects: ObjectStore = field(default_factory=MemoryObjects)
     placements: frozenset[Placement] = frozenset()  # the (backend, key) pairs that exist
+    # What each route's deployments taught this process (in flight, latency), by name;
+    # carried over a reload for the names that stay.
+    deployments: Mapping[str, DeploymentStats] = field(default_factory=dict)
+    session_headers: tuple[bytes, ...] = ()  # lower-cased names naming a conversation
     loaded_at: float = field(default_factory=time.time)
     state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
 
@@ -304,6 +309,11 @@ class Runtime:
             for key, usable in pool.states()
         )
         metrics.set_circuit_states((name, b.is_open) for name, b in self.breakers.items())
+        now = time.monotonic()
+        metrics.set_deployment_states(
+            (name, stats.take_selections(), stats.in_flight, stats.latency(now))
+            for name, stats in self.deployments.items()
+        )
         if self.throttle.storage_errors:
             metrics.STORAGE_ERRORS.inc(self.throttle.storage_errors)
             self.throttle.storage_errors = 0
@@ -401,8 +411,18 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         for name, ids in (previous.discovered.items() if previous is not None else ())
         if name in config.backends and config.backends[name].discover_models
     }
+    before_stats = previous.deployments if previous is not None else {}
+    now = time.monotonic()
+    deployments = {
+        d.name: before_stats.get(d.name) or DeploymentStats(now)
+        for route in config.routes
+        if len(route.deployments) > 1
+        for d in route.deployments
+    }
     return Runtime(
         config=config,
+        deployments=deployments,
+        session_headers=tuple(h.lower().encode("latin-1") for h in config.session_headers),
         state=RuntimeState(discovered=discovered, unverified=unverified),
         router=router,
         auth=auth,

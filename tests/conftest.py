@@ -133,7 +133,12 @@ class MockUpstream:
 
     def reset(self) -> None:
         httpx.delete(f"{self.url}/_mock/requests")
-        settings = {"invalid_keys": [], "limited_keys": {}, "models": ["mock-model"]}
+        settings = {
+            "invalid_keys": [],
+            "limited_keys": {},
+            "models": ["mock-model"],
+            "by_model": {},
+        }
         httpx.post(f"{self.url}/_mock/config", json=settings)
 
     def configure(self, **settings: Any) -> None:

@@ -22,7 +22,8 @@ forwards unknown fields unchanged; the openai SDK sends it with ``extra_body``):
 Control endpoints: ``GET /_mock/requests`` (what was received), ``GET /_mock/stats`` (how
 many timed answers were cut short by the client leaving), ``DELETE /_mock/requests``,
 ``POST /_mock/config`` with ``{"invalid_keys": [...], "limited_keys": {key: retry_after},
-"models": [...]}``.
+"models": [...], "by_model": {model id: a "mock" object}}`` (``by_model``: how requests for
+that model are answered, e.g. one deployment of a pool slow or failing).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class State:
         self.requests: collections.deque[dict[str, Any]] = collections.deque(maxlen=2000)
         self.invalid_keys: set[str] = set()
         self.limited_keys: dict[str, str] = {}  # key -> retry-after seconds: answered with 429
+        self.by_model: dict[str, dict[str, Any]] = {}  # model id -> its "mock" settings
         self.models = models
         self.aborted = 0  # timed answers cut short because the client (the proxy) went away
 
@@ -291,6 +293,8 @@ class Connection(asyncio.Protocol):
             return openai_error(400, "invalid json", "invalid_request_error")
         mock = request.get("mock") or {}
         model = str(request.get("model"))
+        if self.state.by_model.get(model):
+            mock = {**mock, **self.state.by_model[model]}
         extra = [(str(k), str(v)) for k, v in (mock.get("headers") or {}).items()]
         if random.random() < float(mock.get("fail_ratio", 0)):  # a flaky upstream: 500 at random
             mock = {**mock, "status": 500}
@@ -393,6 +397,8 @@ class Connection(asyncio.Protocol):
                 self.state.models = list(settings["models"])
             if "limited_keys" in settings:
                 self.state.limited_keys = dict(settings["limited_keys"])
+            if "by_model" in settings:
+                self.state.by_model = dict(settings["by_model"])
             return json_response(200, {"ok": True})
         return openai_error(404, "unknown control endpoint", "invalid_request_error")
 

@@ -121,7 +121,8 @@ def test_every_problem_is_printed_one_per_line_and_as_json(tmp_path):
         f"error: {path}:3: backends.a: duplicate key 'a' (first at line 2)",
         f"error: {path}:5: routes[0].backend: unknown backend 'b' (known: a)",
         f"error: {path}:5: routes[0].strip: unknown field, did you mean 'strip_prefix'? "
-        "(known: backend, fallback, key, prefix, request_rewrite, strip_prefix)",
+        "(known: affinity, backend, deployments, fallback, key, max_attempts, prefix, "
+        "request_rewrite, strategy, strip_prefix)",
     ]
     result, _, _ = run("check", "--json", "--config", path)
     report = json.loads(result.stdout)

@@ -226,6 +226,8 @@ def test_admin_status_shows_state_without_secrets(proxy, upstream):
         "strip_prefix": False,
         "key": None,
         "fallback": [],
+        "max_attempts": 3,
+        "affinity": "session",
     }
     assert len(status["config"]["sha256"]) == 64 and status["config"]["loaded_at"]
     for secret in (KEY_A, KEY_B, CLIENT, ADMIN):

@@ -24,6 +24,8 @@ _KEYS = [
     "upstream_model",
     "backend",
     "key",
+    "attempts",
+    "deployment",
     "stream",
     "ttft_ms",
     "prompt_tokens",

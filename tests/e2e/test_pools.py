@@ -1,0 +1,236 @@
+"""One model on several providers, through a real proxy in front of the mock upstream.
+
+Each deployment is its own backend sending its own model id, so the mock (``by_model``)
+can make one deployment slow or failing while the others answer. What the client sees is
+read from the routing headers (``x-proxy-backend``, ``-key``, ``-attempts``); what reached
+the upstream, from the mock's own request log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import MockUpstream, ProxyProcess, free_port, start_proxy
+
+pytestmark = pytest.mark.e2e
+
+
+def pool_config(mock: MockUpstream) -> str:
+    keys = "\n".join(
+        f"""  {name}:
+    base_url: {mock.url}/v1
+    keys: [{{id: {name}-1, key: "sk-{name}-1-000000000000"}}, {{id: {name}-2, key: "sk-{name}-2-000000000000"}}]"""
+        for name in ("moonshot", "openrouter", "groq")
+    )
+    return f"""
+server:
+  routing_headers: true
+  admin_key: "ak-admin-000000000000"
+throttle:
+  reconnect: {{enabled: false}}
+backends:
+{keys}
+  dead:
+    base_url: http://127.0.0.1:{free_port()}/v1
+    keys: [{{id: dead-1, key: "sk-dead-1-000000000000"}}]
+    timeout: {{connect: 1}}
+routes:
+  - prefix: kimi-k2
+    deployments:
+      - {{backend: moonshot, model: kimi-k2-0711-preview, weight: 3}}
+      - {{backend: openrouter, model: moonshotai/kimi-k2, weight: 1}}
+      - {{backend: groq, model: moonshotai/kimi-k2-instruct, weight: 1}}
+    affinity: none
+  - prefix: sticky
+    deployments:
+      - {{backend: moonshot, model: sticky-a}}
+      - {{backend: openrouter, model: sticky-b}}
+      - {{backend: groq, model: sticky-c}}
+  - prefix: by-client
+    affinity: client
+    deployments:
+      - {{backend: moonshot, model: client-a}}
+      - {{backend: openrouter, model: client-b}}
+  - prefix: fast
+    strategy: latency
+    affinity: none
+    deployments:
+      - {{backend: moonshot, model: fast-a}}
+      - {{backend: openrouter, model: fast-b}}
+      - {{backend: groq, model: fast-c}}
+  - prefix: half-dead
+    affinity: none
+    max_attempts: 2
+    deployments:
+      - {{backend: dead, model: half-dead-x, weight: 5}}
+      - {{backend: moonshot, model: half-dead-a}}
+  - prefix: flaky
+    affinity: none
+    deployments:
+      - {{backend: moonshot, model: flaky-a}}
+      - {{backend: openrouter, model: flaky-b}}
+      - {{backend: groq, model: flaky-c}}
+    fallback: [{{backend: moonshot, model: flaky-fallback}}]
+"""
+
+
+@pytest.fixture
+def pool_proxy(upstream: MockUpstream, tmp_path: Path) -> Iterator[ProxyProcess]:
+    process = start_proxy(pool_config(upstream), tmp_path)
+    yield process
+    process.stop()
+
+
+def chat(model: str, **extra: object) -> dict[str, object]:
+    return {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+
+
+async def many(
+    url: str, bodies: list[dict[str, object]], headers: dict[str, str] | None = None
+) -> list[httpx.Response]:
+    """``bodies`` sent 16 at a time; bounded in time by the client's timeout."""
+    limit = asyncio.Semaphore(16)
+    async with httpx.AsyncClient(base_url=url, timeout=20) as client:
+
+        async def one(body: dict[str, object]) -> httpx.Response:
+            async with limit:
+                return await client.post("/v1/chat/completions", json=body, headers=headers)
+
+        return await asyncio.gather(*(one(b) for b in bodies))
+
+
+def test_weighted_split_is_within_three_points_of_the_shares(pool_proxy: ProxyProcess) -> None:
+    answers = asyncio.run(many(pool_proxy.url, [chat("kimi-k2")] * 2000))
+    assert {a.status_code for a in answers} == {200}
+    served = Counter(a.headers["x-proxy-backend"] for a in answers)
+    shares = {name: served[name] / 2000 for name in ("moonshot", "openrouter", "groq")}
+    assert shares == pytest.approx({"moonshot": 0.6, "openrouter": 0.2, "groq": 0.2}, abs=0.03)
+    models = {a.headers["x-proxy-backend"]: a.headers["x-proxy-model"] for a in answers}
+    assert models == {
+        "moonshot": "kimi-k2-0711-preview",
+        "openrouter": "moonshotai/kimi-k2",
+        "groq": "moonshotai/kimi-k2-instruct",
+    }
+
+
+def test_a_session_stays_on_one_deployment_and_key_on_two_replicas(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    one = start_proxy(pool_config(upstream), tmp_path / "one")
+    two = start_proxy(pool_config(upstream), tmp_path / "two")
+    try:
+        sources: list[tuple[dict[str, object], dict[str, str]]] = [
+            ({"prompt_cache_key": "{s}"}, {}),
+            ({}, {"x-claude-code-session-id": "{s}"}),
+            ({}, {"session-id": "{s}"}),
+        ]
+        for extra, headers in sources:
+            homes: dict[str, set[tuple[str, str]]] = {}
+            for replica in (one, two):
+                for s in range(30):
+                    body = chat("sticky", **{k: str(v).format(s=s) for k, v in extra.items()})
+                    sent = {k: v.format(s=s) for k, v in headers.items()}
+                    answers = asyncio.run(many(replica.url, [body] * 5, sent))
+                    homes.setdefault(str(s), set()).update(
+                        (a.headers["x-proxy-backend"], a.headers["x-proxy-key"]) for a in answers
+                    )
+            assert all(len(h) == 1 for h in homes.values()), (extra, headers)
+            assert len({h for hs in homes.values() for h in hs}) >= 3  # sessions spread
+        # No session named: balanced on its own (both backends and keys used).
+        plain = asyncio.run(many(one.url, [chat("sticky")] * 60))
+        assert len({a.headers["x-proxy-backend"] for a in plain}) == 3
+    finally:
+        one.stop()
+        two.stop()
+
+
+def test_affinity_client_keeps_each_client_on_one_deployment(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    config = (
+        pool_config(upstream)
+        + """
+clients:
+  - {id: team-a, key: "ck-team-a-000000000000"}
+  - {id: team-b, key: "ck-team-b-000000000000"}
+  - {id: team-c, key: "ck-team-c-000000000000"}
+"""
+    )
+    proxy = start_proxy(config, tmp_path)
+    try:
+        for team in ("team-a", "team-b", "team-c"):
+            auth = {"authorization": f"Bearer ck-{team}-000000000000"}
+            answers = asyncio.run(many(proxy.url, [chat("by-client")] * 20, auth))
+            assert {a.status_code for a in answers} == {200}
+            assert (
+                len({(a.headers["x-proxy-backend"], a.headers["x-proxy-key"]) for a in answers})
+                == 1
+            )
+    finally:
+        proxy.stop()
+
+
+def test_latency_avoids_a_slow_deployment_and_wins_it_back(
+    upstream: MockUpstream, pool_proxy: ProxyProcess
+) -> None:
+    fast = {"delay": 0.02}
+    upstream.configure(by_model={"fast-a": fast, "fast-b": fast, "fast-c": {"delay": 0.2}})
+    with httpx.Client(base_url=pool_proxy.url, timeout=10) as client:
+        for _ in range(30):  # every deployment measured
+            client.post("/v1/chat/completions", json=chat("fast"))
+        picked = Counter(
+            client.post("/v1/chat/completions", json=chat("fast")).headers["x-proxy-model"]
+            for _ in range(200)
+        )
+        assert picked["fast-c"] <= 20, picked  # >= 90 % avoid the 10x slower one
+        upstream.configure(by_model={"fast-a": fast, "fast-b": fast, "fast-c": fast})
+        recovered = time.monotonic()
+        back = None
+        while time.monotonic() - recovered < 30:
+            answer = client.post("/v1/chat/completions", json=chat("fast"))
+            if answer.headers["x-proxy-model"] == "fast-c":
+                back = time.monotonic() - recovered
+                break
+            time.sleep(0.05)
+    assert back is not None and back < 30
+
+
+def test_a_dead_deployment_costs_no_client_a_failure_and_is_left_once_open(
+    pool_proxy: ProxyProcess,
+) -> None:
+    answers = asyncio.run(many(pool_proxy.url, [chat("half-dead")] * 200))
+    assert {a.status_code for a in answers} == {200}
+    assert {a.headers["x-proxy-backend"] for a in answers} == {"moonshot"}
+    attempts = [int(a.headers["x-proxy-attempts"]) for a in answers]
+    assert max(attempts) <= 2  # max_attempts: the dead one at most once per request
+    assert attempts[-50:] == [1] * 50  # its breaker is open: not tried at all
+    admin = {"authorization": "Bearer ak-admin-000000000000"}
+    status = httpx.get(f"{pool_proxy.url}/admin/status", headers=admin).json()
+    pool = next(r for r in status["routes"] if r["prefix"] == "half-dead")
+    health = {d["name"]: d["healthy"] for d in pool["deployments"]}
+    assert health == {"dead/half-dead-x": False, "moonshot/half-dead-a": True}
+
+
+def test_no_request_makes_more_than_max_attempts_upstream_calls(
+    upstream: MockUpstream, pool_proxy: ProxyProcess
+) -> None:
+    """Random 5xx on every deployment and the fallback: counted at the upstream."""
+    flaky = {"fail_ratio": 0.6}
+    upstream.configure(
+        by_model={m: flaky for m in ("flaky-a", "flaky-b", "flaky-c", "flaky-fallback")}
+    )
+    answers = asyncio.run(many(pool_proxy.url, [chat("flaky")] * 300))
+    attempts = [int(a.headers["x-proxy-attempts"]) for a in answers]
+    assert max(attempts) <= 3
+    assert Counter(a.status_code for a in answers).keys() <= {200, 500, 503}
+    received = [r for r in upstream.requests() if r["path"].endswith("/chat/completions")]
+    assert len(received) == sum(attempts)  # every attempt counted, none unreported
