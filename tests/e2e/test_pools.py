@@ -26,7 +26,9 @@ def pool_config(mock: MockUpstream) -> str:
     keys = "\n".join(
         f"""  {name}:
     base_url: {mock.url}/v1
-    keys: [{{id: {name}-1, key: "sk-{name}-1-000000000000"}}, {{id: {name}-2, key: "sk-{name}-2-000000000000"}}]"""
+    keys:
+      - {{id: {name}-1, key: "sk-{name}-1-000000000000"}}
+      - {{id: {name}-2, key: "sk-{name}-2-000000000000"}}"""
         for name in ("moonshot", "openrouter", "groq")
     )
     return f"""
