@@ -159,6 +159,16 @@ class Breaker:
         self.probe_ticket += 1  # the holder's proof, for release()
         return 0.0
 
+    def would_admit(self, client: str | None = None) -> bool:
+        """Whether ``admit(client)`` would let a request through now (changing nothing):
+        closed, or half-open with its probe slot free for this client."""
+        if not self._opened:
+            return True
+        now = self._clock()
+        if now < self.open_until or (self._probe_deadline and now < self._probe_deadline):
+            return False
+        return not self._held_by(client, now)
+
     def _held_by(self, client: str | None, now: float) -> bool:
         """Whether ``client`` may not take the probe slot: several tenants, and its failures
         are the current streak's, its hold not over yet (it leaves by time alone)."""
@@ -391,6 +401,11 @@ class ModelCircuits:
             del self._breakers[closed if closed is not None else next(iter(self._breakers))]
         self._breakers[model] = breaker
         return breaker
+
+    def would_admit(self, model: str, client: str | None = None) -> bool:
+        """Whether ``model``'s circuit would let a request through now (none made: yes)."""
+        breaker = self._breakers.get(model)
+        return breaker is None or breaker.would_admit(client)
 
     def is_open(self, model: str) -> bool:
         """Whether ``model``'s circuit is not closed (no circuit made: closed)."""

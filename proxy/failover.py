@@ -182,7 +182,7 @@ def _candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequen
     pool = target.pool
     if pool is None:
         return (target, *target.fallbacks)
-    healthy = [_healthy(runtime, member) for member in pool.members]
+    healthy = [_healthy(runtime, member, ctx.client) for member in pool.members]
     stats = [runtime.deployments[name] for name in pool.names]
     now = time.monotonic()
     session = ctx.session
@@ -192,13 +192,15 @@ def _candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequen
     return [*(pool.members[i] for i in indexes), *target.fallbacks]
 
 
-def _healthy(runtime: Runtime, member: Target) -> bool:
-    """Worth trying first: its circuits are closed and it has a usable key."""
+def _healthy(runtime: Runtime, member: Target, client: str | None) -> bool:
+    """Worth trying in its turn: its circuits would let this request through (closed, or
+    half-open with the probe slot free: this request may be the probe that closes it) and
+    it has a usable key."""
     backend = member.backend
-    return not (
-        runtime.breakers[backend].is_open
-        or runtime.model_circuits[backend].is_open(member.upstream_model)
-        or not runtime.pools[backend].has_usable(member.pinned_key)
+    return (
+        runtime.breakers[backend].would_admit(client)
+        and runtime.model_circuits[backend].would_admit(member.upstream_model, client)
+        and runtime.pools[backend].has_usable(member.pinned_key)
     )
 
 

@@ -43,6 +43,7 @@ backends:
     base_url: http://127.0.0.1:{free_port()}/v1
     keys: [{{id: dead-1, key: "sk-dead-1-000000000000"}}]
     timeout: {{connect: 1}}
+    breaker: {{failures: 5, min_open: 60, max_open: 60}}  # no probe during a test
 routes:
   - prefix: kimi-k2
     deployments:
@@ -236,3 +237,35 @@ def test_no_request_makes_more_than_max_attempts_upstream_calls(
     assert Counter(a.status_code for a in answers).keys() <= {200, 500, 503}
     received = [r for r in upstream.requests() if r["path"].endswith("/chat/completions")]
     assert len(received) == sum(attempts)  # every attempt counted, none unreported
+
+
+def homes_of(url: str, sessions: range) -> dict[int, str]:
+    bodies = [chat("sticky", prompt_cache_key=f"move-{s}") for s in sessions]
+    answers = asyncio.run(many(url, bodies))
+    assert {a.status_code for a in answers} == {200}
+    return {s: a.headers["x-proxy-model"] for s, a in zip(sessions, answers, strict=True)}
+
+
+def test_a_broken_deployments_sessions_move_and_come_back_the_others_stay(
+    upstream: MockUpstream, pool_proxy: ProxyProcess
+) -> None:
+    sessions = range(90)
+    before = homes_of(pool_proxy.url, sessions)
+    assert set(before.values()) == {"sticky-a", "sticky-b", "sticky-c"}
+    upstream.configure(by_model={"sticky-b": {"status": 500}})  # its model breaks
+    for _ in range(3):  # its 5xx open its circuit; its sessions fail over meanwhile
+        homes_of(pool_proxy.url, sessions)
+    during = homes_of(pool_proxy.url, sessions)
+    moved = [s for s in sessions if during[s] != before[s]]
+    assert "sticky-b" not in during.values()
+    assert all(before[s] == "sticky-b" for s in moved)  # only its own sessions moved
+    assert len(moved) / len(sessions) <= 1 / 3 + 0.02 or len(moved) == sum(
+        1 for s in sessions if before[s] == "sticky-b"
+    )
+    upstream.configure(by_model={})  # repaired: its circuit closes, its sessions return
+    deadline = time.monotonic() + 30
+    after = during
+    while time.monotonic() < deadline and after != before:
+        time.sleep(0.5)
+        after = homes_of(pool_proxy.url, sessions)
+    assert after == before
