@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 
 NEUTRAL_LATENCY = 0.25  # seconds: a deployment never measured
@@ -112,15 +112,17 @@ def _two_choices(
     up: list[int], stats: Sequence[DeploymentStats], rnd: random.Random, now: float
 ) -> list[int]:
     """Of two deployments at random, the cheaper first; then the rest, cheapest first."""
-
-    def cost(i: int) -> float:
-        return stats[i].latency(now) * (stats[i].in_flight + 1)
-
-    if len(up) < 2:
+    count = len(up)
+    if count < 2:
         return up
-    a, b = rnd.sample(up, 2)
-    first = a if cost(a) <= cost(b) else b
-    return [first, *sorted((i for i in up if i != first), key=cost)]
+    cost = {i: stats[i].latency(now) * (stats[i].in_flight + 1) for i in up}
+    a = int(rnd.random() * count)
+    b = int(rnd.random() * (count - 1))
+    b += b >= a  # two different ones
+    first = up[a] if cost[up[a]] <= cost[up[b]] else up[b]
+    up.remove(first)
+    up.sort(key=cost.__getitem__)
+    return [first, *up]
 
 
 def rendezvous_score(session: str, name: str, weight: float = 1.0) -> float:
@@ -138,7 +140,7 @@ def key_order(session: str, key_ids: Sequence[str]) -> list[str]:
 def session_key(
     payload: object,
     headers: Sequence[tuple[bytes, bytes]],
-    header_names: Sequence[bytes],
+    header_ranks: Mapping[bytes, int],
     client: str | None,
     affinity: Affinity,
 ) -> str | None:
@@ -153,11 +155,10 @@ def session_key(
         value = payload.get("prompt_cache_key")
         if isinstance(value, str) and value:
             found = value
-    if found is None and header_names:
-        wanted = {name: rank for rank, name in enumerate(header_names)}
-        best = len(wanted)
+    if found is None and header_ranks:
+        best = len(header_ranks)
         for name, value in headers:
-            rank = wanted.get(name, best)
+            rank = header_ranks.get(name, best)
             if rank < best and value:
                 best, found = rank, value.decode("latin-1")
     if found is None and isinstance(payload, dict):

@@ -149,7 +149,9 @@ async def deliver(
     connect error, timeout, backend limit, no attempt left).
     """
     ctx.attempt_limit = ctx.attempts + target.max_attempts  # this delivery's budget
-    if target.affinity is not Affinity.NONE:
+    if target.affinity is not Affinity.NONE and (
+        target.pool is not None or len(runtime.pools[target.backend].keys) > 1
+    ):  # a choice to keep: among deployments, or among a backend's keys
         ctx.session = session_key(
             parts.payload,
             parts.client_headers,

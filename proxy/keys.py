@@ -69,6 +69,7 @@ class KeyPool:
     def __init__(self, backend: BackendConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.backend = backend.name
         self.keys: tuple[KeyConfig, ...] = backend.keys
+        self._ids = tuple(key.id for key in backend.keys)
         self.max_cooldown = backend.max_cooldown
         self._clock = clock
         self._by_id = {k.id: k for k in backend.keys}
@@ -111,10 +112,13 @@ class KeyPool:
         return [(k, self._usable(k.id, now)) for k in self.keys]
 
     def has_usable(self, pinned: str | None = None) -> bool:
+        ids = (pinned,) if pinned is not None else self._ids
+        health = self.health
+        for key_id in ids:  # the common case, with no clock read: a key that is ok
+            if health[key_id].state is KeyState.OK:
+                return True
         now = self._clock()
-        if pinned is not None:
-            return self._usable(pinned, now)
-        return any(self._usable(k.id, now) for k in self.keys)
+        return any(self._usable(key_id, now) for key_id in ids)
 
     def usable(self) -> list[KeyConfig]:
         now = self._clock()

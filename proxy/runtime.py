@@ -92,7 +92,8 @@ class Runtime:
     # What each route's deployments taught this process (in flight, latency), by name;
     # carried over a reload for the names that stay.
     deployments: Mapping[str, DeploymentStats] = field(default_factory=dict)
-    session_headers: tuple[bytes, ...] = ()  # lower-cased names naming a conversation
+    # Lower-cased names of the headers naming a conversation -> their rank (first wins).
+    session_headers: Mapping[bytes, int] = field(default_factory=dict)
     loaded_at: float = field(default_factory=time.time)
     state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
 
@@ -422,7 +423,10 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     return Runtime(
         config=config,
         deployments=deployments,
-        session_headers=tuple(h.lower().encode("latin-1") for h in config.session_headers),
+        session_headers={
+            name.lower().encode("latin-1"): rank
+            for rank, name in reversed(list(enumerate(config.session_headers)))
+        },
         state=RuntimeState(discovered=discovered, unverified=unverified),
         router=router,
         auth=auth,

@@ -132,7 +132,7 @@ def test_a_session_always_starts_on_the_same_deployment_and_key():
     )
 
 
-HEADERS = (b"x-claude-code-session-id", b"session-id", b"thread-id")
+HEADERS = {b"x-claude-code-session-id": 0, b"session-id": 1, b"thread-id": 2}
 
 
 @pytest.mark.parametrize(
