@@ -96,8 +96,10 @@ def test_no_request_makes_more_upstream_calls_than_max_attempts(max_attempts, sc
                 before = len(fake.posts())
                 response = await client.post("/v1/chat/completions", json=chat("m"))
                 calls = len(fake.posts()) - before
-                assert 1 <= calls <= max_attempts
+                assert calls <= max_attempts
                 assert int(response.headers["x-proxy-attempts"]) == calls
+                if calls == 0:  # every key cooling down (earlier 429s): refused at once
+                    assert response.status_code in {429, 503}
                 assert response.status_code in {200, 400, 429, 500, 502, 503}
                 if response.status_code == 200:
                     assert response.json() == CHAT_ANSWER
