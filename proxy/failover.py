@@ -26,6 +26,7 @@ import aiohttp
 import orjson
 
 from proxy import balance, errors, rewrite
+from proxy.attempt import KeyTurns, report
 from proxy.balance import Affinity, DeploymentStats, session_key
 from proxy.bodies import ClientGone, Upload
 from proxy.breaker import Admission, admit
@@ -177,6 +178,7 @@ async def deliver(
 
 
 _RANDOM = random.Random()
+_NO_ANSWER = (Verdict.BACKEND_FAILED, Verdict.BAD_STATUS, Verdict.REDIRECT)
 
 
 def _candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequence[Target]:
@@ -233,20 +235,10 @@ async def _try_backend(
         if stats is not None:
             _deployment_tried(ctx, stats, since, result)
         # However the attempt ended (client gone, key cooling down, backend limit, a 4xx),
-        # the circuits hear an outcome, so a half-open probe slot is never left taken.
+        # the circuits hear an outcome (an OK's is the relay's, once the answer is in).
         verdict = attempt.verdict
-        if verdict is Verdict.BACKEND_FAILED and attempt.answered_5xx:
-            admitted.answered_5xx(ctx.client)  # the model's failure, not its backend's
-        elif verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
-            admitted.backend_failed(ctx.client)
-        elif verdict is None or verdict is Verdict.REDIRECT:
-            admitted.released()
-        else:
-            if verdict is not Verdict.OK:
-                # The backend answered: up, whatever it thought of the request, but not a
-                # success that forgets a failure streak. (An OK is reported by the relay once
-                # the answer is in: a body cut after a 200 head is the backend failing.)
-                admitted.answered()
+        report(admitted, verdict, ctx.client, attempt.answered_5xx)
+        if verdict is not None and verdict not in _NO_ANSWER:
             runtime.state.verified(target.backend)
 
 
@@ -326,19 +318,13 @@ class _Attempt:
         dialect = target.dialect  # where the path goes, and how the key is sent
         url = upstream.url(parts.path_for(target), parts.query, dialect.base_url(config))
         inject_usage = parts.wants_usage_injected(config)
-        tried: list[str] = []
-        refused: list[str] = []
+        turns = KeyTurns(runtime, target, ctx)
         last_answer: FailedAnswer | None = None
         while True:
-            if tried and not ctx.attempts_left:  # the request's budget: no storm of retries
-                return self._nothing_left(None, last_answer, refused)
             try:
-                key = pool.pick(target.pinned_key, tried, ctx.session)
+                key = turns.take()
             except NoUsableKey as exc:
-                return self._nothing_left(exc, last_answer, refused)
-            tried.append(key.id)
-            ctx.key_chosen(key.id)
-            ctx.attempt_started()
+                return self._nothing_left(turns, last_answer, exc)
             auth = dialect.upstream_auth(config, key.value)
             headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
             try:
@@ -386,16 +372,9 @@ class _Attempt:
                 self._attempt_failed(key.id, "status_5xx")
                 return last_answer
             reason = self._reason(last_answer)
-            if self.verdict is Verdict.KEY_LIMITED:
-                self._attempt_failed(key.id, "status_429")
-                pool.cool_down(key.id, _retry_after(last_answer), reason)
-            else:
-                self._attempt_failed(key.id, "status_4xx")
-                # Out of rotation only once a probe with this key alone confirms it.
-                runtime.suspect_key(backend, key.id, reason, dialect)
-                refused.append(key.id)
-            if len(tried) > 1 or not parts.replayable:  # one retry, never a storm of them
-                return self._nothing_left(None, last_answer, refused)
+            turns.refused_key(key.id, self.verdict, reason, dialect, _retry_after(last_answer))
+            if not turns.another(parts.replayable):
+                return self._nothing_left(turns, last_answer)
 
     def _body(self, headers: dict[str, str], inject_usage: bool) -> Body:
         """What this attempt sends: JSON bytes, or an upload's bytes as they come."""
@@ -411,18 +390,18 @@ class _Attempt:
         return upload.chunks(model)
 
     def _nothing_left(
-        self, exc: NoUsableKey | None, last: FailedAnswer | None, refused: list[str]
+        self, turns: KeyTurns, last: FailedAnswer | None, exc: NoUsableKey | None = None
     ) -> Result | ProxyError:
         """No (further) key: the proxy's own keys refused → 503 naming them; a 429 from
         the upstream → relayed; nothing tried at all → why no key could be picked."""
-        if refused and last is not None and last.verdict is Verdict.KEY_REFUSED:
-            return errors.keys_refused(self.target.backend, refused)
+        if last is not None and last.verdict is Verdict.KEY_REFUSED:
+            refused = turns.refused_error()
+            if refused is not None:
+                return refused
         if last is not None:
             return last
         assert exc is not None
-        if exc.retry_after is not None:
-            return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
-        return errors.no_usable_key(exc.backend, exc.hint)
+        return turns.no_key(exc)
 
     def _attempt_failed(self, key_id: str, kind: str) -> None:
         self.ctx.attempt_failed(self.target.backend, key_id, kind)

@@ -35,6 +35,8 @@ import orjson
 
 from proxy import errors, metrics
 from proxy.access_log import AccessLog
+from proxy.attempt import KeyTurns, report
+from proxy.breaker import Admission, admit
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.context import RequestContext
 from proxy.dialects import OPENAI
@@ -263,13 +265,10 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
     """The upstream socket, through the breaker, the backend limit and the key pool: one
     more key when the first is refused (401) or rate limited (429), as for a POST."""
     backend = target.backend
-    breaker = runtime.breakers[backend]
-    probing = breaker.is_open
-    wait = breaker.admit(ctx.client)
-    ticket = breaker.probe_ticket if probing else None
-    if wait:
+    admitted = admit(runtime.breakers[backend], None, ctx.client)
+    if not isinstance(admitted, Admission):
         ctx.throttled("circuit_open")
-        raise errors.circuit_open(backend, wait)
+        raise errors.circuit_open(backend, admitted)
     verdict: Verdict | None = None
     try:
         limited = await backend_limited(runtime, ctx, backend)
@@ -279,16 +278,13 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
         upstream = runtime.upstreams[backend]
         query = upstream_query(scope["query_string"], target.upstream_model)
         protocols = upstream_protocols(scope.get("subprotocols") or [])
-        tried: list[str] = []
-        refused: list[str] = []
+        ctx.attempt_limit = ctx.attempts + target.max_attempts
+        turns = KeyTurns(runtime, target, ctx)
         while True:
             try:
-                key = pool.pick(target.pinned_key, exclude=tried)
+                key = turns.take()
             except NoUsableKey as exc:
-                raise _no_key_left(exc, refused, backend) from None
-            tried.append(key.id)
-            ctx.key_chosen(key.id)
-            ctx.attempt_started()
+                raise turns.no_key(exc) from None
             auth = OPENAI.upstream_auth(runtime.config.backends[backend], key.value)
             headers = forwarded_request_headers(scope["headers"], upstream.extra_headers, auth)
             try:
@@ -308,57 +304,33 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                 verdict = classify(exc.status)
                 if verdict is Verdict.OK:  # a 2xx that is not a 101: not a WebSocket server
                     verdict = Verdict.BAD_STATUS
-                kind = _handshake_refused(runtime, ctx, key.id, exc, verdict)
-                if kind == "key":
-                    refused.append(key.id)
-                if kind in ("key", "limited") and len(tried) < 2:
-                    continue  # one more key, never a storm of them
-                raise _handshake_error(backend, exc.status, verdict, refused) from None
+                if verdict is Verdict.KEY_REFUSED or verdict is Verdict.KEY_LIMITED:
+                    reason = f"{exc.status} from upstream at the Realtime handshake"
+                    turns.refused_key(key.id, verdict, reason, OPENAI, _retry_after(exc))
+                    if turns.another():
+                        continue  # one more key, never a storm of them
+                else:
+                    ctx.attempt_failed(backend, key.id, _failure_kind(verdict))
+                raise _handshake_error(backend, exc.status, verdict, turns) from None
             verdict = Verdict.OK
             pool.mark_success(key.id)
             runtime.state.verified(backend)
             return _Opened(target, socket, key.id)
     finally:
-        # The breaker hears exactly one outcome, so a half-open probe slot is never kept.
-        if verdict is Verdict.BACKEND_FAILED or verdict is Verdict.BAD_STATUS:
-            breaker.failure(ctx.client, ticket)
-        elif verdict is None or verdict is Verdict.REDIRECT:
-            breaker.release(ticket)
-        elif verdict is Verdict.OK:
-            breaker.success(ctx.client)  # a 101: a session
-        else:
-            breaker.answered(ticket)  # a refusal of its own: up, but no success
+        report(admitted, verdict, ctx.client, answered_5xx=False)  # a 5xx: the backend's
+        if verdict is Verdict.OK:
+            admitted.served(ctx.client)  # a 101: a session
 
 
-def _handshake_refused(
-    runtime: Runtime,
-    ctx: RequestContext,
-    key_id: str,
-    exc: aiohttp.WSServerHandshakeError,
-    verdict: Verdict,
-) -> str:
-    """Learn from a refused upstream handshake: ``key`` (the key is refused: out of
-    rotation), ``limited`` (cooled down), or ``other``."""
-    backend = ctx.backend or ""
-    pool = runtime.pools[backend]
-    reason = f"{exc.status} from upstream at the Realtime handshake"
-    if verdict is Verdict.KEY_REFUSED:
-        ctx.attempt_failed(backend, key_id, "status_4xx")
-        runtime.suspect_key(backend, key_id, reason, OPENAI)  # out once a probe confirms
-        return "key"
-    if verdict is Verdict.KEY_LIMITED:
-        ctx.attempt_failed(backend, key_id, "status_429")
-        pool.cool_down(key_id, _retry_after(exc), reason)
-        return "limited"
+def _failure_kind(verdict: Verdict) -> str:
+    """The access log's kind of a refused handshake that is not about the key."""
     if verdict is Verdict.BACKEND_FAILED:
-        ctx.attempt_failed(backend, key_id, "status_5xx")
-    elif verdict is Verdict.REDIRECT:
-        ctx.attempt_failed(backend, key_id, "redirect")
-    elif verdict is Verdict.BAD_STATUS:
-        ctx.attempt_failed(backend, key_id, "bad_status")
-    else:
-        ctx.attempt_failed(backend, key_id, "status_4xx")
-    return "other"
+        return "status_5xx"
+    if verdict is Verdict.REDIRECT:
+        return "redirect"
+    if verdict is Verdict.BAD_STATUS:
+        return "bad_status"
+    return "status_4xx"
 
 
 def _retry_after(exc: aiohttp.WSServerHandshakeError) -> float | None:
@@ -374,11 +346,12 @@ def _retry_after(exc: aiohttp.WSServerHandshakeError) -> float | None:
     return parse_seconds(seconds.encode("latin-1")) if seconds is not None else None
 
 
-def _handshake_error(backend: str, status: int, verdict: Verdict, refused: list[str]) -> ProxyError:
+def _handshake_error(backend: str, status: int, verdict: Verdict, turns: KeyTurns) -> ProxyError:
     """What the client is told when the upstream refused the handshake (its body cannot be
     read through aiohttp's WebSocket client: the status is passed on, in our words)."""
-    if refused:
-        return errors.keys_refused(backend, refused)
+    refused = turns.refused_error()
+    if refused is not None:
+        return refused
     if verdict is Verdict.KEY_LIMITED:
         return ProxyError(
             429,
@@ -409,14 +382,6 @@ def _handshake_error(backend: str, status: int, verdict: Verdict, refused: list[
         f"Backend '{backend}' refused the Realtime handshake with status {status}.",
         code="upstream_refused",
     )
-
-
-def _no_key_left(exc: NoUsableKey, refused: list[str], backend: str) -> ProxyError:
-    if refused:
-        return errors.keys_refused(backend, refused)
-    if exc.retry_after is not None:
-        return errors.keys_cooling_down(exc.backend, exc.hint, exc.retry_after)
-    return errors.no_usable_key(exc.backend, exc.hint)
 
 
 async def _refuse(scope: Scope, send: Send, err: ProxyError, request_id: str) -> None:
