@@ -5,7 +5,8 @@ both with wrk (non-streaming and 20-chunk streaming chat at c=1/16/64, each run 
 time), reads the proxy's CPU time from /proc, and measures stream first byte with an
 upstream that waits 50 ms before its first chunk. Prints one Markdown table.
 
-Environment: BENCH_SECONDS (per run, default 5), BENCH_CONCURRENCY (default "1,16,64").
+Environment: BENCH_SECONDS (per run, default 5), BENCH_CONCURRENCY (default "1,16,64"),
+BENCH_MODEL (default "bench"; "bench-pool" goes through a pool of three deployments).
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
-CHAT = {"model": "bench", "messages": [{"role": "user", "content": "Say hello."}]}
+MODEL = os.environ.get("BENCH_MODEL", "bench")  # bench-pool: three deployments, weighted
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
 STREAM = {
     **CHAT,
     "stream": True,
