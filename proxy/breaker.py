@@ -62,6 +62,8 @@ PROBE_TIMEOUT = 60.0  # the default (and the cap) for a probe that never reports
 SOLO_WINDOW = 10.0  # another client's success this recent makes a one-client streak its own
 MAX_STREAK = 8  # clients remembered in a streak (a ninth failing client is a new one)
 SUSPECT_FOR = 600.0  # how long a streak whose circuit another client's success closed is suspect
+SUSPECT_FACTOR = 10  # a streak of suspects alone opens only at this many times ``failures``...
+SUSPECT_WINDOW = 30.0  # ...and only when no other client was served this recently
 
 
 class BreakerState(StrEnum):
@@ -97,6 +99,9 @@ class Breaker:
         self._streak_clients: set[str] = set()  # who failed in the current streak
         self._held: dict[str, tuple[float, float]] = {}  # streak client -> (until, hold)
         self._suspects: dict[str, float] = {}  # client -> until (<= MAX_STREAK entries)
+        self._innocent = False  # a failure of this streak came from a client not suspected
+        self._probe_holder: str | None = None  # the client the probe slot was handed to
+        self._innocent_served_at = -math.inf  # a client not suspected was served then
         self._recent_successes: dict[str, float] = {}  # client -> clock time (<= 2 entries)
 
     # ------------------------------------------------------------ configuration
@@ -153,9 +158,13 @@ class Breaker:
             return min(self.open_until - now, self._config.max_open)  # (float rounding)
         if self._probe_deadline and now < self._probe_deadline:  # a probe is out
             return min(1.0, self._probe_deadline - now)
+        if self._probe_deadline:  # a probe that never reported: its client waits a hold
+            self._probe_deadline = 0.0
+            self._hold_holder()
         if self._held_by(client, now):
             return min(max(1.0, self._held[client or ""][0] - now), self._config.max_open)
         self._probe_deadline = now + self.probe_timeout
+        self._probe_holder = client
         self.probe_ticket += 1  # the holder's proof, for release()
         return 0.0
 
@@ -178,14 +187,10 @@ class Breaker:
         return held is not None and now < held[0]
 
     def success(self, client: str | None = None) -> None:
-        streak = self._streak_clients
-        if (  # another client served while the streak's clients fail: theirs, it seems
-            streak
-            and self.multi_tenant
-            and client not in streak
-            and (self._opened or self._probation or all(map(self._suspected, streak)))
+        if (self._opened and self.state is HALF_OPEN and client == self._probe_holder) or (
+            self._probation  # closed by the background probe, this client served first
         ):
-            self._suspect_streak()
+            self._probe_served(client)
         if self._opened:
             log.warning("backend %s: circuit closed again (probe succeeded)", self.backend)
             self._opened = False
@@ -194,9 +199,12 @@ class Breaker:
         self._probation = False
         self.failures = 0
         self._streak_clients.clear()
+        self._innocent = False
         self._held.clear()
         if client is not None:
             self._note_success(client)
+            if not self._suspected(client):
+                self._innocent_served_at = self._clock()
 
     def probe_succeeded(self) -> None:
         """The background probe's ``GET /models`` answered: close the circuit (so /ready
@@ -213,15 +221,23 @@ class Breaker:
             self._probation = True
         self.failures = 0  # the streak's clients are kept: their failures are still theirs
 
-    def answered(self, ticket: int | None = None) -> None:
-        """The backend answered, though not with a success of this request (a 4xx, or a 5xx
-        about a model): it is up. That closes the circuit (on probation) only when this
-        request held the probe; it resets no streak (a client's refused requests must not
-        hide the timeouts others get)."""
+    def answered(self, ticket: int | None = None, served: str | None = None) -> None:
+        """The backend answered: it is up. That closes the circuit (on probation) only when
+        this request held the probe; it resets no streak (a client's refused requests must
+        not hide the timeouts others get). ``served``: the answer is a 2xx head, to that
+        client (its probe succeeded: the streak's clients become suspects)."""
         if ticket is not None and ticket == self.probe_ticket and self.state is HALF_OPEN:
+            if served is not None:
+                self._probe_served(served)
             self.probe_succeeded()
         else:
-            self.release(ticket)
+            self.release(ticket, hold=False)
+
+    def _probe_served(self, client: str | None) -> None:
+        """The probe, another client's than the streak's, was served: the streak's failures
+        were its clients' own (colluding, or a poisoned body each)."""
+        if self.multi_tenant and client is not None and client not in self._streak_clients:
+            self._suspect_streak()
 
     def failure(self, client: str | None = None, ticket: int | None = None) -> None:
         """A failure, from ``client``; ``ticket`` frees the probe slot if it held it."""
@@ -229,6 +245,8 @@ class Breaker:
         member = client is not None and client in self._streak_clients
         if client is not None and not member and len(self._streak_clients) < MAX_STREAK:
             self._streak_clients.add(client)
+        if not self._suspected(client):
+            self._innocent = True
         state = self.state
         if state is HALF_OPEN or (state is CLOSED and self._probation):
             own = member or self._suspected(client)
@@ -240,7 +258,7 @@ class Breaker:
         ):
             self.open_for = self._config.min_open
             self._open(self.open_for, f"after {self.failures} failures in a row")
-        self.release(ticket)
+        self.release(ticket, hold=False)
 
     def _failed_test(self, member: str | None, state: BreakerState) -> None:
         """A failure in half-open or on probation. From a client of the streak (several
@@ -259,10 +277,19 @@ class Breaker:
         self._open(self.open_for, why)
 
     def _hold(self, client: str) -> None:
-        """Keep a streak client off the probe: its hold doubles with each failed test."""
-        _, hold = self._held.get(client, (0.0, self.open_for / 2))
+        """Keep a client off the probe: its hold doubles with each failed or dropped one."""
+        _, hold = self._held.pop(client, (0.0, self.open_for / 2))
         hold = min(max(hold * 2, self._config.min_open), self._config.max_open)
         self._held[client] = (self._clock() + hold, hold)
+        while len(self._held) > 2 * MAX_STREAK:  # bounded: the oldest hold goes first
+            del self._held[next(iter(self._held))]
+
+    def _hold_holder(self) -> None:
+        """The probe slot came back with no verdict (released, or its deadline passed):
+        its client may not take it again at once (or one client could hold it forever)."""
+        holder, self._probe_holder = self._probe_holder, None
+        if self.multi_tenant and holder is not None:
+            self._hold(holder)
 
     def _note_success(self, client: str) -> None:
         """Remember the last two clients that succeeded, and when (bounded: two entries)."""
@@ -272,10 +299,10 @@ class Breaker:
             del self._recent_successes[oldest]
 
     def _suspect_streak(self) -> None:
-        """Another client's request succeeded as soon as the circuit let it: the streak's
-        failures were its clients' own (colluding, or a poisoned body each). For
-        ``SUSPECT_FOR`` their failures alone open nothing; with anyone else's they do. Each
-        such success while they fail, suspected, renews it."""
+        """Another client's probe was served as soon as the circuit let it: the streak's
+        failures were its clients' own. For ``SUSPECT_FOR`` their failures alone open it
+        only when nobody else was served for ``SUSPECT_WINDOW``, and at ``SUSPECT_FACTOR``
+        times the threshold; with anyone else's failures, as usual."""
         until = self._clock() + SUSPECT_FOR
         for client in self._streak_clients:
             self._suspects.pop(client, None)
@@ -298,9 +325,14 @@ class Breaker:
         backend does not, and the circuit stays closed for everybody else. With several
         tenants, also a streak of suspects only (``_suspect_streak``)."""
         if self.multi_tenant and self._streak_clients:
-            return len(self._streak_clients) == 1 or all(
-                self._suspected(client) for client in self._streak_clients
-            )
+            if len(self._streak_clients) == 1:
+                return True
+            if self._innocent:
+                return False  # someone not suspected fails too: the backend does
+            # Suspects alone: theirs while others are served; else (a real outage, quiet
+            # otherwise) they open it too, at a higher threshold.
+            quiet = self._clock() - self._innocent_served_at >= SUSPECT_WINDOW
+            return not quiet or self.failures < self._config.failures * SUSPECT_FACTOR
         if len(self._streak_clients) != 1:
             return False
         (only,) = self._streak_clients
@@ -310,13 +342,18 @@ class Breaker:
             for client, at in self._recent_successes.items()
         )
 
-    def release(self, ticket: int | None = None) -> None:
+    def release(self, ticket: int | None = None, hold: bool = True) -> None:
         """The attempt holding the probe slot ended with no verdict on the backend (client
-        gone, key cooling down, backend limit, 4xx): the next request may probe. Only the
-        holder frees it (``ticket``: ``probe_ticket`` as it was when its ``admit()`` gave
-        it the slot); an attempt admitted while the circuit was closed holds no slot."""
-        if ticket is not None and ticket == self.probe_ticket:
+        gone, backend limit, a redirect): the next request may probe, and (``hold``) the
+        holder's client waits a hold first. Only the holder frees it (``ticket``:
+        ``probe_ticket`` as it was when its ``admit()`` gave it the slot); an attempt
+        admitted while the circuit was closed holds no slot."""
+        if ticket is not None and ticket == self.probe_ticket and self._probe_deadline:
             self._probe_deadline = 0.0
+            if hold:
+                self._hold_holder()
+            else:
+                self._probe_holder = None
 
     def force_open(self, seconds: float, why: str = "(opened by another replica)") -> None:
         """Another replica opened this backend's circuit: stay away here too.
@@ -433,6 +470,17 @@ class Admission:
         if self.model is not None:
             self.model.success(client)
 
+    def headed(self, client: str | None) -> None:
+        """A 2xx head came: a probe this attempt holds has succeeded now, not only once the
+        body is in (a slow answer must not keep the slot; a body cut later is a failure on
+        probation). The slots are spent: the outcome reported later frees nothing more."""
+        if self.backend_ticket is not None:
+            self.backend.answered(self.backend_ticket, served=client or "")
+            self.backend_ticket = None
+        if self.model is not None and self.model_ticket is not None:
+            self.model.answered(self.model_ticket, served=client or "")
+            self.model_ticket = None
+
     def answered(self) -> None:
         """An answer that is not a success (a 4xx, a 429): the backend is up, the model
         proved nothing."""
@@ -475,7 +523,7 @@ def admit(backend: Breaker, model: Breaker | None, client: str | None) -> float 
         probing = model.is_open
         wait = model.admit(client)
         if wait:
-            backend.release(backend_ticket)
+            backend.release(backend_ticket, hold=False)  # handed back unused
             return wait
         model_ticket = model.probe_ticket if probing else None
     return Admission(backend, model, backend_ticket, model_ticket)

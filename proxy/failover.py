@@ -354,6 +354,8 @@ class _Attempt:
                     self._attempt_failed(key.id, "bad_status")
                     return errors.upstream_bad_status(backend, status)
                 pool.mark_success(key.id)
+                if 200 <= status < 300:
+                    self.admission.headed(ctx.client)  # a probe held is answered now
                 return Delivery(response, target, key.id, self.admission, inject_usage)
             try:
                 last_answer = await self._read_failed(response, key.id)

@@ -249,7 +249,9 @@ def test_colluders_failing_every_probe_never_keep_it_open_for_the_others() -> No
                         b.failure(client)
             else:
                 refused_b += 1
-    assert refused_b <= 2  # the first open period only: 15 s
+    # Open once at the start, and once more after their suspicion ran out (SUSPECT_FOR,
+    # 10 min): two periods of 15 s in 20 min.
+    assert refused_b <= 4
     assert upstream_calls > 0
 
 
@@ -265,8 +267,7 @@ def test_a_streak_clients_failed_probes_back_off_and_leave_it_half_open() -> Non
         if b.admit("team-a") == 0:
             probes.append(clock.now)
             b.failure("team-a", b.probe_ticket if probing else None)
-        assert b.state is HALF_OPEN and b.admit("team-b") == 0  # anyone else: at once
-        b.release(b.probe_ticket)
+        assert b.state is HALF_OPEN and b.would_admit("team-b")  # anyone else: at once
         clock.now += 0.25
     gaps = [later - earlier for earlier, later in itertools.pairwise(probes)]
     assert gaps == sorted(gaps) and gaps[-1] == pytest.approx(4.0)  # 2, 4, 4 ... capped
@@ -452,3 +453,88 @@ def test_whatever_happens_to_one_model_another_model_is_admitted(steps):
         other = admit(backend, models.get("b"), "b")
         assert isinstance(other, Admission)
         other.served("b")
+
+
+def colluded(clock: Clock) -> Breaker:
+    """Opened by team-a and team-c's failures, their holds over: half-open, slot free."""
+    b = tenants(clock)
+    for client in ("team-a", "team-c", "team-a"):
+        b.failure(client)
+    clock.now += 2.0
+    assert b.state is HALF_OPEN
+    return b
+
+
+@pytest.mark.parametrize("how", ["released", "never reported"])
+def test_a_client_that_drops_the_probe_cannot_take_it_again_at_once(how: str) -> None:
+    """Review of issue 19 (F1): a client that took the probe slot and let it go unreported
+    took it again the moment it freed, so the circuit never closed for anybody."""
+    clock = Clock()
+    b = colluded(clock)
+    assert b.admit("team-x") == 0
+    if how == "released":
+        b.release(b.probe_ticket)
+    else:
+        clock.now += 10.0  # the probe timeout: its slot frees by time
+    assert b.admit("team-x") > 0  # it waits a hold...
+    assert b.admit("team-b") == 0  # ...another client probes
+    b.success("team-b")
+    assert b.state is CLOSED
+
+
+def test_a_probes_2xx_head_closes_the_circuit_before_its_body_ends() -> None:
+    clock = Clock()
+    backend = colluded(clock)
+    passed = admit(backend, None, "team-b")
+    assert isinstance(passed, Admission) and passed.backend_ticket is not None
+    passed.headed("team-b")
+    assert backend.state is CLOSED and backend.admit("team-d") == 0
+    passed.backend_failed("team-b")  # the body broke after all: on probation, reopened
+    assert backend.state is OPEN
+
+
+def test_others_served_while_the_circuit_is_closed_make_nobody_a_suspect() -> None:
+    """Review of issue 19 (F2): a client served while honest clients had a natural failure
+    made them suspects, so a real outage later opened nothing."""
+    clock = Clock()
+    b = tenants(clock)
+    for _ in range(20):
+        b.failure("team-c")
+        b.success("team-b")  # b is served in between: c's failure was its own
+        clock.now += 1.0
+    for client in ("team-c", "team-d", "team-c"):  # the upstream goes down
+        b.failure(client)
+    assert b.state is OPEN
+
+
+def test_a_streak_full_of_suspects_still_opens_on_an_innocent_clients_failures() -> None:
+    """Review of issue 19 (F3): eight suspects filled the streak; nobody else's failures
+    were counted, and the circuit never opened."""
+    clock = Clock()
+    b = tenants(clock)
+    suspects = [f"s{i}" for i in range(8)]
+    for client in suspects:
+        b.failure(client)
+    clock.now += 2.0
+    assert b.admit("team-b") == 0
+    b.success("team-b")  # the probe was served: all eight are suspects
+    for client in suspects:
+        b.failure(client)
+    assert b.state is CLOSED  # suspects alone, while others are served
+    b.failure("team-d")  # the ninth: not even in the streak's memory, but innocent
+    assert b.state is OPEN
+
+
+def test_suspects_alone_still_open_it_in_a_real_outage_at_a_higher_threshold() -> None:
+    clock = Clock()
+    b = colluded(clock)
+    assert b.admit("team-b") == 0
+    b.success("team-b")  # team-a and team-c are suspects now
+    clock.now += 30.0  # nobody else served since: a quiet spell
+    for _ in range(14):
+        b.failure("team-a")
+        b.failure("team-c")
+    assert b.state is CLOSED  # 28 failures: under 10 x 3
+    b.failure("team-a")
+    b.failure("team-c")
+    assert b.state is OPEN
