@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test lock coverage lint format bench bench-peers soak fuzz sdk-suite clean
+.PHONY: run test lock coverage lint format bench bench-peers soak fuzz sdk-suite prices clean
 
 # Installs come from the lock files (requirements/*.txt, every package pinned with its hashes),
 # never from floating versions: a fresh clone installs exactly what was tested. `make lock`
@@ -71,6 +71,11 @@ lint: $(STAMP)
 format: $(STAMP)
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
+
+# The shipped price table (proxy/data/prices.json) from the pinned litellm wheel's catalogue
+# (downloaded, never installed or imported); commit the result.
+prices: $(STAMP)
+	$(BIN)/python scripts/make_prices.py
 
 bench: $(STAMP)
 	bash bench/install-wrk.sh

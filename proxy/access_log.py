@@ -78,6 +78,7 @@ class AccessLog:
             f"key={r.key or '-'} attempts={r.attempts} deployment={escaped(r.deployment)} "
             f"stream={'true' if r.stream else 'false'} "
             f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)}{_PARTIAL[r.tokens_partial]} "
+            f"cost_usd={_usd(r.cost)} "
             f"throttled={r.throttle_reason or '-'} "
             f"error={escaped(r.error or r.upstream_error)}\n"
         )
@@ -104,6 +105,7 @@ class AccessLog:
             "completion_tokens": r.tokens.completion,
             "cached_tokens": r.tokens.cached,
             "reasoning_tokens": r.tokens.reasoning,
+            "cost_usd": round(r.cost, 8) if r.cost is not None else None,
             "throttled": r.throttle_reason,
             "error": r.error or r.upstream_error,
         }
@@ -129,6 +131,10 @@ def _text_tokens(t: TokenCounts) -> str:
     if t.cache_creation or t.cache_read:
         text += f" cache_creation_tokens={t.cache_creation} cache_read_tokens={t.cache_read}"
     return text
+
+
+def _usd(cost: float | None) -> str:
+    return f"{cost:.8f}".rstrip("0").rstrip(".") if cost is not None else "-"
 
 
 def _ms(seconds: float | None) -> str:

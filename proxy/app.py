@@ -38,6 +38,7 @@ from proxy.errors import ProxyError
 from proxy.exposure import BIND_HOST_ENV, refusal
 from proxy.forward import Message, Receive, Scope, Send
 from proxy.headers import REQUEST_ID, header_value
+from proxy.pricing import TABLE_SOURCE
 from proxy.reload import Reloader
 from proxy.runtime import Runtime, build_runtime
 
@@ -77,6 +78,7 @@ class ProxyApp:
                 _route("/ready", self.ready, "GET"),
                 _route("/metrics", self._internal(self.metrics), "GET"),
                 _route("/admin/status", self._internal(self.admin_status), "GET"),
+                _route("/admin/usage", self._internal(self.admin_usage), "GET"),
                 _route("/v1/models", self.list_models, "GET"),
                 _route("/v1/models/{model_id:path}", self.get_model, "GET"),
             ],
@@ -206,6 +208,17 @@ class ProxyApp:
         if refusal is not None:
             return refusal
         return JSONResponse(admin.status(self.runtime))
+
+    async def admin_usage(self, request: Request) -> Response:
+        """Per client with a budget or tpm: each window's spend, reservations and what is
+        left (JSON); the price table's source."""
+        refusal = await self._admin_refusal(request)
+        if refusal is not None:
+            return refusal
+        runtime = self.runtime
+        spend = runtime.spend
+        clients = await spend.usage(runtime.throttle.guarded) if spend is not None else {}
+        return JSONResponse({"prices": TABLE_SOURCE, "clients": clients})
 
     async def _admin_refusal(self, request: Request) -> Response | None:
         """None when the request carries the admin key; else 404 (no admin key configured:

@@ -412,6 +412,46 @@ class ObjectsConfig(_Section):
     ] = "refuse"
 
 
+Usd = Annotated[float, pydantic.Strict(False), Ge(0), Le(1_000_000)]
+
+
+@dataclass(frozen=True)
+class PriceConfig(_Section):
+    input: Annotated[Usd, doc("USD per million input tokens")]
+    output: Annotated[Usd, doc("USD per million output tokens")]
+    cached_input: Annotated[Usd | None, doc("read from the prompt cache; default: input")] = None
+    cache_write_5m: Annotated[Usd | None, doc("written to the cache; default: input")] = None
+    cache_write_1h: Annotated[Usd | None, doc("written for an hour; default: cache_write_5m")] = (
+        None
+    )
+    reasoning: Annotated[Usd | None, doc("reasoning output; default: output")] = None
+
+
+@dataclass(frozen=True)
+class BudgetConfig(_Section):
+    per: Annotated[Literal["day", "week", "month"], doc("the window (UTC calendar)")]
+    usd: Annotated[Usd | None, doc("spend allowed per window")] = None
+    tokens: Annotated[
+        int | None, pydantic.Strict(), Ge(1), doc("tokens allowed per window (or usd:)")
+    ] = None
+
+    @pydantic.model_validator(mode="after")
+    def _one_meter(self) -> BudgetConfig:
+        if (self.usd is None) == (self.tokens is None):
+            raise ValueError("give either usd: or tokens:, not both or neither")
+        return self
+
+
+@dataclass(frozen=True)
+class SpendConfig(_Section):
+    default_max_tokens: Annotated[
+        Whole, doc("output reserved for a request naming no max_tokens, against budgets")
+    ] = 4096
+    reservation_timeout: Annotated[
+        Positive, doc("a reservation whose request never settled is released after this")
+    ] = 900.0
+
+
 @dataclass(frozen=True)
 class ClientConfig(_Section):
     id: Annotated[Text, doc("the client's name in logs and metrics")]
@@ -422,6 +462,10 @@ class ClientConfig(_Section):
     objects: Annotated[
         Literal["own", "shared"], doc("own: sees only its objects; shared: sees every one")
     ] = "own"
+    budget: Annotated[BudgetConfig | None, doc("spend or tokens per day, week or month")] = None
+    tpm: Annotated[
+        int | None, pydantic.Strict(), Ge(1), doc("tokens per minute, streams included")
+    ] = None
 
 
 @dataclass(frozen=True)
@@ -545,6 +589,12 @@ class Config(_Section):
         ObjectsConfig()
     )
     clients: Annotated[tuple[ClientConfig, ...], doc("client keys; none: open proxy")] = ()
+    pricing: Annotated[
+        Mapping[str, PriceConfig],
+        _FROZEN,
+        doc("model id or glob: prices over the shipped table (USD per million tokens)"),
+    ] = field(default_factory=_NONE)
+    spend: Annotated[SpendConfig, doc("budgets' reservations")] = SpendConfig()
     session_headers: Annotated[
         tuple[Annotated[Text, _NO_CONTROL], ...],
         doc("request headers naming a conversation, for affinity (read, never forwarded)"),

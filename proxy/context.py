@@ -21,6 +21,7 @@ from proxy.usage import NO_TOKENS, TokenCounts
 if TYPE_CHECKING:
     from proxy.balance import DeploymentStats
     from proxy.routing import Target
+    from proxy.spend import Reservation
 
 
 def outcome_of(status: int) -> Outcome:
@@ -43,6 +44,7 @@ class RequestContext:
         "client",
         "client_gone",
         "client_label",
+        "cost",
         "deployment",
         "deployment_since",
         "deployment_stats",
@@ -50,6 +52,7 @@ class RequestContext:
         "error",
         "finished",
         "key",
+        "limit_headers",
         "method",
         "model",
         "model_label",
@@ -57,6 +60,7 @@ class RequestContext:
         "overhead",
         "path",
         "request_id",
+        "reservation",
         "response_started",
         "sent_at",
         "session",
@@ -113,6 +117,9 @@ class RequestContext:
         self.ttft: float | None = None  # seconds to the upstream's first data (streams)
         self.overhead: float | None = None  # seconds the proxy itself added
         self.tokens: TokenCounts = NO_TOKENS  # from the upstream's usage
+        self.cost: float | None = None  # USD, from tokens and the price table; None: unpriced
+        self.reservation: Reservation | None = None  # against the client's budget and tpm
+        self.limit_headers: list[tuple[bytes, bytes]] = []  # x-ratelimit-*-tokens, ours
         # Set once the request counts for the reconnect throttle (admitted), with what the
         # throttle learns from it.
         self.target: Target | None = None

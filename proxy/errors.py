@@ -265,6 +265,32 @@ def client_rate_limited(client: str, limit: int, reset: float) -> ProxyError:
     )
 
 
+def budget_exceeded(client: str, what: str, used: str, reset: float, monthly: bool) -> ProxyError:
+    """A client's budget or tpm has no room for this request's reservation."""
+    headers = retry_after_headers(reset)
+    if monthly:  # a day's, week's or month's budget: an SDK must not retry in a loop
+        headers["x-should-retry"] = "false"
+    return ProxyError(
+        429,
+        f"Client '{client}' has reached its limit of {what} ({used} spent or reserved); "
+        f"it resets in {_duration(reset)}.",
+        type="rate_limit_error" if not monthly else "insufficient_quota",
+        code="budget_exceeded",
+        headers=headers,
+    )
+
+
+def _duration(seconds: float) -> str:
+    seconds = max(0, math.ceil(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    parts = (
+        [f"{days}d"] * bool(days) + [f"{hours}h"] * bool(hours) + [f"{minutes}m"] * bool(minutes)
+    )
+    return " ".join(parts or [f"{secs}s"]) if days or hours or minutes else f"{secs}s"
+
+
 def backend_rate_limited(backend: str, reset: float) -> ProxyError:
     return ProxyError(
         429,

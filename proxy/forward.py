@@ -66,6 +66,7 @@ from proxy.objects import (
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
+from proxy.spend import Meter, Refusal
 from proxy.streaming import (
     RelayResult,
     ResponseCut,
@@ -149,6 +150,7 @@ async def handle(
         if parts is not None and parts.upload is not None:
             parts.upload.close()
         deployment_done(ctx)
+        await account(runtime, ctx)
         access_log.write(ctx)
         metrics.observe_request(ctx)
         if ctx.target is not None and ctx.client is not None:
@@ -275,8 +277,9 @@ async def forward(
         runtime.auth.check_model(client, model, target.model)
     cost = await batch_cost(runtime, client, parts) if parts.path == "/batches" else 1
 
-    # throttle
+    # throttle, then the client's budget and tpm
     await admit_client(runtime, ctx, client, target.model or parts.path, cost)
+    await reserve_spend(runtime, ctx, client, target, parts)
     ctx.admitted(target)
 
     # key → upstream, with retries on another key and fallbacks
@@ -541,7 +544,15 @@ def _response_headers(
         ctx.upstream_identified(upstream_id.decode("latin-1"))
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id, ctx.attempts)
+    if ctx.limit_headers:  # the client's own token limit, not the operator's key's
+        headers = [h for h in headers if h[0] not in _TOKEN_LIMIT_HEADERS]
+        headers += ctx.limit_headers
     return headers
+
+
+_TOKEN_LIMIT_HEADERS = frozenset(
+    (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
+)
 
 
 def _with_model_hint(runtime: Runtime, target: Target, data: bytes) -> bytes:
@@ -621,6 +632,52 @@ async def admit_client(
     if wait > 0:
         ctx.throttled("reconnect")
         raise errors.reconnect_throttled(throttled_as, wait)
+
+
+async def reserve_spend(
+    runtime: Runtime,
+    ctx: RequestContext,
+    client: Client | None,
+    target: Target,
+    parts: RequestParts,
+) -> None:
+    """Reserve the request's estimate against its client's budget and tpm (``spend``), or
+    refuse it: 429 ``budget_exceeded``. Settled in ``account`` once the request ends."""
+    spend = runtime.spend
+    if spend is None or client is None or not target.model or client.id not in spend.limits:
+        return
+    tokens, usd = spend.estimate(
+        target.backend, target.upstream_model, parts.payload, len(parts.body), parts.path
+    )
+    found = await spend.reserve(client.id, tokens, usd, runtime.throttle.guarded)
+    if isinstance(found, Refusal):
+        ctx.throttled("budget")
+        limit = found.limit
+        used = f"${found.used:.4f}" if limit.meter is Meter.USD else f"{found.used:g} tokens"
+        calendar = limit.name == "budget"
+        raise errors.budget_exceeded(client.id, limit.describe(), used, found.reset, calendar)
+    if found is None:
+        return
+    ctx.reservation = found
+    for hold, taken in zip(found.holds, found.taken, strict=True):
+        if hold.limit.name == "tpm":  # OpenAI's names, for the client's own limit
+            left = max(0, int(hold.limit.cap - taken - hold.amount))
+            reset = max(0.0, hold.end - time.time())
+            ctx.limit_headers = [
+                (b"x-ratelimit-limit-tokens", str(int(hold.limit.cap)).encode()),
+                (b"x-ratelimit-remaining-tokens", str(left).encode()),
+                (b"x-ratelimit-reset-tokens", f"{reset:.3f}s".encode()),
+            ]
+
+
+async def account(runtime: Runtime, ctx: RequestContext) -> None:
+    """What the request cost, and its reservation settled to it (released if nothing was
+    used). Runs once, as the request ends, whatever ended it."""
+    if ctx.tokens and ctx.backend is not None and ctx.upstream_model is not None:
+        ctx.cost = runtime.prices.cost(ctx.backend, ctx.upstream_model, ctx.tokens)
+    reservation = ctx.reservation
+    if reservation is not None and runtime.spend is not None:
+        await runtime.spend.settle(reservation, ctx.tokens, ctx.cost, runtime.throttle.guarded)
 
 
 def named_objects(parts: RequestParts) -> list[str]:

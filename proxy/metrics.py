@@ -69,8 +69,20 @@ TOKENS = Counter(
     "llm_proxy_tokens",
     "Tokens reported in the upstream's usage, by type: prompt, completion, cached (of prompt, "
     "read from a prompt cache), reasoning (of completion), cache_creation and cache_read "
-    "(Anthropic's cache counts).",
-    ["backend", "model", "type"],
+    "(Anthropic's cache counts), cache_creation_1h (of cache_creation: written for an hour).",
+    ["client", "backend", "model", "type"],
+)
+COST = Counter(
+    "llm_proxy_cost_usd",
+    "USD spent, from the upstream's reported usage and the price table (the shipped one and "
+    "the config's pricing:), by client, backend and model.",
+    ["client", "backend", "model"],
+)
+UNPRICED = Counter(
+    "llm_proxy_unpriced_requests",
+    "Requests with tokens whose model has no price (add it under pricing:): their cost is "
+    "unknown, not $0.",
+    ["backend", "model"],
 )
 PARTIAL_TOKENS = Counter(
     "llm_proxy_partial_tokens",
@@ -185,6 +197,8 @@ requests_child = _Children(REQUESTS)
 duration_child = _Children(DURATION)
 ttft_child = _Children(TTFT)
 tokens_child = _Children(TOKENS)
+cost_child = _Children(COST)
+unpriced_child = _Children(UNPRICED)
 partial_tokens_child = _Children(PARTIAL_TOKENS)
 streams_child = _Children(STREAMS_ACTIVE)
 errors_child = _Children(UPSTREAM_ERRORS)
@@ -217,10 +231,16 @@ def observe_request(record: RequestContext) -> None:
         ttft_child(backend, model).observe(record.ttft)
     if record.overhead is not None:
         OVERHEAD.observe(record.overhead)
-    for kind, count in record.tokens.nonzero():
-        tokens_child(backend, model, kind).inc(count)
+    tokens = record.tokens.nonzero()
+    for kind, count in tokens:
+        tokens_child(client, backend, model, kind).inc(count)
         if record.tokens_partial:
             partial_tokens_child(backend, model, kind).inc(count)
+    if tokens:
+        if record.cost is None:
+            unpriced_child(backend, model).inc()
+        elif record.cost:
+            cost_child(client, backend, model).inc(record.cost)
 
 
 def observe_realtime_session(record: RequestContext, seconds: float) -> None:
@@ -235,11 +255,19 @@ def observe_realtime_session(record: RequestContext, seconds: float) -> None:
     REALTIME_DURATION.labels(backend, record.model_label).observe(seconds)
 
 
-def count_tokens(backend: str, model: str, prompt: int, completion: int) -> None:
+def count_tokens(
+    client: str, backend: str, model: str, prompt: int, completion: int, cost: float | None
+) -> None:
+    """A Realtime response's tokens and cost, counted as it ends."""
     if prompt:
-        tokens_child(backend, model, "prompt").inc(prompt)
+        tokens_child(client, backend, model, "prompt").inc(prompt)
     if completion:
-        tokens_child(backend, model, "completion").inc(completion)
+        tokens_child(client, backend, model, "completion").inc(completion)
+    if prompt or completion:
+        if cost is None:
+            unpriced_child(backend, model).inc()
+        elif cost:
+            cost_child(client, backend, model).inc(cost)
 
 
 def exposition() -> tuple[bytes, str]:

@@ -53,10 +53,12 @@ from proxy.forward import (
 )
 from proxy.headers import REQUEST_ID, forwarded_request_headers, header_value
 from proxy.keys import NoUsableKey
+from proxy.pricing import Prices
 from proxy.redact import Redactor
 from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
 from proxy.runtime import Runtime
 from proxy.throttle import Outcome
+from proxy.usage import TokenCounts
 
 log = logging.getLogger("proxy")
 
@@ -118,7 +120,7 @@ async def handle_websocket(
             await _accept(runtime, scope, send, opened, request_id)
             accepted_at = time.perf_counter()
             ctx.responded(101)
-            await _relay(ctx, opened, receive, send, runtime.redactor)
+            await _relay(ctx, opened, receive, send, runtime.redactor, runtime.prices)
         finally:
             if not opened.socket.closed:  # the client left during our accept, or a bug
                 await _close_upstream(opened.socket, 1011, "")
@@ -457,7 +459,12 @@ class _Tally:
 
 
 async def _relay(
-    ctx: RequestContext, opened: _Opened, receive: Receive, send: Send, redactor: Redactor
+    ctx: RequestContext,
+    opened: _Opened,
+    receive: Receive,
+    send: Send,
+    redactor: Redactor,
+    prices: Prices,
 ) -> None:
     """Both directions at once until one ends; then the other side is closed with the
     code and reason of the first, and the task still reading is cancelled."""
@@ -469,7 +476,7 @@ async def _relay(
     received = _Tally(backend, label, UPSTREAM_TO_CLIENT)
     up = asyncio.ensure_future(_client_to_upstream(receive, opened.socket, sent))
     down = asyncio.ensure_future(
-        _upstream_to_client(opened.socket, send, ctx, label, received, redactor)
+        _upstream_to_client(opened.socket, send, ctx, label, received, redactor, prices)
     )
     try:
         done, _ = await asyncio.wait((up, down), return_when=asyncio.FIRST_COMPLETED)
@@ -530,6 +537,7 @@ async def _upstream_to_client(
     label: str,
     tally: _Tally,
     redactor: Redactor,
+    prices: Prices,
 ) -> _End:
     """Upstream messages on to the client, any configured secret in them (a key an
     upstream echoes in an error event) replaced by its fingerprint, as in every answer."""
@@ -539,7 +547,7 @@ async def _upstream_to_client(
         if kind is aiohttp.WSMsgType.TEXT:
             text: str = redactor.text(message.data)
             if _DONE_MARK in text:
-                _count_usage(text, ctx, label)
+                _count_usage(text, ctx, label, prices)
             try:
                 await send({"type": "websocket.send", "text": text})
             except OSError:  # uvicorn: the client is gone
@@ -577,7 +585,7 @@ async def _upstream_to_client(
         # PING and PONG are answered by aiohttp (autoping) and never come here.
 
 
-def _count_usage(text: str, ctx: RequestContext, label: str) -> None:
+def _count_usage(text: str, ctx: RequestContext, label: str, prices: Prices) -> None:
     """Tokens from a ``response.done`` event, counted now (metrics) and for the log line."""
     try:
         event = orjson.loads(text)
@@ -591,7 +599,11 @@ def _count_usage(text: str, ctx: RequestContext, label: str) -> None:
         return
     prompt, completion = _count(usage.get("input_tokens")), _count(usage.get("output_tokens"))
     ctx.added_tokens(prompt, completion)
-    metrics.count_tokens(ctx.backend or "none", label, prompt, completion)
+    backend = ctx.backend or "none"
+    cost = prices.cost(backend, ctx.upstream_model or "", TokenCounts(prompt, completion))
+    if cost is not None:
+        ctx.cost = (ctx.cost or 0.0) + cost
+    metrics.count_tokens(ctx.client_label, backend, label, prompt, completion, cost)
 
 
 def _count(value: object) -> int:

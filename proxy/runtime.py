@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import time
@@ -35,9 +36,11 @@ from proxy.objects import (
     known_placements,
     make_object_store,
 )
+from proxy.pricing import Prices
 from proxy.redact import NO_SECRETS, Redactor
 from proxy.routing import Router, usable_model_id
 from proxy.shared import SYNC_INTERVAL, SharedState
+from proxy.spend import Spend
 from proxy.throttle import Store, Throttle, make_storage
 from proxy.upstream import Upstream
 
@@ -94,6 +97,8 @@ class Runtime:
     deployments: Mapping[str, DeploymentStats] = field(default_factory=dict)
     # Lower-cased names of the headers naming a conversation -> their rank (first wins).
     session_headers: Mapping[bytes, int] = field(default_factory=dict)
+    prices: Prices = field(default_factory=lambda: Prices({}))
+    spend: Spend | None = None  # the clients' budgets and tpm (None: no client has any)
     loaded_at: float = field(default_factory=time.time)
     state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
 
@@ -420,8 +425,12 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         if len(route.deployments) > 1
         for d in route.deployments
     }
+    prices = Prices({model: dataclasses.asdict(price) for model, price in config.pricing.items()})
+    spend = Spend(config, storage.ledger, prices) if storage.ledger is not None else None
     return Runtime(
         config=config,
+        prices=prices,
+        spend=spend if spend is not None and spend.limits else None,
         deployments=deployments,
         session_headers={
             name.lower().encode("latin-1"): rank

@@ -42,6 +42,7 @@ from limits.aio.strategies import (
 )
 
 from proxy.config import Config, ReconnectConfig
+from proxy.spend import MemoryLedger, RedisLedger
 
 log = logging.getLogger("proxy.throttle")
 
@@ -158,6 +159,7 @@ class Store:
     health: RedisHealth | None = None
     # In memory, reconnect streaks live here: kept, like the storage, across reloads.
     streaks: MemoryStreaks | None = None
+    ledger: MemoryLedger | RedisLedger | None = None  # budgets' windows (spend.py)
 
     async def call(
         self, make: Callable[[], Awaitable[T]], default: T, failed: Callable[[Exception], None]
@@ -206,7 +208,7 @@ def make_storage(uri: str, clock: Callable[[], float] = time.monotonic) -> Store
     """``memory://`` or ``redis://host:port`` from the config. Raises on a URI it cannot use.
     ``clock`` times the reconnect streaks kept in memory (Redis ones use wall time)."""
     if uri.startswith("memory://"):
-        return Store(uri, LeanMemoryStorage(), streaks=MemoryStreaks(clock))
+        return Store(uri, LeanMemoryStorage(), streaks=MemoryStreaks(clock), ledger=MemoryLedger())
     pool = redis.asyncio.BlockingConnectionPool.from_url(
         uri,
         max_connections=POOL_SIZE,
@@ -219,7 +221,7 @@ def make_storage(uri: str, clock: Callable[[], float] = time.monotonic) -> Store
     storage = RedisStorage(
         f"async+{uri}", implementation="redispy", wrap_exceptions=True, **shared_pool
     )
-    return Store(uri, storage, client, RedisHealth(uri))
+    return Store(uri, storage, client, RedisHealth(uri), ledger=RedisLedger(client))
 
 
 # ---------------------------------------------------------------- reconnect streaks
@@ -398,6 +400,10 @@ class Throttle:
         self._redis = RedisStreaks(storage.redis) if storage.redis is not None else None
         self._last_storage_error = 0.0
         self.storage_errors = 0
+
+    async def guarded(self, make: Callable[[], Awaitable[T]], default: T) -> T:
+        """``await make()`` on the storage, or ``default`` when it fails (counted, logged)."""
+        return await self.storage.call(make, default, self.storage_failed)
 
     # ------------------------------------------------------------ reconnect backoff
 

@@ -24,7 +24,15 @@ from typing import Any, NamedTuple
 MAX_TOKENS = 10**9
 
 # The ``type`` label values, in the order the access log prints them.
-TOKEN_TYPES = ("prompt", "completion", "cached", "reasoning", "cache_creation", "cache_read")
+TOKEN_TYPES = (
+    "prompt",
+    "completion",
+    "cached",
+    "reasoning",
+    "cache_creation",
+    "cache_read",
+    "cache_creation_1h",
+)
 
 
 class TokenCounts(NamedTuple):  # a tuple: made once per request, cheaply
@@ -34,6 +42,7 @@ class TokenCounts(NamedTuple):  # a tuple: made once per request, cheaply
     reasoning: int = 0  # of completion: reasoning / thinking tokens
     cache_creation: int = 0  # Anthropic: written to the cache (priced above input)
     cache_read: int = 0  # Anthropic: read from the cache (the same tokens as cached)
+    cache_creation_1h: int = 0  # of cache_creation: written for an hour (priced higher)
 
     def nonzero(self) -> list[tuple[str, int]]:
         """(type, count) for every count above zero: what the metrics increment."""
@@ -44,6 +53,7 @@ class TokenCounts(NamedTuple):  # a tuple: made once per request, cheaply
             self.reasoning,
             self.cache_creation,
             self.cache_read,
+            self.cache_creation_1h,
         )
         return [(kind, count) for kind, count in zip(TOKEN_TYPES, counts, strict=True) if count]
 
@@ -82,6 +92,9 @@ def token_counts(usage: Mapping[str, Any] | None) -> TokenCounts:
         reasoning=reasoning,
         cache_creation=cache_creation,
         cache_read=cache_read,
+        cache_creation_1h=min(
+            _detail(usage, "cache_creation", "ephemeral_1h_input_tokens"), cache_creation
+        ),
     )
 
 

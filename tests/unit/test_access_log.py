@@ -32,6 +32,7 @@ _KEYS = [
     "completion_tokens",
     "cached_tokens",
     "reasoning_tokens",
+    "cost_usd",
     "throttled",
     "error",
 ]

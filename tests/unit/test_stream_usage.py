@@ -483,7 +483,7 @@ def test_asks_for_usage_only_when_the_client_itself_said_true():
 
 
 def _token_sample(model: str, kind: str) -> float:
-    labels = {"backend": "usage-test", "model": model, "type": kind}
+    labels = {"client": "anonymous", "backend": "usage-test", "model": model, "type": kind}
     return REGISTRY.get_sample_value("llm_proxy_tokens_total", labels) or 0.0
 
 
@@ -513,7 +513,7 @@ def test_zero_types_make_no_series_and_added_counts_count():
     record.added_tokens(*tokens(USAGE))
     metrics.observe_request(record)
     assert (_token_sample(model, "prompt"), _token_sample(model, "completion")) == (11, 5)
-    labels = {"backend": "usage-test", "model": model, "type": "cached"}
+    labels = {"client": "anonymous", "backend": "usage-test", "model": model, "type": "cached"}
     assert REGISTRY.get_sample_value("llm_proxy_tokens_total", labels) is None
 
 
@@ -536,7 +536,7 @@ def test_the_access_log_prints_the_token_types():
     anthropic = token_counts(
         {"input_tokens": 1, "cache_creation_input_tokens": 2, "cache_read_input_tokens": 3}
     )
-    assert "cache_creation_tokens=2 cache_read_tokens=3 throttled=" in _log_line("text", anthropic)
+    assert "cache_creation_tokens=2 cache_read_tokens=3 cost_usd=" in _log_line("text", anthropic)
     line = orjson.loads(_log_line("json", anthropic))
     assert (line["prompt_tokens"], line["cache_creation_tokens"], line["cache_read_tokens"]) == (
         6,

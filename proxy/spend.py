@@ -1,0 +1,396 @@
+"""Budgets and token-rate limits per client: reserve before a request, settle after it.
+
+A client may have a ``budget`` (USD or tokens per UTC day, week or month) and a ``tpm``
+(tokens per minute). Checking what was spent and recording after the fact overshoots under
+concurrency (every request in flight passes the check), so each request first *reserves*
+its estimate (``estimate``: prompt bytes / 4 plus the output it may produce) against every
+limit of its client in one atomic step, and is refused (429 ``budget_exceeded``) when the
+reservation does not fit. When it ends (answer read, stream over, client gone) it
+*settles*: the reservation is replaced by what the upstream reported. A reservation is
+capped at its limit (a request bigger than a whole window is let through alone) and lasts
+at most ``spend.reservation_timeout``: one whose request died (a replica killed mid-way)
+is released by time alone.
+
+The ledger is the throttle's storage: in memory (one process), or Redis (every replica,
+one Lua script per reserve and per settle, so N replicas never spend N times a cap). A
+window is a hash ``used`` + one field per reservation in flight, expiring with its window.
+Values read back from Redis are validated: garbage counts as nothing. Redis down: fail
+open (the request goes through, the failure is counted), as for the rate limits.
+"""
+
+from __future__ import annotations
+
+import calendar
+import itertools
+import math
+import os
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from typing import Any
+
+import redis.asyncio
+
+from proxy.config import ClientConfig, Config
+from proxy.pricing import Prices
+from proxy.usage import MAX_TOKENS, TokenCounts
+
+REDIS_PREFIX = "llm-proxy:spend:"
+MAX_ESTIMATE = 10_000_000  # tokens one request may reserve, at most
+_ids = itertools.count(1)
+_PROCESS = os.urandom(4).hex()  # reservation ids unique across replicas
+
+
+class Meter(StrEnum):
+    USD = "usd"
+    TOKENS = "tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class Limit:
+    """One limit of one client: ``budget`` (per day, week or month) or ``tpm``."""
+
+    name: str  # "budget" | "tpm"
+    meter: Meter
+    cap: float
+    per: str  # "minute" | "day" | "week" | "month"
+
+    def window(self, now: float) -> tuple[float, float]:
+        """The UTC window holding wall time ``now``: (start, end) in epoch seconds."""
+        return window_of(self.per, now)
+
+    def describe(self) -> str:
+        amount = f"${self.cap:g}" if self.meter is Meter.USD else f"{self.cap:g} tokens"
+        return (
+            f"{amount} per {self.per}"
+            if self.name == "budget"
+            else f"{self.cap:g} tokens per minute"
+        )
+
+
+def window_of(per: str, now: float) -> tuple[float, float]:
+    if per == "minute":
+        start = math.floor(now / 60) * 60
+        return start, start + 60
+    day = time.gmtime(now)
+    midnight = calendar.timegm((day.tm_year, day.tm_mon, day.tm_mday, 0, 0, 0))
+    if per == "day":
+        return midnight, midnight + 86400
+    if per == "week":  # Monday 00:00 UTC
+        start = midnight - day.tm_wday * 86400
+        return start, start + 7 * 86400
+    start = calendar.timegm((day.tm_year, day.tm_mon, 1, 0, 0, 0))
+    year, month = (day.tm_year + 1, 1) if day.tm_mon == 12 else (day.tm_year, day.tm_mon + 1)
+    return start, calendar.timegm((year, month, 1, 0, 0, 0))
+
+
+def limits_of(client: ClientConfig) -> tuple[Limit, ...]:
+    limits = []
+    if client.budget is not None:
+        meter = Meter.USD if client.budget.usd is not None else Meter.TOKENS
+        cap = client.budget.usd if client.budget.usd is not None else client.budget.tokens
+        limits.append(Limit("budget", meter, float(cap or 0), client.budget.per))
+    if client.tpm is not None:
+        limits.append(Limit("tpm", Meter.TOKENS, float(client.tpm), "minute"))
+    return tuple(limits)
+
+
+@dataclass(slots=True)
+class Hold:
+    """One limit's share of a reservation: where it is held, and how much."""
+
+    limit: Limit
+    key: str  # the window's storage key
+    end: float  # the window's end (epoch seconds)
+    amount: float
+
+
+@dataclass(slots=True)
+class Reservation:
+    client: str
+    id: str
+    holds: list[Hold]
+    tokens: int  # the estimate
+    usd: float
+    taken: list[float]  # each window's spent and held before this reservation
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    limit: Limit
+    used: float  # spent and held, in the limit's meter
+    reset: float  # seconds until its window ends
+
+
+@dataclass(slots=True)
+class _Window:
+    end: float
+    used: float = 0.0
+    held: dict[str, tuple[float, float]] = field(default_factory=dict)  # id -> amount, until
+
+
+class MemoryLedger:
+    """One process's windows; old ones dropped as new ones are made (bounded by clients x
+    limits, and by the requests in flight)."""
+
+    def __init__(self) -> None:
+        self._windows: dict[str, _Window] = {}
+
+    async def reserve(
+        self, holds: Sequence[Hold], rid: str, until: float, now: float
+    ) -> tuple[int, list[float]]:
+        """(-1, what each window had spent and held before) when every hold fits (and is
+        taken); else (the index of the first that does not, the same)."""
+        windows = [self._window(h, now) for h in holds]
+        taken = []
+        for i, (hold, w) in enumerate(zip(holds, windows, strict=True)):
+            for other, (_, expiry) in list(w.held.items()):
+                if expiry <= now:
+                    del w.held[other]
+            taken.append(w.used + sum(amount for amount, _ in w.held.values()))
+            if taken[i] + hold.amount > hold.limit.cap:
+                return i, taken
+        for hold, w in zip(holds, windows, strict=True):
+            w.held[rid] = (hold.amount, until)
+        return -1, taken
+
+    async def settle(self, holds: Sequence[Hold], rid: str, actual: Sequence[float]) -> None:
+        for hold, amount in zip(holds, actual, strict=True):
+            w = self._windows.get(hold.key)
+            if w is not None:
+                w.held.pop(rid, None)
+                w.used += amount
+
+    async def taken(self, key: str, now: float) -> tuple[float, float]:
+        w = self._windows.get(key)
+        if w is None:
+            return 0.0, 0.0
+        held = sum(amount for amount, until in w.held.values() if until > now)
+        return w.used, held
+
+    def _window(self, hold: Hold, now: float) -> _Window:
+        w = self._windows.get(hold.key)
+        if w is None:
+            for key in [k for k, old in self._windows.items() if old.end <= now]:
+                del self._windows[key]
+            w = self._windows[hold.key] = _Window(hold.end)
+        return w
+
+
+_RESERVE = """
+local now, rid, untl, n = tonumber(ARGV[1]), ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local function num(x, hi)
+  x = tonumber(x)
+  if x == nil or x ~= x or x < 0 or x > hi then return 0 end  -- not a count: garbage
+  return x
+end
+local all = {}
+for i = 1, n do
+  local cap, amount = tonumber(ARGV[5 + 3 * (i - 1)]), tonumber(ARGV[6 + 3 * (i - 1)])
+  local fields = redis.call('HGETALL', KEYS[i])
+  local taken = 0
+  for j = 1, #fields, 2 do
+    local name, value = fields[j], fields[j + 1]
+    if name == 'used' then
+      taken = taken + num(value, 1e15)
+    elseif string.sub(name, 1, 2) == 'r:' then
+      local sep = string.find(value, ':', 1, true)
+      local held = sep and num(string.sub(value, 1, sep - 1), 1e15) or 0
+      local expiry = sep and num(string.sub(value, sep + 1), 1e15) or 0
+      if expiry <= now then
+        redis.call('HDEL', KEYS[i], name)
+      else
+        taken = taken + held
+      end
+    end
+  end
+  all[i] = tostring(taken)
+  if taken + amount > cap then return {i, unpack(all)} end
+end
+for i = 1, n do
+  local amount, expire_at = ARGV[6 + 3 * (i - 1)], tonumber(ARGV[7 + 3 * (i - 1)])
+  redis.call('HSET', KEYS[i], 'r:' .. rid, amount .. ':' .. string.format('%d', untl))
+  redis.call('PEXPIREAT', KEYS[i], math.floor(expire_at))
+end
+return {0, unpack(all)}
+"""
+
+_SETTLE = """
+local rid = ARGV[1]
+for i = 1, #KEYS do
+  local existed = redis.call('HDEL', KEYS[i], 'r:' .. rid)
+  local amount = tonumber(ARGV[1 + i])
+  if amount ~= nil and amount == amount and amount > 0 and amount < 1e15 then
+    local ttl = redis.call('PTTL', KEYS[i])
+    redis.call('HINCRBYFLOAT', KEYS[i], 'used', amount)
+    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+  end
+end
+return 1
+"""
+
+
+class RedisLedger:
+    """Windows in Redis, shared by every replica; times are wall-clock milliseconds."""
+
+    def __init__(self, client: redis.asyncio.Redis) -> None:
+        self._client = client
+        self._reserve = client.register_script(_RESERVE)
+        self._settle = client.register_script(_SETTLE)
+
+    async def reserve(
+        self, holds: Sequence[Hold], rid: str, until: float, now: float
+    ) -> tuple[int, list[float]]:
+        args: list[Any] = [int(now * 1000), rid, int(until * 1000), len(holds)]
+        for h in holds:
+            args += [repr(h.limit.cap), repr(h.amount), int((h.end + 60) * 1000)]
+        found = await self._reserve(keys=[h.key for h in holds], args=args)
+        return int(found[0]) - 1, [_number(t) for t in found[1:]]
+
+    async def settle(self, holds: Sequence[Hold], rid: str, actual: Sequence[float]) -> None:
+        await self._settle(keys=[h.key for h in holds], args=[rid, *map(repr, actual)])
+
+    async def taken(self, key: str, now: float) -> tuple[float, float]:
+        fields = await self._client.hgetall(key)
+        used = held = 0.0
+        for raw_name, raw_value in fields.items():
+            name, value = _text(raw_name), _text(raw_value)
+            if name == "used":
+                used = _number(value)
+            elif name.startswith("r:"):
+                amount, _, expiry = value.partition(":")
+                if _number(expiry) > now * 1000:
+                    held += _number(amount)
+        return used, held
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("latin-1") if isinstance(raw, bytes) else raw
+
+
+def _number(raw: Any) -> float:
+    try:
+        value = float(raw)
+    except (TypeError, ValueError):
+        return 0.0
+    return value if math.isfinite(value) and 0 <= value < 1e15 else 0.0
+
+
+Ledger = MemoryLedger | RedisLedger
+
+
+def estimate_tokens(
+    payload: dict[str, Any], body_size: int, path: str, default: int
+) -> tuple[int, int]:
+    """(prompt, output) a request may cost, before it is sent: its body's bytes / 4, and
+    the output it asks for at most (``max_tokens``, ``max_completion_tokens``,
+    ``max_output_tokens``) or ``default``; embeddings produce none."""
+    prompt = min(body_size // 4, MAX_ESTIMATE)
+    if path.startswith("/embeddings"):
+        return prompt, 0
+    for name in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = payload.get(name)
+        if type(value) is int and 0 <= value < MAX_TOKENS:
+            return prompt, min(value, MAX_ESTIMATE)
+    return prompt, default
+
+
+def new_reservation_id() -> str:
+    return f"{_PROCESS}{next(_ids):x}"
+
+
+class Spend:
+    """The clients' limits of one config, over the ledger of the throttle's storage."""
+
+    def __init__(self, config: Config, ledger: Ledger, prices: Prices) -> None:
+        self.limits = {c.id: limits for c in config.clients if (limits := limits_of(c))}
+        self.ledger = ledger
+        self.prices = prices
+        self.timeout = config.spend.reservation_timeout
+        self.default_max_tokens = config.spend.default_max_tokens
+
+    def holds(self, client: str, tokens: int, usd: float, now: float) -> list[Hold]:
+        holds = []
+        for limit in self.limits.get(client, ()):
+            start, end = limit.window(now)
+            amount = usd if limit.meter is Meter.USD else float(tokens)
+            key = f"{REDIS_PREFIX}{client}:{limit.name}:{int(start)}"
+            holds.append(Hold(limit, key, end, min(amount, limit.cap)))
+        return holds
+
+    def estimate(
+        self, backend: str, model: str, payload: dict[str, Any], body_size: int, path: str
+    ) -> tuple[int, float]:
+        prompt, output = estimate_tokens(payload, body_size, path, self.default_max_tokens)
+        price = self.prices.lookup(backend, model)
+        usd = price.cost(TokenCounts(prompt=prompt, completion=output)) if price else 0.0
+        return prompt + output, usd
+
+    async def reserve(
+        self, client: str, tokens: int, usd: float, call: Caller
+    ) -> Reservation | Refusal | None:
+        """A reservation, a refusal naming the limit that does not fit, or None (no limits,
+        or the storage failed: open)."""
+        now = time.time()
+        holds = self.holds(client, tokens, usd, now)
+        if not holds:
+            return None
+        rid = new_reservation_id()
+        ledger = self.ledger
+        found = await call(lambda: ledger.reserve(holds, rid, now + self.timeout, now), None)
+        if found is None:
+            return None  # the storage failed: open
+        index, taken = found
+        if index >= 0:
+            hold = holds[index]
+            return Refusal(hold.limit, taken[index], max(0.0, hold.end - now))
+        return Reservation(client, rid, holds, tokens, usd, taken)
+
+    async def settle(
+        self, reservation: Reservation, tokens: TokenCounts, usd: float | None, call: Caller
+    ) -> None:
+        """Replace the reservation by what was used (once; nothing used: it is released)."""
+        if reservation.settled:
+            return
+        reservation.settled = True
+        used_tokens = float(tokens.prompt + tokens.completion)
+        actual = [
+            (usd or 0.0) if h.limit.meter is Meter.USD else used_tokens for h in reservation.holds
+        ]
+        ledger = self.ledger
+        await call(lambda: ledger.settle(reservation.holds, reservation.id, actual), None)
+
+    async def usage(self, call: Caller) -> dict[str, Any]:
+        """Per client with limits: each limit's window, spent, held and left."""
+        now = time.time()
+        clients: dict[str, Any] = {}
+        for client, limits in self.limits.items():
+            shown = []
+            for limit, hold in zip(limits, self.holds(client, 0, 0.0, now), strict=True):
+                start, end = limit.window(now)
+                used, held = await call(partial(self.ledger.taken, hold.key, now), (0.0, 0.0))
+                shown.append(
+                    {
+                        "limit": limit.name,
+                        "meter": str(limit.meter),
+                        "cap": limit.cap,
+                        "per": limit.per,
+                        "window_start": _iso(start),
+                        "window_end": _iso(end),
+                        "used": round(used, 6),
+                        "reserved": round(held, 6),
+                        "remaining": round(max(0.0, limit.cap - used - held), 6),
+                    }
+                )
+            clients[client] = shown
+        return clients
+
+
+Caller = Callable[[Callable[[], Awaitable[Any]], Any], Awaitable[Any]]
+
+
+def _iso(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
