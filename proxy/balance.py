@@ -9,8 +9,10 @@ estimates) and a random source: no I/O, no clock of their own, unit-tested as su
 - ``least-busy``: fewest requests in flight first, ties by weight, then at random.
 - ``latency``: power of two choices on a peak EWMA of time to first token (streams) or
   duration (non-streams), times the requests in flight plus one. A slower sample replaces
-  the estimate at once (a deployment that turns slow loses its traffic within a request or
-  two); faster ones blend in over ``DECAY`` seconds; an estimate nobody refreshed fades
+  the estimate at once, up to ``MAX_RISE`` times it (a deployment that turns slow loses its
+  traffic within a request or two, one slow request does not push it out); a failed attempt
+  is such a sample too (failing fast is not being fast); faster ones blend in over ``DECAY``
+  seconds; an estimate nobody refreshed fades
   towards nought over ``IDLE_DECAY`` seconds, so a deployment that was slow is tried again
   (and, recovered, wins its traffic back gradually). A new deployment starts at
   ``NEUTRAL_LATENCY``.
@@ -36,6 +38,7 @@ NEUTRAL_LATENCY = 0.25  # seconds: a deployment never measured
 DECAY = 10.0  # seconds over which faster samples replace a slow estimate
 IDLE_DECAY = 5.0  # seconds over which an estimate nobody refreshed fades (10x: 12 s)
 MAX_SAMPLE = 600.0  # seconds: a longer sample is this long (bounded state)
+MAX_RISE = 4.0  # one sample raises the estimate at most this many times (or to neutral)
 MAX_SESSION_KEY = 256  # characters of a session key that count
 
 
@@ -68,16 +71,24 @@ class DeploymentStats:
         return taken
 
     def observe(self, seconds: float, now: float) -> None:
-        """One latency sample: a slower one is the estimate at once, faster ones blend in."""
+        """One latency sample, from the estimate as it has faded by now: a slower one is the
+        estimate at once, up to ``MAX_RISE`` times it (one client's one slow request must
+        not push everybody off a deployment), faster ones blend in over ``DECAY``."""
         if not math.isfinite(seconds) or seconds < 0:
             return
+        current = self.latency(now)
         seconds = min(seconds, MAX_SAMPLE)
-        if seconds >= self.estimate:
-            self.estimate = seconds
+        if seconds >= current:
+            self.estimate = min(seconds, max(current * MAX_RISE, NEUTRAL_LATENCY))
         else:
             kept = math.exp(-max(0.0, now - self.measured_at) / DECAY)
-            self.estimate = self.estimate * kept + seconds * (1 - kept)
+            self.estimate = current * kept + seconds * (1 - kept)
         self.measured_at = now
+
+    def failed(self, now: float) -> None:
+        """A failed attempt (an error answer, a cut stream, no answer): a penalty sample, so
+        a deployment failing fast does not look fast."""
+        self.observe(MAX_SAMPLE, now)
 
     def latency(self, now: float) -> float:
         """The estimate as of ``now``: fading while nobody refreshes it."""

@@ -326,7 +326,7 @@ class FallbackConfig(_Section):
     model: Annotated[Text | None, doc("the id sent there; default: the same id")] = None
 
 
-Weight = Annotated[float, pydantic.Strict(False), Gt(0), Le(1_000_000)]
+Weight = Annotated[float, pydantic.Strict(), Ge(0.001), Le(1_000_000)]  # an int too, not a bool
 MAX_ATTEMPTS = 10  # upstream attempts of one request, at most, whatever a route says
 
 

@@ -34,6 +34,7 @@ from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
 from proxy.context import RequestContext
 from proxy.dialects import OPENAI, Dialect
+from proxy.drain import DRAINED
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
 from proxy.keys import NoUsableKey
@@ -169,7 +170,7 @@ async def deliver(
         if isinstance(result, Delivery):
             return result
         last = result
-        if not _worth_a_fallback(result) or not parts.replayable:
+        if not _worth_a_fallback(result, target.pool is not None) or not parts.replayable:
             break
     assert last is not None  # the first candidate always has its attempt
     if isinstance(last, ProxyError):
@@ -255,8 +256,14 @@ def _deployment_tried(
         )
         return
     stats.in_flight -= 1
-    if isinstance(result, ProxyError) and result.status == 504:
-        stats.observe(time.perf_counter() - since, time.monotonic())
+    if (
+        isinstance(result, FailedAnswer)
+        and result.verdict in _THE_REQUESTS_OWN
+        and not _model_missing(result)
+    ):
+        return  # about the request (a 400): nothing about the deployment
+    if result is not None:  # an error answer, no answer: the deployment failed it
+        stats.failed(time.monotonic())
 
 
 def deployment_done(ctx: RequestContext) -> None:
@@ -267,6 +274,9 @@ def deployment_done(ctx: RequestContext) -> None:
         return
     ctx.deployment_stats = None
     stats.in_flight -= 1
+    if ctx.error is not None and ctx.error != DRAINED and not ctx.client_gone:
+        stats.failed(time.monotonic())  # cut or stalled mid-way
+        return
     if ctx.error is not None or ctx.status >= 500 or ctx.status == 0:
         return
     now = time.perf_counter()
@@ -431,14 +441,24 @@ class _Attempt:
         return self.runtime.redactor.text(_reason(answer))
 
 
-def _worth_a_fallback(result: FailedAnswer | ProxyError) -> bool:
+_THE_REQUESTS_OWN = (Verdict.CLIENT_ERROR, Verdict.KEY_LACKS_SCOPE)
+
+
+def _worth_a_fallback(result: FailedAnswer | ProxyError, pooled: bool = False) -> bool:
     """A fallback may help when this backend failed or its keys are refused or limited;
-    never for an answer about the request itself (a 4xx relayed to the client)."""
+    never for an answer about the request itself (a 4xx relayed to the client), except, in
+    a pool, a deployment's 404 for its own model id (retired, or mistyped in the config)."""
     if isinstance(result, FailedAnswer):
-        return result.verdict is not Verdict.CLIENT_ERROR and (
-            result.verdict is not Verdict.KEY_LACKS_SCOPE
-        )
+        if result.verdict in _THE_REQUESTS_OWN:
+            return pooled and _model_missing(result)
+        return True
     return result.status >= 500 or result.status == 429
+
+
+def _model_missing(answer: FailedAnswer) -> bool:
+    """A 404 saying the model does not exist (``model_not_found``, as OpenAI and most
+    compatible servers write it)."""
+    return answer.status == 404 and b"model_not_found" in answer.body[:4096]
 
 
 def _retry_after(answer: FailedAnswer) -> float | None:

@@ -374,8 +374,7 @@ class _Relay:
 
     async def events(self, kind: StreamKind) -> None:
         ctx = self.ctx
-        self._served()  # a stream under way: the backend serves
-        await self._start(self._headers())
+        await self._start(self._headers())  # (a probe held was decided at the head)
         ctx.overhead_measured(time.perf_counter() - self.head_at)
         streams = metrics.streams_child(self.backend)
         streams.inc()
@@ -405,8 +404,12 @@ class _Relay:
             raise ClientGone()
         if result.error == DRAINED:
             ctx.error = DRAINED  # the proxy ended it, shutting down: no fault of the backend
+            self.delivery.admission.released()
+            self.reported = True
         elif result.error is not None:
-            ctx.upstream_broke(self.backend, self.delivery.key_id, result.error)
+            self._failed(result.error)  # cut or stalled mid-way: the backend failed
+        else:
+            self._served()
 
     def _recording_ids(self, send: Send) -> Send:
         """``send``, noting the objects a stream reveals as it goes by (a Responses

@@ -269,3 +269,17 @@ def test_a_broken_deployments_sessions_move_and_come_back_the_others_stay(
         time.sleep(0.5)
         after = homes_of(pool_proxy.url, sessions)
     assert after == before
+
+
+def test_a_deployment_that_fails_fast_loses_its_traffic_and_costs_no_client_an_error(
+    upstream: MockUpstream, pool_proxy: ProxyProcess
+) -> None:
+    """Review of issue 20 (F1, F4): a deployment answering 404 model_not_found at once (a
+    retired id) looked fast to the latency strategy, and its 404 reached the client."""
+    missing = {"status": 404, "error": {"message": "no such model", "code": "model_not_found"}}
+    upstream.configure(by_model={"fast-c": missing})
+    with httpx.Client(base_url=pool_proxy.url, timeout=10) as client:
+        answers = [client.post("/v1/chat/completions", json=chat("fast")) for _ in range(200)]
+    assert {a.status_code for a in answers} == {200}
+    retried = sum(int(a.headers["x-proxy-attempts"]) > 1 for a in answers)
+    assert retried <= 40, retried  # it is tried now and then, not most of the time

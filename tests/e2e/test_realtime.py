@@ -9,6 +9,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -384,6 +385,14 @@ def test_the_other_key_serves_when_one_is_refused(
 
     for _ in range(2):  # whichever key round-robin picks first, the session opens
         assert "session.created" in asyncio.run(session())
+        if any(e["status"] == 401 for e in upstream.log()):
+            # key-a is out once its confirming probe agrees (in the background): wait for
+            # it, or the next session may try it again meanwhile.
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and metric(
+                rt_proxy, "llm_proxy_key_usable", backend="rt", key="key-a"
+            ):
+                time.sleep(0.05)
     opened = [e["key"] for e in upstream.log() if e["status"] == 101]
     assert opened == [KEY_B, KEY_B]
     assert [e["key"] for e in upstream.log() if e["status"] == 401] == [KEY_A]

@@ -92,8 +92,46 @@ def test_a_new_deployment_starts_neutral_and_the_estimate_is_bounded():
     for bad in (float("nan"), float("inf"), -1.0):
         s.observe(bad, 1.0)
     assert s.estimate == NEUTRAL_LATENCY
-    s.observe(1e9, 2.0)
+    for _ in range(20):
+        s.observe(1e9, 2.0)
     assert s.estimate == 600.0
+
+
+def test_one_slow_sample_raises_the_estimate_at_most_four_times():
+    """Review of issue 20 (F2): one client's one 20 s request pushed everyone off."""
+    s = DeploymentStats(0.0)  # 0.25 s
+    s.observe(20.0, 0.0)
+    assert s.estimate == pytest.approx(1.0)
+    s.observe(20.0, 0.0)  # a deployment that really turned slow: the next sample too
+    assert s.estimate == pytest.approx(4.0)
+
+
+def test_a_deployment_failing_fast_does_not_look_fast():
+    """Review of issue 20 (F1): failures gave no sample, the estimate faded, and the
+    latency strategy sent most traffic to the deployment that failed every request."""
+    pool, rnd = stats(2), random.Random(9)
+    for s in pool:
+        s.observe(0.1, 0.0)
+    picks = Counter()
+    for step in range(300):
+        t = step * 0.05
+        first = order(Strategy.LATENCY, (1.0, 1.0), (True, True), pool, NAMES[:2], None, rnd, t)[0]
+        picks[first] += 1
+        if first == 0:
+            pool[0].failed(t)  # it fails at once, every time
+        else:
+            pool[1].observe(0.1, t)
+    assert picks[0] <= 30
+
+
+def test_a_fast_sample_after_a_fade_blends_from_the_faded_estimate():
+    """Review of issue 20 (F3): a fast sample blended into the stored (unfaded) estimate
+    and raised it."""
+    s = DeploymentStats(0.0)
+    s.observe(2.0, 0.0)
+    faded = s.latency(30.0)
+    s.observe(0.05, 30.0)
+    assert s.estimate <= max(faded, 0.05) + 1e-9
 
 
 @given(st.lists(st.floats(min_value=0.1, max_value=100.0), min_size=2, max_size=6))
