@@ -34,6 +34,8 @@ backends:
   missing:
     base_url: http://127.0.0.1:{free_port()}/v1
     keys: [{{id: missing-main, key: "${{OBS_UNSET_KEY}}"}}]
+pricing:
+  obs-model: {{input: 1.0, output: 4.0}}
 aliases:
   obs: obs-model
 routes:
@@ -121,13 +123,11 @@ def test_metric_values_after_known_traffic(proxy, upstream):
         == 1
     )
     # usage: 3 x (5 prompt, 7 completion) in JSON, the stream's 5 + 4 in its last chunk.
-    assert (
-        value(m, "llm_proxy_tokens_total", backend="mock", model="obs-model", type="prompt") == 20
-    )
-    assert (
-        value(m, "llm_proxy_tokens_total", backend="mock", model="obs-model", type="completion")
-        == 25
-    )
+    tokens = {"client": "team-obs", "backend": "mock", "model": "obs-model"}
+    assert value(m, "llm_proxy_tokens_total", **tokens, type="prompt") == 20
+    assert value(m, "llm_proxy_tokens_total", **tokens, type="completion") == 25
+    # obs-model is priced at $1 and $4 per million: 20 x 1 + 25 x 4.
+    assert value(m, "llm_proxy_cost_usd_total", **tokens) == pytest.approx(120 / 1e6)
     assert value(m, "llm_proxy_overhead_seconds_count") == 6
     assert value(m, "llm_proxy_streams_active", backend="mock") == 0
     assert value(m, "llm_proxy_throttled_total", reason="reconnect") == 1

@@ -17,7 +17,8 @@ STREAM = {"model": "kimi-k2", "messages": [{"role": "user", "content": "hi"}], "
 
 def _tokens(proxy: ProxyProcess, kind: str) -> float:
     """The token counter; 0 before the series' first count (it is made by that count)."""
-    labels = {"backend": "mock", "model": "kimi-k2-0711-preview", "type": kind}
+    labels = {"client": "anonymous", "backend": "mock", "model": "kimi-k2-0711-preview"}
+    labels["type"] = kind
     key = ("llm_proxy_tokens_total", tuple(sorted(labels.items())))
     return scrape(proxy).get(key, 0.0)
 
