@@ -58,7 +58,7 @@ class TokenCounts(NamedTuple):  # a tuple: made once per request, cheaply
         return [(kind, count) for kind, count in zip(TOKEN_TYPES, counts, strict=True) if count]
 
     def __bool__(self) -> bool:
-        return bool(self.nonzero())
+        return any(self)  # counts are never negative: any above zero
 
 
 NO_TOKENS = TokenCounts()
