@@ -66,7 +66,7 @@ from proxy.objects import (
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.spend import Meter, Refusal
+from proxy.spend import Meter, Refusal, shown_usd
 from proxy.streaming import (
     RelayResult,
     ResponseCut,
@@ -656,7 +656,7 @@ async def reserve_spend(
     if isinstance(found, Refusal):
         ctx.throttled("budget")
         limit = found.limit
-        used = f"${found.used:.4f}" if limit.meter is Meter.USD else f"{found.used:g} tokens"
+        used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
         calendar = limit.name == "budget"
         raise errors.budget_exceeded(client.id, limit.describe(), used, found.reset, calendar)
     if found is None:

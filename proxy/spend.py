@@ -62,12 +62,19 @@ class Limit:
         return window_of(self.per, now)
 
     def describe(self) -> str:
-        amount = f"${self.cap:g}" if self.meter is Meter.USD else f"{self.cap:g} tokens"
+        amount = shown_usd(self.cap) if self.meter is Meter.USD else f"{self.cap:g} tokens"
         return (
             f"{amount} per {self.per}"
             if self.name == "budget"
             else f"{self.cap:g} tokens per minute"
         )
+
+
+def shown_usd(amount: float) -> str:
+    """$12.50, $0.0042, $0.000066: cents for big amounts, what matters for small ones."""
+    if amount >= 1:
+        return f"${amount:,.2f}"
+    return "$" + (f"{amount:.6f}".rstrip("0").rstrip(".") or "0")
 
 
 def window_of(per: str, now: float) -> tuple[float, float]:
