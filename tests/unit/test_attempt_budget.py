@@ -9,17 +9,21 @@ calls than ``max_attempts``, and ``x-proxy-attempts`` says exactly how many it m
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 
 import httpx
 from aiohttp import web
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy.app import ProxyApp
-from proxy.config import parse_config
-from tests.unit.test_pipeline import CHAT_ANSWER, FakeUpstream, Seen, chat, fake_upstream
+from tests.unit.test_pipeline import (
+    CHAT_ANSWER,
+    FakeUpstream,
+    Seen,
+    chat,
+    fake_upstream,
+    proxy_in_front_of,
+)
 
 ANSWERS = st.sampled_from(["ok", "500", "503", "429", "401", "400", "junk"])
 
@@ -51,17 +55,8 @@ routes:
 """
 
 
-@asynccontextmanager
-async def proxy(fake: FakeUpstream, max_attempts: int) -> AsyncIterator[httpx.AsyncClient]:
-    app = ProxyApp(parse_config(pool_config(fake.url, max_attempts), "budget.yaml", {}))
-    app.access_log.enabled = False
-    await app.runtime.start()
-    transport = httpx.ASGITransport(app=app)
-    try:
-        async with httpx.AsyncClient(transport=transport, base_url="http://proxy") as client:
-            yield client
-    finally:
-        await app.runtime.close()
+def proxy(fake: FakeUpstream, max_attempts: int) -> AbstractAsyncContextManager[httpx.AsyncClient]:
+    return proxy_in_front_of(fake, pool_config(fake.url, max_attempts))
 
 
 def answer_from(script: list[str]):

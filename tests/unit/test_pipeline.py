@@ -120,9 +120,13 @@ routes:
 
 
 @asynccontextmanager
-async def proxy_in_front_of(fake: FakeUpstream) -> AsyncIterator[httpx.AsyncClient]:
-    """A ``ProxyApp`` with its runtime started (what the lifespan does), and a client."""
-    app = ProxyApp(parse_config(config_text(fake.url), "pipeline.yaml", {}))
+async def proxy_in_front_of(
+    fake: FakeUpstream, text: str | None = None
+) -> AsyncIterator[httpx.AsyncClient]:
+    """A ``ProxyApp`` with its runtime started (what the lifespan does), and a client; its
+    config ``text``, or ``config_text``'s."""
+    text = text if text is not None else config_text(fake.url)
+    app = ProxyApp(parse_config(text, "pipeline.yaml", {}))
     app.access_log.enabled = False
     await app.runtime.start()
     transport = httpx.ASGITransport(app=app)
