@@ -27,6 +27,7 @@ Body = bytes | AsyncIterator[bytes] | None  # an upload is sent as it arrives
 
 _URL_CACHE_LIMIT = 1024
 _PROBE_BODY_LIMIT = 16 * 1024 * 1024  # a model list; anything bigger is not one
+_TOO_LARGE = "body too large"  # _get_models: a body past its cap
 # Headers aiohttp would add on its own; the client's own values are forwarded instead.
 _NO_AUTO_HEADERS = ("Accept-Encoding", "User-Agent", "Content-Type")
 # A Realtime session may be silent for as long as it likes (no receive timeout); the close
@@ -186,24 +187,10 @@ class Upstream:
     async def list_models(self, key: str) -> tuple[int | str, list[str]]:
         """``GET {base_url}/models`` with ``key``: the status (or why it could not be sent)
         and the model ids listed. Used to re-probe invalid keys and to discover models."""
-        if self._session is None:
-            return "not started", []
-        name, value = OPENAI.upstream_auth(self._backend, key)  # OpenAI's side: its /models
-        headers = {name: value, "accept": "application/json"}
-        try:
-            async with self._session.get(
-                self.url("/models"),
-                headers={**self.extra_headers, **headers},
-                timeout=self._probe_timeout,
-                allow_redirects=False,
-            ) as response:
-                if response.status != 200:
-                    return response.status, []
-                body = await self._read_capped(response, _PROBE_BODY_LIMIT)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return _describe(exc), []
-        except ProxyError:
-            return "model list too large", []
+        auth = OPENAI.upstream_auth(self._backend, key)  # OpenAI's side: its /models
+        status, body = await self._get_models(auth, ok_body=True, limit=_PROBE_BODY_LIMIT)
+        if status != 200:
+            return (status if status != _TOO_LARGE else "model list too large"), []
         try:
             data = orjson.loads(body).get("data") or []
             ids = [str(m["id"]) for m in data if isinstance(m, dict) and "id" in m]
@@ -215,6 +202,14 @@ class Upstream:
         """``GET {base_url}/models`` with one key's ``auth`` header (the dialect's): the
         status (or why it could not be sent) and, for a refusal, its error body (capped),
         so ``classify`` can tell a revoked key from one that lacks a scope."""
+        status, body = await self._get_models(auth, ok_body=False, limit=_CHECK_BODY_LIMIT)
+        return (status if status != _TOO_LARGE else "error body too large"), body
+
+    async def _get_models(
+        self, auth: tuple[str, str], ok_body: bool, limit: int
+    ) -> tuple[int | str, bytes]:
+        """One ``GET /models``: no redirect followed, the probe timeout, the body read
+        (capped at ``limit``) for a 200 when ``ok_body``, for a refusal otherwise."""
         if self._session is None:
             return "not started", b""
         headers = {auth[0]: auth[1], "accept": "application/json"}
@@ -225,13 +220,13 @@ class Upstream:
                 timeout=self._probe_timeout,
                 allow_redirects=False,
             ) as response:
-                if response.status == 200:
-                    return 200, b""
-                return response.status, await self._read_capped(response, _CHECK_BODY_LIMIT)
+                if (response.status == 200) != ok_body:
+                    return response.status, b""
+                return response.status, await self._read_capped(response, limit)
         except (aiohttp.ClientError, TimeoutError) as exc:
             return _describe(exc), b""
         except ProxyError:
-            return "error body too large", b""
+            return _TOO_LARGE, b""
 
     async def read_all(self, response: aiohttp.ClientResponse, limit: int) -> bytes:
         """The whole body of a response that is not streamed to the client, at most
