@@ -383,3 +383,36 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+class ResourceUpstream:
+    """``tests/resource_upstream.py``: a fake upstream keeping each object under the key
+    that made it (files, batches, responses...)."""
+
+    def __init__(self) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "resource_upstream.py"), "--port", "0"],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        keep(self.process)
+        self.url = f"http://127.0.0.1:{read_listening_port(self.process, 'resource upstream')}"
+
+    def requests(self) -> list[dict[str, Any]]:
+        return [
+            r
+            for r in httpx.get(f"{self.url}/_mock/requests").json()
+            if not r["path"].endswith("/models")
+        ]
+
+    def forget(self) -> None:
+        httpx.delete(f"{self.url}/_mock/requests")
+
+
+@pytest.fixture(scope="module")
+def resources() -> Iterator[ResourceUpstream]:
+    """One resource upstream per test module that asks for it."""
+    upstream = ResourceUpstream()
+    yield upstream
+    upstream.process.terminate()
+    upstream.process.wait(timeout=5)

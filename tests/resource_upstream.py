@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import hashlib
 import itertools
+import os
 import sys
 from typing import Any
 
@@ -21,6 +22,9 @@ from aiohttp import BodyPartReader, web
 CREATED = 1700000000
 _HEAD_KEPT = 64 * 1024  # a file at most this big is recorded whole (its lines)
 _ids = itertools.count(1)
+# Ids unique across upstream processes: tests sharing one Redis (its placement records
+# outlive a module's upstream) must never see another run's "resp_3".
+_RUN = os.urandom(3).hex()
 
 
 class Store:
@@ -87,7 +91,7 @@ async def create_file(request: web.Request) -> web.Response:
     fields, upload = await _read_form(request)
     _record(request, **upload)
     file = {
-        "id": f"file-{next(_ids)}",
+        "id": f"file-{_RUN}{next(_ids)}",
         "object": "file",
         "bytes": upload.get("size", 0),
         "created_at": CREATED,
@@ -162,7 +166,7 @@ async def create_batch(request: web.Request) -> web.Response:
     if store.get(_key(request), body.get("input_file_id", "")) is None:
         return _not_found("input file")
     batch = {
-        "id": f"batch_{next(_ids)}",
+        "id": f"batch_{_RUN}{next(_ids)}",
         "object": "batch",
         "endpoint": body.get("endpoint"),
         "input_file_id": body["input_file_id"],
@@ -197,7 +201,7 @@ async def batch_object(request: web.Request) -> web.Response:
 
 def _response(key: str, model: str, previous: str | None, text: str) -> dict[str, Any]:
     return {
-        "id": f"resp_{next(_ids)}",
+        "id": f"resp_{_RUN}{next(_ids)}",
         "object": "response",
         "created_at": CREATED,
         "status": "completed",
@@ -206,7 +210,7 @@ def _response(key: str, model: str, previous: str | None, text: str) -> dict[str
         "output": [
             {
                 "type": "message",
-                "id": f"msg_{next(_ids)}",
+                "id": f"msg_{_RUN}{next(_ids)}",
                 "status": "completed",
                 "role": "assistant",
                 "content": [{"type": "output_text", "text": text, "annotations": []}],
@@ -241,7 +245,7 @@ async def create_chat(request: web.Request) -> web.Response:
     key = _key(request)
     _record(request, model=body.get("model"))
     answer = {
-        "id": f"chatcmpl-{next(_ids)}",
+        "id": f"chatcmpl-{_RUN}{next(_ids)}",
         "object": "chat.completion",
         "created": CREATED,
         "model": body.get("model", ""),

@@ -17,19 +17,11 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import ProxyProcess, rss_kb, start_proxy
-from tests.e2e.test_resources import KEY_1, ResourceUpstream, _peak_rss
+from tests.conftest import ProxyProcess, ResourceUpstream, rss_kb, start_proxy
+from tests.e2e.test_resources import KEY_1, _peak_rss
 
 TEAM_A = "team-a-key-0123456789"
 TEAM_B = "team-b-key-0123456789"
-
-
-@pytest.fixture(scope="module")
-def resources() -> Iterator[ResourceUpstream]:
-    upstream = ResourceUpstream()
-    yield upstream
-    upstream.process.terminate()
-    upstream.process.wait(timeout=5)
 
 
 def config(upstream: ResourceUpstream, team_b_limit: str, unknown: str = "refuse") -> str:

@@ -10,15 +10,6 @@ import openai
 import pytest
 
 from tests.conftest import ProxyProcess, start_proxy
-from tests.e2e.test_resources import ResourceUpstream
-
-
-@pytest.fixture(scope="module")
-def resources() -> Iterator[ResourceUpstream]:
-    upstream = ResourceUpstream()
-    yield upstream
-    upstream.process.terminate()
-    upstream.process.wait(timeout=5)
 
 
 @pytest.fixture(scope="module")

@@ -17,19 +17,10 @@ import openai
 import orjson
 import pytest
 
-from tests.conftest import ProxyProcess, RedisServer, start_proxy
-from tests.e2e.test_resources import ResourceUpstream
+from tests.conftest import ProxyProcess, RedisServer, ResourceUpstream, start_proxy
 
 KEY = "sk-own-1111111111111111aaaa"
 TEAM_A, TEAM_B, OPS = "ck-team-a-0000000001", "ck-team-b-0000000002", "ck-ops-000000000003"
-
-
-@pytest.fixture(scope="module")
-def resources() -> Iterator[ResourceUpstream]:
-    upstream = ResourceUpstream()
-    yield upstream
-    upstream.process.terminate()
-    upstream.process.wait(timeout=5)
 
 
 def config(upstream: ResourceUpstream, extra: str = "") -> str:

@@ -6,13 +6,10 @@ under the key that created it, so a request sent with the wrong key fails as on 
 from __future__ import annotations
 
 import hashlib
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
@@ -20,46 +17,15 @@ import pytest
 from orjson import loads as orjson_loads
 
 from tests.conftest import (
-    ROOT,
     ProxyProcess,
     RedisServer,
-    keep,
-    read_listening_port,
+    ResourceUpstream,
     rss_kb,
     start_proxy,
 )
 
 KEY_1 = "sk-res-1111111111111111aaaa"
 KEY_2 = "sk-res-2222222222222222bbbb"
-
-
-class ResourceUpstream:
-    def __init__(self) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(ROOT / "tests" / "resource_upstream.py"), "--port", "0"],
-            stdout=subprocess.PIPE,
-            text=True,
-        )
-        keep(self.process)
-        self.url = f"http://127.0.0.1:{read_listening_port(self.process, 'resource upstream')}"
-
-    def requests(self) -> list[dict[str, Any]]:
-        return [
-            r
-            for r in httpx.get(f"{self.url}/_mock/requests").json()
-            if not r["path"].endswith("/models")
-        ]
-
-    def forget(self) -> None:
-        httpx.delete(f"{self.url}/_mock/requests")
-
-
-@pytest.fixture(scope="module")
-def resources() -> Iterator[ResourceUpstream]:
-    upstream = ResourceUpstream()
-    yield upstream
-    upstream.process.terminate()
-    upstream.process.wait(timeout=5)
 
 
 def config(upstream: ResourceUpstream, extra: str = "") -> str:
