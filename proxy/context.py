@@ -119,7 +119,8 @@ class RequestContext:
         self.tokens: TokenCounts = NO_TOKENS  # from the upstream's usage
         self.cost: float | None = None  # USD, from tokens and the price table; None: unpriced
         self.reservation: Reservation | None = None  # against the client's budget and tpm
-        self.limit_headers: list[tuple[bytes, bytes]] = []  # x-ratelimit-*-tokens, ours
+        # A client with limits: its x-ratelimit-*-tokens (none: not limited, the upstream's).
+        self.limit_headers: list[tuple[bytes, bytes]] | None = None
         # Set once the request counts for the reconnect throttle (admitted), with what the
         # throttle learns from it.
         self.target: Target | None = None

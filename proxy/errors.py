@@ -265,9 +265,16 @@ def client_rate_limited(client: str, limit: int, reset: float) -> ProxyError:
     )
 
 
-def budget_exceeded(client: str, what: str, used: str, reset: float, monthly: bool) -> ProxyError:
+def budget_exceeded(
+    client: str,
+    what: str,
+    used: str,
+    reset: float,
+    monthly: bool,
+    extra: dict[str, str] | None = None,
+) -> ProxyError:
     """A client's budget or tpm has no room for this request's reservation."""
-    headers = retry_after_headers(reset)
+    headers = retry_after_headers(reset) | (extra or {})
     if monthly:  # a day's, week's or month's budget: an SDK must not retry in a loop
         headers["x-should-retry"] = "false"
     return ProxyError(
@@ -277,6 +284,18 @@ def budget_exceeded(client: str, what: str, used: str, reset: float, monthly: bo
         type="rate_limit_error" if not monthly else "insufficient_quota",
         code="budget_exceeded",
         headers=headers,
+    )
+
+
+def unpriced_for_budget(client: str, model: str, backend: str) -> ProxyError:
+    """A client with a USD budget asked for a model the proxy has no price for: the
+    budget could not be held, so the request is not sent."""
+    return ProxyError(
+        403,
+        f"Client '{client}' has a budget in USD and model '{model}' on backend '{backend}' "
+        "has no price, so the budget cannot be held: the operator adds it under pricing:.",
+        type="permission_error",
+        code="unpriced_model",
     )
 
 

@@ -547,7 +547,7 @@ def _response_headers(
         ctx.upstream_identified(upstream_id.decode("latin-1"))
     if runtime.config.server.routing_headers:
         headers += _routing_headers(target.backend, target.upstream_model, key_id, ctx.attempts)
-    if ctx.limit_headers:  # the client's own token limit, not the operator's key's
+    if ctx.limit_headers is not None:  # a limited client: its own limit, not the key's
         headers = [h for h in headers if h[0] not in _TOKEN_LIMIT_HEADERS]
         headers += ctx.limit_headers
     return headers
@@ -649,16 +649,22 @@ async def reserve_spend(
     spend = runtime.spend
     if spend is None or client is None or not target.model or client.id not in spend.limits:
         return
-    tokens, usd = spend.estimate(
+    estimate = spend.estimate(
         target.backend, target.upstream_model, parts.payload, len(parts.body), parts.path
     )
-    found = await spend.reserve(client.id, tokens, usd, runtime.throttle.guarded)
+    ctx.limit_headers = []  # a limited client: the upstream's token headers are not its own
+    if estimate.price is None and spend.needs_a_price(client.id):
+        raise errors.unpriced_for_budget(client.id, target.upstream_model, target.backend)
+    found = await spend.reserve(client.id, estimate, runtime.throttle.guarded)
     if isinstance(found, Refusal):
         ctx.throttled("budget")
         limit = found.limit
         used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
         calendar = limit.name == "budget"
-        raise errors.budget_exceeded(client.id, limit.describe(), used, found.reset, calendar)
+        headers = _token_headers(limit.cap, 0, found.reset) if limit.name == "tpm" else {}
+        raise errors.budget_exceeded(
+            client.id, limit.describe(), used, found.reset, calendar, headers
+        )
     if found is None:
         return
     ctx.reservation = found
@@ -667,10 +673,17 @@ async def reserve_spend(
             left = max(0, int(hold.limit.cap - taken - hold.amount))
             reset = max(0.0, hold.end - time.time())
             ctx.limit_headers = [
-                (b"x-ratelimit-limit-tokens", str(int(hold.limit.cap)).encode()),
-                (b"x-ratelimit-remaining-tokens", str(left).encode()),
-                (b"x-ratelimit-reset-tokens", f"{reset:.3f}s".encode()),
+                (name.encode(), value.encode())
+                for name, value in _token_headers(hold.limit.cap, left, reset).items()
             ]
+
+
+def _token_headers(cap: float, left: int, reset: float) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-tokens": str(int(cap)),
+        "x-ratelimit-remaining-tokens": str(left),
+        "x-ratelimit-reset-tokens": f"{reset:.3f}s",
+    }
 
 
 async def account(runtime: Runtime, ctx: RequestContext) -> None:
@@ -680,7 +693,10 @@ async def account(runtime: Runtime, ctx: RequestContext) -> None:
         ctx.cost = runtime.prices.cost(ctx.backend, ctx.upstream_model, ctx.tokens)
     reservation = ctx.reservation
     if reservation is not None and runtime.spend is not None:
-        await runtime.spend.settle(reservation, ctx.tokens, ctx.cost, runtime.throttle.guarded)
+        answered = 200 <= ctx.status < 300
+        floor = ctx.tokens_partial or (answered and ctx.client_gone and not ctx.tokens)
+        call = runtime.throttle.guarded
+        await runtime.spend.settle(reservation, ctx.tokens, ctx.cost, call, floor)
 
 
 def named_objects(parts: RequestParts) -> list[str]:

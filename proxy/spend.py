@@ -34,7 +34,7 @@ from typing import Any
 import redis.asyncio
 
 from proxy.config import ClientConfig, Config
-from proxy.pricing import Prices
+from proxy.pricing import Price, Prices
 from proxy.usage import MAX_TOKENS, TokenCounts
 
 REDIS_PREFIX = "llm-proxy:spend:"
@@ -104,6 +104,16 @@ def limits_of(client: ClientConfig) -> tuple[Limit, ...]:
     return tuple(limits)
 
 
+@dataclass(frozen=True, slots=True)
+class Estimate:
+    """What a request may cost, before it is sent."""
+
+    prompt: int
+    output: int
+    usd: float
+    price: Price | None  # None: its model has no price
+
+
 @dataclass(slots=True)
 class Hold:
     """One limit's share of a reservation: where it is held, and how much."""
@@ -122,6 +132,8 @@ class Reservation:
     tokens: int  # the estimate
     usd: float
     taken: list[float]  # each window's spent and held before this reservation
+    prompt: int = 0  # the estimate's prompt part: the least a request that was answered costs
+    price: Price | None = None  # its model's, to price that floor
     settled: bool = False
 
 
@@ -226,14 +238,15 @@ return {0, unpack(all)}
 """
 
 _SETTLE = """
-local rid = ARGV[1]
-for i = 1, #KEYS do
-  local existed = redis.call('HDEL', KEYS[i], 'r:' .. rid)
+local rid, n = ARGV[1], #KEYS
+for i = 1, n do
+  redis.call('HDEL', KEYS[i], 'r:' .. rid)
   local amount = tonumber(ARGV[1 + i])
   if amount ~= nil and amount == amount and amount > 0 and amount < 1e15 then
-    local ttl = redis.call('PTTL', KEYS[i])
     redis.call('HINCRBYFLOAT', KEYS[i], 'used', amount)
-    if ttl > 0 then redis.call('PEXPIRE', KEYS[i], ttl) end
+    if redis.call('PTTL', KEYS[i]) < 0 then  -- expired meanwhile: made again, with its end
+      redis.call('PEXPIREAT', KEYS[i], math.floor(tonumber(ARGV[1 + n + i])))
+    end
   end
 end
 return 1
@@ -258,7 +271,8 @@ class RedisLedger:
         return int(found[0]) - 1, [_number(t) for t in found[1:]]
 
     async def settle(self, holds: Sequence[Hold], rid: str, actual: Sequence[float]) -> None:
-        await self._settle(keys=[h.key for h in holds], args=[rid, *map(repr, actual)])
+        ends = [int((h.end + 60) * 1000) for h in holds]
+        await self._settle(keys=[h.key for h in holds], args=[rid, *map(repr, actual), *ends])
 
     async def taken(self, key: str, now: float) -> tuple[float, float]:
         fields = await self._client.hgetall(key)
@@ -330,18 +344,24 @@ class Spend:
 
     def estimate(
         self, backend: str, model: str, payload: dict[str, Any], body_size: int, path: str
-    ) -> tuple[int, float]:
+    ) -> Estimate:
         prompt, output = estimate_tokens(payload, body_size, path, self.default_max_tokens)
         price = self.prices.lookup(backend, model)
         usd = price.cost(TokenCounts(prompt=prompt, completion=output)) if price else 0.0
-        return prompt + output, usd
+        return Estimate(prompt, output, usd, price)
+
+    def needs_a_price(self, client: str) -> bool:
+        """Whether ``client`` has a budget in USD (a model without a price cannot be held
+        to it)."""
+        return any(limit.meter is Meter.USD for limit in self.limits.get(client, ()))
 
     async def reserve(
-        self, client: str, tokens: int, usd: float, call: Caller
+        self, client: str, estimate: Estimate, call: Caller
     ) -> Reservation | Refusal | None:
         """A reservation, a refusal naming the limit that does not fit, or None (no limits,
         or the storage failed: open)."""
         now = time.time()
+        tokens, usd = estimate.prompt + estimate.output, estimate.usd
         holds = self.holds(client, tokens, usd, now)
         if not holds:
             return None
@@ -354,15 +374,26 @@ class Spend:
         if index >= 0:
             hold = holds[index]
             return Refusal(hold.limit, taken[index], max(0.0, hold.end - now))
-        return Reservation(client, rid, holds, tokens, usd, taken)
+        return Reservation(client, rid, holds, tokens, usd, taken, estimate.prompt, estimate.price)
 
     async def settle(
-        self, reservation: Reservation, tokens: TokenCounts, usd: float | None, call: Caller
+        self,
+        reservation: Reservation,
+        tokens: TokenCounts,
+        usd: float | None,
+        call: Caller,
+        floor: bool = False,
     ) -> None:
-        """Replace the reservation by what was used (once; nothing used: it is released)."""
+        """Replace the reservation by what was used (once; nothing used: it is released).
+        ``floor``: the upstream answered but its usage is not (all) known (a stream cut, a
+        client gone): at least the estimated prompt is charged."""
         if reservation.settled:
             return
         reservation.settled = True
+        if floor and tokens.prompt < reservation.prompt:  # answered, its usage never came
+            tokens = tokens._replace(prompt=reservation.prompt)
+            price = reservation.price
+            usd = price.cost(tokens) if price is not None else usd
         used_tokens = float(tokens.prompt + tokens.completion)
         actual = [
             (usd or 0.0) if h.limit.meter is Meter.USD else used_tokens for h in reservation.holds

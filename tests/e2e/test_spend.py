@@ -185,3 +185,29 @@ def test_tpm_holds_within_ten_percent_under_concurrency_32_streams_included(
     assert first["x-ratelimit-limit-tokens"] == "600"
     assert int(first["x-ratelimit-remaining-tokens"]) < 600
     assert refused[0].json()["error"]["code"] == "budget_exceeded"
+
+
+def test_a_budget_in_usd_refuses_a_model_without_a_price_and_hides_the_keys_headers(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """Review of issue 21: an unpriced model's requests cost a USD budget nothing, and a
+    limited client saw the operator key's token headers."""
+    proxy = start_proxy(config(upstream), tmp_path)
+    try:
+        auth = {"authorization": f"Bearer {KEYS['team-c']}"}
+        refused = httpx.post(
+            f"{proxy.base_url}/chat/completions",
+            json={"model": "unpriced-model", "messages": []},
+            headers=auth,
+        )
+        assert refused.status_code == 403
+        assert refused.json()["error"]["code"] == "unpriced_model"
+        key_headers = {"x-ratelimit-remaining-tokens": "123", "x-ratelimit-limit-tokens": "9"}
+        body = {"model": "spend-model", "messages": [], "mock": {"headers": key_headers}}
+        served = httpx.post(f"{proxy.base_url}/chat/completions", json=body, headers=auth)
+        assert served.status_code == 200 and "x-ratelimit-remaining-tokens" not in served.headers
+        other = {"authorization": f"Bearer {KEYS['team-a']}"}  # no limits: the key's own
+        plain = httpx.post(f"{proxy.base_url}/chat/completions", json=body, headers=other)
+        assert plain.headers["x-ratelimit-remaining-tokens"] == "123"
+    finally:
+        proxy.stop()

@@ -18,6 +18,7 @@ from proxy.config import parse_config
 from proxy.pricing import Price, Prices
 from proxy.spend import (
     REDIS_PREFIX,
+    Estimate,
     Hold,
     Limit,
     MemoryLedger,
@@ -51,6 +52,10 @@ def spend(ledger=None) -> Spend:
     return Spend(config, ledger or MemoryLedger(), Prices({}, {"m": Price(1.0, 2.0)}))
 
 
+def est(tokens: int, usd: float, prompt: int = 0) -> Estimate:
+    return Estimate(prompt, tokens - prompt, usd, Price(1.0, 2.0))
+
+
 def test_windows_are_utc_calendar_days_weeks_months_and_minutes():
     now = calendar.timegm((2026, 12, 31, 23, 59, 30))  # a Thursday
     assert window_of("minute", now) == (now - 30, now + 30)
@@ -74,14 +79,14 @@ def test_a_client_is_refused_once_its_reservations_do_not_fit_and_settling_frees
     s = spend()
 
     async def run() -> None:
-        first = await s.reserve("team-a", 600, 0.1, direct)
+        first = await s.reserve("team-a", est(600, 0.1), direct)
         assert isinstance(first, Reservation)
-        second = await s.reserve("team-a", 600, 0.1, direct)
+        second = await s.reserve("team-a", est(600, 0.1), direct)
         assert isinstance(second, Refusal) and second.limit.name == "tpm"
         assert second.used == 600 and 0 < second.reset <= 60
-        assert await s.reserve("team-b", 10**6, 100.0, direct) is None  # no limits
+        assert await s.reserve("team-b", est(10**6, 100.0), direct) is None  # no limits
         await s.settle(first, TokenCounts(prompt=100, completion=50), 0.01, direct)
-        third = await s.reserve("team-a", 600, 0.1, direct)
+        third = await s.reserve("team-a", est(600, 0.1), direct)
         assert isinstance(third, Reservation) and third.taken == [0.01, 150.0]
 
     asyncio.run(run())
@@ -91,9 +96,9 @@ def test_a_request_bigger_than_a_whole_window_goes_alone():
     s = spend()
 
     async def run() -> None:
-        big = await s.reserve("team-a", 10**6, 0.0, direct)
+        big = await s.reserve("team-a", est(10**6, 0.0), direct)
         assert isinstance(big, Reservation) and big.holds[1].amount == 1000
-        assert isinstance(await s.reserve("team-a", 1, 0.0, direct), Refusal)
+        assert isinstance(await s.reserve("team-a", est(1, 0.0), direct), Refusal)
 
     asyncio.run(run())
 
@@ -167,7 +172,7 @@ def test_two_replicas_sharing_redis_overshoot_a_budget_by_at_most_one_reservatio
             )
             await one.hset(key_day, "used", "0.95")  # $0.95 of $1.00 spent
             results = await asyncio.gather(
-                *(replicas[i % 2].reserve("team-a", 1, 0.01, direct) for i in range(64))
+                *(replicas[i % 2].reserve("team-a", est(1, 0.01), direct) for i in range(64))
             )
             granted = [r for r in results if isinstance(r, Reservation)]
             await asyncio.gather(
@@ -207,3 +212,44 @@ def test_garbage_in_redis_counts_as_nothing(redis_server: RedisServer, garbage: 
             await client.aclose()
 
     assert asyncio.run(run()) == (-1, [0.0])  # nothing spent, nothing held: it fits
+
+
+def test_an_answered_request_whose_usage_never_came_costs_at_least_its_prompt():
+    """Review of issue 21: a client that left a stream early was charged 8 tokens of the
+    4,000 the upstream bills."""
+    s = spend()
+
+    async def run() -> tuple[float, float]:
+        cut = await s.reserve("team-a", est(900, 0.5, prompt=800), direct)
+        assert isinstance(cut, Reservation)
+        await s.settle(cut, TokenCounts(completion=8), 0.0, direct, floor=True)
+        day, minute = (h.key for h in cut.holds)
+        return (await s.ledger.taken(day, time.time()))[0], (
+            await s.ledger.taken(minute, time.time())
+        )[0]
+
+    usd, tokens = asyncio.run(run())
+    assert tokens == 808
+    assert usd == pytest.approx((800 * 1.0 + 8 * 2.0) / 1e6)
+
+
+@pytest.mark.e2e
+def test_a_settle_after_its_window_key_expired_gives_it_an_end_again(
+    redis_server: RedisServer,
+) -> None:
+    async def run() -> int:
+        client = redis.asyncio.Redis.from_url(redis_server.url)
+        try:
+            s = spend(RedisLedger(client))
+            async for key in client.scan_iter(f"{REDIS_PREFIX}team-a:*"):  # other tests'
+                await client.delete(key)
+            reservation = await s.reserve("team-a", est(10, 0.001), direct)
+            assert isinstance(reservation, Reservation)
+            for hold in reservation.holds:
+                await client.delete(hold.key)  # expired while the request ran
+            await s.settle(reservation, TokenCounts(prompt=5), 0.001, direct)
+            return min([await client.pttl(h.key) for h in reservation.holds])
+        finally:
+            await client.aclose()
+
+    assert asyncio.run(run()) > 0  # no key left without an end
