@@ -23,8 +23,13 @@ def dashboard_queries() -> list[str]:
 
 def test_dashboard_is_importable_with_a_datasource_variable():
     board = json.loads(DASHBOARD.read_text())
-    [variable] = board["templating"]["list"]
+    variable, *filters = board["templating"]["list"]
     assert (variable["type"], variable["query"]) == ("datasource", "prometheus")
+    assert [f["name"] for f in filters] == ["backend", "model", "client"]
+    for name in ("backend", "model", "client"):  # every panel whose metric has the label
+        for expr in dashboard_queries():
+            if "llm_proxy_requests_total" in expr or "llm_proxy_cost_usd_total" in expr:
+                assert f'{name}=~"${name}"' in expr, expr
     assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"])
     titles = " ".join(p["title"].lower() for p in board["panels"])
     for topic in (
@@ -117,8 +122,13 @@ def test_every_dashboard_query_returns_data_from_a_real_scrape(prometheus):
     empty = []
     for expr in dashboard_queries():
         query = expr.replace("$__rate_interval", "1m")
+        for name in ("backend", "model", "client"):  # each variable at its "All"
+            query = query.replace(f"${name}", ".*")
         result = httpx.get(f"{url}/api/v1/query", params={"query": query}).json()
         assert result["status"] == "success", (expr, result)
         if not result["data"]["result"]:
             empty.append(expr)
     assert empty == []
+    for name in ("backend", "model", "client"):  # the variables' values come from the scrape
+        values = httpx.get(f"{url}/api/v1/label/{name}/values").json()["data"]
+        assert values, name
