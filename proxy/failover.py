@@ -247,7 +247,8 @@ def _deployment_tried(
     ctx: RequestContext, stats: DeploymentStats, since: float, result: Result | ProxyError | None
 ) -> None:
     """A deployment's attempt ended: an answer being relayed stays in flight until the
-    request ends (``deployment_done``); a timeout is a (long) latency sample."""
+    request ends (``deployment_done``); a failure it made (not the request's own 4xx) is a
+    penalty sample for its latency estimate."""
     if isinstance(result, Delivery):
         ctx.deployment, ctx.deployment_stats, ctx.deployment_since = (
             result.target.deployment,

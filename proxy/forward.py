@@ -66,7 +66,7 @@ from proxy.objects import (
 from proxy.rewrite import NO_RULES
 from proxy.routing import Target
 from proxy.runtime import Runtime
-from proxy.spend import Meter, Refusal, shown_usd
+from proxy.spend import Meter, Refusal, shown_usd, token_headers
 from proxy.streaming import (
     RelayResult,
     ResponseCut,
@@ -661,29 +661,14 @@ async def reserve_spend(
         limit = found.limit
         used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
         calendar = limit.name == "budget"
-        headers = _token_headers(limit.cap, 0, found.reset) if limit.name == "tpm" else {}
+        headers = token_headers(limit.cap, 0, found.reset) if limit.name == "tpm" else {}
         raise errors.budget_exceeded(
             client.id, limit.describe(), used, found.reset, calendar, headers
         )
     if found is None:
         return
     ctx.reservation = found
-    for hold, taken in zip(found.holds, found.taken, strict=True):
-        if hold.limit.name == "tpm":  # OpenAI's names, for the client's own limit
-            left = max(0, int(hold.limit.cap - taken - hold.amount))
-            reset = max(0.0, hold.end - time.time())
-            ctx.limit_headers = [
-                (name.encode(), value.encode())
-                for name, value in _token_headers(hold.limit.cap, left, reset).items()
-            ]
-
-
-def _token_headers(cap: float, left: int, reset: float) -> dict[str, str]:
-    return {
-        "x-ratelimit-limit-tokens": str(int(cap)),
-        "x-ratelimit-remaining-tokens": str(left),
-        "x-ratelimit-reset-tokens": f"{reset:.3f}s",
-    }
+    ctx.limit_headers = [(k.encode(), v.encode()) for k, v in found.token_headers().items()]
 
 
 async def account(runtime: Runtime, ctx: RequestContext) -> None:

@@ -92,7 +92,7 @@ class KeyPool:
             candidates = self.keys
         count = len(candidates)
         if session is not None and count > 1:
-            for key_id in key_order(session, [k.id for k in candidates]):
+            for key_id in key_order(session, self._ids):
                 if key_id not in exclude and self._usable(key_id, now):
                     self.health[key_id].last_used = time.time()
                     return self._by_id[key_id]

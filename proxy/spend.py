@@ -136,6 +136,22 @@ class Reservation:
     price: Price | None = None  # its model's, to price that floor
     settled: bool = False
 
+    def token_headers(self) -> dict[str, str]:
+        """OpenAI's ``x-ratelimit-*-tokens`` for the client's own tpm (none without one)."""
+        for hold, taken in zip(self.holds, self.taken, strict=True):
+            if hold.limit.name == "tpm":
+                left = max(0, int(hold.limit.cap - taken - hold.amount))
+                return token_headers(hold.limit.cap, left, max(0.0, hold.end - time.time()))
+        return {}
+
+
+def token_headers(cap: float, left: int, reset: float) -> dict[str, str]:
+    return {
+        "x-ratelimit-limit-tokens": str(int(cap)),
+        "x-ratelimit-remaining-tokens": str(left),
+        "x-ratelimit-reset-tokens": f"{reset:.3f}s",
+    }
+
 
 @dataclass(frozen=True, slots=True)
 class Refusal:
