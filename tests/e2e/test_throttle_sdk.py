@@ -2,8 +2,9 @@
 
 A real proxy process, the mock upstream failing 10% of requests at random, and the openai
 SDK with its default ``max_retries=2``: through the proxy, as many requests succeed as
-directly (minus one) in at most 1.5x the time. A client reconnecting every 250 ms to an
-upstream that always fails reaches it only a handful of times.
+directly (minus one) in at most 1.5x the time (plus one retry sleep of luck). A client
+reconnecting every 250 ms to an upstream that always fails reaches it only a handful of
+times.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ KEY = "sk-throttle-sdk-000000000001"
 REQUESTS = 200
 CONCURRENCY = 10
 FLAKY = {"mock": {"fail_ratio": 0.1}}
+# A batch's wall time is mostly its slowest request's retry sleeps (the SDK's 0.5 s, then
+# 1 s): whether the last few requests drew a second failure is luck of 1 s either way, the
+# same for either side. A throttle that blocked the retries would cost ~1 s per request
+# that failed (about 20 per batch) and show up as reconnect_throttled, checked below.
+TAIL_SLACK = 1.0
 
 
 def config(mock: MockUpstream) -> str:
@@ -88,7 +94,7 @@ def test_sdk_retries_on_a_10_percent_flaky_upstream_pass_the_proxy(proxy, upstre
         )
         assert direct_ok >= REQUESTS - 5  # the workload is what it claims: retries mostly win
         assert proxy_ok >= REQUESTS - 5
-        if proxy_ok >= direct_ok - 1 and proxy_time <= 1.5 * direct_time:
+        if proxy_ok >= direct_ok - 1 and proxy_time <= 1.5 * direct_time + TAIL_SLACK:
             break
     else:
         pytest.fail(f"the proxy fell behind direct in every run: {runs}")
