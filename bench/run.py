@@ -6,7 +6,8 @@ time), reads the proxy's CPU time from /proc, and measures stream first byte wit
 upstream that waits 50 ms before its first chunk. Prints one Markdown table.
 
 Environment: BENCH_SECONDS (per run, default 5), BENCH_CONCURRENCY (default "1,16,64"),
-BENCH_MODEL (default "bench"; "bench-pool" goes through a pool of three deployments).
+BENCH_MODEL (default "bench"; "bench-pool" goes through a pool of three deployments),
+BENCH_TELEMETRY=1 (traces and GenAI metrics on, exported to an OTLP sink in this process).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
+TELEMETRY = os.environ.get("BENCH_TELEMETRY") == "1"
 MODEL = os.environ.get("BENCH_MODEL", "bench")  # bench-pool: three deployments, weighted
 CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]}
 STREAM = {
@@ -38,6 +40,36 @@ STREAM = {
     "stream_options": {"include_usage": True},
     "mock": {"chunks": 20},
 }
+
+
+def otlp_sink() -> str:
+    """A collector that takes every export and answers 200 (its CPU is not the proxy's)."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    class Sink(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers.get("content-length", "0")))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def bench_config() -> str:
+    """bench/config.yaml, with telemetry on when BENCH_TELEMETRY=1."""
+    if not TELEMETRY:
+        return "bench/config.yaml"
+    text = (ROOT / "bench" / "config.yaml").read_text()
+    path = Path(tempfile.mkdtemp()) / "config.yaml"
+    path.write_text(f"{text}\ntelemetry: {{otlp_endpoint: {otlp_sink()!r}}}\n")
+    return str(path)
 
 
 def free_port() -> int:
@@ -167,7 +199,7 @@ def main() -> int:
     )
     env = {**os.environ, "BENCH_UPSTREAM": f"http://127.0.0.1:{mock_port}"}
     log = Path(tempfile.mkdtemp()) / "proxy.log"
-    proxy_cmd = [sys.executable, "-m", "proxy", "serve", "--config", "bench/config.yaml"]
+    proxy_cmd = [sys.executable, "-m", "proxy", "serve", "--config", bench_config()]
     proxy = start([*proxy_cmd, "--port", str(proxy_port)], env=env, log=log)
     try:
         wait_until_up(mock_port)
@@ -179,7 +211,7 @@ def main() -> int:
         through = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
         print(
             f"# bench: {platform.node()}, {os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}, "
-            f"{SECONDS}s per run, wrk -t1"
+            f"{SECONDS}s per run, wrk -t1{', telemetry on' if TELEMETRY else ''}"
         )
         print()
         print(

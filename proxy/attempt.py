@@ -8,11 +8,15 @@ request goes through here). ``refused()`` learns from an answer about the key it
 key the upstream refused is suspected (out of rotation once a probe with it alone agrees)
 and a 429 cools the key down; either way one more key may be tried, once, while the budget
 lasts and the body can be sent again. ``no_key()`` is what the client is told when no key
-is left. The callers send (an HTTP request, a WebSocket handshake) and classify the answer
-(``classify``); they never pick keys or count attempts themselves.
+is left. ``sending()`` and ``answered()`` tell the request's trace about each call (its
+span, the ``traceparent`` it carries). The callers send (an HTTP request, a WebSocket
+handshake) and classify the answer (``classify``); they never pick keys or count attempts
+themselves.
 """
 
 from __future__ import annotations
+
+from yarl import URL
 
 from proxy import errors
 from proxy.breaker import Admission
@@ -47,6 +51,19 @@ class KeyTurns:
         ctx.key_chosen(key.id)
         ctx.attempt_started()
         return key
+
+    def sending(self, headers: dict[str, str], url: URL) -> None:
+        """The call with the key just taken is about to go: with telemetry on, its span
+        begins and its ``traceparent`` goes into ``headers``."""
+        ctx = self._ctx
+        if ctx.trace is not None:
+            backend = self._runtime.config.backends[self._target.backend]
+            ctx.trace.attempt(headers, ctx.path, self._target, self.tried[-1], backend, url)
+
+    def answered(self, status: int) -> None:
+        """The upstream's status for that call (HTTP, or a Realtime handshake's)."""
+        if self._ctx.trace is not None:
+            self._ctx.trace.answered(status)
 
     def refused_key(
         self,

@@ -11,6 +11,7 @@ backend 'opena' (known: moonshot, openai)``.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import ipaddress
 import math
 import os
@@ -315,6 +316,9 @@ class BackendConfig(_Section):
     anthropic_auth: Annotated[
         AnthropicAuth, BeforeValidator(_text), doc("how the key goes to anthropic_base_url")
     ] = "x-api-key"
+    provider: Annotated[
+        Text | None, doc("gen_ai.provider.name in traces; none: known by its host, or its name")
+    ] = None
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)
@@ -450,6 +454,20 @@ class SpendConfig(_Section):
     reservation_timeout: Annotated[
         Positive, doc("a reservation whose request never settled is released after this")
     ] = 900.0
+
+
+@dataclass(frozen=True)
+class TelemetryConfig(_Section):
+    otlp_endpoint: Annotated[
+        Text | None,
+        AfterValidator(_base_url),
+        doc("OTLP/HTTP collector, e.g. http://127.0.0.1:4318; none: no traces (needs [otel])"),
+    ] = None
+    service_name: Annotated[Text, doc("the service.name of spans and metrics")] = "llm-proxy"
+    sample_ratio: Annotated[
+        Number, Ge(0), Le(1), doc("share of new traces kept (a client's sampled one always is)")
+    ] = 1.0
+    metrics: Annotated[Bool, doc("export the GenAI metrics too")] = True
 
 
 @dataclass(frozen=True)
@@ -595,6 +613,9 @@ class Config(_Section):
         doc("model id or glob: prices over the shipped table (USD per million tokens)"),
     ] = field(default_factory=_NONE)
     spend: Annotated[SpendConfig, doc("budgets' reservations")] = SpendConfig()
+    telemetry: Annotated[TelemetryConfig, doc("OpenTelemetry traces and GenAI metrics")] = (
+        TelemetryConfig()
+    )
     session_headers: Annotated[
         tuple[Annotated[Text, _NO_CONTROL], ...],
         doc("request headers naming a conversation, for affinity (read, never forwarded)"),
@@ -743,11 +764,25 @@ def _built_checks(config: Config) -> Iterator[tuple[Path, str]]:
         yield ("server", "admin_port"), "must differ from server.port"
     if config.throttle.reconnect.max < config.throttle.reconnect.base:
         yield ("throttle", "reconnect", "max"), "must not be smaller than base"
+    if config.telemetry.otlp_endpoint is not None and not _otel_installed():
+        message = "needs OpenTelemetry, which is not installed: pip install 'llm-proxy[otel]'"
+        yield ("telemetry", "otlp_endpoint"), message
     router = Router(config)
     for alias, target in config.aliases.items():
         if router.resolve(alias) is None:
             message = f"'{target}' routes nowhere: no route matches, no backend lists it"
             yield ("aliases", alias), message
+
+
+def _otel_installed() -> bool:
+    """The SDK and its OTLP/HTTP exporter can be imported (looked up, not imported)."""
+    try:
+        for module in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http"):
+            if importlib.util.find_spec(module) is None:
+                return False
+    except (ImportError, ValueError):  # a parent package missing, or blocked
+        return False
+    return True
 
 
 def _dict(value: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from proxy.balance import DeploymentStats
     from proxy.routing import Target
     from proxy.spend import Reservation
+    from proxy.telemetry import RequestTrace
 
 
 def outcome_of(status: int) -> Outcome:
@@ -72,6 +73,7 @@ class RequestContext:
         "throttle_reason",
         "tokens",
         "tokens_partial",
+        "trace",
         "ttft",
         "upstream_error",
         "upstream_model",
@@ -130,6 +132,7 @@ class RequestContext:
         self.client_gone = False  # the client disconnected while the work ran
         self.tokens_partial = False  # counts known of a cut stream, completion estimated
         self.streaming = False  # a stream is being relayed: a disconnect gets the grace
+        self.trace: RequestTrace | None = None  # its spans, when telemetry is on
 
     # ------------------------------------------------------------ who, what, where
 
@@ -175,6 +178,8 @@ class RequestContext:
     def attempt_failed(self, backend: str, key_id: str, kind: str) -> None:
         self.upstream_error = kind
         self.attempt_errors.append((backend, key_id, kind))
+        if self.trace is not None:
+            self.trace.attempt_failed(kind)
 
     def upstream_broke(self, backend: str, key_id: str, kind: str) -> None:
         """An answer under way broke (cut, stalled): the request failed, and the backend."""

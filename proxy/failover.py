@@ -338,6 +338,7 @@ class _Attempt:
                 return self._nothing_left(turns, last_answer, exc)
             auth = dialect.upstream_auth(config, key.value)
             headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
+            turns.sending(headers, url)
             try:
                 response = await upstream.send(
                     parts.method, url, headers, self._body(headers, inject_usage)
@@ -354,6 +355,7 @@ class _Attempt:
                 self._attempt_failed(key.id, "timeout" if err.status == 504 else "connect")
                 return err
             status = response.status
+            turns.answered(status)
             if status < 400 or status > 599:
                 self.verdict = classify(status)
                 if self.verdict is Verdict.REDIRECT:

@@ -95,6 +95,8 @@ async def handle(
     request_id = client_request_id(scope["headers"]) or new_request_id()
     dialect = for_request(scope["path"], scope["headers"])
     ctx = RequestContext(scope["method"], scope["path"], request_id, dialect)
+    if runtime.telemetry is not None:
+        ctx.trace = runtime.telemetry.start(ctx, scope["headers"])
     parts: RequestParts | None = None
     body_unread = True
     try:
@@ -153,6 +155,8 @@ async def handle(
         await account(runtime, ctx)
         access_log.write(ctx)
         metrics.observe_request(ctx)
+        if ctx.trace is not None:
+            ctx.trace.finish(ctx, runtime.config.backends)
         if ctx.target is not None and ctx.client is not None:
             await runtime.throttle.record(ctx.client, ctx.target.model, ctx.outcome)
 

@@ -113,6 +113,8 @@ async def handle_websocket(
         return  # gone before its handshake was even read
     request_id = client_request_id(scope["headers"]) or new_request_id()
     ctx = RequestContext("GET", scope["path"][:200], request_id, OPENAI, stream=True)
+    if runtime.telemetry is not None:
+        ctx.trace = runtime.telemetry.start(ctx, scope["headers"])
     accepted_at: float | None = None
     try:
         opened = await _unless_client_leaves(receive, _open_upstream(runtime, scope, ctx))
@@ -143,6 +145,8 @@ async def handle_websocket(
             metrics.observe_realtime_session(ctx, time.perf_counter() - accepted_at)
         else:
             metrics.observe_request(ctx)
+        if ctx.trace is not None:
+            ctx.trace.finish(ctx, runtime.config.backends)
         if ctx.target is not None and ctx.client is not None:
             await runtime.throttle.record(ctx.client, ctx.target.model, ctx.outcome)
 
@@ -289,6 +293,8 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                 raise turns.no_key(exc) from None
             auth = OPENAI.upstream_auth(runtime.config.backends[backend], key.value)
             headers = forwarded_request_headers(scope["headers"], upstream.extra_headers, auth)
+            if ctx.trace is not None:
+                turns.sending(headers, upstream.url(UPSTREAM_PATH))  # the span: host, port
             try:
                 socket = await upstream.websocket(
                     UPSTREAM_PATH,
@@ -303,6 +309,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                 ctx.attempt_failed(backend, key.id, "timeout" if err.status == 504 else "connect")
                 raise
             except aiohttp.WSServerHandshakeError as exc:
+                turns.answered(exc.status)
                 verdict = classify(exc.status)
                 if verdict is Verdict.OK:  # a 2xx that is not a 101: not a WebSocket server
                     verdict = Verdict.BAD_STATUS
@@ -315,6 +322,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                     ctx.attempt_failed(backend, key.id, _failure_kind(verdict))
                 raise _handshake_error(backend, exc.status, verdict, turns) from None
             verdict = Verdict.OK
+            turns.answered(101)
             pool.mark_success(key.id)
             runtime.state.verified(backend)
             return _Opened(target, socket, key.id)

@@ -41,6 +41,7 @@ from proxy.redact import NO_SECRETS, Redactor
 from proxy.routing import Router, usable_model_id
 from proxy.shared import SYNC_INTERVAL, SharedState
 from proxy.spend import Spend
+from proxy.telemetry import Telemetry
 from proxy.throttle import Store, Throttle, make_storage
 from proxy.upstream import Upstream
 
@@ -99,6 +100,7 @@ class Runtime:
     session_headers: Mapping[bytes, int] = field(default_factory=dict)
     prices: Prices = field(default_factory=lambda: Prices({}))
     spend: Spend | None = None  # the clients' budgets and tpm (None: no client has any)
+    telemetry: Telemetry | None = None  # OpenTelemetry's exporters (None: off)
     loaded_at: float = field(default_factory=time.time)
     state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
 
@@ -127,6 +129,8 @@ class Runtime:
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.throttle.storage.close()
+        if self.telemetry is not None:  # the last spans flushed, off the event loop
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def retire(self, successor: Runtime) -> None:
         """After a reload: stop background work now; close pools the successor does not
@@ -140,6 +144,8 @@ class Runtime:
                 await upstream.close()
         if self.throttle.storage is not successor.throttle.storage:
             await self.throttle.storage.close()
+        if self.telemetry is not None and self.telemetry is not successor.telemetry:
+            await asyncio.to_thread(self.telemetry.shutdown)
 
     async def _stop_tasks(self) -> None:
         tasks = self.state.tasks
@@ -429,6 +435,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
     spend = Spend(config, storage.ledger, prices) if storage.ledger is not None else None
     return Runtime(
         config=config,
+        telemetry=_telemetry(config, previous),
         prices=prices,
         spend=spend if spend is not None and spend.limits else None,
         deployments=deployments,
@@ -450,6 +457,16 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
             {name: [key.id for key in backend.keys] for name, backend in config.backends.items()}
         ),
     )
+
+
+def _telemetry(config: Config, previous: Runtime | None) -> Telemetry | None:
+    """The exporters: kept over a reload that leaves ``telemetry:`` as it was."""
+    settings = config.telemetry
+    if settings.otlp_endpoint is None:
+        return None
+    if previous is not None and previous.config.telemetry == settings:
+        return previous.telemetry
+    return Telemetry(settings)
 
 
 def _object_store(config: Config, storage: Store, previous: Runtime | None) -> ObjectStore:

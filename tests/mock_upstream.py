@@ -54,6 +54,8 @@ RECORDED_HEADERS = (
     b"openai-project",
     b"content-encoding",
     b"x-forwarded-for",
+    b"traceparent",
+    b"tracestate",
     b"x-stainless-lang",
 )
 
