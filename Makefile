@@ -21,15 +21,26 @@ LOCK_INPUTS := pyproject.toml requirements/build.in
 UV_COMPILE = $(LOCK_VENV)/bin/uv pip compile $(LOCK_INPUTS) --universal --python-version 3.11 --generate-hashes --quiet$(if $(UPGRADE), --upgrade)
 LOCK_VENV := .venv-lock
 
-$(STAMP): requirements/dev.txt pyproject.toml
+# The locked files go in with uv (itself installed from its locked hash): ~4x faster than pip
+# on a fresh clone, which CI always is; pip does it where uv cannot reach an index.
+UV := $(LOCK_VENV)/bin/uv
+INSTALL = $(UV) pip install --quiet --python $(BIN)/python --require-hashes -r $(1) \
+	|| $(BIN)/pip install --quiet --require-hashes -r $(1)
+
+$(UV): requirements/lock-tool.txt
+	$(PYTHON) -m venv $(LOCK_VENV)
+	$(LOCK_VENV)/bin/pip install --quiet --require-hashes -r requirements/lock-tool.txt
+	touch $(UV)
+
+$(STAMP): requirements/dev.txt pyproject.toml $(UV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r requirements/dev.txt
+	$(call INSTALL,requirements/dev.txt)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP) $(RUN_STAMP)
 
-$(RUN_STAMP): requirements/run.txt pyproject.toml
+$(RUN_STAMP): requirements/run.txt pyproject.toml $(UV)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --require-hashes -r requirements/run.txt
+	$(call INSTALL,requirements/run.txt)
 	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
 	touch $(RUN_STAMP)
 
