@@ -468,6 +468,9 @@ class TelemetryConfig(_Section):
         Number, Ge(0), Le(1), doc("share of new traces kept (a client's sampled one always is)")
     ] = 1.0
     metrics: Annotated[Bool, doc("export the GenAI metrics too")] = True
+    trust_client_trace: Annotated[
+        Bool, doc("continue a client's traceparent (false: a new trace, linked to it)")
+    ] = True
 
 
 @dataclass(frozen=True)

@@ -191,6 +191,8 @@ class RequestContext:
         """A Realtime session the upstream ended abnormally."""
         self.attempt_errors.append((backend, key_id, "stream_broken"))
         self.outcome = Outcome.FAILURE
+        if self.trace is not None:
+            self.trace.attempt_failed("stream_broken")
 
     def upstream_identified(self, request_id: str) -> None:
         """The provider's request id, for its support desk."""

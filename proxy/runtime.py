@@ -129,8 +129,8 @@ class Runtime:
         for upstream in self.upstreams.values():
             await upstream.close()
         await self.throttle.storage.close()
-        if self.telemetry is not None:  # the last spans flushed, off the event loop
-            await asyncio.to_thread(self.telemetry.shutdown)
+        if self.telemetry is not None:  # the last spans flushed, in bounded time
+            await self.telemetry.close()
 
     async def retire(self, successor: Runtime) -> None:
         """After a reload: stop background work now; close pools the successor does not
@@ -145,7 +145,7 @@ class Runtime:
         if self.throttle.storage is not successor.throttle.storage:
             await self.throttle.storage.close()
         if self.telemetry is not None and self.telemetry is not successor.telemetry:
-            await asyncio.to_thread(self.telemetry.shutdown)
+            await self.telemetry.close()
 
     async def _stop_tasks(self) -> None:
         tasks = self.state.tasks
@@ -464,9 +464,14 @@ def _telemetry(config: Config, previous: Runtime | None) -> Telemetry | None:
     settings = config.telemetry
     if settings.otlp_endpoint is None:
         return None
-    if previous is not None and previous.config.telemetry == settings:
+    paths = config.server.forward_paths
+    if (
+        previous is not None
+        and previous.config.telemetry == settings
+        and previous.config.server.forward_paths == paths
+    ):
         return previous.telemetry
-    return Telemetry(settings)
+    return Telemetry(settings, paths)
 
 
 def _object_store(config: Config, storage: Store, previous: Runtime | None) -> ObjectStore:

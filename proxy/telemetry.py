@@ -17,8 +17,11 @@ deployment), never a secret, never a prompt.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import functools
 import logging
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
@@ -119,7 +122,10 @@ class GenAI:
 
 
 EXPORT_TIMEOUT = 5.0  # seconds an export may take, its retries included (SDK default: 10)
-SHUTDOWN_FLUSH_MS = 1000  # at exit, what the collector has this long to take (each kind)
+CLOSE_WAIT = 2.0  # at exit, seconds the collector has to take what is left
+CLOSE_WAIT_MS = int(CLOSE_WAIT * 1000)
+_MAX_TRACESTATE = 512  # bytes of a client's tracestate kept (W3C: 32 members, 512 is usual)
+_MAX_REASON = 100  # characters of a collector's reason phrase kept (it is logged)
 _LEFT = ("client_disconnected", "client_left_after_end")  # the client's doing
 _MAX_MODEL = 256
 _MAX_PATH = 512  # a model name the client sent, as far as a span shows it
@@ -140,26 +146,22 @@ def provider_name(backend: str, base_url: str, declared: str | None) -> str:
     return backend
 
 
-def _span_name(method: str, path: str) -> str:
-    """``GET /v1/files``: the resource, never an id (span names are few, by convention)."""
-    return f"{method} {'/'.join(path.split('/', 3)[:3])}"
-
-
 def _address(base_url: str) -> tuple[str, int]:
     parts = urlsplit(base_url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)
 
 
-_TRACE_HEADERS = (b"traceparent", b"tracestate")
-
-
 class Telemetry:
-    """The SDK's providers for one process, built at start-up, shut down (flushed) at exit."""
+    """The SDK's providers for one process, built at start-up, closed (flushed) at exit."""
 
     def __init__(
-        self, config: TelemetryConfig, span_processor: SpanProcessor | None = None
+        self,
+        config: TelemetryConfig,
+        forward_paths: Iterable[str] = (),
+        span_processor: SpanProcessor | None = None,
     ) -> None:
-        """``span_processor``: instead of the OTLP batch export (tests)."""
+        """``forward_paths``: the resources span names may show (``/v1/files``);
+        ``span_processor``: instead of the OTLP batch export (tests)."""
         try:
             from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
                 OTLPMetricExporter,
@@ -179,26 +181,39 @@ class Telemetry:
                 f"telemetry.otlp_endpoint is set, but OpenTelemetry is not installed ({exc}):"
                 " pip install 'llm-proxy[otel]'"
             ) from None
+        # The SDK warns, per request, with what a client's tracestate held, and per retry of
+        # an export: its errors are enough (a collector down), never a client's text.
+        logging.getLogger("opentelemetry").setLevel(logging.ERROR)
         self.config = config
+        self.resources = frozenset(p.split("/")[1] for p in forward_paths if p.startswith("/"))
         endpoint = config.otlp_endpoint
         assert endpoint is not None
         resource = Resource.create({"service.name": config.service_name})
         sampler = ParentBased(TraceIdRatioBased(config.sample_ratio))
-        self.tracer_provider: TracerProvider = TracerProvider(resource=resource, sampler=sampler)
-        self._span_exporter = OTLPSpanExporter(
-            endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT
+        # No atexit hook: at exit the SDK would wait for a collector for as long as it
+        # likes; close() waits a bounded time instead.
+        self.tracer_provider: TracerProvider = TracerProvider(
+            resource=resource, sampler=sampler, span_limits=_span_limits(), shutdown_on_exit=False
         )
+        self._exporters: list[Any] = [
+            OTLPSpanExporter(
+                endpoint=f"{endpoint}/v1/traces", timeout=EXPORT_TIMEOUT, session=_session()
+            )
+        ]
         self.tracer_provider.add_span_processor(
-            span_processor or BatchSpanProcessor(self._span_exporter)
+            span_processor or BatchSpanProcessor(self._exporters[0])
         )
         self.tracer: Tracer = self.tracer_provider.get_tracer("llm-proxy")
         self.propagator = TraceContextTextMapPropagator()
         readers = []
         if config.metrics:
-            exporter = OTLPMetricExporter(endpoint=f"{endpoint}/v1/metrics", timeout=EXPORT_TIMEOUT)
+            exporter = OTLPMetricExporter(
+                endpoint=f"{endpoint}/v1/metrics", timeout=EXPORT_TIMEOUT, session=_session()
+            )
+            self._exporters.append(exporter)
             readers.append(PeriodicExportingMetricReader(exporter))
         self.meter_provider: MeterProvider = MeterProvider(
-            resource=resource, metric_readers=readers
+            resource=resource, metric_readers=readers, shutdown_on_exit=False
         )
         meter = self.meter_provider.get_meter("llm-proxy")
 
@@ -222,33 +237,105 @@ class Telemetry:
         )  # fmt: skip
 
     def start(self, ctx: RequestContext, headers: Iterable[tuple[bytes, bytes]]) -> RequestTrace:
-        """The request's span, begun now, continuing the client's trace if it sent one."""
-        from opentelemetry.trace import SpanKind
+        """The request's span, begun now, continuing the client's trace if it sent one
+        (``trust_client_trace: false``: a new trace, linked to the client's)."""
+        from opentelemetry.trace import Link, SpanKind, get_current_span
 
-        carrier = {
-            name.decode("latin-1"): value.decode("latin-1")
-            for name, value in headers
-            if name in _TRACE_HEADERS
-        }
-        parent = self.propagator.extract(carrier) if carrier else None
+        parent, links = None, None
+        carrier = _trace_headers(headers)
+        if carrier:
+            context = self.propagator.extract(carrier)
+            if not self.config.trust_client_trace:
+                client = get_current_span(context).get_span_context()
+                parent, links = None, [Link(client)] if client.is_valid else None
+            else:
+                parent = context
         span = self.tracer.start_span(
-            _span_name(ctx.method, ctx.path),  # renamed for its operation in finish()
+            self.span_name(ctx.method, ctx.path),  # renamed for its operation in finish()
             context=parent,
             kind=SpanKind.SERVER,
             attributes={GenAI.HTTP_METHOD: ctx.method, GenAI.URL_PATH: ctx.path[:_MAX_PATH]},
+            links=links,
         )
         return RequestTrace(self, span)
 
-    def shutdown(self) -> None:
-        """Flush what is queued, and stop the export threads: in a few seconds at most,
-        collector down or not (the SDK alone would retry each batch for its timeout)."""
-        self.tracer_provider.force_flush(SHUTDOWN_FLUSH_MS)
-        # What a dead collector did not take by now is dropped: the exporter's shutdown
-        # ends its retries at once, and what it says of the batches left is no news.
-        logging.getLogger(self._span_exporter.__module__).setLevel(logging.ERROR)
-        self._span_exporter.shutdown()  # type: ignore[no-untyped-call]
+    def span_name(self, method: str, path: str) -> str:
+        """``GET /v1/files``: a resource the proxy forwards, never an id, never what a
+        client made up (span names must be few); anything else is its method alone."""
+        parts = path.split("/", 3)
+        if len(parts) > 2 and parts[1] == "v1" and parts[2] in self.resources:
+            return f"{method} /v1/{parts[2]}"
+        return method
+
+    async def close(self) -> None:
+        """Flush what is queued and stop the exporters, in at most ``CLOSE_WAIT`` seconds:
+        the SDK's own flush ignores its timeout and a collector may never answer. The work
+        runs in a thread of its own (never the loop's shared pool, which uploads use); past
+        the wait, the exporters are stopped and what is left is dropped."""
+        closing = threading.Thread(target=self._flush_and_stop, name="otel-close", daemon=True)
+        closing.start()
+        deadline = time.monotonic() + CLOSE_WAIT
+        while closing.is_alive() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if closing.is_alive():
+            for exporter in self._exporters:
+                with contextlib.suppress(Exception):
+                    exporter.shutdown()  # ends retries; a hung read ends with its thread
+
+    def _flush_and_stop(self) -> None:
+        self.tracer_provider.force_flush(CLOSE_WAIT_MS)
+        self.meter_provider.force_flush(CLOSE_WAIT_MS)
         self.tracer_provider.shutdown()
-        self.meter_provider.shutdown(SHUTDOWN_FLUSH_MS)
+        self.meter_provider.shutdown(CLOSE_WAIT_MS)
+
+
+def _span_limits() -> Any:
+    """Bounds on each span, whatever a request carried (the SDK has none by default on
+    attribute lengths)."""
+    from opentelemetry.sdk.trace import SpanLimits
+
+    return SpanLimits(max_attributes=64, max_attribute_length=1024, max_links=1, max_events=8)
+
+
+def _session() -> Any:
+    """The exporters' HTTP session: a collector's answer is its status; its body is never
+    read (a hostile one could be gigabytes) and its reason phrase is cut short (it is
+    logged)."""
+    import requests  # the OTLP/HTTP exporter's own dependency
+
+    class CappedSession(requests.Session):
+        def request(  # type: ignore[override]  # the exporter passes keywords only
+            self, method: str, url: str, **kwargs: Any
+        ) -> requests.Response:
+            kwargs["stream"] = True
+            response = super().request(method, url, **kwargs)
+            response._content = b""
+            response.close()
+            response.reason = (response.reason or "")[:_MAX_REASON]
+            return response
+
+    return CappedSession()
+
+
+def _trace_headers(headers: Iterable[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The client's ``traceparent`` and ``tracestate``, as W3C Trace Context reads them: a
+    repeated ``traceparent`` is no parent; repeated ``tracestate`` values are one list;
+    a list past ``_MAX_TRACESTATE`` bytes is dropped (it would go upstream, and into every
+    span)."""
+    parents: list[bytes] = []
+    states: list[bytes] = []
+    for name, value in headers:
+        if name == b"traceparent":
+            parents.append(value)
+        elif name == b"tracestate":
+            states.append(value)
+    if len(parents) != 1:
+        return {}
+    carrier = {"traceparent": parents[0].decode("latin-1")}
+    state = b",".join(states)
+    if state and len(state) <= _MAX_TRACESTATE:
+        carrier["tracestate"] = state.decode("latin-1")
+    return carrier
 
 
 class RequestTrace:
@@ -293,7 +380,8 @@ class RequestTrace:
         if target.deployment:
             attributes[GenAI.DEPLOYMENT] = target.deployment
         span = telemetry.tracer.start_span(
-            f"{operation} {model}" if operation and model else f"upstream {target.backend}",
+            # The route's label, not the id: bounded by the config, whatever a client sends.
+            f"{operation} {target.label}" if operation else f"upstream {target.backend}",
             context=set_span_in_context(self.span),
             kind=SpanKind.CLIENT,
             attributes=attributes,
@@ -338,7 +426,9 @@ class RequestTrace:
         operation = GenAI.OPERATIONS.get(ctx.path)
         model = (ctx.model or "")[:_MAX_MODEL]
         if operation is not None:
-            span.update_name(f"{operation} {model}" if model else operation)
+            # The model's metrics label (a model the config names, else its route's pattern):
+            # span names stay few whatever a client sends; the attribute has the model.
+            span.update_name(f"{operation} {ctx.model_label}")
             span.set_attribute(GenAI.OPERATION, operation)
         attributes: dict[str, Any] = {
             GenAI.HTTP_STATUS: ctx.status,
@@ -367,7 +457,8 @@ class RequestTrace:
             attributes[GenAI.DEPLOYMENT] = ctx.deployment
         if ctx.upstream_model is not None and ctx.sent_at is not None:
             attributes[GenAI.RESPONSE_MODEL] = ctx.upstream_model
-            metric[GenAI.RESPONSE_MODEL] = ctx.upstream_model
+            if ctx.model_label == ctx.model:  # named by the config: a bounded value
+                metric[GenAI.RESPONSE_MODEL] = ctx.upstream_model
         tokens = ctx.tokens
         if tokens:
             attributes[GenAI.INPUT_TOKENS] = tokens.prompt
@@ -392,6 +483,8 @@ class RequestTrace:
         # 5xx, or an answer under way that broke.
         if ctx.status >= 500 or (error is not None and ctx.status < 400 and error not in _LEFT):
             span.set_status(StatusCode.ERROR, error)
+        if error is not None and self._attempt is not None and self._attempt_open:
+            self._attempt.set_attribute(GenAI.ERROR_TYPE, error)  # e.g. the client left
         self._end_attempt()
         span.end()
         self._record(ctx, metric, duration, operation)

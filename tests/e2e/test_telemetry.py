@@ -45,7 +45,9 @@ backends:
   mock:
     base_url: {upstream.url}/v1
     provider: openai
-    models: [metrics-model]  # named in the config: a metric label as itself
+    # Named in the config: metric labels and span names as themselves (others: the route's
+    # pattern, here "*").
+    models: [metrics-model, gpt-4o-mini, text-embedding-3-small]
     keys: [{{id: first, key: "{KEY_A}"}}, {{id: second, key: "{KEY_B}"}}]
 clients:
   - {{id: team-a, key: "{CLIENT_KEY}"}}
