@@ -32,7 +32,7 @@ from proxy import admin, errors, forward, metrics, realtime
 from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
-from proxy.dialects import ANTHROPIC, OPENAI, Dialect, anthropic, bearer_token
+from proxy.dialects import DEFAULT, Dialect, bearer_token, for_request
 from proxy.drain import DRAIN
 from proxy.errors import ProxyError
 from proxy.exposure import BIND_HOST_ENV, refusal
@@ -248,14 +248,11 @@ class ProxyApp:
         models = self._visible_models(runtime, request, dialect)
         if isinstance(models, Response):
             return models
-        if dialect is ANTHROPIC:
-            owned = [(m["id"], m["owned_by"]) for m in models.values()]
-            return JSONResponse(anthropic.models_page(owned))
-        return JSONResponse({"object": "list", "data": list(models.values())})
+        return JSONResponse(dialect.models_page(list(models.items())))
 
     def _visible_models(
         self, runtime: Runtime, request: Request, dialect: Dialect
-    ) -> dict[str, dict[str, Any]] | Response:
+    ) -> dict[str, str] | Response:
         """The models the request's client may see (in another dialect, only those routed
         to a backend that speaks it), or the refusal of its key."""
         try:
@@ -263,17 +260,18 @@ class ProxyApp:
         except ProxyError as err:
             return error_response(err, dialect)
         models = self._models(runtime, client)
-        if dialect is OPENAI:
+        if dialect.every_backend_speaks:
             return models
-        return {i: m for i, m in models.items() if _spoken(runtime, i, dialect)}
+        return {i: o for i, o in models.items() if _spoken(runtime, i, dialect)}
 
-    def _models(self, runtime: Runtime, client: Client | None) -> dict[str, dict[str, Any]]:
-        """Aliases and listed models from the config, then each backend's discovered ids;
-        with client keys, only those the client may use (the rule of the POST path)."""
-        models = {e.id: _model_object(e.id, e.owned_by) for e in runtime.router.models}
+    def _models(self, runtime: Runtime, client: Client | None) -> dict[str, str]:
+        """Aliases and listed models from the config, then each backend's discovered ids
+        (id: owner); with client keys, only those the client may use (the rule of the POST
+        path)."""
+        models = {e.id: e.owned_by for e in runtime.router.models}
         for backend, ids in runtime.discovered.items():
             for model_id in ids:
-                models.setdefault(model_id, _model_object(model_id, backend))
+                models.setdefault(model_id, backend)
         if client is None or client.models is None:
             return models
         return {i: m for i, m in models.items() if _may_use(runtime, client, i)}
@@ -285,11 +283,9 @@ class ProxyApp:
         if isinstance(models, Response):
             return models
         model_id = request.path_params["model_id"]
-        model = models.get(model_id)
-        if model is not None:
-            if dialect is ANTHROPIC:
-                return JSONResponse(anthropic.model_object(model_id, model["owned_by"]))
-            return JSONResponse(model)
+        owner = models.get(model_id)
+        if owner is not None:
+            return JSONResponse(dialect.model_object(model_id, owner))
         # A model the client may not use is "not listed" to it: nothing to learn from a 403.
         return error_response(
             errors.model_not_found(f"The model '{model_id}' is not listed by this proxy."),
@@ -326,8 +322,8 @@ def with_admin_port(config: Config, port: int) -> Config:
     return dataclasses.replace(config, server=dataclasses.replace(config.server, admin_port=port))
 
 
-def error_response(err: ProxyError, dialect: Dialect = OPENAI) -> Response:
-    body = err.body() if dialect is OPENAI else dialect.error_body(err, "")
+def error_response(err: ProxyError, dialect: Dialect = DEFAULT) -> Response:
+    body = dialect.error_body(err, "")
     headers, media_type = err.headers, "application/json"
     return Response(body, status_code=err.status, headers=headers, media_type=media_type)
 
@@ -339,7 +335,7 @@ def _spoken(runtime: Runtime, model_id: str, dialect: Dialect) -> bool:
 
 
 def _models_dialect(request: Request) -> Dialect:
-    return ANTHROPIC if "anthropic-version" in request.headers else OPENAI
+    return for_request(request.url.path, request.headers.raw)
 
 
 class _Route(Route):
@@ -372,10 +368,6 @@ def _may_use(runtime: Runtime, client: Client, model_id: str) -> bool:
     except ProxyError:
         return False
     return True
-
-
-def _model_object(model_id: str, owned_by: str) -> dict[str, Any]:
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
 
 
 def create_app() -> ProxyApp:

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from proxy.config import Config
-from proxy.dialects import OPENAI, Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.errors import invalid_client_key, model_not_allowed
 
 log = logging.getLogger("proxy")
@@ -59,7 +59,7 @@ class ClientAuth:
             log.warning("client %s cannot authenticate: %s", c.id, hint)
 
     def authenticate(
-        self, headers: Iterable[tuple[bytes, bytes]], dialect: Dialect = OPENAI
+        self, headers: Iterable[tuple[bytes, bytes]], dialect: Dialect = DEFAULT
     ) -> Client | None:
         """The client the request's key belongs to; None when the proxy is open."""
         if self.open:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from proxy.dialects import OPENAI, Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.throttle import Outcome
 from proxy.usage import NO_TOKENS, TokenCounts
 
@@ -85,7 +85,7 @@ class RequestContext:
         method: str,
         path: str,
         request_id: str = "",
-        dialect: Dialect = OPENAI,
+        dialect: Dialect = DEFAULT,
         stream: bool = False,
     ) -> None:
         self.started = time.perf_counter()

@@ -1,18 +1,16 @@
-"""Errors the proxy itself answers with; each request's dialect writes the body (OpenAI's
-``{"error": {...}}`` by default, Anthropic's ``{"type": "error", ...}`` on its paths)."""
+"""Errors the proxy itself answers with. What one says (status, message, type, code,
+param, headers) is here; its body is its dialect's to write (``Dialect.error_body``:
+OpenAI's ``{"error": {...}}``, Anthropic's ``{"type": "error", ...}``)."""
 
 from __future__ import annotations
 
 import math
 
-from proxy.dialects.openai import error_body as error_body  # OpenAI's, for older callers
-
 
 class ProxyError(Exception):
-    """An error the proxy answers with: status, message, OpenAI's type/code/param, headers.
-
-    ``body()`` is OpenAI's shape; a request in another dialect renders it with its
-    dialect's ``error_body``."""
+    """An error the proxy answers with: status, message, type/code/param, headers; a
+    dialect renders its body (``type`` and ``param`` are the OpenAI API's words, which
+    another dialect maps to its own)."""
 
     def __init__(
         self,
@@ -32,13 +30,10 @@ class ProxyError(Exception):
         self.param = param
         self.headers = headers or {}
 
-    def body(self) -> bytes:
-        return error_body(self.message, self.type, self.code, self.param)
-
-    def raw_headers(self, body: bytes | None = None) -> list[tuple[bytes, bytes]]:
-        """Headers for an ASGI ``http.response.start`` of ``body`` (default: ``body()``),
-        content type and length included."""
-        body_len = str(len(self.body() if body is None else body)).encode()
+    def raw_headers(self, body: bytes) -> list[tuple[bytes, bytes]]:
+        """Headers for an ASGI ``http.response.start`` of ``body``, content type and length
+        included."""
+        body_len = str(len(body)).encode()
         headers = [(b"content-type", b"application/json"), (b"content-length", body_len)]
         headers += [(k.lower().encode(), v.encode()) for k, v in self.headers.items()]
         return headers

@@ -33,7 +33,7 @@ from proxy.breaker import Admission, admit
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
 from proxy.context import RequestContext
-from proxy.dialects import OPENAI, Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.drain import DRAINED
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
@@ -56,7 +56,7 @@ class RequestParts:
     model: str  # as the client sent it ("" when it named none): the body holds this id
     upload: Upload | None = None  # a streamed body, sent from the client as it arrives
     model_in_path: bool = False  # /models/{id}: the id is in the path, not the body
-    dialect: Dialect = OPENAI  # the wire the client speaks (from the request's path)
+    dialect: Dialect = DEFAULT  # the wire the client speaks (from the request's path)
     _bodies: dict[tuple[str, int, bool], bytes] = field(default_factory=dict)
 
     @property

@@ -41,7 +41,7 @@ from proxy.bodies import (
 )
 from proxy.clients import Client
 from proxy.context import RequestContext
-from proxy.dialects import OPENAI, Dialect, for_request
+from proxy.dialects import DEFAULT, Dialect, for_request
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver, deployment_done
@@ -269,7 +269,7 @@ async def forward(
     target = route(runtime, parts)
     # Objects are made (and named) on OpenAI's API only; most requests name none: then no
     # storage call, not even an await.
-    ids = named_objects(parts) if parts.dialect is OPENAI else []
+    ids = named_objects(parts) if parts.dialect.makes_objects else []
     if ids:
         target = await stick_to_objects(runtime, ids, target, client)
     ctx.routed(target)
@@ -461,7 +461,7 @@ class _Relay:
         self._served()
         data = runtime.redactor.bytes(data)
         read_at = time.perf_counter()
-        if response.status < 300 and self.delivery.target.dialect is OPENAI:
+        if response.status < 300 and self.delivery.target.dialect.makes_objects:
             # Before the client hears of it: its next call finds it.
             parts = self.parts
             await record_created(
@@ -596,7 +596,7 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     dialect = parts.dialect
     if parts.model:
         return routed_model(runtime, parts.model, dialect)
-    if dialect is not OPENAI:  # every request of another dialect names its model
+    if not dialect.routes_by_path:  # each of its requests names its model
         raise errors.missing_model(parts.path)
     target = runtime.router.resolve_path(parts.path)
     if target is None:
@@ -606,7 +606,7 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     return target
 
 
-def routed_model(runtime: Runtime, model: str, dialect: Dialect = OPENAI) -> Target:
+def routed_model(runtime: Runtime, model: str, dialect: Dialect = DEFAULT) -> Target:
     """The target of ``model``, on a backend that speaks the request's dialect."""
     target = runtime.router.resolve(model, dialect)
     if target is None:
@@ -614,7 +614,7 @@ def routed_model(runtime: Runtime, model: str, dialect: Dialect = OPENAI) -> Tar
         raise errors.model_not_found(
             f"The model '{model}' is not routed by this proxy. Routable: {summary}."
         )
-    if dialect is not OPENAI and not dialect.speaks(runtime.config.backends[target.backend]):
+    if not dialect.speaks(runtime.config.backends[target.backend]):
         speakers = runtime.router.speakers(dialect)
         raise errors.dialect_not_spoken(model, target.backend, dialect.name, speakers)
     return target
@@ -881,7 +881,7 @@ FINE_TUNED = "ft:"  # OpenAI's fine-tuned model ids
 FORMS_WITHOUT_MODEL = ("/files", "/uploads/", "/containers/", "/skills", "/audio/voice")
 
 
-def check_method(method: str, path: str, dialect: Dialect = OPENAI) -> None:
+def check_method(method: str, path: str, dialect: Dialect = DEFAULT) -> None:
     allowed = dialect.methods(path)
     if method not in allowed:
         raise errors.method_not_allowed(method, "/v1" + path[:200], ", ".join(allowed))

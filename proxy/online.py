@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from proxy.config import BackendConfig, Config, KeyConfig
-from proxy.dialects import ANTHROPIC, OPENAI, Dialect
+from proxy.dialects import DEFAULT, DIALECTS, Dialect
 from proxy.redact import Redactor
 from proxy.routing import Router
 
@@ -77,13 +77,10 @@ class Report:
         }
 
 
-ANTHROPIC_VERSION = "2023-06-01"  # the one the SDKs have sent since 2023
-
-
 @dataclass
 class _KeyResult:
     key: KeyConfig
-    dialect: Dialect = OPENAI
+    dialect: Dialect = DEFAULT
     status: int | None = None
     models: list[str] = field(default_factory=list)
     error: str | None = None
@@ -96,7 +93,7 @@ async def check_online(config: Config) -> Report:
         jobs = [
             _probe(client, backend, key, redactor, dialect)
             for backend in config.backends.values()
-            for dialect in (OPENAI, ANTHROPIC)
+            for dialect in DIALECTS.values()
             if dialect.speaks(backend)
             for key in backend.keys
             if key.present
@@ -110,7 +107,7 @@ async def check_online(config: Config) -> Report:
     for name, backend in config.backends.items():
         results_here = by_backend.get(name, [])
         report.findings += _key_findings(backend, results_here)
-        served = sorted({m for r in results_here if r.dialect is OPENAI for m in r.models})
+        served = sorted({m for r in results_here if r.dialect is DEFAULT for m in r.models})
         report.findings += _model_findings(name, wanted.get(name, {}), served, results_here)
     return report
 
@@ -120,13 +117,11 @@ async def _probe(
     backend: BackendConfig,
     key: KeyConfig,
     redactor: Redactor,
-    dialect: Dialect = OPENAI,
+    dialect: Dialect = DEFAULT,
 ) -> tuple[str, _KeyResult]:
     result = _KeyResult(key, dialect)
     name, value = dialect.upstream_auth(backend, key.value)
-    headers = {**backend.headers, name: value}
-    if dialect is ANTHROPIC:
-        headers["anthropic-version"] = ANTHROPIC_VERSION
+    headers = {**backend.headers, **dialect.models_headers(), name: value}
     try:
         status, data = await _get_capped(client, f"{dialect.base_url(backend)}/models", headers)
     except httpx.TimeoutException:
@@ -177,7 +172,7 @@ def _key_findings(backend: BackendConfig, results: list[_KeyResult]) -> list[Fin
     for r in results:
         subject = f"key {r.key.id}"
         url = backend.base_url
-        if r.dialect is not OPENAI:
+        if r.dialect is not DEFAULT:
             subject += f" ({r.dialect.name} endpoint)"
             url = r.dialect.base_url(backend)
         if r.error is not None:
@@ -187,7 +182,7 @@ def _key_findings(backend: BackendConfig, results: list[_KeyResult]) -> list[Fin
         elif r.status in (401, 403):
             message = f"{r.status}: invalid" + (f" ({r.message})" if r.message else "")
             findings.append(Finding(backend.name, "error", subject, message, _key_hint(url)))
-        elif r.status == 404 and r.dialect is not OPENAI:
+        elif r.status == 404 and r.dialect is not DEFAULT:
             message = f"lists no models at {url}/models (404): the key is not checked there"
             findings.append(Finding(backend.name, "warning", subject, message))
         else:

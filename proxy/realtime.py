@@ -39,7 +39,7 @@ from proxy.attempt import KeyTurns, report
 from proxy.breaker import Admission, admit
 from proxy.classify import Verdict, classify, parse_seconds
 from proxy.context import RequestContext
-from proxy.dialects import OPENAI
+from proxy.dialects import for_request
 from proxy.errors import ProxyError
 from proxy.failover import backend_limited
 from proxy.forward import (
@@ -112,7 +112,8 @@ async def handle_websocket(
     if (await receive())["type"] != "websocket.connect":
         return  # gone before its handshake was even read
     request_id = client_request_id(scope["headers"]) or new_request_id()
-    ctx = RequestContext("GET", scope["path"][:200], request_id, OPENAI, stream=True)
+    dialect = for_request(scope["path"], scope["headers"])
+    ctx = RequestContext("GET", scope["path"][:200], request_id, dialect, stream=True)
     if runtime.telemetry is not None:
         ctx.trace = runtime.telemetry.start(ctx, scope["headers"])
     accepted_at: float | None = None
@@ -128,14 +129,14 @@ async def handle_websocket(
                 await _close_upstream(opened.socket, 1011, "")
     except ProxyError as err:
         ctx.failed(err.code or err.type, err.status)
-        await _refuse(scope, send, err, request_id)
+        await _refuse(scope, send, err, ctx)
     except _ClientGone:
         ctx.client_left()
     except Exception:
         log.exception("internal error in a Realtime session")
         if accepted_at is None:
             ctx.failed("internal_error", 500)
-            await _refuse(scope, send, errors.internal_error(), request_id)
+            await _refuse(scope, send, errors.internal_error(), ctx)
         else:
             ctx.failed("internal_error")
             await _close_client(send, 1011, "internal error in the proxy")
@@ -291,7 +292,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                 key = turns.take()
             except NoUsableKey as exc:
                 raise turns.no_key(exc) from None
-            auth = OPENAI.upstream_auth(runtime.config.backends[backend], key.value)
+            auth = ctx.dialect.upstream_auth(runtime.config.backends[backend], key.value)
             headers = forwarded_request_headers(scope["headers"], upstream.extra_headers, auth)
             if ctx.trace is not None:
                 turns.sending(headers, upstream.url(UPSTREAM_PATH))  # the span: host, port
@@ -315,7 +316,7 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
                     verdict = Verdict.BAD_STATUS
                 if verdict is Verdict.KEY_REFUSED or verdict is Verdict.KEY_LIMITED:
                     reason = f"{exc.status} from upstream at the Realtime handshake"
-                    turns.refused_key(key.id, verdict, reason, OPENAI, _retry_after(exc))
+                    turns.refused_key(key.id, verdict, reason, ctx.dialect, _retry_after(exc))
                     if turns.another():
                         continue  # one more key, never a storm of them
                 else:
@@ -394,16 +395,18 @@ def _handshake_error(backend: str, status: int, verdict: Verdict, turns: KeyTurn
     )
 
 
-async def _refuse(scope: Scope, send: Send, err: ProxyError, request_id: str) -> None:
-    """Refuse the handshake with an HTTP answer in OpenAI's error shape; where the server
-    cannot send one, a close (1008: policy, 1011: our failure) naming the reason."""
+async def _refuse(scope: Scope, send: Send, err: ProxyError, ctx: RequestContext) -> None:
+    """Refuse the handshake with an HTTP answer in the session's dialect's error shape;
+    where the server cannot send one, a close (1008: policy, 1011: our failure) naming the
+    reason."""
     try:
         if "websocket.http.response" in (scope.get("extensions") or {}):
-            headers = [*err.raw_headers(), (REQUEST_ID, request_id.encode("latin-1"))]
+            body = ctx.dialect.error_body(err, ctx.request_id)
+            headers = [*err.raw_headers(body), (REQUEST_ID, ctx.request_id.encode("latin-1"))]
             await send(
                 {"type": "websocket.http.response.start", "status": err.status, "headers": headers}
             )
-            await send({"type": "websocket.http.response.body", "body": err.body()})
+            await send({"type": "websocket.http.response.body", "body": body})
         else:
             code = 1011 if err.status >= 500 else 1008
             await send({"type": "websocket.close", "code": code, "reason": _reason(err.message)})

@@ -4,7 +4,7 @@ Resolution order: alias (followed to its end), then the first route whose prefix
 then a backend that lists the exact id under ``models``. A request without a model (files,
 batches, a retrieve by id) goes by its path: the first ``paths:`` rule whose prefix holds
 it, else ``default_backend``. A target carries the request's dialect: for a dialect other
-than OpenAI's, fallbacks that do not speak it are left out and no rewrite rules apply (its
+than the default, fallbacks that do not speak it are left out and no rewrite rules apply (its
 bodies pass through as sent, model id aside). Everything is precomputed from the config at
 start-up; a lookup is a dict hit or a short loop of ``startswith``.
 """
@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 
 from proxy.balance import Affinity, Strategy
 from proxy.config import Config, RouteConfig
-from proxy.dialects import OPENAI, Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
@@ -43,7 +43,7 @@ class Target:
     fallbacks: tuple[Target, ...] = ()  # tried in order when this backend fails first
     label: str = ""  # the metrics label: a model id from the config, or the route's pattern
     rewrite: RewriteRules = NO_RULES  # the backend's rules, then the route's
-    dialect: Dialect = OPENAI  # the wire the client speaks, and the backend is spoken to in
+    dialect: Dialect = DEFAULT  # the wire the client speaks, and the backend is spoken to in
     pool: Pool | None = None  # the route's deployments (this target is the first); None: one
     max_attempts: int = DEFAULT_ATTEMPTS  # upstream attempts of a request, all causes together
     affinity: Affinity = Affinity.SESSION  # which conversation stays on one deployment and key
@@ -98,15 +98,15 @@ class Router:
         default = config.default_backend
         self._default = _model_less(default, None) if default is not None else None
 
-    def resolve(self, requested: str, dialect: Dialect = OPENAI) -> Target | None:
+    def resolve(self, requested: str, dialect: Dialect = DEFAULT) -> Target | None:
         """The target for ``requested``, or None when nothing routes it."""
-        cache = self._cache if dialect is OPENAI else self._dialect_cache(dialect)
+        cache = self._cache if dialect is DEFAULT else self._dialect_cache(dialect)
         try:
             return cache[requested]
         except KeyError:
             pass
         target = self._resolve(requested)
-        if target is not None and dialect is not OPENAI:
+        if target is not None and dialect is not DEFAULT:
             target = self._in_dialect(target, dialect)
         if len(cache) < _CACHE_LIMIT:
             cache[requested] = target

@@ -27,7 +27,7 @@ from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
-from proxy.dialects import OPENAI, Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.keys import KeyPool, build_pools
 from proxy.objects import (
     MemoryObjects,
@@ -257,7 +257,7 @@ class Runtime:
                 usable = pool.usable()
                 if usable:
                     key = usable[0]
-                    auth = OPENAI.upstream_auth(self.config.backends[backend], key.value)
+                    auth = DEFAULT.upstream_auth(self.config.backends[backend], key.value)
                     status, body = await upstream.check_key(auth)  # a probe with that key alone
                     verdict = classify(status, body) if isinstance(status, int) else None
                     if verdict is Verdict.KEY_REFUSED:

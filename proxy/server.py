@@ -67,7 +67,8 @@ from uvicorn.server import ServerState
 
 from proxy.bodies import is_upload
 from proxy.config import Config
-from proxy.errors import ProxyError, error_body, unknown_url
+from proxy.dialects import DEFAULT
+from proxy.errors import ProxyError, unknown_url
 from proxy.realtime import MAX_FRAME_SIZE
 from proxy.realtime import PATH as REALTIME_PATH
 
@@ -184,8 +185,9 @@ class FrontDoor:
 def _error_bytes(
     status: int, message: str, code: str, type: str = "invalid_request_error"
 ) -> bytes:
-    """A whole HTTP/1.1 response with an OpenAI-shaped body, closing the connection."""
-    body = error_body(message, type, code)
+    """A whole HTTP/1.1 response with the default dialect's error body, closing the
+    connection (the request's path, and so its dialect, is not known yet)."""
+    body = DEFAULT.error_body(ProxyError(status, message, type=type, code=code), "")
     head = (
         STATUS_LINE[status] + b"content-type: application/json\r\n"
         b"content-length: " + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n"
@@ -519,9 +521,10 @@ class _InternalOnly:
 
 
 async def _send_error(send: Send, err: ProxyError) -> None:
-    headers = [*err.raw_headers(), (b"connection", b"close")]
+    body = DEFAULT.error_body(err, "")
+    headers = [*err.raw_headers(body), (b"connection", b"close")]
     await send({"type": "http.response.start", "status": err.status, "headers": headers})
-    await send({"type": "http.response.body", "body": err.body(), "more_body": False})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
 # ---------------------------------------------------------------- start-up

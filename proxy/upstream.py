@@ -15,7 +15,7 @@ import orjson
 from yarl import URL
 
 from proxy.config import BackendConfig
-from proxy.dialects import OPENAI
+from proxy.dialects import DEFAULT
 from proxy.errors import (
     ProxyError,
     upstream_response_too_large,
@@ -187,7 +187,7 @@ class Upstream:
     async def list_models(self, key: str) -> tuple[int | str, list[str]]:
         """``GET {base_url}/models`` with ``key``: the status (or why it could not be sent)
         and the model ids listed. Used to re-probe invalid keys and to discover models."""
-        auth = OPENAI.upstream_auth(self._backend, key)  # OpenAI's side: its /models
+        auth = DEFAULT.upstream_auth(self._backend, key)  # the base_url side: its /models
         status, body = await self._get_models(auth, ok_body=True, limit=_PROBE_BODY_LIMIT)
         if status != 200:
             return (status if status != _TOO_LARGE else "model list too large"), []

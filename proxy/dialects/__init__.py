@@ -11,9 +11,13 @@ from proxy.dialects.base import Dialect, RawHeaders, StreamKind, bearer_token, h
 from proxy.dialects.openai import OPENAI, OpenAIDialect
 
 DIALECTS: dict[str, Dialect] = {OPENAI.name: OPENAI, ANTHROPIC.name: ANTHROPIC}
+# The wire of whatever no other dialect claims: a request on any other path (Realtime
+# included), and the front door's errors before a request's path is known.
+DEFAULT: Dialect = OPENAI
 
 __all__ = [
     "ANTHROPIC",
+    "DEFAULT",
     "DIALECTS",
     "OPENAI",
     "AnthropicDialect",
@@ -33,4 +37,4 @@ def for_request(path: str, headers: RawHeaders) -> Dialect:
         return ANTHROPIC
     if path.startswith("/v1/models") and header_value(headers, b"anthropic-version") is not None:
         return ANTHROPIC
-    return OPENAI
+    return DEFAULT

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 PATHS = ("/messages", "/messages/count_tokens")
 _METHODS = ("POST",)
+VERSION = "2023-06-01"  # the anthropic-version the SDKs have sent since 2023
 API_PREFIX = "/v1"  # the SDK's base URL excludes it; the paths here are after it
 
 # Anthropic's error types by status (docs.claude.com/en/api/errors). The SDK picks its
@@ -92,6 +93,19 @@ class AnthropicDialect:
 
     def stream_kind(self, path: str) -> StreamKind:
         return StreamKind.ANTHROPIC
+
+    every_backend_speaks = False  # only those with an anthropic_base_url
+    routes_by_path = False  # every request names its model
+    makes_objects = False
+
+    def models_page(self, entries: list[tuple[str, str]]) -> dict[str, Any]:
+        return models_page(entries)
+
+    def model_object(self, model_id: str, owned_by: str) -> dict[str, Any]:
+        return model_object(model_id, owned_by)
+
+    def models_headers(self) -> dict[str, str]:
+        return {"anthropic-version": VERSION}
 
 
 ANTHROPIC = AnthropicDialect()

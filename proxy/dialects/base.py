@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from proxy.config import BackendConfig, Config
@@ -91,4 +91,33 @@ class Dialect(Protocol):
 
     def stream_kind(self, path: str) -> StreamKind:
         """How a stream on ``path`` ends, and how its failure is told."""
+        ...
+
+    @property
+    def every_backend_speaks(self) -> bool:
+        """Every backend has this dialect's endpoint (its ``base_url``): no backend is
+        left out of its routes or its model list."""
+        ...
+
+    @property
+    def routes_by_path(self) -> bool:
+        """A request may name no model (a file upload, a list): it is routed by its path."""
+        ...
+
+    @property
+    def makes_objects(self) -> bool:
+        """Its API makes objects named by id afterwards (files, responses, batches...):
+        their owners and placements are recorded."""
+        ...
+
+    def models_page(self, entries: list[tuple[str, str]]) -> dict[str, Any]:
+        """``GET /v1/models`` in this wire's shape, from (id, owner) pairs."""
+        ...
+
+    def model_object(self, model_id: str, owned_by: str) -> dict[str, Any]:
+        """``GET /v1/models/{id}`` in this wire's shape."""
+        ...
+
+    def models_headers(self) -> dict[str, str]:
+        """What a ``GET /models`` of this wire needs besides the key (``check --online``)."""
         ...

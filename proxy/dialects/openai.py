@@ -4,7 +4,7 @@ streams that end with ``data: [DONE]`` (chat, completions) or typed events (Resp
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -56,6 +56,19 @@ class OpenAIDialect:
         if path == "/responses":
             return StreamKind.RESPONSES
         return StreamKind.PLAIN
+
+    every_backend_speaks = True  # every backend has a base_url
+    routes_by_path = True
+    makes_objects = True
+
+    def models_page(self, entries: list[tuple[str, str]]) -> dict[str, Any]:
+        return {"object": "list", "data": [self.model_object(i, o) for i, o in entries]}
+
+    def model_object(self, model_id: str, owned_by: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": 0, "owned_by": owned_by}
+
+    def models_headers(self) -> dict[str, str]:
+        return {}
 
 
 OPENAI = OpenAIDialect()

@@ -3,10 +3,11 @@ from __future__ import annotations
 import orjson
 
 from proxy import errors
+from proxy.dialects import OPENAI
 
 
 def test_error_body_always_has_all_four_keys():
-    body = orjson.loads(errors.bad_request("bad thing").body())
+    body = orjson.loads(OPENAI.error_body(errors.bad_request("bad thing"), ""))
     assert body == {
         "error": {
             "message": "bad thing",
@@ -19,9 +20,10 @@ def test_error_body_always_has_all_four_keys():
 
 def test_raw_headers_carry_type_length_and_extras():
     err = errors.no_usable_key("moonshot", "key 'a' is missing: set A")
-    headers = dict(err.raw_headers())
+    body = OPENAI.error_body(err, "")
+    headers = dict(err.raw_headers(body))
     assert headers[b"content-type"] == b"application/json"
-    assert int(headers[b"content-length"]) == len(err.body())
+    assert int(headers[b"content-length"]) == len(body)
     assert headers[b"x-should-retry"] == b"false"
     assert (err.status, err.code, err.type) == (503, "no_usable_key", "server_error")
 
