@@ -33,6 +33,7 @@ from proxy.access_log import AccessLog
 from proxy.clients import Client
 from proxy.config import Config, load_config
 from proxy.dialects import DEFAULT, Dialect, bearer_token, for_request
+from proxy.dialects.translate import reaches
 from proxy.drain import DRAIN
 from proxy.errors import ProxyError
 from proxy.exposure import BIND_HOST_ENV, refusal
@@ -331,7 +332,7 @@ def error_response(err: ProxyError, dialect: Dialect = DEFAULT) -> Response:
 def _spoken(runtime: Runtime, model_id: str, dialect: Dialect) -> bool:
     """``model_id`` is routed, in ``dialect``, to a backend that speaks it."""
     target = runtime.router.resolve(model_id, dialect)
-    return target is not None and dialect.speaks(runtime.config.backends[target.backend])
+    return target is not None and reaches(dialect, runtime.config.backends[target.backend])
 
 
 def _models_dialect(request: Request) -> Dialect:

@@ -319,6 +319,13 @@ class BackendConfig(_Section):
     provider: Annotated[
         Text | None, doc("gen_ai.provider.name in traces; none: known by its host, or its name")
     ] = None
+    chat_wire: Annotated[
+        Literal["chat"] | None,
+        doc("the wire base_url's chat speaks; chat: Messages requests are translated to it"),
+    ] = None
+    reasoning_effort: Annotated[
+        Bool, doc("takes reasoning_effort (a translated request's thinking budget goes there)")
+    ] = False
 
     def key(self, key_id: str) -> KeyConfig | None:
         return next((k for k in self.keys if k.id == key_id), None)

@@ -53,6 +53,15 @@ def model_not_found(message: str) -> ProxyError:
     return ProxyError(404, message, param="model", code="model_not_found")
 
 
+def untranslatable(param: str, why: str, backend: str, wire: str) -> ProxyError:
+    return ProxyError(
+        400,
+        f"{why} (backend '{backend}' speaks {wire}: this request is translated to it).",
+        param=param,
+        code="untranslatable",
+    )
+
+
 def dialect_not_spoken(model: str, backend: str, dialect: str, speakers: list[str]) -> ProxyError:
     which = ", ".join(speakers) if speakers else "none (give a backend anthropic_base_url)"
     return ProxyError(

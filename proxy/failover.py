@@ -57,7 +57,7 @@ class RequestParts:
     upload: Upload | None = None  # a streamed body, sent from the client as it arrives
     model_in_path: bool = False  # /models/{id}: the id is in the path, not the body
     dialect: Dialect = DEFAULT  # the wire the client speaks (from the request's path)
-    _bodies: dict[tuple[str, int, bool], bytes] = field(default_factory=dict)
+    _bodies: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
 
     @property
     def replayable(self) -> bool:
@@ -86,6 +86,8 @@ class RequestParts:
         when ``inject_usage``; the bytes as the client sent them when nothing changes."""
         if not target.model:  # a request without a model is sent as it came
             return self.body
+        if target.translation is not None:
+            return self._translated(target)
         same_model = target.upstream_model == self.model
         if same_model and not target.rewrite:
             if not inject_usage:
@@ -93,7 +95,7 @@ class RequestParts:
             if "stream_options" not in self.payload:
                 # The common case, without a parse-and-dump round: one field put in front.
                 return _USAGE_FIELD + self.body.lstrip()[1:]
-        cache_key = (target.upstream_model, id(target.rewrite), inject_usage)
+        cache_key = (target.upstream_model, id(target.rewrite), int(inject_usage))
         body = self._bodies.get(cache_key)
         if body is None:
             payload = dict(self.payload)  # each target's rules start from the client's body
@@ -106,6 +108,19 @@ class RequestParts:
                 changed = True
             body = self.body if not changed and same_model else orjson.dumps(payload)
             self._bodies[cache_key] = body
+        return body
+
+    def _translated(self, target: Target) -> bytes:
+        """The body in the wire ``target`` is translated to, its backend's rules applied
+        (they are written for that wire). Raises ``Untranslatable``."""
+        translation = target.translation
+        assert translation is not None
+        cache_key = (target.upstream_model, id(target.rewrite), 2)
+        body = self._bodies.get(cache_key)
+        if body is None:
+            payload = translation.body(self.payload, target.upstream_model)
+            rewrite.apply(target.rewrite, payload)
+            body = self._bodies[cache_key] = orjson.dumps(payload)
         return body
 
 
@@ -326,9 +341,15 @@ class _Attempt:
         pool = runtime.pools[backend]
         upstream = runtime.upstreams[backend]
         config = runtime.config.backends[backend]
-        dialect = target.dialect  # where the path goes, and how the key is sent
-        url = upstream.url(parts.path_for(target), parts.query, dialect.base_url(config))
-        inject_usage = parts.wants_usage_injected(config)
+        translation = target.translation
+        # Where the path goes and how the key is sent: the client's wire, or the one its
+        # request is translated to.
+        dialect = target.dialect if translation is None else translation.upstream
+        path = parts.path_for(target)
+        if translation is not None:
+            path = translation.path(path)
+        url = upstream.url(path, parts.query, dialect.base_url(config))
+        inject_usage = translation is None and parts.wants_usage_injected(config)
         turns = KeyTurns(runtime, target, ctx)
         last_answer: FailedAnswer | None = None
         while True:

@@ -42,6 +42,7 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect, for_request
+from proxy.dialects.translate import Untranslatable, reaches
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver, deployment_done
@@ -71,8 +72,10 @@ from proxy.streaming import (
     RelayResult,
     ResponseCut,
     StreamKind,
+    TranslatedStream,
     relay_bytes,
     relay_stream,
+    translated,
     usage_of,
 )
 from proxy.throttle import Outcome
@@ -280,9 +283,15 @@ async def forward(
     elif model:
         runtime.auth.check_model(client, model, target.model)
     cost = await batch_cost(runtime, client, parts) if parts.path == "/batches" else 1
+    if target.translation is not None and parts.path != target.translation.estimated:
+        translatable(target, parts)
 
     # throttle, then the client's budget and tpm
     await admit_client(runtime, ctx, client, target.model or parts.path, cost)
+    translation = target.translation
+    if translation is not None and parts.path == translation.estimated:
+        await _send_json(send, ctx, translation.estimate(parts.payload), _ESTIMATE)
+        return
     await reserve_spend(runtime, ctx, client, target, parts)
     ctx.admitted(target)
 
@@ -384,9 +393,13 @@ class _Relay:
         streams.inc()
         result = RelayResult()
         ctx.streaming = True
+        translation = self.delivery.target.translation
+        source: aiohttp.ClientResponse | TranslatedStream = self.delivery.response
+        if translation is not None:
+            source = translated(self.delivery.response, translation.stream(self.parts.payload))
         try:
             await relay_stream(
-                self.delivery.response,
+                source,
                 self._recording_ids(self.send),
                 self.backend,
                 kind,
@@ -478,13 +491,20 @@ class _Relay:
             )
             if self.client is not None and is_owned_list(parts.path, parts.method):
                 data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
+        tokens = _json_tokens(data) if response.status == 200 and b'"usage"' in data else None
+        translation = self.delivery.target.translation
+        if translation is not None:  # counted above from the upstream's own usage
+            if response.status < 300:
+                data = translation.answer(data, self.parts.payload)
+            else:
+                data = translation.error(response.status, data)
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
         ctx.overhead_measured(time.perf_counter() - read_at)
-        if response.status == 200 and b'"usage"' in data and _generates(self.parts):
-            ctx.counted(_json_tokens(data))
+        if tokens is not None and _generates(self.parts):
+            ctx.counted(tokens)
 
     async def bytes(self) -> None:
         """Audio, a file's content: passed on as it comes, with backpressure, never whole.
@@ -517,6 +537,24 @@ def _may_reveal_ids(path: str, payload: dict[str, Any]) -> bool:
     return path == "/chat/completions" and payload.get("store") is True
 
 
+_ESTIMATE = [(b"x-proxy-estimate", b"input_tokens: request characters / 4")]
+
+
+async def _send_json(
+    send: Send, ctx: RequestContext, body: bytes, extra: list[tuple[bytes, bytes]]
+) -> None:
+    """A 200 JSON answer the proxy makes itself."""
+    ctx.responded(200)
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        *extra,
+    ]
+    ctx.head_sent()
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
 async def _send_failed(
     runtime: Runtime, send: Send, ctx: RequestContext, answer: FailedAnswer
 ) -> None:
@@ -527,6 +565,9 @@ async def _send_failed(
     body = answer.body
     if answer.status == 404:
         body = _with_model_hint(runtime, answer.target, body)
+    translation = answer.target.translation
+    if translation is not None:  # in the client's shape (an SDK reads its own errors)
+        body = translation.error(answer.status, body)
     headers = _response_headers(runtime, ctx, answer.target, answer.key_id, list(answer.headers))
     headers.append((b"content-length", str(len(body)).encode()))
     ctx.head_sent()
@@ -606,6 +647,21 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     return target
 
 
+def translatable(target: Target, parts: RequestParts) -> None:
+    """A request to a translated backend: refused at once (400, naming the field) when
+    the translation cannot carry it, before any upstream is tried."""
+    translation = target.translation
+    assert translation is not None
+    if parts.path not in translation.paths:
+        raise errors.untranslatable(
+            "path", f"/v1{parts.path} is not translated", target.backend, translation.wire
+        )
+    try:
+        parts.body_for(target)  # made once here; the attempts take it from the cache
+    except Untranslatable as exc:
+        raise errors.untranslatable(exc.param, exc.why, target.backend, translation.wire) from None
+
+
 def routed_model(runtime: Runtime, model: str, dialect: Dialect = DEFAULT) -> Target:
     """The target of ``model``, on a backend that speaks the request's dialect."""
     target = runtime.router.resolve(model, dialect)
@@ -614,7 +670,7 @@ def routed_model(runtime: Runtime, model: str, dialect: Dialect = DEFAULT) -> Ta
         raise errors.model_not_found(
             f"The model '{model}' is not routed by this proxy. Routable: {summary}."
         )
-    if not dialect.speaks(runtime.config.backends[target.backend]):
+    if not reaches(dialect, runtime.config.backends[target.backend]):
         speakers = runtime.router.speakers(dialect)
         raise errors.dialect_not_spoken(model, target.backend, dialect.name, speakers)
     return target

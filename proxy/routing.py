@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 from proxy.balance import Affinity, Strategy
 from proxy.config import Config, RouteConfig
 from proxy.dialects import DEFAULT, Dialect
+from proxy.dialects.translate import Translation, pick, reaches
 from proxy.rewrite import NO_RULES, RewriteRules
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
@@ -48,6 +49,8 @@ class Target:
     max_attempts: int = DEFAULT_ATTEMPTS  # upstream attempts of a request, all causes together
     affinity: Affinity = Affinity.SESSION  # which conversation stays on one deployment and key
     deployment: str = ""  # a pool member's name (metrics, /admin); "" outside a pool
+    # The backend does not speak ``dialect`` but is spoken to through this translation.
+    translation: Translation | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,19 +119,19 @@ class Router:
         return self._other_caches.setdefault(dialect.name, {})
 
     def _in_dialect(self, target: Target, dialect: Dialect) -> Target:
-        """``target`` for a request in ``dialect``: passed through as sent (no rewrite
-        rules: they are written for OpenAI bodies), fallbacks that speak it only."""
+        """``target`` for a request in ``dialect``: to a backend that speaks it, passed
+        through as sent (no rewrite rules: they are written for OpenAI bodies); to one
+        that can be reached through a translation, translated (its rules then apply to
+        the translated body); deployments and fallbacks reached neither way left out."""
         fallbacks = tuple(
-            replace(f, dialect=dialect, rewrite=NO_RULES)
-            for f in target.fallbacks
-            if dialect.speaks(self._backends[f.backend])
+            spoken for f in target.fallbacks if (spoken := self._spoken_in(f, dialect)) is not None
         )
         pool = target.pool
         if pool is not None:
             kept = [
-                (replace(m, dialect=dialect, rewrite=NO_RULES, pool=None, fallbacks=()), n, w)
+                (replace(spoken, pool=None, fallbacks=()), n, w)
                 for m, n, w in zip(pool.members, pool.names, pool.weights, strict=True)
-                if dialect.speaks(self._backends[m.backend])
+                if (spoken := self._spoken_in(m, dialect)) is not None
             ]
             if kept:
                 members = tuple(m for m, _, _ in kept)
@@ -144,11 +147,24 @@ class Router:
                     affinity=target.affinity,
                 )
             pool = None
-        return replace(target, dialect=dialect, rewrite=NO_RULES, fallbacks=fallbacks, pool=pool)
+        spoken = self._spoken_in(target, dialect)
+        if spoken is None:  # answered as not spoken (forward.routed_model)
+            spoken = replace(target, dialect=dialect, rewrite=NO_RULES)
+        return replace(spoken, fallbacks=fallbacks, pool=pool)
+
+    def _spoken_in(self, target: Target, dialect: Dialect) -> Target | None:
+        backend = self._backends[target.backend]
+        if dialect.speaks(backend):
+            return replace(target, dialect=dialect, rewrite=NO_RULES)
+        translation = pick(dialect, backend)
+        if translation is not None:
+            return replace(target, dialect=dialect, translation=translation)
+        return None
 
     def speakers(self, dialect: Dialect) -> list[str]:
-        """The backends that speak ``dialect``, for the message of an error."""
-        return [name for name, backend in self._backends.items() if dialect.speaks(backend)]
+        """The backends that speak ``dialect`` (or are reached through a translation), for
+        the message of an error."""
+        return [name for name, backend in self._backends.items() if reaches(dialect, backend)]
 
     def _resolve(self, requested: str) -> Target | None:
         model = self._aliases.get(requested, requested)

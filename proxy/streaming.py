@@ -16,9 +16,9 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import aiohttp
 import orjson
@@ -354,8 +354,48 @@ class _UsageEventStripper:
         return chunk
 
 
+class TranslatedStream:
+    """An upstream's stream read through a translation (``translated``): what
+    ``relay_stream`` relays is then the client's wire, counted and checked as such."""
+
+    def __init__(self, response: aiohttp.ClientResponse, translator: StreamTranslator) -> None:
+        self._response = response
+        self._translator = translator
+
+    @property
+    def content(self) -> TranslatedStream:
+        return self
+
+    async def iter_any(self) -> AsyncIterator[bytes]:
+        translator = self._translator
+        async for chunk in self._response.content.iter_any():
+            try:
+                out = translator.feed(chunk)
+            except ValueError as exc:  # the translation's StreamBroken: a broken stream
+                raise aiohttp.ClientPayloadError(str(exc)) from None
+            if out:
+                yield out
+        if translator.complete:  # else the client's end never comes: told it broke
+            yield translator.end()
+
+
+class StreamTranslator(Protocol):
+    """Upstream stream bytes in, the client's wire out (``ValueError``: it cannot go on)."""
+
+    @property
+    def complete(self) -> bool: ...
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def end(self) -> bytes: ...
+
+
+def translated(response: aiohttp.ClientResponse, translator: StreamTranslator) -> TranslatedStream:
+    return TranslatedStream(response, translator)
+
+
 async def relay_stream(
-    response: aiohttp.ClientResponse,
+    response: aiohttp.ClientResponse | TranslatedStream,
     send: Send,
     backend: str,
     kind: StreamKind = StreamKind.PLAIN,

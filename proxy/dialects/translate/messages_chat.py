@@ -387,11 +387,12 @@ def event(kind: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-class StreamBroken(Exception):
+class StreamBroken(ValueError):
     """The chat stream cannot be translated on (an error event, or garbage)."""
 
 
 _MAX_EVENT = 1 << 20  # an SSE event longer than this (1 MiB) is no chat chunk
+MAX_TOOL_CALLS = 256  # per answer: a stream's state stays bounded whatever it sends
 
 
 class ChatToMessagesStream:
@@ -516,6 +517,8 @@ class ChatToMessagesStream:
         position = position if isinstance(position, int) else len(self._tools)
         function = _map(call.get("function"))
         if position not in self._tools:
+            if len(self._tools) >= MAX_TOOL_CALLS:
+                raise StreamBroken(f"the upstream sent over {MAX_TOOL_CALLS} tool calls")
             block = {
                 "type": "tool_use",
                 "id": str(call.get("id") or f"toolu_{position}"),

@@ -1,0 +1,281 @@
+"""The anthropic SDK through the proxy to a backend that speaks only Chat Completions
+(``chat_wire: chat``): answers, a tool loop, streams with tool calls, errors, refusals and
+the token counts, as the SDK and the access log see them.
+
+The upstream is a scripted chat server in this process: it answers a request offering
+tools with a ``Read`` tool call (streamed in pieces), a request whose last message is a
+tool result with text, and anything else with a greeting; model ``fail-model`` gets a 500.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import httpx
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.conftest import ProxyProcess, free_port, start_proxy
+
+pytestmark = pytest.mark.e2e
+
+CLIENT_KEY = "ck-translate-000000000000"
+USAGE = {"prompt_tokens": 21, "completion_tokens": 8, "prompt_tokens_details": {"cached_tokens": 4}}
+TOOLS = [
+    {
+        "name": "Read",
+        "description": "Read a file",
+        "input_schema": {"type": "object", "properties": {"path": {"type": "string"}}},
+    }
+]
+
+
+class ChatUpstream:
+    """A Chat Completions server on 127.0.0.1, in a thread; ``requests`` holds the bodies."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
+        self.thread.start()
+        ready.wait(5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _run(self, ready: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_get("/v1/models", self.models)
+        runner = web.AppRunner(app, access_log=None)
+        self.loop.run_until_complete(runner.setup())
+        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
+        ready.set()
+        self.loop.run_forever()
+        self.loop.run_until_complete(runner.cleanup())
+        self.loop.close()
+
+    async def models(self, request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [{"id": "chat-model"}]})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        if body["model"] == "fail-model":
+            error = {"error": {"message": "upstream exploded", "type": "server_error"}}
+            return web.json_response(error, status=500)
+        last = body["messages"][-1]
+        if last["role"] == "tool":
+            text, calls = f"The tool said: {last['content']}", []
+        elif body.get("tools"):
+            text, calls = "Let me read it.", [("call_7", "Read", '{"path": "main.py"}')]
+        else:
+            text, calls = "Hello from chat.", []
+        finish = "tool_calls" if calls else "stop"
+        if not body.get("stream"):
+            message: dict[str, Any] = {"role": "assistant", "content": text}
+            if calls:
+                message["tool_calls"] = [
+                    {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                    for i, n, a in calls
+                ]
+            choice = {"index": 0, "message": message, "finish_reason": finish}
+            return web.json_response({"id": "chatcmpl-t", "choices": [choice], "usage": USAGE})
+        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> None:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish}
+            data = {"id": "chatcmpl-t", "choices": [choice], **more}
+            await response.write(b"data: " + orjson.dumps(data) + b"\n\n")
+
+        await chunk({"role": "assistant"})
+        for i in range(0, len(text), 5):
+            await chunk({"content": text[i : i + 5]})
+        for n, (call_id, name, arguments) in enumerate(calls):
+            first = {"index": n, "id": call_id, "type": "function", "function": {"name": name}}
+            await chunk({"tool_calls": [first]})
+            for i in range(0, len(arguments), 6):
+                piece = {"index": n, "function": {"arguments": arguments[i : i + 6]}}
+                await chunk({"tool_calls": [piece]})
+        await chunk({}, finish)
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {"id": "chatcmpl-t", "choices": [], "usage": USAGE}
+            await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def chat() -> Iterator[ChatUpstream]:
+    upstream = ChatUpstream()
+    yield upstream
+    upstream.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(chat: ChatUpstream, tmp_path_factory) -> Iterator[ProxyProcess]:
+    config = f"""
+backends:
+  chatonly:
+    base_url: {chat.url}/v1
+    chat_wire: chat
+    keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
+clients:
+  - {{id: coder, key: "{CLIENT_KEY}"}}
+aliases:
+  claude-sonnet-4-5: chat-model
+routes:
+  - {{prefix: "", backend: chatonly}}
+"""
+    tmp = tmp_path_factory.mktemp("translate")
+    process = start_proxy(config, tmp, extra_args=("--log-format", "json"))
+    yield process
+    process.stop()
+
+
+def logged(proxy: ProxyProcess, wanted: Callable[[dict[str, Any]], Any]) -> dict[str, Any]:
+    """The last access-log line ``wanted`` picks (the log is written in batches)."""
+    deadline = time.monotonic() + 5
+    while True:
+        lines = [json.loads(x) for x in proxy.log().splitlines() if '"request_id"' in x]
+        found = [line for line in lines if wanted(line)]
+        if found or time.monotonic() > deadline:
+            assert found, "no such access-log line"
+            return found[-1]
+        time.sleep(0.05)
+
+
+def sdk(proxy: ProxyProcess) -> anthropic.Anthropic:
+    return anthropic.Anthropic(base_url=proxy.url, api_key=CLIENT_KEY, max_retries=0)
+
+
+def test_an_answer_comes_back_in_messages_shape_with_the_upstreams_usage(proxy, chat):
+    message = sdk(proxy).messages.create(
+        model="claude-sonnet-4-5",
+        max_tokens=100,
+        system="Be brief.",
+        messages=[{"role": "user", "content": "hi"}],
+    )
+    assert [block.text for block in message.content] == ["Hello from chat."]
+    assert message.stop_reason == "end_turn"
+    assert message.model == "claude-sonnet-4-5"
+    assert (message.usage.input_tokens, message.usage.cache_read_input_tokens) == (17, 4)
+    assert message.usage.output_tokens == 8
+    sent = chat.requests[-1]
+    assert sent["model"] == "chat-model"
+    assert sent["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "hi"},
+    ]
+    assert sent["max_tokens"] == 100
+
+
+def test_a_tool_loop_round_trips_ids_and_arguments(proxy, chat):
+    client = sdk(proxy)
+    ask = [{"role": "user", "content": "What does main.py print?"}]
+    first = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=100, messages=ask, tools=TOOLS
+    )
+    assert first.stop_reason == "tool_use"
+    call = next(block for block in first.content if block.type == "tool_use")
+    assert (call.id, call.name, call.input) == ("call_7", "Read", {"path": "main.py"})
+    assert chat.requests[-1]["tools"][0]["function"]["name"] == "Read"
+    turn = [
+        *ask,
+        {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+        {
+            "role": "user",
+            "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "print(1)"}],
+        },
+    ]
+    second = client.messages.create(
+        model="claude-sonnet-4-5", max_tokens=100, messages=turn, tools=TOOLS
+    )
+    assert second.content[0].text == "The tool said: print(1)"
+    sent = chat.requests[-1]["messages"]
+    assert sent[-2]["tool_calls"][0]["id"] == "call_7"
+    assert json.loads(sent[-2]["tool_calls"][0]["function"]["arguments"]) == {"path": "main.py"}
+    assert sent[-1] == {"role": "tool", "tool_call_id": "call_7", "content": "print(1)"}
+
+
+def test_a_stream_with_a_tool_call_assembles_as_the_sdk_expects(proxy, chat):
+    with sdk(proxy).messages.stream(
+        model="claude-sonnet-4-5",
+        max_tokens=100,
+        messages=[{"role": "user", "content": "read main.py"}],
+        tools=TOOLS,
+    ) as stream:
+        text = "".join(stream.text_stream)
+        final = stream.get_final_message()
+    assert text == "Let me read it."
+    call = next(block for block in final.content if block.type == "tool_use")
+    assert (call.id, call.name, call.input) == ("call_7", "Read", {"path": "main.py"})
+    assert final.stop_reason == "tool_use"
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (17, 8)
+    assert chat.requests[-1]["stream_options"] == {"include_usage": True}
+    # The proxy's own count is the upstream's usage: 21 prompt tokens, 8 completion.
+    line = logged(proxy, lambda line: line.get("stream") and line["path"] == "/v1/messages")
+    assert (line["prompt_tokens"], line["completion_tokens"], line["cached_tokens"]) == (21, 8, 4)
+    assert line["status"] == 200 and line["error"] is None
+
+
+def test_what_cannot_be_translated_is_a_400_naming_it_and_nothing_is_sent(proxy, chat):
+    before = len(chat.requests)
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=10,
+            extra_body={"top_k": 5},
+            messages=[{"role": "user", "content": "hi"}],
+        )
+    assert "top_k" in caught.value.message
+    assert caught.value.body["error"]["type"] == "invalid_request_error"
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        sdk(proxy).messages.create(
+            model="claude-sonnet-4-5",
+            max_tokens=10,
+            messages=[{"role": "user", "content": "hi"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+    assert "web_search_20250305" in caught.value.message
+    assert len(chat.requests) == before
+
+
+def test_an_upstream_error_reaches_the_sdk_in_anthropics_shape(proxy):
+    with pytest.raises(anthropic.InternalServerError) as caught:
+        sdk(proxy).messages.create(
+            model="fail-model", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        )
+    assert caught.value.body == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "upstream exploded"},
+    }
+
+
+def test_count_tokens_is_an_estimate_and_says_so(proxy, chat):
+    before = len(chat.requests)
+    response = httpx.post(
+        f"{proxy.url}/v1/messages/count_tokens",
+        headers={"x-api-key": CLIENT_KEY, "anthropic-version": "2023-06-01"},
+        json={"model": "claude-sonnet-4-5", "messages": [{"role": "user", "content": "x" * 400}]},
+    )
+    assert response.status_code == 200
+    assert 100 <= response.json()["input_tokens"] <= 120
+    assert response.headers["x-proxy-estimate"].startswith("input_tokens")
+    assert len(chat.requests) == before
