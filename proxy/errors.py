@@ -56,7 +56,7 @@ def model_not_found(message: str) -> ProxyError:
 def untranslatable(param: str, why: str, backend: str, wire: str) -> ProxyError:
     return ProxyError(
         400,
-        f"{why} (backend '{backend}' speaks {wire}: this request is translated to it).",
+        f"{param}: {why} (backend '{backend}' speaks {wire}: this request is translated to it).",
         param=param,
         code="untranslatable",
     )

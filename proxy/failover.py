@@ -348,7 +348,9 @@ class _Attempt:
         path = parts.path_for(target)
         if translation is not None:
             path = translation.path(path)
-        url = upstream.url(path, parts.query, dialect.base_url(config))
+        # A translated request's query is its own wire's (the SDK's ?beta=true): not sent.
+        query = parts.query if translation is None else ""
+        url = upstream.url(path, query, dialect.base_url(config))
         inject_usage = translation is None and parts.wants_usage_injected(config)
         turns = KeyTurns(runtime, target, ctx)
         last_answer: FailedAnswer | None = None

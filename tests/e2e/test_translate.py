@@ -2,32 +2,26 @@
 (``chat_wire: chat``): answers, a tool loop, streams with tool calls, errors, refusals and
 the token counts, as the SDK and the access log see them.
 
-The upstream is a scripted chat server in this process: it answers a request offering
-tools with a ``Read`` tool call (streamed in pieces), a request whose last message is a
-tool result with text, and anything else with a greeting; model ``fail-model`` gets a 500.
+The upstream is the scripted chat server of ``tests/chat_upstream.py``.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
 import httpx
-import orjson
 import pytest
-from aiohttp import web
 
-from tests.conftest import ProxyProcess, free_port, start_proxy
+from tests.chat_upstream import ChatUpstream
+from tests.conftest import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
 CLIENT_KEY = "ck-translate-000000000000"
-USAGE = {"prompt_tokens": 21, "completion_tokens": 8, "prompt_tokens_details": {"cached_tokens": 4}}
 TOOLS = [
     {
         "name": "Read",
@@ -37,93 +31,9 @@ TOOLS = [
 ]
 
 
-class ChatUpstream:
-    """A Chat Completions server on 127.0.0.1, in a thread; ``requests`` holds the bodies."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, Any]] = []
-        self.port = free_port()
-        self.loop = asyncio.new_event_loop()
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        ready.wait(5)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-        app = web.Application()
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_get("/v1/models", self.models)
-        runner = web.AppRunner(app, access_log=None)
-        self.loop.run_until_complete(runner.setup())
-        self.loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", self.port).start())
-        ready.set()
-        self.loop.run_forever()
-        self.loop.run_until_complete(runner.cleanup())
-        self.loop.close()
-
-    async def models(self, request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [{"id": "chat-model"}]})
-
-    async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append(body)
-        if body["model"] == "fail-model":
-            error = {"error": {"message": "upstream exploded", "type": "server_error"}}
-            return web.json_response(error, status=500)
-        last = body["messages"][-1]
-        if last["role"] == "tool":
-            text, calls = f"The tool said: {last['content']}", []
-        elif body.get("tools"):
-            text, calls = "Let me read it.", [("call_7", "Read", '{"path": "main.py"}')]
-        else:
-            text, calls = "Hello from chat.", []
-        finish = "tool_calls" if calls else "stop"
-        if not body.get("stream"):
-            message: dict[str, Any] = {"role": "assistant", "content": text}
-            if calls:
-                message["tool_calls"] = [
-                    {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
-                    for i, n, a in calls
-                ]
-            choice = {"index": 0, "message": message, "finish_reason": finish}
-            return web.json_response({"id": "chatcmpl-t", "choices": [choice], "usage": USAGE})
-        response = web.StreamResponse(headers={"content-type": "text/event-stream"})
-        await response.prepare(request)
-
-        async def chunk(delta: dict[str, Any], finish: str | None = None, **more: Any) -> None:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            data = {"id": "chatcmpl-t", "choices": [choice], **more}
-            await response.write(b"data: " + orjson.dumps(data) + b"\n\n")
-
-        await chunk({"role": "assistant"})
-        for i in range(0, len(text), 5):
-            await chunk({"content": text[i : i + 5]})
-        for n, (call_id, name, arguments) in enumerate(calls):
-            first = {"index": n, "id": call_id, "type": "function", "function": {"name": name}}
-            await chunk({"tool_calls": [first]})
-            for i in range(0, len(arguments), 6):
-                piece = {"index": n, "function": {"arguments": arguments[i : i + 6]}}
-                await chunk({"tool_calls": [piece]})
-        await chunk({}, finish)
-        if (body.get("stream_options") or {}).get("include_usage"):
-            usage = {"id": "chatcmpl-t", "choices": [], "usage": USAGE}
-            await response.write(b"data: " + orjson.dumps(usage) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 @pytest.fixture(scope="module")
 def chat() -> Iterator[ChatUpstream]:
-    upstream = ChatUpstream()
+    upstream = ChatUpstream(("Read", {"path": "main.py"}))
     yield upstream
     upstream.close()
 

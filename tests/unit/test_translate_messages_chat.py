@@ -146,7 +146,7 @@ def test_images_and_error_results():
             "messages.0.content.0",
         ),
         ({"tool_choice": {"type": "sometimes"}}, "tool_choice.type"),
-        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0.role"),
+        ({"messages": [{"role": "tool", "content": "x"}]}, "messages.0.role"),
     ],
 )
 def test_what_cannot_be_translated_is_refused_by_name(change, param):
@@ -336,3 +336,45 @@ def test_interleaved_tool_arguments_break_the_stream_rather_than_lose_them():
     translator.feed(call(0, '{"a":', True) + call(1, "{}", True))
     with pytest.raises(StreamBroken):
         translator.feed(call(0, "1}"))
+
+
+def test_what_claude_code_sends_maps():
+    """Fields the real Claude Code CLI sends (2.1.x): system turns inside the messages,
+    output_config.effort, adaptive thinking, context_management, a JSON user_id."""
+    payload = {
+        "model": "m",
+        "max_tokens": 32000,
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            {"role": "system", "content": "a reminder"},
+        ],
+        "output_config": {"effort": "high"},
+        "thinking": {"type": "adaptive"},
+        "context_management": {"edits": [{"type": "clear_thinking_20251015", "keep": "all"}]},
+        "metadata": {"user_id": '{"device_id": "' + "a" * 64 + '"}'},
+    }
+    body = request(payload, "m", effort=True)
+    assert body["messages"] == [
+        {"role": "user", "content": "hi"},
+        {"role": "system", "content": "a reminder"},
+    ]
+    assert body["reasoning_effort"] == "high"
+    assert "user" not in body  # longer than chat's user takes
+    assert "reasoning_effort" not in request(payload, "m", effort=False)
+
+
+def test_a_json_schema_output_format_is_a_response_format():
+    schema = {"type": "object", "properties": {"a": {"type": "string"}}}
+    payload = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [{"role": "user", "content": "hi"}],
+        "output_config": {"format": {"type": "json_schema", "schema": schema}},
+    }
+    assert request(payload, "m")["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema, "strict": True},
+    }
+    with pytest.raises(Untranslatable) as caught:
+        request({**payload, "output_config": {"task_budget": 5}}, "m")
+    assert caught.value.param == "output_config.task_budget"

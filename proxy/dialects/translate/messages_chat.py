@@ -52,15 +52,19 @@ _FIELDS = {
     "tool_choice": "map",
     "metadata": "map",
     "thinking": "map",
+    "output_config": "map",
     "cache_control": "drop",  # a caching hint (top-level automatic caching)
+    # Anthropic's server-side clearing of old tool results or thinking as the context
+    # fills (Claude Code always sends it): a chat backend gets the whole history instead.
+    "context_management": "drop",
 }
 _REFUSED = {  # named, so the client is told what and why
     "top_k": "top_k has no Chat Completions equivalent",
     "service_tier": "service_tier is Anthropic's own",
     "container": "containers are Anthropic's own",
     "mcp_servers": "MCP connectors run on Anthropic's side",
-    "context_management": "context management runs on Anthropic's side",
 }
+_MAX_USER = 64  # characters of metadata.user_id sent as chat's user (a longer one is left out)
 # Effort for a thinking budget (tokens): what reasoning_effort backends take.
 _EFFORTS = ((4096, "low"), (16384, "medium"))
 
@@ -91,21 +95,58 @@ def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict
     if payload.get("stream") is True:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
-    user = (
-        (payload.get("metadata") or {}).get("user_id") if _is_map(payload.get("metadata")) else None
-    )
-    if isinstance(user, str) and user:
+    metadata = payload.get("metadata")
+    user = metadata.get("user_id") if _is_map(metadata) else None
+    if isinstance(user, str) and 0 < len(user) <= _MAX_USER:  # (Claude Code's: a JSON blob)
         body["user"] = user
     if payload.get("tools"):
         body["tools"] = [_tool(t, f"tools.{i}") for i, t in enumerate(_list(payload, "tools"))]
     if "tool_choice" in payload:
         body.update(_tool_choice(payload["tool_choice"]))
-    thinking = payload.get("thinking")
-    if _is_map(thinking) and thinking.get("type") == "enabled" and effort:
-        budget = thinking.get("budget_tokens")
-        budget = budget if isinstance(budget, int) else 0
-        body["reasoning_effort"] = next((e for limit, e in _EFFORTS if budget < limit), "high")
+    output = _output_config(payload.get("output_config"))
+    if "format" in output:
+        body["response_format"] = output["format"]
+    chosen = output.get("effort") or _thinking_effort(payload.get("thinking"))
+    if chosen is not None and effort:
+        body["reasoning_effort"] = chosen
     return body
+
+
+def _thinking_effort(thinking: Any) -> str | None:
+    """The effort a ``thinking`` setting asks for: by its budget, or medium (adaptive)."""
+    if not _is_map(thinking) or thinking.get("type") not in ("enabled", "adaptive"):
+        return None
+    budget = thinking.get("budget_tokens")
+    if not isinstance(budget, int):
+        return "medium"
+    return next((e for limit, e in _EFFORTS if budget < limit), "high")
+
+
+def _output_config(config: Any) -> dict[str, Any]:
+    """``output_config``: ``effort`` (low/medium/high: reasoning effort, a hint where the
+    backend has none) and ``format`` (a JSON schema: ``response_format``)."""
+    if config is None:
+        return {}
+    if not _is_map(config):
+        raise Untranslatable("output_config", "output_config must be an object")
+    found: dict[str, Any] = {}
+    for name, value in config.items():
+        if name == "effort":
+            if value not in ("low", "medium", "high"):
+                raise Untranslatable("output_config.effort", f"effort {value!r} is not translated")
+            found["effort"] = value
+        elif name == "format":
+            found["format"] = _response_format(value)
+        else:
+            raise Untranslatable(f"output_config.{name}", f"'{name}' is not translated")
+    return found
+
+
+def _response_format(value: Any) -> dict[str, Any]:
+    if not _is_map(value) or value.get("type") != "json_schema" or not _is_map(value.get("schema")):
+        raise Untranslatable("output_config.format", "only a json_schema format is translated")
+    schema = {"name": "output", "schema": value["schema"], "strict": True}
+    return {"type": "json_schema", "json_schema": schema}
 
 
 def _is_map(value: Any) -> TypeGuard[dict[str, Any]]:
@@ -144,8 +185,10 @@ def _message(message: Any, place: str) -> list[dict[str, Any]]:
         raise Untranslatable(place, "a message must be an object")
     role = message.get("role")
     content = message.get("content")
+    if role == "system":  # a system turn within the conversation (Claude Code sends them)
+        return _system(content) if content not in (None, "", []) else []
     if role not in ("user", "assistant"):
-        raise Untranslatable(f"{place}.role", "role must be user or assistant")
+        raise Untranslatable(f"{place}.role", "role must be user, assistant or system")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):
