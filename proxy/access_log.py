@@ -80,7 +80,8 @@ class AccessLog:
             f"ttft_ms={_ms(r.ttft)} {_text_tokens(r.tokens)}{_PARTIAL[r.tokens_partial]} "
             f"cost_usd={_usd(r.cost)} "
             f"throttled={r.throttle_reason or '-'} "
-            f"error={escaped(r.error or r.upstream_error)}\n"
+            f"error={escaped(r.error or r.upstream_error)}"
+            f"{'' if r.upstream_wire is None else ' upstream_wire=' + r.upstream_wire}\n"
         )
 
     def _json(self, r: RequestContext) -> str:
@@ -112,6 +113,8 @@ class AccessLog:
         if r.tokens.cache_creation or r.tokens.cache_read:  # Anthropic's, only where they are
             line["cache_creation_tokens"] = r.tokens.cache_creation
             line["cache_read_tokens"] = r.tokens.cache_read
+        if r.upstream_wire is not None:  # translated: the client's wire was not the upstream's
+            line["upstream_wire"] = r.upstream_wire
         if r.tokens_partial:  # a cut stream: what was known, the completion maybe estimated
             line["tokens_partial"] = True
         return orjson.dumps(line).decode() + "\n"

@@ -78,6 +78,7 @@ class RequestContext:
         "upstream_error",
         "upstream_model",
         "upstream_request_id",
+        "upstream_wire",
     )
 
     def __init__(
@@ -97,6 +98,7 @@ class RequestContext:
         self.upstream_request_id: str | None = None  # the provider's, for its support desk
         self.model: str | None = None  # as the client named it
         self.upstream_model: str | None = None
+        self.upstream_wire: str | None = None  # a translated request: the wire sent upstream
         self.model_label = "unrouted"  # for metrics
         self.backend: str | None = None  # the backend last tried
         self.key: str | None = None  # the key *id* last tried; the secret never reaches here
@@ -152,6 +154,8 @@ class RequestContext:
         self.backend = target.backend
         self.upstream_model = target.upstream_model or None
         self.model_label = target.label
+        translation = target.translation
+        self.upstream_wire = translation.upstream.name if translation is not None else None
 
     def throttled(self, reason: str) -> None:
         self.throttle_reason = reason
