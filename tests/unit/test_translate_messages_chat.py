@@ -6,6 +6,7 @@ SDK's own accumulator takes, with the same text and tool arguments."""
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 import orjson
@@ -378,3 +379,13 @@ def test_a_json_schema_output_format_is_a_response_format():
     with pytest.raises(Untranslatable) as caught:
         request({**payload, "output_config": {"task_budget": 5}}, "m")
     assert caught.value.param == "output_config.task_budget"
+
+
+def test_one_huge_chunk_of_tiny_events_is_read_in_one_pass():
+    """A hostile upstream's 2 MB chunk of 100,000 tiny events: each event was once copied
+    off the rest of the buffer (quadratic: hours); now one pass."""
+    event = b'data: {"choices":[]}\n\n'
+    translator = ChatToMessagesStream("m", [])
+    started = time.monotonic()
+    translator.feed(event * 100_000)
+    assert time.monotonic() - started < 2

@@ -461,18 +461,17 @@ class ChatToMessagesStream:
         self._output = 0  # text characters seen, for an estimate when no usage comes
 
     def feed(self, chunk: bytes) -> bytes:
-        self._buffer += chunk
+        buffer = self._buffer + chunk if self._buffer else chunk
         out: list[bytes] = []
-        while True:
-            end, size = _event_end(self._buffer)
-            if end < 0:
-                if len(self._buffer) > _MAX_EVENT:
-                    raise StreamBroken("an upstream event past 1 MiB")
-                break
-            raw, self._buffer = self._buffer[:end], self._buffer[end + size :]
-            data = _data_of(raw)
+        start = 0
+        for match in _EVENT_END.finditer(buffer):  # one pass: no copy per event
+            data = _data_of(buffer[start : match.start()])
+            start = match.end()
             if data is not None:
                 out.append(self._on_data(data))
+        self._buffer = buffer[start:]
+        if len(self._buffer) > _MAX_EVENT:
+            raise StreamBroken("an upstream event past 1 MiB")
         return b"".join(out)
 
     def end(self) -> bytes:
@@ -608,11 +607,6 @@ class ChatToMessagesStream:
 
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
-
-def _event_end(buffer: bytes) -> tuple[int, int]:
-    match = _EVENT_END.search(buffer)
-    return (match.start(), match.end() - match.start()) if match else (-1, 0)
 
 
 def _data_of(raw: bytes) -> bytes | None:
