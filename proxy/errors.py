@@ -62,6 +62,15 @@ def untranslatable(param: str, why: str, backend: str, wire: str) -> ProxyError:
     )
 
 
+def untranslatable_answer(backend: str, why: str) -> ProxyError:
+    return ProxyError(
+        502,
+        f"Backend '{backend}' answered what cannot be translated: {why}.",
+        type="api_error",
+        code="upstream_bad_response",
+    )
+
+
 def dialect_not_spoken(model: str, backend: str, dialect: str, speakers: list[str]) -> ProxyError:
     which = ", ".join(speakers) if speakers else "none (give a backend anthropic_base_url)"
     return ProxyError(

@@ -34,6 +34,7 @@ from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect
+from proxy.dialects.translate import Untranslatable
 from proxy.drain import DRAINED
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
@@ -115,12 +116,17 @@ class RequestParts:
         (they are written for that wire). Raises ``Untranslatable``."""
         translation = target.translation
         assert translation is not None
-        cache_key = (target.upstream_model, id(target.rewrite), 2)
+        # Per translation too: two backends' translations differ (reasoning_effort).
+        cache_key = (target.upstream_model, id(target.rewrite), id(translation))
         body = self._bodies.get(cache_key)
         if body is None:
             payload = translation.body(self.payload, target.upstream_model)
             rewrite.apply(target.rewrite, payload)
-            body = self._bodies[cache_key] = orjson.dumps(payload)
+            try:
+                body = orjson.dumps(payload)
+            except orjson.JSONEncodeError:  # parsed at 1,024 levels, written at 254 at most
+                raise Untranslatable("messages", "the request is nested too deeply") from None
+            self._bodies[cache_key] = body
         return body
 
 
@@ -227,6 +233,10 @@ def _healthy(runtime: Runtime, member: Target, client: str | None) -> bool:
 async def _try_backend(
     runtime: Runtime, target: Target, parts: RequestParts, ctx: RequestContext
 ) -> Result | ProxyError:
+    if target.translation is not None:
+        refused = untranslated(target, parts)
+        if refused is not None:  # nothing sent, nothing learnt: the next candidate
+            return refused
     model = target.upstream_model
     backend = runtime.breakers[target.backend]
     admitted = admit(
@@ -256,6 +266,21 @@ async def _try_backend(
         report(admitted, verdict, ctx.client, attempt.answered_5xx)
         if verdict is not None and verdict not in _NO_ANSWER:
             runtime.state.verified(target.backend)
+
+
+def untranslated(target: Target, parts: RequestParts) -> ProxyError | None:
+    """Why ``target``'s translation cannot carry the request (a 400 naming the field), or
+    None when it can; its body is then made (and kept for the attempts)."""
+    translation = target.translation
+    assert translation is not None
+    if parts.path not in translation.paths:
+        why = f"/v1{parts.path} is not translated"
+        return errors.untranslatable("path", why, target.backend, translation.wire)
+    try:
+        parts.body_for(target)
+    except Untranslatable as exc:
+        return errors.untranslatable(exc.param, exc.why, target.backend, translation.wire)
+    return None
 
 
 def _deployment_tried(
@@ -361,6 +386,8 @@ class _Attempt:
                 return self._nothing_left(turns, last_answer, exc)
             auth = dialect.upstream_auth(config, key.value)
             headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
+            if translation is not None:  # its answer is read and rewritten: never compressed
+                headers["accept-encoding"] = "identity"
             turns.sending(headers, url)
             try:
                 response = await upstream.send(
@@ -478,7 +505,8 @@ def _worth_a_fallback(result: FailedAnswer | ProxyError, pooled: bool = False) -
         if result.verdict in _THE_REQUESTS_OWN:
             return pooled and _model_missing(result)
         return True
-    return result.status >= 500 or result.status == 429
+    # A member that cannot carry the request translated: another may, natively.
+    return result.status >= 500 or result.status == 429 or result.code == "untranslatable"
 
 
 def _model_missing(answer: FailedAnswer) -> bool:

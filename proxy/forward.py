@@ -42,10 +42,17 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect, for_request
-from proxy.dialects.translate import Untranslatable, reaches
+from proxy.dialects.translate import reaches
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
-from proxy.failover import Delivery, FailedAnswer, RequestParts, deliver, deployment_done
+from proxy.failover import (
+    Delivery,
+    FailedAnswer,
+    RequestParts,
+    deliver,
+    deployment_done,
+    untranslated,
+)
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.objects import (
     MAX_IDS,
@@ -289,8 +296,8 @@ async def forward(
     # throttle, then the client's budget and tpm
     await admit_client(runtime, ctx, client, target.model or parts.path, cost)
     translation = target.translation
-    if translation is not None and parts.path == translation.estimated:
-        await _send_json(send, ctx, translation.estimate(parts.payload), _ESTIMATE)
+    if translation is not None and parts.path == translation.estimated and all_translated(target):
+        await _send_json(send, ctx, translation.estimate(parts.body), _ESTIMATE)
         return
     await reserve_spend(runtime, ctx, client, target, parts)
     ctx.admitted(target)
@@ -326,6 +333,13 @@ async def _relay(
     try:
         ctx.responded(response.status)
         content_type = response.content_type
+        translation = delivery.target.translation
+        if translation is not None and response.status < 300:
+            wanted = _EVENT_STREAM if parts.payload.get("stream") is True else "application/json"
+            if content_type != wanted:  # relayed as it is, the SDK would take it for an answer
+                relay.failed_answer()
+                why = f"{content_type or 'no content type'} for a request wanting {wanted}"
+                raise errors.untranslatable_answer(delivery.target.backend, why)
         if content_type == _EVENT_STREAM:
             await relay.events(delivery.target.dialect.stream_kind(parts.path))
         elif content_type == "application/json" and not parts.path.endswith("/content"):
@@ -373,6 +387,10 @@ class _Relay:
     def _served(self) -> None:
         self.delivery.admission.served(self.ctx.client)
         self.reported = True
+
+    def failed_answer(self) -> None:
+        """An answer that cannot be relayed: the backend failed this request."""
+        self._failed("bad_answer")
 
     def _failed(self, kind: str) -> None:
         """Cut or stalled after the head: the backend failed, whatever it began."""
@@ -494,10 +512,15 @@ class _Relay:
         tokens = _json_tokens(data) if response.status == 200 and b'"usage"' in data else None
         translation = self.delivery.target.translation
         if translation is not None:  # counted above from the upstream's own usage
-            if response.status < 300:
-                data = translation.answer(data, self.parts.payload)
-            else:
-                data = translation.error(response.status, data)
+            try:
+                if response.status < 300:
+                    data = translation.answer(data, self.parts.payload)
+                else:
+                    data = translation.error(response.status, data)
+            except ValueError as exc:  # a 200 with no answer in it: never an empty "answer"
+                ctx.counted(tokens or NO_TOKENS)
+                raise errors.untranslatable_answer(self.backend, str(exc)) from None
+            data = runtime.redactor.bytes(data)  # escapes the upstream wrote are decoded now
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
@@ -537,6 +560,8 @@ def _may_reveal_ids(path: str, payload: dict[str, Any]) -> bool:
     return path == "/chat/completions" and payload.get("store") is True
 
 
+_REWRITTEN = (b"content-type", b"content-encoding")
+_JSON = (b"content-type", b"application/json")
 _ESTIMATE = [(b"x-proxy-estimate", b"input_tokens: request characters / 4")]
 
 
@@ -567,8 +592,10 @@ async def _send_failed(
         body = _with_model_hint(runtime, answer.target, body)
     translation = answer.target.translation
     if translation is not None:  # in the client's shape (an SDK reads its own errors)
-        body = translation.error(answer.status, body)
+        body = runtime.redactor.bytes(translation.error(answer.status, body))
     headers = _response_headers(runtime, ctx, answer.target, answer.key_id, list(answer.headers))
+    if translation is not None:  # the body is the proxy's JSON now
+        headers = [h for h in headers if h[0] not in _REWRITTEN] + [_JSON]
     headers.append((b"content-length", str(len(body)).encode()))
     ctx.head_sent()
     await send({"type": "http.response.start", "status": answer.status, "headers": headers})
@@ -647,19 +674,21 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     return target
 
 
+def all_translated(target: Target) -> bool:
+    """Every backend the request may reach is spoken to through a translation."""
+    candidates = (*(target.pool.members if target.pool else (target,)), *target.fallbacks)
+    return all(c.translation is not None for c in candidates)
+
+
 def translatable(target: Target, parts: RequestParts) -> None:
-    """A request to a translated backend: refused at once (400, naming the field) when
-    the translation cannot carry it, before any upstream is tried."""
-    translation = target.translation
-    assert translation is not None
-    if parts.path not in translation.paths:
-        raise errors.untranslatable(
-            "path", f"/v1{parts.path} is not translated", target.backend, translation.wire
-        )
-    try:
-        parts.body_for(target)  # made once here; the attempts take it from the cache
-    except Untranslatable as exc:
-        raise errors.untranslatable(exc.param, exc.why, target.backend, translation.wire) from None
+    """A request whose every candidate is translated: refused at once (400, naming the
+    field) when the translation cannot carry it, before any upstream is tried. With a
+    native candidate among them, the translated ones that cannot are skipped instead."""
+    if not all_translated(target):
+        return
+    refused = untranslated(target, parts)
+    if refused is not None:
+        raise refused
 
 
 def routed_model(runtime: Runtime, model: str, dialect: Dialect = DEFAULT) -> Target:
@@ -1024,10 +1053,11 @@ _ATTEMPTS = [str(n).encode() for n in range(16)]
 
 
 def _count_stream(ctx: RequestContext, result: RelayResult) -> None:
-    """A stream's tokens: its usage when whole; what is known of a cut one, the completion
-    estimated from the text seen when no count of it came (``partial`` in the log)."""
+    """A stream's tokens: its usage when whole; what is known of a cut one (or of a whole
+    one that reported none), the completion estimated from the text seen when no count of
+    it came (``partial`` in the log)."""
     counts = token_counts(result.usage)
-    if result.complete:
+    if result.complete and (result.usage is not None or not result.text_bytes):
         ctx.counted(counts)
     elif counts.completion == 0:
         ctx.counted(counts._replace(completion=result.estimated_completion()), partial=True)

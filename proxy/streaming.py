@@ -375,8 +375,18 @@ class TranslatedStream:
                 raise aiohttp.ClientPayloadError(str(exc)) from None
             if out:
                 yield out
+            if translator.done:  # [DONE]: the answer is whole, whatever the upstream does on
+                break
         if translator.complete:  # else the client's end never comes: told it broke
             yield translator.end()
+
+    def settle(self, result: RelayResult) -> None:
+        """What the relay counts is the upstream's own usage (the client's events carry a
+        copy made up as they went), or, without one, the text seen for the estimate."""
+        translator = self._translator
+        result.usage = translator.usage
+        if translator.usage is None:
+            result.text_bytes = translator.text_bytes
 
 
 class StreamTranslator(Protocol):
@@ -384,6 +394,15 @@ class StreamTranslator(Protocol):
 
     @property
     def complete(self) -> bool: ...
+
+    @property
+    def done(self) -> bool: ...
+
+    @property
+    def usage(self) -> dict[str, Any] | None: ...
+
+    @property
+    def text_bytes(self) -> int: ...
 
     def feed(self, chunk: bytes) -> bytes: ...
 
@@ -488,6 +507,8 @@ async def relay_stream(
         if stripper is not None:  # the stream is over: what it held is all there will be
             held = stripper.finish() + held
         result.usage = usage.usage  # however the stream ended, what it reported counts
+        if isinstance(response, TranslatedStream):
+            response.settle(result)
     if gone is not None and gone():
         result.complete = not result.grace_cut and failure is None
         return result  # nobody to tell how it ended

@@ -1,7 +1,8 @@
 """A scripted Chat Completions server for the translation tests, in a thread of the test
 process on 127.0.0.1: it answers a request offering its tool with a call of it (streamed
 in pieces), a request whose last message is a tool result with that result's text, and
-anything else with a greeting; model ``fail-model`` gets a 500."""
+anything else with a greeting; model ``fail-model`` gets a 500, ``garbage-model`` a 200
+without choices, ``text-model`` a 200 in text/plain."""
 
 from __future__ import annotations
 
@@ -54,6 +55,10 @@ class ChatUpstream:
     async def chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
+        if body["model"] == "garbage-model":  # a 200 with no answer in it
+            return web.Response(body=b'{"choices": []}', content_type="application/json")
+        if body["model"] == "text-model":  # a 200 in a content type nobody asked for
+            return web.Response(text="plain words", content_type="text/plain")
         if body["model"] == "fail-model":
             error = {"error": {"message": "upstream exploded", "type": "server_error"}}
             return web.json_response(error, status=500)

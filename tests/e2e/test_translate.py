@@ -8,6 +8,8 @@ The upstream is the scripted chat server of ``tests/chat_upstream.py``.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -17,7 +19,7 @@ import httpx
 import pytest
 
 from tests.chat_upstream import ChatUpstream
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import ROOT, ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -190,3 +192,85 @@ def test_count_tokens_is_an_estimate_and_says_so(proxy, chat):
     assert 100 <= response.json()["input_tokens"] <= 120
     assert response.headers["x-proxy-estimate"].startswith("input_tokens")
     assert len(chat.requests) == before
+
+
+@pytest.fixture(scope="module")
+def native() -> Iterator[str]:
+    """The fake Anthropic upstream (tests/anthropic_upstream.py): a native Messages member."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "anthropic_upstream.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("LISTENING"), line
+    yield f"http://127.0.0.1:{int(line.split()[1])}"
+    process.terminate()
+    process.wait(timeout=5)
+    process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def mixed(chat: ChatUpstream, native: str, tmp_path_factory) -> Iterator[ProxyProcess]:
+    config = f"""
+throttle: {{reconnect: {{enabled: false}}}}
+backends:
+  chatonly:
+    base_url: {chat.url}/v1
+    chat_wire: chat
+    keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
+  native:
+    base_url: {native}/oa/v1
+    anthropic_base_url: {native}/xkey
+    keys: [{{id: native-key, key: "sk-native-0000000000000"}}]
+clients:
+  - {{id: coder, key: "{CLIENT_KEY}"}}
+routes:
+  - prefix: mixed-
+    strategy: weighted
+    affinity: none
+    deployments:
+      - {{backend: chatonly, model: chat-model}}
+      - {{backend: native, model: claude-native}}
+  - {{prefix: fb-, backend: chatonly, fallback: [{{backend: native}}]}}
+"""
+    tmp = tmp_path_factory.mktemp("mixed")
+    process = start_proxy(config, tmp, extra_args=("--log-format", "json"))
+    yield process
+    process.stop()
+
+
+@pytest.mark.parametrize("model", ["mixed-x", "fb-x"])
+def test_a_request_only_the_native_member_can_carry_goes_there_never_a_500(mixed, chat, model):
+    """A pool (and a fallback) of a chat-only backend and a native one: a request with a
+    server tool cannot be translated, so the chat member is skipped, every time."""
+    before = len(chat.requests)
+    client = sdk(mixed)
+    for _ in range(6):
+        message = client.messages.create(
+            model=model,
+            max_tokens=20,
+            messages=[{"role": "user", "content": "search the web"}],
+            tools=[{"type": "web_search_20250305", "name": "web_search"}],
+        )
+        assert message.type == "message"
+    assert len(chat.requests) == before  # never sent to the chat member
+    counted = client.messages.count_tokens(
+        model=model, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert counted.input_tokens == 42  # the native member's own count, not an estimate
+
+
+@pytest.mark.parametrize("model", ["garbage-model", "text-model"])
+def test_a_200_that_holds_no_answer_is_a_502_never_an_empty_message(proxy, model):
+    for stream in (False, True):
+        with pytest.raises(anthropic.APIStatusError) as caught:
+            sdk(proxy).messages.create(
+                model=model,
+                max_tokens=10,
+                messages=[{"role": "user", "content": "hi"}],
+                stream=stream,
+            )
+        assert caught.value.status_code == 502
+        assert caught.value.body["error"]["type"] == "api_error"

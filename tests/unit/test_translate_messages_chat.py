@@ -389,3 +389,64 @@ def test_one_huge_chunk_of_tiny_events_is_read_in_one_pass():
     started = time.monotonic()
     translator.feed(event * 100_000)
     assert time.monotonic() - started < 2
+
+
+def test_after_done_nothing_more_is_the_answers():
+    translator = ChatToMessagesStream("m", [])
+    out = translator.feed(
+        sse({"choices": [{"delta": {"content": "before"}}]}) + b"data: [DONE]\n\n"
+    )
+    out += translator.feed(sse({"choices": [{"delta": {"content": " AFTER"}}]}))
+    assert translator.done
+    text = [e["delta"]["text"] for e in events_of(out) if e["type"] == "content_block_delta"]
+    assert text == ["before"]
+
+
+def test_usage_where_moonshot_puts_it_and_a_null_error_are_read():
+    translator = ChatToMessagesStream("m", [])
+    translator.feed(sse({"error": None, "choices": [{"delta": {"content": "hi"}}]}))
+    usage = {"prompt_tokens": 9, "completion_tokens": 2}
+    translator.feed(
+        sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "usage": usage}]})
+    )
+    assert translator.usage == usage
+    assert translator.text_bytes == 2
+
+
+def test_a_new_id_at_a_used_index_is_another_call_and_a_nameless_call_breaks():
+    translator = ChatToMessagesStream("m", [])
+
+    def call(**fields: Any) -> bytes:
+        return sse({"choices": [{"delta": {"tool_calls": [fields]}}]})
+
+    out = translator.feed(
+        call(index=0, id="a", function={"name": "Read", "arguments": '{"p": 1}'})
+        + call(index=0, id="b", function={"name": "Write", "arguments": '{"q": 2}'})
+        + call(function={"arguments": ""})  # no index, no id: the open call goes on
+    )
+    starts = [e["content_block"] for e in events_of(out) if e["type"] == "content_block_start"]
+    assert [(b["id"], b["name"]) for b in starts] == [("a", "Read"), ("b", "Write")]
+    with pytest.raises(StreamBroken):
+        translator.feed(call(index=5, id="c", function={"arguments": "{}"}))
+
+
+def test_an_event_in_many_small_pieces_costs_one_pass():
+    translator = ChatToMessagesStream("m", [])
+    event = sse({"choices": [{"delta": {"content": "x" * 900_000}}]})
+    started = time.monotonic()
+    out = b"".join(translator.feed(event[i : i + 512]) for i in range(0, len(event), 512))
+    assert time.monotonic() - started < 0.5
+    assert b"x" * 1000 in out
+
+
+@pytest.mark.parametrize(
+    "chat",
+    [
+        {"choices": []},
+        {"choices": [{"finish_reason": "stop"}]},
+        {"choices": [{"message": {"tool_calls": [{"id": "c", "function": {"arguments": "{}"}}]}}]},
+    ],
+)
+def test_an_answer_with_nothing_to_translate_is_an_error_not_an_empty_message(chat):
+    with pytest.raises(ValueError):
+        response(chat, "m", [])

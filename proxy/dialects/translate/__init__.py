@@ -54,11 +54,10 @@ class MessagesToChat:
     def path(self, path: str) -> str:
         return self.paths.get(path, path)
 
-    def estimate(self, payload: dict[str, Any]) -> bytes:
-        """``count_tokens`` for a backend without one: the request's text / 4, the rule
-        of thumb the budgets use too (the answer's header says it is an estimate)."""
-        counted = {k: payload.get(k) for k in ("system", "messages", "tools")}
-        return orjson.dumps({"input_tokens": len(orjson.dumps(counted)) // 4})
+    def estimate(self, body: bytes) -> bytes:
+        """``count_tokens`` for a backend without one: the request's characters / 4, the
+        rule of thumb the budgets use too (the answer's header says it is an estimate)."""
+        return orjson.dumps({"input_tokens": len(body) // 4})
 
     def body(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
         """The upstream's body (raises ``Untranslatable``)."""
@@ -73,8 +72,9 @@ class MessagesToChat:
         try:
             chat = orjson.loads(data)
         except orjson.JSONDecodeError:
-            chat = {}
-        chat = chat if isinstance(chat, dict) else {}
+            raise ValueError("an answer that is not JSON") from None
+        if not isinstance(chat, dict):
+            raise ValueError("an answer that is not a JSON object")
         model = str(payload.get("model") or "")
         return orjson.dumps(messages_chat.response(chat, model, _stops(payload)))
 

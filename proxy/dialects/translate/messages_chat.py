@@ -90,8 +90,11 @@ def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict
     for name in ("temperature", "top_p"):
         if name in payload:
             body[name] = payload[name]
-    if payload.get("stop_sequences"):
-        body["stop"] = payload["stop_sequences"]
+    stops = payload.get("stop_sequences")
+    if stops:
+        if not isinstance(stops, list) or not all(isinstance(x, str) for x in stops):
+            raise Untranslatable("stop_sequences", "stop_sequences must be strings")
+        body["stop"] = stops
     if payload.get("stream") is True:
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
@@ -175,8 +178,8 @@ def _system(system: Any) -> list[dict[str, Any]]:
         for i, block in enumerate(system):
             if not _is_map(block) or block.get("type") != "text":
                 raise Untranslatable(f"system.{i}", "system blocks must be text")
-            texts.append(str(block.get("text", "")))
-        return [{"role": "system", "content": "\n\n".join(texts)}]
+            texts.append(_text(block, f"system.{i}"))
+        return [{"role": "system", "content": _JOIN.join(texts)}]
     raise Untranslatable("system", "system must be a string or text blocks")
 
 
@@ -203,24 +206,19 @@ def _assistant(blocks: list[Any], place: str) -> dict[str, Any]:
     calls: list[dict[str, Any]] = []
     for i, block in enumerate(blocks):
         kind = block.get("type") if _is_map(block) else None
+        where = f"{place}.content.{i}"
         if kind == "text":
-            texts.append(str(block.get("text", "")))
+            texts.append(_text(block, where))
         elif kind == "tool_use":
-            calls.append(
-                {
-                    "id": str(block.get("id", "")),
-                    "type": "function",
-                    "function": {
-                        "name": str(block.get("name", "")),
-                        "arguments": orjson.dumps(block.get("input") or {}).decode(),
-                    },
-                }
-            )
+            calls.append(_tool_call(block, where))
         elif kind in ("thinking", "redacted_thinking"):
             continue  # earlier reasoning, signed for Anthropic: no chat backend takes it
         else:
             raise Untranslatable(f"{place}.content.{i}", _block_refusal(kind))
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) or None}
+    # Chat takes a null content only beside tool calls.
+    message: dict[str, Any] = {"role": "assistant", "content": _JOIN.join(texts) or None}
+    if not calls and message["content"] is None:
+        message["content"] = ""
     if calls:
         message["tool_calls"] = calls
     return message
@@ -233,7 +231,7 @@ def _user(blocks: list[Any], place: str) -> list[dict[str, Any]]:
         kind = block.get("type") if _is_map(block) else None
         where = f"{place}.content.{i}"
         if kind == "text":
-            parts.append({"type": "text", "text": str(block.get("text", ""))})
+            parts.append({"type": "text", "text": _text(block, where)})
         elif kind == "image":
             parts.append(_image(block, where))
         elif kind == "tool_result":
@@ -247,11 +245,36 @@ def _user(blocks: list[Any], place: str) -> list[dict[str, Any]]:
         else:
             raise Untranslatable(where, _block_refusal(kind))
     # The results answer the previous assistant turn's calls: they come first.
+    if not parts and not tools:
+        raise Untranslatable(f"{place}.content", "a user turn without content")
     if not parts:
         return tools
     if all(p["type"] == "text" for p in parts):
-        return [*tools, {"role": "user", "content": "".join(p["text"] for p in parts)}]
+        return [*tools, {"role": "user", "content": _JOIN.join(p["text"] for p in parts)}]
     return [*tools, {"role": "user", "content": parts}]
+
+
+_JOIN = "\n\n"  # between a turn's text blocks (Claude Code's reminders are blocks of their own)
+
+
+def _text(block: Mapping[str, Any], where: str) -> str:
+    text = block.get("text")
+    if not isinstance(text, str):
+        raise Untranslatable(f"{where}.text", "a text block's text must be a string")
+    return text
+
+
+def _tool_call(block: Mapping[str, Any], where: str) -> dict[str, Any]:
+    call_id, name, given = block.get("id"), block.get("name"), block.get("input", {})
+    if not isinstance(call_id, str) or not call_id or not isinstance(name, str) or not name:
+        raise Untranslatable(where, "a tool_use block needs its id and name")
+    if not isinstance(given, dict):
+        raise Untranslatable(f"{where}.input", "a tool_use input must be an object")
+    try:
+        arguments = orjson.dumps(given).decode()
+    except orjson.JSONEncodeError:
+        raise Untranslatable(f"{where}.input", "the input is nested too deeply") from None
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 def _image(block: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -303,6 +326,8 @@ def _tool(tool: Any, place: str) -> dict[str, Any]:
     }
     if tool.get("description"):
         function["description"] = str(tool["description"])
+    if isinstance(tool.get("strict"), bool):
+        function["strict"] = tool["strict"]
     return {"type": "function", "function": function}
 
 
@@ -392,7 +417,9 @@ def response(chat: Mapping[str, Any], model: str, stops: list[str]) -> dict[str,
     """A Messages answer for a chat completion ``chat``; ``model`` as the client named it."""
     choices = chat.get("choices")
     choice = _map(choices[0]) if isinstance(choices, list) and choices else {}
-    message = _map(choice.get("message"))
+    if not _is_map(choice.get("message")):
+        raise ValueError("a chat completion without choices[0].message")
+    message = choice["message"]
     content: list[dict[str, Any]] = []
     reasoning = message.get("reasoning_content")
     if isinstance(reasoning, str) and reasoning:
@@ -402,9 +429,9 @@ def response(chat: Mapping[str, Any], model: str, stops: list[str]) -> dict[str,
     if text:
         content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or ():
-        if not _is_map(call):
-            continue
-        function = _map(call.get("function"))
+        function = _map(call.get("function")) if _is_map(call) else {}
+        if not function.get("name") or not isinstance(function["name"], str):
+            raise ValueError("a tool call without a name")
         content.append(
             {
                 "type": "tool_use",
@@ -451,17 +478,35 @@ class ChatToMessagesStream:
         self.stops = stops
         self.usage: dict[str, Any] | None = None
         self.done = False  # the chat stream's [DONE] came
-        self._buffer = b""
         self._started = False
         self._index = -1  # the open block's index, -1: none
         self._open: str | None = None  # its kind: text, thinking, tool_use
         self._tools: dict[int, int] = {}  # chat tool call index -> block index
+        self._tool_ids: dict[int, str] = {}  # chat tool call index -> its id
+        self._last_tool: int | None = None  # the call the last tool delta went to
+        self._pending: list[bytes] = []  # an event's start, until its end comes
+        self._pending_size = 0
         self._finish: Any = None
         self._text = ""  # the answer's text so far (the tail, for the stop sequence)
         self._output = 0  # text characters seen, for an estimate when no usage comes
 
     def feed(self, chunk: bytes) -> bytes:
-        buffer = self._buffer + chunk if self._buffer else chunk
+        if self.done:
+            return b""  # after [DONE]: nothing more is the answer's
+        if self._pending:
+            # An event under way: look for its end in the new bytes only (with the few
+            # before them an end may straddle), so an event in many pieces costs one pass.
+            window = self._pending[-1][-3:] + chunk
+            if _EVENT_END.search(window) is None:
+                self._pending.append(chunk)
+                self._pending_size += len(chunk)
+                if self._pending_size > _MAX_EVENT:
+                    raise StreamBroken("an upstream event past 1 MiB")
+                return b""
+            buffer = b"".join(self._pending) + chunk
+            self._pending.clear()
+        else:
+            buffer = chunk
         out: list[bytes] = []
         start = 0
         for match in _EVENT_END.finditer(buffer):  # one pass: no copy per event
@@ -469,8 +514,13 @@ class ChatToMessagesStream:
             start = match.end()
             if data is not None:
                 out.append(self._on_data(data))
-        self._buffer = buffer[start:]
-        if len(self._buffer) > _MAX_EVENT:
+                if self.done:
+                    return b"".join(out)
+        rest = buffer[start:]
+        self._pending_size = len(rest)
+        if rest:
+            self._pending.append(rest)
+        if self._pending_size > _MAX_EVENT:
             raise StreamBroken("an upstream event past 1 MiB")
         return b"".join(out)
 
@@ -493,6 +543,11 @@ class ChatToMessagesStream:
         return b"".join(out)
 
     @property
+    def text_bytes(self) -> int:
+        """Characters of text and arguments seen: the estimate when no usage came."""
+        return self._output
+
+    @property
     def complete(self) -> bool:
         """The chat stream ended as it should: ``[DONE]``, or at least a finish reason."""
         return self.done or self._finish is not None
@@ -507,7 +562,7 @@ class ChatToMessagesStream:
             raise StreamBroken("an upstream event that is not JSON") from None
         if not _is_map(chunk):
             return b""
-        if "error" in chunk:
+        if chunk.get("error"):
             error = chunk["error"]
             message = error.get("message") if _is_map(error) else None
             raise StreamBroken(str(message or "the upstream failed mid-stream"))
@@ -515,8 +570,11 @@ class ChatToMessagesStream:
         if _is_map(chunk.get("usage")):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
-            if _is_map(choice):
-                out.append(self._on_choice(choice))
+            if not _is_map(choice) or choice.get("index", 0) != 0:
+                continue  # (n > 1: the first choice is the answer)
+            if _is_map(choice.get("usage")):  # Moonshot's place for it
+                self.usage = choice["usage"]
+            out.append(self._on_choice(choice))
         return b"".join(out)
 
     def _start(self, chat_id: Any = None) -> bytes:
@@ -555,24 +613,31 @@ class ChatToMessagesStream:
 
     def _on_tool_call(self, call: Mapping[str, Any]) -> bytes:
         out: list[bytes] = []
-        position = call.get("index")
-        position = position if isinstance(position, int) else len(self._tools)
         function = _map(call.get("function"))
+        call_id = call.get("id")
+        position = call.get("index")
+        if not isinstance(position, int):  # no index: the open call goes on, or a new one
+            position = self._last_tool if call_id is None and self._last_tool is not None else -1
+        if position in self._tools and call_id and call_id != self._tool_ids[position]:
+            position = -1  # a new id at a used index: another call (seen from some servers)
+        if position == -1:
+            position = -2 - len(self._tools)  # a position of our own, never a chat index
         if position not in self._tools:
             if len(self._tools) >= MAX_TOOL_CALLS:
                 raise StreamBroken(f"the upstream sent over {MAX_TOOL_CALLS} tool calls")
-            block = {
-                "type": "tool_use",
-                "id": str(call.get("id") or f"toolu_{position}"),
-                "name": str(function.get("name") or ""),
-                "input": {},
-            }
+            name = function.get("name")
+            if not isinstance(name, str) or not name:
+                raise StreamBroken("the upstream began a tool call without its name")
+            block_id = str(call_id or f"toolu_{len(self._tools)}")
+            block = {"type": "tool_use", "id": block_id, "name": name, "input": {}}
             out.append(self._open_block("tool_use", block, force=True))
             self._tools[position] = self._index
+            self._tool_ids[position] = block_id
         elif self._tools[position] != self._index:
             # Arguments for a call whose block is closed: Messages cannot reopen it, and
             # dropping them would hand the client a tool call it never made.
             raise StreamBroken("the upstream interleaved the arguments of two tool calls")
+        self._last_tool = position
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
