@@ -200,6 +200,7 @@ async def deliver(
 
 
 _RANDOM = random.Random()
+_CLIENT_WIRE_HEADERS = ("anthropic-version", "anthropic-beta")
 _NO_ANSWER = (Verdict.BACKEND_FAILED, Verdict.BAD_STATUS, Verdict.REDIRECT)
 
 
@@ -388,6 +389,8 @@ class _Attempt:
             headers = forwarded_request_headers(parts.client_headers, upstream.extra_headers, auth)
             if translation is not None:  # its answer is read and rewritten: never compressed
                 headers["accept-encoding"] = "identity"
+                for name in _CLIENT_WIRE_HEADERS:  # the client's wire's, not the upstream's
+                    headers.pop(name, None)
             turns.sending(headers, url)
             try:
                 response = await upstream.send(

@@ -489,7 +489,14 @@ def _token_sample(model: str, kind: str) -> float:
 
 def _finished_record(model: str, counts: TokenCounts) -> RequestContext:
     record = RequestContext("POST", "/v1/chat/completions", "rid")
-    record.routed(cast(Any, SimpleNamespace(backend="usage-test", upstream_model="m", label=model)))
+    record.routed(
+        cast(
+            Any,
+            SimpleNamespace(
+                backend="usage-test", upstream_model="m", label=model, translation=None
+            ),
+        )
+    )
     record.attempt_started()
     record.responded(200)
     record.counted(counts)
