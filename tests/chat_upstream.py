@@ -107,3 +107,18 @@ class ChatUpstream:
     def close(self) -> None:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
+
+
+def chat_only_config(chat: ChatUpstream, client_key: str, extra: str = "") -> str:
+    """A proxy config with one client and one backend, ``chat``, reached by translation."""
+    return f"""
+backends:
+  chatonly:
+    base_url: {chat.url}/v1
+    chat_wire: chat
+    keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
+clients:
+  - {{id: coder, key: "{client_key}"}}
+routes:
+  - {{prefix: "", backend: chatonly}}
+{extra}"""

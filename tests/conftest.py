@@ -416,3 +416,20 @@ def resources() -> Iterator[ResourceUpstream]:
     yield upstream
     upstream.process.terminate()
     upstream.process.wait(timeout=5)
+
+
+@pytest.fixture(scope="module")
+def fake_anthropic() -> Iterator[str]:
+    """The fake Anthropic Messages upstream (tests/anthropic_upstream.py), by its URL."""
+    process = subprocess.Popen(
+        [sys.executable, str(ROOT / "tests" / "anthropic_upstream.py"), "--port", "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None
+    line = process.stdout.readline()
+    assert line.startswith("LISTENING"), line
+    yield f"http://127.0.0.1:{int(line.split()[1])}"
+    process.terminate()
+    process.wait(timeout=5)
+    process.stdout.close()

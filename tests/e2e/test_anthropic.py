@@ -37,12 +37,7 @@ TOOLS = [
 
 @dataclass
 class FakeAnthropic:
-    port: int
-    process: subprocess.Popen[str]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+    url: str
 
     def log(self, path_part: str = "/v1/messages") -> list[dict[str, Any]]:
         entries: list[dict[str, Any]] = httpx.get(f"{self.url}/_anth/log").json()
@@ -62,19 +57,8 @@ def error_message(error: anthropic.APIStatusError) -> str:
 
 
 @pytest.fixture(scope="module")
-def fake() -> Iterator[FakeAnthropic]:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "anthropic_upstream.py"), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("LISTENING"), line
-    yield FakeAnthropic(int(line.split()[1]), process)
-    process.terminate()
-    process.wait(timeout=5)
-    process.stdout.close()
+def fake(fake_anthropic: str) -> FakeAnthropic:
+    return FakeAnthropic(fake_anthropic)
 
 
 def config(fake: FakeAnthropic, admin_port: int) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.chat_upstream import USAGE, ChatUpstream
+from tests.chat_upstream import USAGE, ChatUpstream, chat_only_config
 from tests.conftest import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
@@ -63,17 +63,7 @@ def chat(work: Path) -> Iterator[ChatUpstream]:
 
 @pytest.fixture(scope="module")
 def proxy(chat: ChatUpstream, tmp_path_factory) -> Iterator[ProxyProcess]:
-    config = f"""
-backends:
-  chatonly:
-    base_url: {chat.url}/v1
-    chat_wire: chat
-    keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
-clients:
-  - {{id: coder, key: "{CLIENT_KEY}"}}
-routes:
-  - {{prefix: "", backend: chatonly}}
-"""
+    config = chat_only_config(chat, CLIENT_KEY)
     tmp = tmp_path_factory.mktemp("claude-proxy")
     process = start_proxy(config, tmp, extra_args=("--log-format", "json"))
     yield process

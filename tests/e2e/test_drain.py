@@ -142,22 +142,6 @@ def test_stream_past_the_drain_ends_with_the_error_event(
         proxy.stop()
 
 
-@pytest.fixture(scope="module")
-def fake_anthropic() -> Iterator[str]:
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "anthropic_upstream.py"), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("LISTENING"), line
-    yield f"http://127.0.0.1:{int(line.split()[1])}"
-    process.terminate()
-    process.wait(timeout=5)
-    process.stdout.close()
-
-
 def test_anthropic_stream_past_the_drain_gets_event_error(
     upstream: MockUpstream, fake_anthropic: str, tmp_path: Path
 ) -> None:

@@ -8,8 +8,6 @@ The upstream is the scripted chat server of ``tests/chat_upstream.py``.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -18,8 +16,8 @@ import anthropic
 import httpx
 import pytest
 
-from tests.chat_upstream import ChatUpstream
-from tests.conftest import ROOT, ProxyProcess, start_proxy
+from tests.chat_upstream import ChatUpstream, chat_only_config
+from tests.conftest import ProxyProcess, start_proxy
 
 pytestmark = pytest.mark.e2e
 
@@ -42,19 +40,7 @@ def chat() -> Iterator[ChatUpstream]:
 
 @pytest.fixture(scope="module")
 def proxy(chat: ChatUpstream, tmp_path_factory) -> Iterator[ProxyProcess]:
-    config = f"""
-backends:
-  chatonly:
-    base_url: {chat.url}/v1
-    chat_wire: chat
-    keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
-clients:
-  - {{id: coder, key: "{CLIENT_KEY}"}}
-aliases:
-  claude-sonnet-4-5: chat-model
-routes:
-  - {{prefix: "", backend: chatonly}}
-"""
+    config = chat_only_config(chat, CLIENT_KEY, "aliases: {claude-sonnet-4-5: chat-model}\n")
     tmp = tmp_path_factory.mktemp("translate")
     process = start_proxy(config, tmp, extra_args=("--log-format", "json"))
     yield process
@@ -195,24 +181,7 @@ def test_count_tokens_is_an_estimate_and_says_so(proxy, chat):
 
 
 @pytest.fixture(scope="module")
-def native() -> Iterator[str]:
-    """The fake Anthropic upstream (tests/anthropic_upstream.py): a native Messages member."""
-    process = subprocess.Popen(
-        [sys.executable, str(ROOT / "tests" / "anthropic_upstream.py"), "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("LISTENING"), line
-    yield f"http://127.0.0.1:{int(line.split()[1])}"
-    process.terminate()
-    process.wait(timeout=5)
-    process.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def mixed(chat: ChatUpstream, native: str, tmp_path_factory) -> Iterator[ProxyProcess]:
+def mixed(chat: ChatUpstream, fake_anthropic: str, tmp_path_factory) -> Iterator[ProxyProcess]:
     config = f"""
 throttle: {{reconnect: {{enabled: false}}}}
 backends:
@@ -221,8 +190,8 @@ backends:
     chat_wire: chat
     keys: [{{id: chat-key, key: "sk-chat-only-000000000000"}}]
   native:
-    base_url: {native}/oa/v1
-    anthropic_base_url: {native}/xkey
+    base_url: {fake_anthropic}/oa/v1
+    anthropic_base_url: {fake_anthropic}/xkey
     keys: [{{id: native-key, key: "sk-native-0000000000000"}}]
 clients:
   - {{id: coder, key: "{CLIENT_KEY}"}}
