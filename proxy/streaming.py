@@ -354,6 +354,10 @@ class _UsageEventStripper:
         return chunk
 
 
+class TranslationBroken(aiohttp.ClientPayloadError):
+    """The upstream's stream cannot be translated on; its message says why."""
+
+
 class TranslatedStream:
     """An upstream's stream read through a translation (``translated``): what
     ``relay_stream`` relays is then the client's wire, counted and checked as such."""
@@ -372,7 +376,7 @@ class TranslatedStream:
             try:
                 out = translator.feed(chunk)
             except ValueError as exc:  # the translation's StreamBroken: a broken stream
-                raise aiohttp.ClientPayloadError(str(exc)) from None
+                raise TranslationBroken(str(exc)) from None
             if out:
                 yield out
             if translator.done:  # [DONE]: the answer is whole, whatever the upstream does on
@@ -488,6 +492,9 @@ async def relay_stream(
     except (TimeoutError, aiohttp.SocketTimeoutError):
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
         failure = ("timeout", message, "upstream_timeout")
+    except TranslationBroken as exc:
+        message = f"Backend '{backend}' sent a stream that cannot be translated: {exc}."
+        failure = ("stream_broken", message, "upstream_stream_broken")
     except aiohttp.ClientError:
         message = f"Backend '{backend}' closed the stream before it was complete."
         failure = ("stream_broken", message, "upstream_stream_broken")

@@ -2,7 +2,8 @@
 process on 127.0.0.1: it answers a request offering its tool with a call of it (streamed
 in pieces), a request whose last message is a tool result with that result's text, and
 anything else with a greeting; model ``fail-model`` gets a 500, ``garbage-model`` a 200
-without choices, ``text-model`` a 200 in text/plain."""
+without choices, ``text-model`` a 200 in text/plain, ``midfail-model`` a stream with an
+error event in its middle."""
 
 from __future__ import annotations
 
@@ -89,6 +90,11 @@ class ChatUpstream:
             await response.write(b"data: " + orjson.dumps(data) + b"\n\n")
 
         await chunk({"role": "assistant"})
+        if body["model"] == "midfail-model":  # an error event in the middle of the stream
+            await chunk({"content": "Half an "})
+            error = {"error": {"message": "rate limit hit mid-stream", "type": "server_error"}}
+            await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
+            return response
         for i in range(0, len(text), 5):
             await chunk({"content": text[i : i + 5]})
         for n, (call_id, name, arguments) in enumerate(calls):

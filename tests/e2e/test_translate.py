@@ -243,3 +243,15 @@ def test_a_200_that_holds_no_answer_is_a_502_never_an_empty_message(proxy, model
             )
         assert caught.value.status_code == 502
         assert caught.value.body["error"]["type"] == "api_error"
+
+
+def test_an_upstream_error_mid_stream_reaches_the_sdk_with_its_reason(proxy):
+    with (
+        pytest.raises(anthropic.APIStatusError) as caught,
+        sdk(proxy).messages.stream(
+            model="midfail-model", max_tokens=10, messages=[{"role": "user", "content": "hi"}]
+        ) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert "rate limit hit mid-stream" in str(caught.value)
