@@ -146,6 +146,7 @@ def provider_name(backend: str, base_url: str, declared: str | None) -> str:
     return backend
 
 
+@functools.lru_cache(maxsize=256)  # the config's URLs: parsed once, not per request
 def _address(base_url: str) -> tuple[str, int]:
     parts = urlsplit(base_url)
     return parts.hostname or "", parts.port or (443 if parts.scheme == "https" else 80)

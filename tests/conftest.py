@@ -426,10 +426,7 @@ def fake_anthropic() -> Iterator[str]:
         stdout=subprocess.PIPE,
         text=True,
     )
-    assert process.stdout is not None
-    line = process.stdout.readline()
-    assert line.startswith("LISTENING"), line
-    yield f"http://127.0.0.1:{int(line.split()[1])}"
+    keep(process)
+    yield f"http://127.0.0.1:{read_listening_port(process, 'fake Anthropic upstream')}"
     process.terminate()
     process.wait(timeout=5)
-    process.stdout.close()
