@@ -321,7 +321,9 @@ class BackendConfig(_Section):
     ] = None
     chat_wire: Annotated[
         Literal["chat"] | None,
-        doc("the wire base_url's chat speaks; chat: Messages requests are translated to it"),
+        doc(
+            "the wire base_url's chat speaks; chat: Messages and Responses requests are translated"
+        ),
     ] = None
     reasoning_effort: Annotated[
         Bool, doc("takes reasoning_effort (a translated request's thinking budget goes there)")
@@ -421,6 +423,13 @@ class ObjectsConfig(_Section):
         Literal["refuse", "allow"],
         doc("a client naming an id with no record: 404 (refuse) or sent on (allow)"),
     ] = "refuse"
+    conversation_bytes: Annotated[
+        Size, doc("memory for translated Responses conversations the proxy keeps, per process")
+    ] = 64 * 2**20
+    conversation_bytes_per_client: Annotated[
+        Size, doc("one client's share of it: none evicts another's")
+    ] = 16 * 2**20
+    conversation_ttl: Annotated[Positive, doc("seconds a kept conversation lasts")] = 86400.0
 
 
 Usd = Annotated[float, pydantic.Strict(False), Ge(0), Le(1_000_000)]

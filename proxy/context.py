@@ -155,7 +155,7 @@ class RequestContext:
         self.upstream_model = target.upstream_model or None
         self.model_label = target.label
         translation = target.translation
-        self.upstream_wire = translation.upstream.name if translation is not None else None
+        self.upstream_wire = translation.wire if translation is not None else None
 
     def throttled(self, reason: str) -> None:
         self.throttle_reason = reason

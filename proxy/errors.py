@@ -49,6 +49,16 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return ProxyError(400, message, param=param, code=code)
 
 
+def previous_response_not_found(response_id: str) -> ProxyError:
+    shown = response_id[:128]
+    return ProxyError(
+        400,
+        f"Previous response with id '{shown}' not found.",
+        param="previous_response_id",
+        code="previous_response_not_found",
+    )
+
+
 def model_not_found(message: str) -> ProxyError:
     return ProxyError(404, message, param="model", code="model_not_found")
 

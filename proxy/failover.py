@@ -58,6 +58,9 @@ class RequestParts:
     upload: Upload | None = None  # a streamed body, sent from the client as it arrives
     model_in_path: bool = False  # /models/{id}: the id is in the path, not the body
     dialect: Dialect = DEFAULT  # the wire the client speaks (from the request's path)
+    # A translated request whose answer the proxy keeps: (the response it continues, the
+    # payload as the client sent it, before the kept conversation was put in front).
+    conversation: tuple[str | None, dict[str, Any]] | None = None
     _bodies: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
 
     @property

@@ -42,7 +42,7 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect, for_request
-from proxy.dialects.translate import reaches
+from proxy.dialects.translate import client_wire, pick, reaches
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import (
@@ -276,13 +276,19 @@ async def forward(
     # route
     model = parts.model
     ctx.requested(model, parts.payload.get("stream") is True)
+    kept = len(runtime.conversations) and parts.path.startswith("/responses/")
+    if kept and await answer_kept(runtime, send, ctx, parts, client):
+        return
     target = route(runtime, parts)
     # Objects are made (and named) on OpenAI's API only; most requests name none: then no
     # storage call, not even an await.
     ids = named_objects(parts) if parts.dialect.makes_objects else []
     if ids:
-        target = await stick_to_objects(runtime, ids, target, client)
+        wire = client_wire(parts.dialect, parts.path)
+        target = await stick_to_objects(runtime, ids, target, client, wire)
     ctx.routed(target)
+    if target.translation is not None and target.translation.keeps_conversations:
+        continue_conversation(runtime, parts, client, target)
     batch_file = batch_upload(parts)
     if batch_file is not None:
         # Every line checked as the request it is, line 1's model included.
@@ -413,8 +419,10 @@ class _Relay:
         ctx.streaming = True
         translation = self.delivery.target.translation
         source: aiohttp.ClientResponse | TranslatedStream = self.delivery.response
+        translator = None
         if translation is not None:
-            source = translated(self.delivery.response, translation.stream(self.parts.payload))
+            translator = translation.stream(self.parts.payload)
+            source = translated(self.delivery.response, translator)
         try:
             await relay_stream(
                 source,
@@ -435,6 +443,9 @@ class _Relay:
                 _count_stream(ctx, result)
         if result.first_data_at is not None:
             ctx.first_data(result.first_data_at)
+        final = getattr(translator, "final", None)
+        if final is not None and result.complete:
+            self._keep(final)
         if ctx.client_gone and not result.complete:
             raise ClientGone()
         if result.error == DRAINED:
@@ -445,6 +456,19 @@ class _Relay:
             self._failed(result.error)  # cut or stalled mid-way: the backend failed
         else:
             self._served()
+
+    def _keep(self, document: dict[str, Any]) -> None:
+        """A translated answer the proxy keeps for its owner (a conversation to continue,
+        a response to retrieve), when its request asked for that."""
+        translation = self.delivery.target.translation
+        conversation = self.parts.conversation
+        if translation is None or conversation is None:
+            return
+        previous, own = conversation
+        items = translation.kept(own, document)
+        response_id = document.get("id")
+        if items is not None and isinstance(response_id, str):
+            self.runtime.conversations.keep(self.owner, response_id, previous, items, document)
 
     def _recording_ids(self, send: Send) -> Send:
         """``send``, noting the objects a stream reveals as it goes by (a Responses
@@ -492,6 +516,21 @@ class _Relay:
         self._served()
         data = runtime.redactor.bytes(data)
         read_at = time.perf_counter()
+        tokens = _json_tokens(data) if response.status == 200 and b'"usage"' in data else None
+        translation = self.delivery.target.translation
+        if translation is not None:  # counted above from the upstream's own usage
+            try:
+                if response.status < 300:
+                    document = translation.document(data, self.parts.payload)
+                    self._keep(document)
+                    data = orjson.dumps(document)
+                else:
+                    data = translation.error(response.status, data)
+            except ValueError as exc:  # a 200 with no answer in it: never an empty "answer"
+                ctx.counted(tokens or NO_TOKENS)
+                raise errors.untranslatable_answer(self.backend, str(exc)) from None
+            data = runtime.redactor.bytes(data)  # escapes the upstream wrote are decoded now
+        # What the client hears of (a translated answer's own ids): recorded before it does.
         if response.status < 300 and self.delivery.target.dialect.makes_objects:
             # Before the client hears of it: its next call finds it.
             parts = self.parts
@@ -509,18 +548,6 @@ class _Relay:
             )
             if self.client is not None and is_owned_list(parts.path, parts.method):
                 data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
-        tokens = _json_tokens(data) if response.status == 200 and b'"usage"' in data else None
-        translation = self.delivery.target.translation
-        if translation is not None:  # counted above from the upstream's own usage
-            try:
-                if response.status < 300:
-                    data = translation.answer(data, self.parts.payload)
-                else:
-                    data = translation.error(response.status, data)
-            except ValueError as exc:  # a 200 with no answer in it: never an empty "answer"
-                ctx.counted(tokens or NO_TOKENS)
-                raise errors.untranslatable_answer(self.backend, str(exc)) from None
-            data = runtime.redactor.bytes(data)  # escapes the upstream wrote are decoded now
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
@@ -663,7 +690,7 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     goes only to a backend that speaks it."""
     dialect = parts.dialect
     if parts.model:
-        return routed_model(runtime, parts.model, dialect)
+        return routed_model(runtime, parts.model, dialect, client_wire(dialect, parts.path))
     if not dialect.routes_by_path:  # each of its requests names its model
         raise errors.missing_model(parts.path)
     target = runtime.router.resolve_path(parts.path)
@@ -672,6 +699,67 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
             raise errors.missing_model(parts.path)  # most likely a chat body without one
         raise errors.no_path_route(parts.method, parts.path)
     return target
+
+
+def continue_conversation(
+    runtime: Runtime, parts: RequestParts, client: Client | None, target: Target
+) -> None:
+    """A translated request that continues a response the proxy kept: the conversation
+    goes in front of its input (the backend keeps none). One it does not hold, or holds for
+    another client, is OpenAI's 400 for it."""
+    payload = parts.payload
+    previous = payload.get("previous_response_id")
+    if previous is not None:
+        if not isinstance(previous, str):
+            why = "'previous_response_id' must be a string."
+            raise errors.bad_request(why, param="previous_response_id")
+        owner = client.id if client is not None else None
+        history = runtime.conversations.history(owner, previous)
+        if history is None:
+            raise errors.previous_response_not_found(previous)
+        assert target.translation is not None
+        parts.payload = target.translation.continued(payload, history)
+    if payload.get("store") is not False:
+        parts.conversation = (previous, payload)
+
+
+async def answer_kept(
+    runtime: Runtime, send: Send, ctx: RequestContext, parts: RequestParts, client: Client | None
+) -> bool:
+    """``GET``/``DELETE /v1/responses/{id}`` (and its ``input_items``) for a response the
+    proxy keeps for this client (translated: no backend has it); False for any other."""
+    segments = parts.path.split("/")  # "", "responses", id[, "input_items"]
+    if len(segments) not in (3, 4) or (len(segments) == 4 and segments[3] != "input_items"):
+        return False
+    owner = client.id if client is not None else None
+    kept, response_id = runtime.conversations, segments[2]
+    body: bytes | None = None
+    if len(segments) == 3 and parts.method == "GET":
+        body = kept.response(owner, response_id)
+    elif len(segments) == 3 and parts.method == "DELETE":
+        if kept.delete(owner, response_id):
+            body = orjson.dumps({"id": response_id, "object": "response", "deleted": True})
+    elif parts.method == "GET":
+        items = kept.input_items(owner, response_id)
+        if items is not None:
+            body = orjson.dumps(input_items_page(items, response_id))
+    if body is None:
+        return False
+    await admit_client(runtime, ctx, client, parts.path)
+    await _send_json(send, ctx, body, [])
+    return True
+
+
+def input_items_page(items: list[Any], response_id: str) -> dict[str, Any]:
+    """A kept response's input items, newest first (OpenAI's default order), with ids."""
+    data = []
+    for n, item in enumerate(reversed(items)):
+        entry = dict(item) if isinstance(item, dict) else {"value": item}
+        entry.setdefault("id", f"item_{response_id[5:21]}_{len(items) - n}")
+        entry.setdefault("type", "message")
+        data.append(entry)
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    return {"object": "list", "data": data, "first_id": first, "last_id": last, "has_more": False}
 
 
 def all_translated(target: Target) -> bool:
@@ -691,9 +779,12 @@ def translatable(target: Target, parts: RequestParts) -> None:
         raise refused
 
 
-def routed_model(runtime: Runtime, model: str, dialect: Dialect = DEFAULT) -> Target:
-    """The target of ``model``, on a backend that speaks the request's dialect."""
-    target = runtime.router.resolve(model, dialect)
+def routed_model(
+    runtime: Runtime, model: str, dialect: Dialect = DEFAULT, wire: str = ""
+) -> Target:
+    """The target of ``model``, on a backend that speaks the request's dialect (``wire``:
+    which translation reaches one that does not)."""
+    target = runtime.router.resolve(model, dialect, wire)
     if target is None:
         summary = runtime.router.routable_summary()
         raise errors.model_not_found(
@@ -856,7 +947,7 @@ def object_not_found(object_id: str) -> ProxyError:
 
 
 async def stick_to_objects(
-    runtime: Runtime, ids: list[str], target: Target, client: Client | None = None
+    runtime: Runtime, ids: list[str], target: Target, client: Client | None = None, wire: str = ""
 ) -> Target:
     """A request naming a file, response, batch... made through the proxy goes where it was
     made, with the key that made it (another key's project does not have it), whatever
@@ -875,13 +966,19 @@ async def stick_to_objects(
     if placement is None:
         return target
     same_backend = placement.backend == target.backend
+    backend = runtime.config.backends.get(placement.backend)
+    translation = target.translation
+    if not same_backend and backend is not None:  # spoken to as that backend speaks
+        translation = pick(target.dialect, backend, wire)
     return dataclasses.replace(
         target,
         backend=placement.backend,
         pinned_key=placement.key_id,
         fallbacks=(),
+        pool=None,  # the object is on that one deployment: no other is tried
         upstream_model=target.upstream_model if same_backend else target.model,
         rewrite=target.rewrite if same_backend else NO_RULES,
+        translation=translation,
     )
 
 

@@ -101,37 +101,41 @@ class Router:
         default = config.default_backend
         self._default = _model_less(default, None) if default is not None else None
 
-    def resolve(self, requested: str, dialect: Dialect = DEFAULT) -> Target | None:
-        """The target for ``requested``, or None when nothing routes it."""
-        cache = self._cache if dialect is DEFAULT else self._dialect_cache(dialect)
+    def resolve(self, requested: str, dialect: Dialect = DEFAULT, wire: str = "") -> Target | None:
+        """The target for ``requested``, or None when nothing routes it; ``wire`` is the
+        request's (``translate.client_wire``): a translation is chosen per wire."""
+        native = dialect is DEFAULT and not wire
+        cache = self._cache if native else self._wire_cache(dialect, wire)
         try:
             return cache[requested]
         except KeyError:
             pass
         target = self._resolve(requested)
-        if target is not None and dialect is not DEFAULT:
-            target = self._in_dialect(target, dialect)
+        if target is not None and not native:
+            target = self._in_dialect(target, dialect, wire)
         if len(cache) < _CACHE_LIMIT:
             cache[requested] = target
         return target
 
-    def _dialect_cache(self, dialect: Dialect) -> dict[str, Target | None]:
-        return self._other_caches.setdefault(dialect.name, {})
+    def _wire_cache(self, dialect: Dialect, wire: str) -> dict[str, Target | None]:
+        return self._other_caches.setdefault(f"{dialect.name}/{wire}", {})
 
-    def _in_dialect(self, target: Target, dialect: Dialect) -> Target:
+    def _in_dialect(self, target: Target, dialect: Dialect, wire: str) -> Target:
         """``target`` for a request in ``dialect``: to a backend that speaks it, passed
         through as sent (no rewrite rules: they are written for OpenAI bodies); to one
         that can be reached through a translation, translated (its rules then apply to
         the translated body); deployments and fallbacks reached neither way left out."""
         fallbacks = tuple(
-            spoken for f in target.fallbacks if (spoken := self._spoken_in(f, dialect)) is not None
+            spoken
+            for f in target.fallbacks
+            if (spoken := self._spoken_in(f, dialect, wire)) is not None
         )
         pool = target.pool
         if pool is not None:
             kept = [
                 (replace(spoken, pool=None, fallbacks=()), n, w)
                 for m, n, w in zip(pool.members, pool.names, pool.weights, strict=True)
-                if (spoken := self._spoken_in(m, dialect)) is not None
+                if (spoken := self._spoken_in(m, dialect, wire)) is not None
             ]
             if kept:
                 members = tuple(m for m, _, _ in kept)
@@ -147,18 +151,20 @@ class Router:
                     affinity=target.affinity,
                 )
             pool = None
-        spoken = self._spoken_in(target, dialect)
+        spoken = self._spoken_in(target, dialect, wire)
         if spoken is None:  # answered as not spoken (forward.routed_model)
             spoken = replace(target, dialect=dialect, rewrite=NO_RULES)
         return replace(spoken, fallbacks=fallbacks, pool=pool)
 
-    def _spoken_in(self, target: Target, dialect: Dialect) -> Target | None:
+    def _spoken_in(self, target: Target, dialect: Dialect, wire: str) -> Target | None:
         backend = self._backends[target.backend]
-        if dialect.speaks(backend):
-            return replace(target, dialect=dialect, rewrite=NO_RULES)
-        translation = pick(dialect, backend)
+        translation = pick(dialect, backend, wire)
         if translation is not None:
             return replace(target, dialect=dialect, translation=translation)
+        if dialect is DEFAULT:
+            return target  # OpenAI's wire, spoken as it is (its rewrite rules apply)
+        if dialect.speaks(backend):
+            return replace(target, dialect=dialect, rewrite=NO_RULES)
         return None
 
     def speakers(self, dialect: Dialect) -> list[str]:

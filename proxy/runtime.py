@@ -27,6 +27,7 @@ from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
+from proxy.conversations import Conversations
 from proxy.dialects import DEFAULT, Dialect
 from proxy.keys import KeyPool, build_pools
 from proxy.objects import (
@@ -92,6 +93,8 @@ class Runtime:
     redactor: Redactor = NO_SECRETS  # every configured secret, scrubbed from what we write
     # Where each file, response, batch... was made: requests naming it go there.
     objects: ObjectStore = field(default_factory=MemoryObjects)
+    # Translated Responses conversations, kept for previous_response_id (carried over).
+    conversations: Conversations = field(default_factory=lambda: Conversations(0, 0, 1.0))
     placements: frozenset[Placement] = frozenset()  # the (backend, key) pairs that exist
     # What each route's deployments taught this process (in flight, latency), by name;
     # carried over a reload for the names that stay.
@@ -389,6 +392,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
             storage.abandon()
         raise
     objects = _object_store(config, storage, previous if reuse_storage else None)
+    conversations = _conversations(config, previous)
     pools = build_pools(config.backends)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
@@ -453,6 +457,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         upstreams=upstreams,
         redactor=Redactor.for_config(config),
         objects=objects,
+        conversations=conversations,
         placements=known_placements(
             {name: [key.id for key in backend.keys] for name, backend in config.backends.items()}
         ),
@@ -491,6 +496,20 @@ def _object_store(config: Config, storage: Store, previous: Runtime | None) -> O
         guard,
         max_per_client=settings.max_entries_per_client,
     )
+
+
+def _conversations(config: Config, previous: Runtime | None) -> Conversations:
+    """The kept conversations outlive a reload (a client's next turn must find its last)."""
+    settings = config.objects
+    bounds = (
+        settings.conversation_bytes,
+        min(settings.conversation_bytes_per_client, settings.conversation_bytes),
+        settings.conversation_ttl,
+    )
+    if previous is not None:
+        previous.conversations.reconfigure(*bounds)
+        return previous.conversations
+    return Conversations(*bounds)
 
 
 def _probe_timeout(backend: BackendConfig) -> float:

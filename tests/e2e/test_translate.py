@@ -131,7 +131,7 @@ def test_a_stream_with_a_tool_call_assembles_as_the_sdk_expects(proxy, chat):
     line = logged(proxy, lambda line: line.get("stream") and line["path"] == "/v1/messages")
     assert (line["prompt_tokens"], line["completion_tokens"], line["cached_tokens"]) == (21, 8, 4)
     assert line["status"] == 200 and line["error"] is None
-    assert line["upstream_wire"] == "openai"  # the client spoke Messages, the upstream chat
+    assert line["upstream_wire"] == "chat"  # the client spoke Messages, the upstream chat
 
 
 def test_what_cannot_be_translated_is_a_400_naming_it_and_nothing_is_sent(proxy, chat):

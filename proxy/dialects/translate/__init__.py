@@ -7,7 +7,8 @@ never dropped. A backend declares the wire its chat endpoint speaks (``chat_wire
 ``pick`` finds the translation a request needs, if any: a backend that speaks the
 client's dialect natively is always spoken to natively.
 
-Pairs: ``messages_chat`` (Anthropic Messages to Chat Completions).
+Pairs: ``messages_chat`` (Anthropic Messages to Chat Completions), ``responses_chat``
+(OpenAI Responses to Chat Completions). ``chat_stream`` reads the chat streams both get.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ if TYPE_CHECKING:
     from proxy.config import BackendConfig
     from proxy.dialects.base import Dialect
     from proxy.dialects.translate.messages_chat import ChatToMessagesStream
+    from proxy.dialects.translate.responses_chat import ChatToResponsesStream
 
 
 class Untranslatable(ValueError):
@@ -50,6 +52,7 @@ class MessagesToChat:
         return OPENAI
 
     estimated = "/messages/count_tokens"  # answered by the proxy: chat has no such call
+    keeps_conversations = False
 
     def path(self, path: str) -> str:
         return self.paths.get(path, path)
@@ -65,23 +68,25 @@ class MessagesToChat:
 
         return messages_chat.request(payload, model, self.effort)
 
-    def answer(self, data: bytes, payload: dict[str, Any]) -> bytes:
-        """The client's answer for the upstream's JSON ``data``."""
+    def document(self, data: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+        """The client's answer for the upstream's JSON ``data`` (raises ``ValueError``)."""
         from proxy.dialects.translate import messages_chat
 
-        try:
-            chat = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise ValueError("an answer that is not JSON") from None
-        if not isinstance(chat, dict):
-            raise ValueError("an answer that is not a JSON object")
         model = str(payload.get("model") or "")
-        return orjson.dumps(messages_chat.response(chat, model, _stops(payload)))
+        return messages_chat.response(_json_object(data), model, _stops(payload))
 
     def stream(self, payload: dict[str, Any]) -> ChatToMessagesStream:
         from proxy.dialects.translate.messages_chat import ChatToMessagesStream
 
         return ChatToMessagesStream(str(payload.get("model") or ""), _stops(payload))
+
+    @staticmethod
+    def kept(payload: dict[str, Any], answer: dict[str, Any]) -> list[Any] | None:
+        return None  # Messages keeps no conversation: the client sends it whole
+
+    @staticmethod
+    def continued(payload: dict[str, Any], items: list[Any]) -> dict[str, Any]:
+        return payload
 
     def error(self, status: int, data: bytes) -> bytes:
         """The upstream's error (OpenAI's shape) in Anthropic's, its message kept."""
@@ -105,19 +110,118 @@ def _stops(payload: dict[str, Any]) -> list[str]:
     return [s for s in stops if isinstance(s, str)] if isinstance(stops, list) else []
 
 
-Translation = MessagesToChat  # the one pair so far; a Protocol once there are two
+class ResponsesToChat:
+    """OpenAI Responses requests sent to a Chat Completions endpoint (``chat_wire: chat``),
+    their answers, streams and errors brought back. A chat backend keeps no response: the
+    proxy keeps the conversation (``keeps_conversations``) for ``previous_response_id``."""
+
+    wire = "chat"
+    paths: ClassVar[Mapping[str, str]] = {"/responses": "/chat/completions"}
+    estimated = "/responses/input_tokens"
+    keeps_conversations = True
+
+    def __init__(self, effort: bool) -> None:
+        self.effort = effort
+
+    @property
+    def upstream(self) -> Dialect:
+        from proxy.dialects.openai import OPENAI
+
+        return OPENAI
+
+    def path(self, path: str) -> str:
+        return self.paths.get(path, path)
+
+    def estimate(self, body: bytes) -> bytes:
+        return orjson.dumps({"object": "response.input_tokens", "input_tokens": len(body) // 4})
+
+    def body(self, payload: dict[str, Any], model: str) -> dict[str, Any]:
+        from proxy.dialects.translate import responses_chat
+
+        return responses_chat.request(payload, model, self.effort)
+
+    def document(self, data: bytes, payload: dict[str, Any]) -> dict[str, Any]:
+        from proxy.dialects.translate import responses_chat
+
+        chat = _json_object(data)
+        return responses_chat.response(chat, payload, responses_chat.response_id())
+
+    def stream(self, payload: dict[str, Any]) -> ChatToResponsesStream:
+        from proxy.dialects.translate.responses_chat import ChatToResponsesStream, response_id
+
+        return ChatToResponsesStream(payload, response_id())
+
+    def error(self, status: int, data: bytes) -> bytes:
+        """The upstream's error: OpenAI's shape already; a body in no shape gets one."""
+        from proxy.dialects.openai import error_body
+
+        document = _loads(data)
+        error = document.get("error") if isinstance(document, dict) else None
+        if isinstance(error, dict) and isinstance(error.get("message"), str):
+            return data
+        kind = "invalid_request_error" if status < 500 else "api_error"
+        return error_body(f"The upstream answered {status}.", kind)
+
+    @staticmethod
+    def kept(payload: dict[str, Any], answer: dict[str, Any]) -> list[Any] | None:
+        """What a stored answer adds to its conversation (its request's own input, then its
+        output), or None when the request asked for it not to be stored."""
+        from proxy.dialects.translate import responses_chat
+
+        if payload.get("store") is False or answer.get("status") not in ("completed", "incomplete"):
+            return None
+        output = answer.get("output")
+        return [*responses_chat.input_items(payload), *(output if isinstance(output, list) else [])]
+
+    @staticmethod
+    def continued(payload: dict[str, Any], items: list[Any]) -> dict[str, Any]:
+        from proxy.dialects.translate import responses_chat
+
+        return responses_chat.with_history(payload, items)
 
 
-def pick(dialect: Dialect, backend: BackendConfig) -> Translation | None:
-    """The translation a request in ``dialect`` needs to reach ``backend``; None when the
-    backend speaks it natively, or nothing translates to what it speaks."""
-    if dialect.speaks(backend) or backend.chat_wire is None:
+def _loads(data: bytes) -> Any:
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
         return None
-    if dialect.name == "anthropic" and backend.chat_wire == "chat":
+
+
+def _json_object(data: bytes) -> dict[str, Any]:
+    document = _loads(data)
+    if document is None:
+        raise ValueError("an answer that is not JSON")
+    if not isinstance(document, dict):
+        raise ValueError("an answer that is not a JSON object")
+    return document
+
+
+Translation = MessagesToChat | ResponsesToChat
+
+
+def client_wire(dialect: Dialect, path: str) -> str:
+    """The wire a request speaks, as far as translations tell them apart: ``messages``,
+    ``responses`` or "" (OpenAI's other calls: never translated)."""
+    if dialect.name == "anthropic":
+        return "messages"
+    if path == "/responses" or path == "/responses/input_tokens":
+        return "responses"
+    return ""
+
+
+def pick(dialect: Dialect, backend: BackendConfig, wire: str = "") -> Translation | None:
+    """The translation a request in ``dialect`` (on ``wire``: ``client_wire``) needs to
+    reach ``backend``; None when the backend speaks it natively, or nothing translates to
+    what it speaks."""
+    if backend.chat_wire != "chat":
+        return None
+    if wire == "messages" and not dialect.speaks(backend):
         return MessagesToChat(backend.reasoning_effort)
+    if wire == "responses":  # a chat endpoint has no /responses
+        return ResponsesToChat(backend.reasoning_effort)
     return None
 
 
 def reaches(dialect: Dialect, backend: BackendConfig) -> bool:
     """``backend`` can be spoken to in ``dialect``: natively, or translated."""
-    return dialect.speaks(backend) or pick(dialect, backend) is not None
+    return dialect.speaks(backend) or pick(dialect, backend, client_wire(dialect, "")) is not None

@@ -31,11 +31,16 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from typing import Any, TypeGuard
+from typing import Any
 
 import orjson
 
 from proxy.dialects.translate import Untranslatable
+from proxy.dialects.translate.chat_stream import (
+    ChatStreamReader,
+    StreamBroken,
+    is_map,
+)
 
 # Fields of a Messages request and what happens to each: "map" (translated below) or
 # "drop" (no meaning for a chat backend, and no effect on what is answered).
@@ -99,7 +104,7 @@ def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict
         body["stream"] = True
         body["stream_options"] = {"include_usage": True}
     metadata = payload.get("metadata")
-    user = metadata.get("user_id") if _is_map(metadata) else None
+    user = metadata.get("user_id") if is_map(metadata) else None
     if isinstance(user, str) and 0 < len(user) <= _MAX_USER:  # (Claude Code's: a JSON blob)
         body["user"] = user
     if payload.get("tools"):
@@ -117,7 +122,7 @@ def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict
 
 def _thinking_effort(thinking: Any) -> str | None:
     """The effort a ``thinking`` setting asks for: by its budget, or medium (adaptive)."""
-    if not _is_map(thinking) or thinking.get("type") not in ("enabled", "adaptive"):
+    if not is_map(thinking) or thinking.get("type") not in ("enabled", "adaptive"):
         return None
     budget = thinking.get("budget_tokens")
     if not isinstance(budget, int):
@@ -130,7 +135,7 @@ def _output_config(config: Any) -> dict[str, Any]:
     backend has none) and ``format`` (a JSON schema: ``response_format``)."""
     if config is None:
         return {}
-    if not _is_map(config):
+    if not is_map(config):
         raise Untranslatable("output_config", "output_config must be an object")
     found: dict[str, Any] = {}
     for name, value in config.items():
@@ -146,14 +151,10 @@ def _output_config(config: Any) -> dict[str, Any]:
 
 
 def _response_format(value: Any) -> dict[str, Any]:
-    if not _is_map(value) or value.get("type") != "json_schema" or not _is_map(value.get("schema")):
+    if not is_map(value) or value.get("type") != "json_schema" or not is_map(value.get("schema")):
         raise Untranslatable("output_config.format", "only a json_schema format is translated")
     schema = {"name": "output", "schema": value["schema"], "strict": True}
     return {"type": "json_schema", "json_schema": schema}
-
-
-def _is_map(value: Any) -> TypeGuard[dict[str, Any]]:
-    return isinstance(value, dict)
 
 
 def _map(value: Any) -> dict[str, Any]:
@@ -176,7 +177,7 @@ def _system(system: Any) -> list[dict[str, Any]]:
     if isinstance(system, list):
         texts = []
         for i, block in enumerate(system):
-            if not _is_map(block) or block.get("type") != "text":
+            if not is_map(block) or block.get("type") != "text":
                 raise Untranslatable(f"system.{i}", "system blocks must be text")
             texts.append(_text(block, f"system.{i}"))
         return [{"role": "system", "content": _JOIN.join(texts)}]
@@ -184,7 +185,7 @@ def _system(system: Any) -> list[dict[str, Any]]:
 
 
 def _message(message: Any, place: str) -> list[dict[str, Any]]:
-    if not _is_map(message):
+    if not is_map(message):
         raise Untranslatable(place, "a message must be an object")
     role = message.get("role")
     content = message.get("content")
@@ -205,7 +206,7 @@ def _assistant(blocks: list[Any], place: str) -> dict[str, Any]:
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
     for i, block in enumerate(blocks):
-        kind = block.get("type") if _is_map(block) else None
+        kind = block.get("type") if is_map(block) else None
         where = f"{place}.content.{i}"
         if kind == "text":
             texts.append(_text(block, where))
@@ -228,7 +229,7 @@ def _user(blocks: list[Any], place: str) -> list[dict[str, Any]]:
     tools: list[dict[str, Any]] = []
     parts: list[dict[str, Any]] = []
     for i, block in enumerate(blocks):
-        kind = block.get("type") if _is_map(block) else None
+        kind = block.get("type") if is_map(block) else None
         where = f"{place}.content.{i}"
         if kind == "text":
             parts.append({"type": "text", "text": _text(block, where)})
@@ -279,9 +280,9 @@ def _tool_call(block: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 def _image(block: Mapping[str, Any], where: str) -> dict[str, Any]:
     source = block.get("source")
-    if _is_map(source) and source.get("type") == "base64":
+    if is_map(source) and source.get("type") == "base64":
         url = f"data:{source.get('media_type', 'image/png')};base64,{source.get('data', '')}"
-    elif _is_map(source) and source.get("type") == "url":
+    elif is_map(source) and source.get("type") == "url":
         url = str(source.get("url", ""))
     else:
         raise Untranslatable(f"{where}.source", "an image must be base64 or a URL")
@@ -296,8 +297,8 @@ def _tool_result_text(block: Mapping[str, Any], where: str) -> str:
     elif isinstance(content, list):
         pieces = []
         for i, part in enumerate(content):
-            if not _is_map(part) or part.get("type") != "text":
-                kind = part.get("type") if _is_map(part) else None
+            if not is_map(part) or part.get("type") != "text":
+                kind = part.get("type") if is_map(part) else None
                 raise Untranslatable(
                     f"{where}.content.{i}", f"a tool result's {kind} block is not translated"
                 )
@@ -313,7 +314,7 @@ def _block_refusal(kind: Any) -> str:
 
 
 def _tool(tool: Any, place: str) -> dict[str, Any]:
-    if not _is_map(tool):
+    if not is_map(tool):
         raise Untranslatable(place, "a tool must be an object")
     kind = tool.get("type")
     if kind not in (None, "custom"):
@@ -332,7 +333,7 @@ def _tool(tool: Any, place: str) -> dict[str, Any]:
 
 
 def _tool_choice(choice: Any) -> dict[str, Any]:
-    if not _is_map(choice):
+    if not is_map(choice):
         raise Untranslatable("tool_choice", "tool_choice must be an object")
     kind = choice.get("type")
     chosen: Any
@@ -378,11 +379,11 @@ def stop_reason(finish: Any, text: str, stops: list[str]) -> tuple[str, str | No
 
 def usage(chat_usage: Any) -> dict[str, int]:
     """Anthropic's usage from a chat usage object: input without its cached part."""
-    if not _is_map(chat_usage):
+    if not is_map(chat_usage):
         return {"input_tokens": 0, "output_tokens": 0}
     prompt = _int(chat_usage.get("prompt_tokens"))
     details = chat_usage.get("prompt_tokens_details")
-    cached = _int(details.get("cached_tokens")) if _is_map(details) else 0
+    cached = _int(details.get("cached_tokens")) if is_map(details) else 0
     cached = min(cached, prompt)
     return {
         "input_tokens": prompt - cached,
@@ -417,7 +418,7 @@ def response(chat: Mapping[str, Any], model: str, stops: list[str]) -> dict[str,
     """A Messages answer for a chat completion ``chat``; ``model`` as the client named it."""
     choices = chat.get("choices")
     choice = _map(choices[0]) if isinstance(choices, list) and choices else {}
-    if not _is_map(choice.get("message")):
+    if not is_map(choice.get("message")):
         raise ValueError("a chat completion without choices[0].message")
     message = choice["message"]
     content: list[dict[str, Any]] = []
@@ -429,7 +430,7 @@ def response(chat: Mapping[str, Any], model: str, stops: list[str]) -> dict[str,
     if text:
         content.append({"type": "text", "text": text})
     for call in message.get("tool_calls") or ():
-        function = _map(call.get("function")) if _is_map(call) else {}
+        function = _map(call.get("function")) if is_map(call) else {}
         if not function.get("name") or not isinstance(function["name"], str):
             raise ValueError("a tool call without a name")
         content.append(
@@ -457,15 +458,7 @@ def event(kind: str, data: Mapping[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
 
 
-class StreamBroken(ValueError):
-    """The chat stream cannot be translated on (an error event, or garbage)."""
-
-
-_MAX_EVENT = 1 << 20  # an SSE event longer than this (1 MiB) is no chat chunk
-MAX_TOOL_CALLS = 256  # per answer: a stream's state stays bounded whatever it sends
-
-
-class ChatToMessagesStream:
+class ChatToMessagesStream(ChatStreamReader):
     """Chat Completions stream bytes in, Messages events out, as they come.
 
     ``feed(chunk)`` returns the events the chunk completes (any chunking: an event split
@@ -473,56 +466,18 @@ class ChatToMessagesStream:
     stream said ``[DONE]``. ``usage`` is the chat usage seen (for the proxy's own counts).
     Raises ``StreamBroken`` on an upstream error event or an event past 1 MiB."""
 
+    call_prefix = "toolu_"
+
     def __init__(self, model: str, stops: list[str]) -> None:
         self.model = model
         self.stops = stops
-        self.usage: dict[str, Any] | None = None
-        self.done = False  # the chat stream's [DONE] came
+        super().__init__()
         self._started = False
         self._index = -1  # the open block's index, -1: none
         self._open: str | None = None  # its kind: text, thinking, tool_use
-        self._tools: dict[int, int] = {}  # chat tool call index -> block index
-        self._tool_ids: dict[int, str] = {}  # chat tool call index -> its id
-        self._last_tool: int | None = None  # the call the last tool delta went to
-        self._pending: list[bytes] = []  # an event's start, until its end comes
-        self._pending_size = 0
-        self._finish: Any = None
+        self._tools: dict[int, int] = {}  # the answer's tool call (its slot) -> block index
         self._text = ""  # the answer's text so far (the tail, for the stop sequence)
         self._output = 0  # text characters seen, for an estimate when no usage comes
-
-    def feed(self, chunk: bytes) -> bytes:
-        if self.done:
-            return b""  # after [DONE]: nothing more is the answer's
-        if self._pending:
-            # An event under way: look for its end in the new bytes only (with the few
-            # before them an end may straddle), so an event in many pieces costs one pass.
-            window = self._pending[-1][-3:] + chunk
-            if _EVENT_END.search(window) is None:
-                self._pending.append(chunk)
-                self._pending_size += len(chunk)
-                if self._pending_size > _MAX_EVENT:
-                    raise StreamBroken("an upstream event past 1 MiB")
-                return b""
-            buffer = b"".join(self._pending) + chunk
-            self._pending.clear()
-        else:
-            buffer = chunk
-        out: list[bytes] = []
-        start = 0
-        for match in _EVENT_END.finditer(buffer):  # one pass: no copy per event
-            data = _data_of(buffer[start : match.start()])
-            start = match.end()
-            if data is not None:
-                out.append(self._on_data(data))
-                if self.done:
-                    return b"".join(out)
-        rest = buffer[start:]
-        self._pending_size = len(rest)
-        if rest:
-            self._pending.append(rest)
-        if self._pending_size > _MAX_EVENT:
-            raise StreamBroken("an upstream event past 1 MiB")
-        return b"".join(out)
 
     def end(self) -> bytes:
         """The closing events (after ``[DONE]``, or a clean end with a finish reason)."""
@@ -548,34 +503,11 @@ class ChatToMessagesStream:
         return self._output
 
     @property
-    def complete(self) -> bool:
-        """The chat stream ended as it should: ``[DONE]``, or at least a finish reason."""
-        return self.done or self._finish is not None
+    def _seen(self) -> bool:
+        return self._started
 
-    def _on_data(self, data: bytes) -> bytes:
-        if data.strip() == b"[DONE]":
-            self.done = True
-            return b""
-        try:
-            chunk = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            raise StreamBroken("an upstream event that is not JSON") from None
-        if not _is_map(chunk):
-            return b""
-        if chunk.get("error"):
-            error = chunk["error"]
-            message = error.get("message") if _is_map(error) else None
-            raise StreamBroken(str(message or "the upstream failed mid-stream"))
-        out = [] if self._started else [self._start(chunk.get("id"))]
-        if _is_map(chunk.get("usage")):
-            self.usage = chunk["usage"]
-        for choice in chunk.get("choices") or ():
-            if not _is_map(choice) or choice.get("index", 0) != 0:
-                continue  # (n > 1: the first choice is the answer)
-            if _is_map(choice.get("usage")):  # Moonshot's place for it
-                self.usage = choice["usage"]
-            out.append(self._on_choice(choice))
-        return b"".join(out)
+    def on_first(self, chunk: Mapping[str, Any]) -> bytes:
+        return self._start(chunk.get("id"))
 
     def _start(self, chat_id: Any = None) -> bytes:
         self._started = True
@@ -591,7 +523,7 @@ class ChatToMessagesStream:
         }
         return event("message_start", {"type": "message_start", "message": message})
 
-    def _on_choice(self, choice: Mapping[str, Any]) -> bytes:
+    def on_choice(self, choice: Mapping[str, Any]) -> bytes:
         out: list[bytes] = []
         delta = _map(choice.get("delta"))
         reasoning = delta.get("reasoning_content")
@@ -605,39 +537,26 @@ class ChatToMessagesStream:
             self._text = (self._text + text)[-256:]
             self._output += len(text)
         for call in delta.get("tool_calls") or ():
-            if _is_map(call):
+            if is_map(call):
                 out.append(self._on_tool_call(call))
-        if choice.get("finish_reason") is not None:
-            self._finish = choice["finish_reason"]
         return b"".join(out)
 
     def _on_tool_call(self, call: Mapping[str, Any]) -> bytes:
         out: list[bytes] = []
         function = _map(call.get("function"))
-        call_id = call.get("id")
-        position = call.get("index")
-        if not isinstance(position, int):  # no index: the open call goes on, or a new one
-            position = self._last_tool if call_id is None and self._last_tool is not None else -1
-        if position in self._tools and call_id and call_id != self._tool_ids[position]:
-            position = -1  # a new id at a used index: another call (seen from some servers)
-        if position == -1:
-            position = -2 - len(self._tools)  # a position of our own, never a chat index
-        if position not in self._tools:
-            if len(self._tools) >= MAX_TOOL_CALLS:
-                raise StreamBroken(f"the upstream sent over {MAX_TOOL_CALLS} tool calls")
+        slot, new = self.slot_of(call)
+        if new:
             name = function.get("name")
             if not isinstance(name, str) or not name:
                 raise StreamBroken("the upstream began a tool call without its name")
-            block_id = str(call_id or f"toolu_{len(self._tools)}")
+            block_id = self.call_ids[slot]
             block = {"type": "tool_use", "id": block_id, "name": name, "input": {}}
             out.append(self._open_block("tool_use", block, force=True))
-            self._tools[position] = self._index
-            self._tool_ids[position] = block_id
-        elif self._tools[position] != self._index:
+            self._tools[slot] = self._index
+        elif self._tools[slot] != self._index:
             # Arguments for a call whose block is closed: Messages cannot reopen it, and
             # dropping them would hand the client a tool call it never made.
             raise StreamBroken("the upstream interleaved the arguments of two tool calls")
-        self._last_tool = position
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             out.append(self._delta({"type": "input_json_delta", "partial_json": arguments}))
@@ -669,16 +588,3 @@ class ChatToMessagesStream:
         return out + event(
             "content_block_stop", {"type": "content_block_stop", "index": self._index}
         )
-
-
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
-
-
-def _data_of(raw: bytes) -> bytes | None:
-    """The data of one SSE event (its ``data:`` lines joined), None for a comment."""
-    lines = [
-        line[5:].removeprefix(b" ")
-        for line in raw.replace(b"\r\n", b"\n").split(b"\n")
-        if line.startswith(b"data:")
-    ]
-    return b"\n".join(lines) if lines else None
