@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
+import gc
 import hmac
 import logging
 import os
@@ -127,6 +128,7 @@ class ProxyApp:
                         self._watch = asyncio.create_task(self.reloader.watch())
                     if self.supervisor is not None:
                         self._orphan_watch = asyncio.create_task(_exit_with(self.supervisor))
+                    _freeze_start_up_objects()
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": str(exc)})
                     return
@@ -403,3 +405,12 @@ async def _exit_with(supervisor: int) -> None:
         await asyncio.sleep(ORPHAN_CHECK_INTERVAL)
     log.warning("the supervisor (pid %d) is gone: this worker shuts down", supervisor)
     os.kill(os.getpid(), signal.SIGTERM)  # uvicorn's graceful shutdown: streams may finish
+
+
+def _freeze_start_up_objects() -> None:
+    """What start-up made (modules, config, router, pools: ~70 k objects) lives as long as
+    the process: moved out of the collector's sight, so that no collection walks it again.
+    A full collection walked all of it (30+ ms, every request waiting), and the young
+    generations' collections, which age objects into it, cost ~30 µs per request more."""
+    gc.collect()
+    gc.freeze()
