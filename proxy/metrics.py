@@ -38,9 +38,10 @@ OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 
 
 REQUESTS = Counter(
     "llm_proxy_requests",
-    "Requests answered, by client, backend, model, status, stream and endpoint (the wire "
-    "dialect: openai, anthropic).",
-    ["client", "backend", "model", "status", "stream", "endpoint"],
+    "Requests answered, by client, backend, model, status, stream, endpoint (the wire "
+    "dialect: openai, anthropic) and upstream_wire (native, or the wire a request was "
+    "translated to: chat).",
+    ["client", "backend", "model", "status", "stream", "endpoint", "upstream_wire"],
 )
 DRAINED = Counter(
     "llm_proxy_drained",
@@ -219,7 +220,10 @@ def observe_request(record: RequestContext) -> None:
     model = record.model_label
     stream = "true" if record.stream else "false"
     client = record.client_label
-    requests_child(client, backend, model, str(record.status), stream, record.dialect.name).inc()
+    wire = record.upstream_wire or "native"
+    requests_child(
+        client, backend, model, str(record.status), stream, record.dialect.name, wire
+    ).inc()
     if record.throttle_reason is not None:
         throttled_child(record.throttle_reason).inc()
     for attempt in record.attempt_errors:
@@ -249,7 +253,7 @@ def observe_realtime_session(record: RequestContext, seconds: float) -> None:
     session may last an hour, the token panels must not wait for its end."""
     backend = record.backend or "none"
     labels = (record.client_label, backend, record.model_label, "101", "true", record.dialect.name)
-    requests_child(*labels).inc()
+    requests_child(*labels, "native").inc()
     for attempt in record.attempt_errors:
         errors_child(*attempt).inc()
     REALTIME_DURATION.labels(backend, record.model_label).observe(seconds)

@@ -88,6 +88,7 @@ def test_metric_values_after_known_traffic(proxy, upstream):
     m = scrape(proxy)
 
     labels = {"client": "team-obs", "backend": "mock", "model": "obs-model", "endpoint": "openai"}
+    labels["upstream_wire"] = "native"
     assert value(m, "llm_proxy_requests_total", **labels, status="200", stream="false") == 3
     assert value(m, "llm_proxy_requests_total", **labels, status="200", stream="true") == 1
     assert value(m, "llm_proxy_requests_total", **labels, status="500", stream="false") == 1
@@ -103,6 +104,7 @@ def test_metric_values_after_known_traffic(proxy, upstream):
             endpoint="openai",
             status="200",
             stream="false",
+            upstream_wire="native",
         )
         == 1
     )
@@ -287,6 +289,7 @@ def test_counts_are_summed_over_workers(upstream, tmp_path, workers):
                     status="200",
                     stream="false",
                     endpoint="openai",
+                    upstream_wire="native",
                 )
             )
         assert totals == {20.0}

@@ -24,6 +24,7 @@ pytestmark = pytest.mark.e2e
 
 KEY_A = "ck-responses-a-0000000000"
 KEY_B = "ck-responses-b-0000000000"
+ADMIN = "adm-responses-00000000000"
 TOOLS: list[Any] = [
     {
         "type": "function",
@@ -55,6 +56,7 @@ clients:
 routes:
   - {{prefix: "", backend: chatonly}}
 aliases: {{kimi-k2: chat-model}}
+server: {{admin_key: "{ADMIN}"}}
 """
     tmp = tmp_path_factory.mktemp("responses")
     process = start_proxy(config, tmp, extra_args=("--log-format", "json"))
@@ -96,6 +98,9 @@ def test_an_answer_comes_back_as_a_response_with_the_upstreams_usage(proxy, chat
     line = logged(proxy, raw.headers["x-request-id"])
     assert (line["prompt_tokens"], line["completion_tokens"]) == (21, 8)
     assert line["upstream_wire"] == "chat"
+    page = httpx.get(f"{proxy.url}/metrics", headers={"authorization": f"Bearer {ADMIN}"}).text
+    wanted = 'endpoint="openai",model="chat-model",status="200",stream="false",upstream_wire="chat"'
+    assert any(wanted in line for line in page.splitlines() if "llm_proxy_requests_total" in line)
 
 
 def test_a_tool_loop_round_trips_call_ids_and_arguments(proxy, chat):
