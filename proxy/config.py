@@ -16,6 +16,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -128,6 +129,18 @@ Port = Annotated[
     pydantic.WithJsonSchema({"type": "integer", "minimum": 1, "maximum": 65535}),
 ]
 Rate = Annotated[Text, _check(limits.parse_many, "expected a rate like '600/minute', got {!r}")]
+
+
+def _ca_file(path: str) -> str:
+    """A PEM bundle the backend's certificate is checked against: it must load now, not
+    at the first request."""
+    try:
+        ssl.create_default_context(cafile=path)
+    except FileNotFoundError:
+        raise ValueError(f"no such file: {path}") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load certificates from {path}: {exc}") from None
+    return path
 
 
 def _base_url(url: str) -> str:
@@ -296,6 +309,11 @@ class BackendConfig(_Section):
     models: Annotated[tuple[Text, ...], doc("model ids served (routed as they are)")] = ()
     timeout: Annotated[Timeouts, doc("upstream timeouts")] = Timeouts()
     headers: Annotated[Headers, doc("extra headers sent upstream")] = field(default_factory=_NONE)
+    ca_file: Annotated[
+        Text | None,
+        AfterValidator(_ca_file),
+        doc("PEM certificates trusted for this backend's https (besides the system's)"),
+    ] = None
     rate_limit: Annotated[Rate | None, doc("outbound limit, e.g. 500/minute")] = None
     breaker: Annotated[BreakerConfig, doc("circuit breaker")] = BreakerConfig()
     key_probe_interval: Annotated[Positive, doc("how often an invalid key is retried")] = 300.0

@@ -24,6 +24,7 @@ from proxy.config import BackendConfig, Config, KeyConfig
 from proxy.dialects import DEFAULT, DIALECTS, Dialect
 from proxy.redact import Redactor
 from proxy.routing import Router
+from proxy.upstream import tls_context
 
 TIMEOUT = httpx.Timeout(8.0, connect=4.0)
 _BODY_LIMIT = 16 * 1024 * 1024
@@ -89,9 +90,16 @@ class _KeyResult:
 
 async def check_online(config: Config) -> Report:
     redactor = Redactor.for_config(config)
-    async with httpx.AsyncClient(timeout=TIMEOUT, follow_redirects=False) as client:
+    # One client per set of trusted roots (the system's; each backend's own ca_file).
+    clients = {
+        backend.ca_file: httpx.AsyncClient(
+            timeout=TIMEOUT, follow_redirects=False, verify=tls_context(backend)
+        )
+        for backend in config.backends.values()
+    }
+    try:
         jobs = [
-            _probe(client, backend, key, redactor, dialect)
+            _probe(clients[backend.ca_file], backend, key, redactor, dialect)
             for backend in config.backends.values()
             for dialect in DIALECTS.values()
             if dialect.speaks(backend)
@@ -99,6 +107,9 @@ async def check_online(config: Config) -> Report:
             if key.present
         ]
         results = await asyncio.gather(*jobs)
+    finally:
+        for client in clients.values():
+            await client.aclose()
     by_backend: dict[str, list[_KeyResult]] = {}
     for backend_name, result in results:
         by_backend.setdefault(backend_name, []).append(result)

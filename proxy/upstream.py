@@ -8,6 +8,7 @@ Performance section). Bodies are passed through as bytes: no decompression, no r
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -62,6 +63,7 @@ class Upstream:
     async def start(self) -> None:
         if self._session is None:
             connector = aiohttp.TCPConnector(
+                ssl=tls_context(self._backend),
                 limit=0,  # no pool cap: 1,000 concurrent streams must not queue behind 100
                 ttl_dns_cache=300,
                 keepalive_timeout=30,
@@ -165,7 +167,9 @@ class Upstream:
             return upstream_timeout(self.name, "connecting")
         if isinstance(exc, TimeoutError | aiohttp.SocketTimeoutError):
             return upstream_timeout(self.name, waiting_for)
-        if isinstance(exc, aiohttp.ClientConnectorError):
+        if isinstance(exc, aiohttp.ClientConnectorError) and not isinstance(
+            exc, aiohttp.ClientConnectorCertificateError
+        ):
             return upstream_unreachable(self.name, f"cannot connect to {exc.host}:{exc.port}")
         return upstream_unreachable(self.name, _describe(exc))
 
@@ -253,11 +257,27 @@ class Upstream:
         return b"".join(chunks)
 
 
+def tls_context(backend: BackendConfig) -> ssl.SSLContext | bool:
+    """How the backend's https certificate is checked: against the system's roots, plus
+    the backend's ``ca_file`` (an internal CA, a self-signed vLLM) when it names one."""
+    if backend.ca_file is None:
+        return True  # aiohttp's default context
+    context = ssl.create_default_context()
+    context.load_verify_locations(cafile=backend.ca_file)
+    return context
+
+
 _CHECK_BODY_LIMIT = 64 * 1024  # a refusal's error body, read to classify it
 
 
 def _describe(exc: BaseException) -> str:
     # Never echo request headers: an exception's text may carry them in other clients.
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        reason = getattr(exc.certificate_error, "verify_message", "") or "not trusted"
+        return (
+            f"cannot connect to {exc.host}:{exc.port}: its certificate is refused ({reason});"
+            " a private CA's goes in the backend's ca_file"
+        )
     if isinstance(exc, aiohttp.ClientConnectorError):
         # Our own wording: aiohttp's says "ssl:default" even for an http:// URL.
         reason = exc.os_error.strerror or type(exc.os_error).__name__

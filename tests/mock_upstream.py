@@ -32,6 +32,7 @@ import argparse
 import asyncio
 import collections
 import random
+import ssl
 import sys
 from typing import Any
 
@@ -449,9 +450,9 @@ def _chunk(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def serve(host: str, port: int, state: State) -> None:
+async def serve(host: str, port: int, state: State, tls: ssl.SSLContext | None = None) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: Connection(state), host, port, backlog=4096)
+    server = await loop.create_server(lambda: Connection(state), host, port, backlog=4096, ssl=tls)
     bound = server.sockets[0].getsockname()[1]
     print(f"LISTENING {bound}", flush=True)
     async with server:
@@ -465,7 +466,13 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true", help="do not keep received requests")
     parser.add_argument("--invalid-key", action="append", default=[], help="answer 401 to it")
     parser.add_argument("--models", default="mock-model", help="comma-separated /models list")
+    parser.add_argument("--cert", help="serve https with this PEM certificate (and --key)")
+    parser.add_argument("--key", help="the certificate's PEM private key")
     args = parser.parse_args()
+    tls = None
+    if args.cert:
+        tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        tls.load_cert_chain(args.cert, args.key)
     state = State(record=not args.no_record, models=args.models.split(","))
     state.invalid_keys = set(args.invalid_key)
     try:
@@ -475,7 +482,7 @@ def main() -> None:
     except ImportError:
         run = asyncio.run
     try:
-        run(serve(args.host, args.port, state))
+        run(serve(args.host, args.port, state, tls))
     except KeyboardInterrupt:
         sys.exit(0)
 
