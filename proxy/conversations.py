@@ -7,8 +7,10 @@ openai-agents) needs the proxy to keep them. Each kept response holds only what 
 walked oldest first when continued, so a long one costs its size once, not once per turn.
 
 Kept per owner (the client id; None for an open proxy): one client never sees, continues
-or deletes another's, and never evicts another's, whatever it sends. Bounded by bytes
-(per process, and per client), by turns per chain, and by age; the oldest go first.
+or deletes another's. Bounded by bytes per client (a client past its share loses its own
+oldest), per process (past it, anyone's oldest go: with the defaults, four clients at
+their whole share before a fifth's is touched), by turns and bytes per chain (a chain is
+sent whole when continued: never more than ``server.max_body_size``), and by age.
 In this process's memory only: with replicas, a conversation continues on the replica
 that holds it (the object placement sends its next request to the same backend, not the
 same replica).
@@ -34,6 +36,7 @@ class _Kept:
     response: bytes  # JSON: the response object, as ``GET /v1/responses/{id}`` answers
     expires: float
     turns: int  # responses in the chain up to this one
+    chain_bytes: int  # the items of the chain up to this one: what continuing it sends
 
     @property
     def size(self) -> int:
@@ -49,8 +52,10 @@ class Conversations:
         max_bytes_per_client: int,
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        max_chain_bytes: int = 10 << 20,
     ) -> None:
         self.max_bytes = max_bytes
+        self.max_chain_bytes = max_chain_bytes
         self.max_bytes_per_client = max_bytes_per_client
         self.ttl = ttl
         self._clock = clock
@@ -70,8 +75,11 @@ class Conversations:
     def owned_bytes(self, owner: str | None) -> int:
         return self._by_owner.get(owner, 0)
 
-    def reconfigure(self, max_bytes: int, max_bytes_per_client: int, ttl: float) -> None:
+    def reconfigure(
+        self, max_bytes: int, max_bytes_per_client: int, ttl: float, max_chain_bytes: int
+    ) -> None:
         self.max_bytes, self.max_bytes_per_client, self.ttl = max_bytes, max_bytes_per_client, ttl
+        self.max_chain_bytes = max_chain_bytes
         self._evict(None)
 
     def keep(
@@ -88,12 +96,14 @@ class Conversations:
         before = self._get(owner, previous, now) if previous is not None else None
         turns = before.turns + 1 if before is not None else 1
         try:
-            kept = _Kept(
-                previous, orjson.dumps(items), orjson.dumps(response), now + self.ttl, turns
-            )
+            added, shown = orjson.dumps(items), orjson.dumps(response)
         except (orjson.JSONEncodeError, TypeError):
             return False
-        if turns > MAX_TURNS or kept.size > min(self.max_bytes_per_client, self.max_bytes):
+        chain = len(added) + (before.chain_bytes if before is not None else 0)
+        kept = _Kept(previous, added, shown, now + self.ttl, turns, chain)
+        # A chain continued is sent whole: never more than a client may send at once.
+        too_long = turns > MAX_TURNS or chain > self.max_chain_bytes
+        if too_long or kept.size > min(self.max_bytes_per_client, self.max_bytes):
             return False
         self._drop((owner, response_id))
         self._kept[(owner, response_id)] = kept

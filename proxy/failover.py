@@ -61,6 +61,13 @@ class RequestParts:
     # A translated request whose answer the proxy keeps: (the response it continues, the
     # payload as the client sent it, before the kept conversation was put in front).
     conversation: tuple[str | None, dict[str, Any]] | None = None
+
+    @property
+    def as_sent(self) -> dict[str, Any]:
+        """The payload as the client sent it (before a kept conversation went in front):
+        what a translated answer echoes."""
+        return self.conversation[1] if self.conversation is not None else self.payload
+
     _bodies: dict[tuple[str, int, int], bytes] = field(default_factory=dict)
 
     @property

@@ -42,7 +42,7 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect, for_request
-from proxy.dialects.translate import client_wire, pick, reaches
+from proxy.dialects.translate import Untranslatable, client_wire, pick, reaches
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import (
@@ -421,7 +421,7 @@ class _Relay:
         source: aiohttp.ClientResponse | TranslatedStream = self.delivery.response
         translator = None
         if translation is not None:
-            translator = translation.stream(self.parts.payload)
+            translator = translation.stream(self.parts.as_sent)
             source = translated(self.delivery.response, translator)
         try:
             await relay_stream(
@@ -521,7 +521,7 @@ class _Relay:
         if translation is not None:  # counted above from the upstream's own usage
             try:
                 if response.status < 300:
-                    document = translation.document(data, self.parts.payload)
+                    document = translation.document(data, self.parts.as_sent)
                     self._keep(document)
                     data = orjson.dumps(document)
                 else:
@@ -718,9 +718,12 @@ def continue_conversation(
         if history is None:
             raise errors.previous_response_not_found(previous)
         assert target.translation is not None
-        parts.payload = target.translation.continued(payload, history)
-    if payload.get("store") is not False:
-        parts.conversation = (previous, payload)
+        try:
+            parts.payload = target.translation.continued(payload, history)
+        except Untranslatable as exc:
+            raise errors.bad_request(f"{exc.param}: {exc.why}.", param=exc.param) from None
+    # (Kept, or not, by the answer's own request: `kept` reads its `store`.)
+    parts.conversation = (previous, payload)
 
 
 async def answer_kept(

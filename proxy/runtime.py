@@ -501,15 +501,16 @@ def _object_store(config: Config, storage: Store, previous: Runtime | None) -> O
 def _conversations(config: Config, previous: Runtime | None) -> Conversations:
     """The kept conversations outlive a reload (a client's next turn must find its last)."""
     settings = config.objects
-    bounds = (
-        settings.conversation_bytes,
-        min(settings.conversation_bytes_per_client, settings.conversation_bytes),
-        settings.conversation_ttl,
-    )
+    share = min(settings.conversation_bytes_per_client, settings.conversation_bytes)
+    chain = config.server.max_body_size  # continued, a chain is sent as one body
     if previous is not None:
-        previous.conversations.reconfigure(*bounds)
+        previous.conversations.reconfigure(
+            settings.conversation_bytes, share, settings.conversation_ttl, chain
+        )
         return previous.conversations
-    return Conversations(*bounds)
+    return Conversations(
+        settings.conversation_bytes, share, settings.conversation_ttl, max_chain_bytes=chain
+    )
 
 
 def _probe_timeout(backend: BackendConfig) -> float:

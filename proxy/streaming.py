@@ -493,7 +493,9 @@ async def relay_stream(
         message = f"Backend '{backend}' stopped sending mid-stream (read timeout)."
         failure = ("timeout", message, "upstream_timeout")
     except TranslationBroken as exc:
-        message = f"Backend '{backend}' sent a stream that cannot be translated: {exc}."
+        # The upstream's own words (its error event's message): scrubbed like its bytes.
+        why = redactor.text(str(exc))[:2000]
+        message = f"Backend '{backend}' sent a stream that cannot be translated: {why}."
         failure = ("stream_broken", message, "upstream_stream_broken")
     except aiohttp.ClientError:
         message = f"Backend '{backend}' closed the stream before it was complete."

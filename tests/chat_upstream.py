@@ -3,7 +3,7 @@ process on 127.0.0.1: it answers a request offering its tool with a call of it (
 in pieces), a request whose last message is a tool result with that result's text, and
 anything else with a greeting; model ``fail-model`` gets a 500, ``garbage-model`` a 200
 without choices, ``text-model`` a 200 in text/plain, ``midfail-model`` a stream with an
-error event in its middle."""
+error event in its middle (``midfail-key-model``: one quoting the key it was sent)."""
 
 from __future__ import annotations
 
@@ -90,9 +90,13 @@ class ChatUpstream:
             await response.write(b"data: " + orjson.dumps(data) + b"\n\n")
 
         await chunk({"role": "assistant"})
-        if body["model"] == "midfail-model":  # an error event in the middle of the stream
+        if body["model"] in ("midfail-model", "midfail-key-model"):  # an error mid-stream
             await chunk({"content": "Half an "})
-            error = {"error": {"message": "rate limit hit mid-stream", "type": "server_error"}}
+            message = "rate limit hit mid-stream"
+            if body["model"] == "midfail-key-model":  # an upstream quoting the key it got
+                key = request.headers.get("authorization", "").removeprefix("Bearer ")
+                message = f"key {key} was refused mid-stream"
+            error = {"error": {"message": message, "type": "server_error"}}
             await response.write(b"data: " + orjson.dumps(error) + b"\n\n")
             return response
         for i in range(0, len(text), 5):

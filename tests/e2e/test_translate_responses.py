@@ -223,3 +223,28 @@ def test_an_upstream_error_mid_stream_reaches_the_sdk(proxy):
     with pytest.raises(openai.APIError, match="rate limit hit mid-stream"), stream as events:
         for _ in events:
             pass
+
+
+def test_an_upstream_quoting_its_key_mid_stream_never_shows_it_to_the_client(proxy):
+    stream = sdk(proxy).responses.stream(model="midfail-key-model", input="hi", store=False)
+    with pytest.raises(openai.APIError) as broken, stream as events:
+        for _ in events:
+            pass
+    assert "was refused mid-stream" in str(broken.value)
+    assert "sk-chat-only-000000000000" not in str(broken.value)
+    assert "sk-chat-only-000000000000" not in proxy.log()
+
+
+def test_continuing_with_an_input_of_the_wrong_type_is_a_400_naming_it(proxy):
+    client = sdk(proxy)
+    first = client.responses.create(model="kimi-k2", input="hi")
+    answer = httpx.post(
+        f"{proxy.url}/v1/responses",
+        headers={"authorization": f"Bearer {KEY_A}"},
+        json={"model": "kimi-k2", "input": 5, "previous_response_id": first.id},
+    )
+    assert answer.status_code == 400
+    assert answer.json()["error"]["param"] == "input"
+    # The continued response echoes the id it continues, as OpenAI's does.
+    second = client.responses.create(model="kimi-k2", input="and?", previous_response_id=first.id)
+    assert second.previous_response_id == first.id

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
@@ -119,3 +120,16 @@ class KeptConversations(RuleBasedStateMachine):
 
 TestKeptConversations = KeptConversations.TestCase
 TestKeptConversations.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)
+
+
+def test_a_chain_holds_at_most_what_a_client_may_send_at_once():
+    kept = Conversations(1 << 24, 1 << 24, 60.0, max_chain_bytes=10_000)
+    previous = None
+    for n in range(20):
+        ok = kept.keep("a", f"resp_{n}", previous, [item("w" * 900)], answer(f"resp_{n}", ""))
+        if not ok:
+            break
+        previous = f"resp_{n}"
+    assert not ok and n == 10  # ~950 bytes a turn: the 11th would pass 10,000
+    history = kept.history("a", "resp_9")
+    assert history is not None and len(orjson.dumps(history)) <= 10_000

@@ -430,3 +430,76 @@ def test_a_stream_with_no_chunk_still_answers_a_whole_response():
         "response.in_progress",
         "response.completed",
     ]
+
+
+@pytest.mark.parametrize(
+    ("change", "param"),
+    [
+        ({"temperature": "hot"}, "temperature"),
+        ({"max_output_tokens": "big"}, "max_output_tokens"),
+        ({"max_output_tokens": True}, "max_output_tokens"),
+        ({"parallel_tool_calls": "yes"}, "parallel_tool_calls"),
+        ({"store": "no"}, "store"),
+        ({"metadata": "x"}, "metadata"),
+        ({"user": {}}, "user"),
+        ({"reasoning": {"effort": ["high"]}}, "reasoning.effort"),
+        ({"reasoning": {"effort": {"a": 1}}}, "reasoning.effort"),
+        ({"tools": [{"type": "function", "name": "f", "parameters": "x"}]}, "tools.0.parameters"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_by_name_never_sent_on(change, param):
+    with pytest.raises(Untranslatable) as refused:
+        request({"model": "m", "input": "hi", **change}, "m")
+    assert refused.value.param == param
+
+
+def test_explicit_nulls_are_no_values():
+    body = request(
+        {"model": "m", "input": "hi", "previous_response_id": None, "top_logprobs": None}, "m"
+    )
+    assert body["messages"] == [{"role": "user", "content": "hi"}]
+
+
+def test_ids_the_proxy_renamed_still_tell_the_calls_deltas_apart():
+    """Two calls with one id, an id too long, an id not a string: each call gets an id
+    of its own, and the upstream's repeated ids keep finding their call."""
+    translator = ChatToResponsesStream({"model": "m"}, "resp_1")
+    long_id = "x" * 200
+    deltas = [
+        {"index": 0, "id": "dup", "function": {"name": "a", "arguments": ""}},
+        {"index": 1, "id": "dup", "function": {"name": "b", "arguments": ""}},
+        {"index": 2, "id": long_id, "function": {"name": "c", "arguments": ""}},
+        {"index": 3, "id": 7, "function": {"name": "d", "arguments": ""}},
+        {"index": 1, "id": "dup", "function": {"arguments": '{"b":1}'}},
+        {"index": 2, "id": long_id, "function": {"arguments": '{"c":1}'}},
+        {"index": 3, "id": 7, "function": {"arguments": '{"d":1}'}},
+        {"index": 0, "id": "dup", "function": {"arguments": '{"a":1}'}},
+    ]
+    for delta in deltas:
+        translator.feed(sse({"choices": [{"index": 0, "delta": {"tool_calls": [delta]}}]}))
+    translator.feed(sse({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    translator.feed(b"data: [DONE]\n\n")
+    translator.end()
+    assert translator.final is not None
+    calls = [(i["name"], i["call_id"], i["arguments"]) for i in translator.final["output"]]
+    assert calls == [
+        ("a", "dup", '{"a":1}'),
+        ("b", "call_1", '{"b":1}'),
+        ("c", "call_2", '{"c":1}'),
+        ("d", "call_3", '{"d":1}'),
+    ]
+
+
+def test_a_stream_that_would_hold_too_much_is_broken_off(monkeypatch):
+    many = ChatToResponsesStream({"model": "m"}, "resp_2")
+    with pytest.raises(StreamBroken, match="1024 output items"):
+        for n in range(1100):  # reasoning and text by turns: one item each
+            key = "content" if n % 2 else "reasoning_content"
+            many.feed(sse({"choices": [{"index": 0, "delta": {key: "z"}}]}))
+    from proxy.dialects.translate import responses_chat
+
+    monkeypatch.setattr(responses_chat, "MAX_HELD", 1000)
+    translator = ChatToResponsesStream({"model": "m"}, "resp_1")
+    with pytest.raises(StreamBroken, match="the answer passed"):
+        for _ in range(20):
+            translator.feed(sse({"choices": [{"index": 0, "delta": {"content": "y" * 100}}]}))

@@ -38,6 +38,7 @@ class ChatStreamReader:
         self._pending: list[bytes] = []  # an event's start, until its end comes
         self._pending_size = 0
         self.call_ids: list[str] = []  # the answer's tool calls (their slots): each one's id
+        self._sent_ids: list[Any] = []  # ... and the id the upstream sent for it
         self._slots: dict[int, int] = {}  # chat tool call position -> slot
         self._last_slot: int | None = None  # the slot the last tool delta went to
 
@@ -122,7 +123,7 @@ class ChatStreamReader:
         if not isinstance(position, int):
             position = self._last_slot_position(call_id)
         slot = self._slots.get(position)
-        if slot is not None and call_id and call_id != self.call_ids[slot]:
+        if slot is not None and call_id and call_id != self._sent_ids[slot]:
             slot = None  # a new id at a used index: another call
             position = -2 - len(self.call_ids)  # a position of our own, never a chat index
         new = slot is None
@@ -135,6 +136,7 @@ class ChatStreamReader:
             if not given or given in self.call_ids or len(given) > 128:
                 given = f"{self.call_prefix}{slot}"
             self.call_ids.append(given)
+            self._sent_ids.append(call_id)
             self._slots[position] = slot
         self._last_slot = slot
         return slot, new

@@ -85,16 +85,25 @@ _BUILT_IN = (
 _MAX_USER = 64  # characters of user / safety_identifier sent as chat's user
 _EFFORTS = {"minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "high"}
 NAMESPACE_JOIN = "__"  # <namespace>__<tool>: a chat function name for a namespaced tool
+# What a stream's translation holds for its done events (the whole text, each call's
+# arguments): 16 MiB, ~30x the longest answer a model writes today; past it, or past
+# MAX_ITEMS output items, the stream is broken off (StreamBroken), never held on.
+MAX_HELD = 16 << 20
+MAX_ITEMS = 1024
 
 
 def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict[str, Any]:
     """The Chat Completions body for a Responses request ``payload``, to ``model`` (the
     upstream's id). ``effort``: the backend takes ``reasoning_effort``."""
-    for name in payload:
+    for name, value in payload.items():
+        if name in _MAPPED or name in _DROPPED:
+            continue
         if name in _REFUSED:
+            if value is None:  # an explicit null is no value (some clients send them)
+                continue
             raise Untranslatable(name, f"{_REFUSED[name]}: not translated to a chat backend")
-        if name not in _MAPPED and name not in _DROPPED:
-            raise Untranslatable(name, f"'{name}' is not translated to a chat backend")
+        raise Untranslatable(name, f"'{name}' is not translated to a chat backend")
+    _check_types(payload)
     if payload.get("background") not in (None, False):
         raise Untranslatable("background", "background responses are OpenAI's own")
     if payload.get("service_tier") not in (None, "auto", "default"):
@@ -125,6 +134,32 @@ def request(payload: Mapping[str, Any], model: str, effort: bool = True) -> dict
     if chosen is not None and effort:
         body["reasoning_effort"] = chosen
     return body
+
+
+# Fields sent on (or read) as they are: their type checked here, so that a backend never
+# gets what the client's own API would have refused.
+_TYPES: dict[str, tuple[tuple[type, ...], str]] = {
+    "max_output_tokens": ((int,), "an integer"),
+    "temperature": ((int, float), "a number"),
+    "top_p": ((int, float), "a number"),
+    "parallel_tool_calls": ((bool,), "a boolean"),
+    "store": ((bool,), "a boolean"),
+    "stream": ((bool,), "a boolean"),
+    "background": ((bool,), "a boolean"),
+    "metadata": ((dict,), "an object"),
+    "user": ((str,), "a string"),
+    "safety_identifier": ((str,), "a string"),
+    "instructions": ((str,), "a string"),
+}
+
+
+def _check_types(payload: Mapping[str, Any]) -> None:
+    for name, (types, word) in _TYPES.items():
+        value = payload.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise Untranslatable(name, f"{name} must be {word}")
 
 
 def with_history(payload: Mapping[str, Any], items: list[Any]) -> dict[str, Any]:
@@ -327,9 +362,12 @@ def _function(tool: Mapping[str, Any], place: str, namespace: str) -> dict[str, 
         raise Untranslatable(f"{place}.name", "a function needs its name")
     if namespace:
         name = namespace + NAMESPACE_JOIN + name
+    parameters = tool.get("parameters")
+    if parameters is not None and not is_map(parameters):
+        raise Untranslatable(f"{place}.parameters", "parameters must be a JSON schema object")
     function: dict[str, Any] = {
         "name": name,
-        "parameters": tool.get("parameters") or {"type": "object", "properties": {}},
+        "parameters": parameters or {"type": "object", "properties": {}},
     }
     if isinstance(tool.get("description"), str) and tool["description"]:
         function["description"] = tool["description"]
@@ -381,7 +419,7 @@ def _effort(reasoning: Any) -> str | None:
     effort = reasoning.get("effort")
     if effort is None or effort == "none":
         return None
-    if effort not in _EFFORTS:
+    if not isinstance(effort, str) or effort not in _EFFORTS:
         raise Untranslatable("reasoning.effort", f"effort {effort!r} is not translated")
     return _EFFORTS[effort]
 
@@ -578,6 +616,7 @@ class ChatToResponsesStream(ChatStreamReader):
         self._part: str | None = None  # the open message part's kind: output_text, refusal
         self._calls: dict[int, int] = {}  # the answer's tool call (its slot) -> output index
         self._output = 0  # text characters seen, for an estimate when no usage comes
+        self._held = 0  # characters held for the done events (MAX_HELD)
 
     @property
     def text_bytes(self) -> int:
@@ -618,7 +657,14 @@ class ChatToResponsesStream(ChatStreamReader):
                 out.append(self._tool_call(call))
         return b"".join(out)
 
+    def _hold(self, text: str) -> None:
+        self._held += len(text)
+        if self._held > MAX_HELD:
+            raise StreamBroken(f"the answer passed {MAX_HELD >> 20} MiB")
+
     def _add(self, item: dict[str, Any]) -> bytes:
+        if len(self._items) >= MAX_ITEMS:
+            raise StreamBroken(f"the answer passed {MAX_ITEMS} output items")
         self._items.append(item)
         index = len(self._items) - 1
         return self._event("response.output_item.added", {"output_index": index, "item": item})
@@ -638,6 +684,7 @@ class ChatToResponsesStream(ChatStreamReader):
             )
             item["_text"] = []
         item = self._items[index]
+        self._hold(text)
         item["_text"].append(text)
         return out + self._event(
             "response.reasoning_summary_text.delta",
@@ -672,6 +719,7 @@ class ChatToResponsesStream(ChatStreamReader):
                     "part": part,
                 },
             )
+        self._hold(text)
         item["_parts"][-1][1].append(text)
         where = {"item_id": item["id"], "output_index": index}
         where["content_index"] = len(item["_parts"]) - 1
@@ -743,6 +791,7 @@ class ChatToResponsesStream(ChatStreamReader):
         item = self._items[index]
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
+            self._hold(arguments)
             item["_arguments"].append(arguments)
             self._output += len(arguments)
             out += self._event(
