@@ -10,7 +10,7 @@ RUN_STAMP := $(VENV)/.installed-run
 CONFIG ?= config.yaml
 PORT ?=
 
-.PHONY: run test lock coverage lint format bench bench-peers soak fuzz sdk-suite prices clean
+.PHONY: run test lock coverage lint format bench profile bench-peers soak fuzz sdk-suite prices clean
 
 # Installs come from the lock files (requirements/*.txt, every package pinned with its hashes),
 # never from floating versions: a fresh clone installs exactly what was tested. `make lock`
@@ -96,6 +96,11 @@ bench: $(STAMP)
 	bash bench/install-wrk.sh
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/streams.py
+
+# Where a request's CPU goes, by layer and function, in µs per request (py-spy).
+profile: $(STAMP)
+	bash bench/install-wrk.sh
+	$(BIN)/python bench/profile.py
 
 bench-peers: $(STAMP)
 	bash bench/install-wrk.sh
