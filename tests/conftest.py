@@ -430,3 +430,36 @@ def fake_anthropic() -> Iterator[str]:
     yield f"http://127.0.0.1:{read_listening_port(process, 'fake Anthropic upstream')}"
     process.terminate()
     process.wait(timeout=5)
+
+
+CLI_CACHE = Path.home() / ".cache" / "llm-proxy-tests"  # outside the clone: installed once
+
+
+def npm_cli(package: str, version: str, binary: str) -> Path:
+    """An agent CLI from npm at a pinned version, installed once into ``CLI_CACHE``; the
+    test is skipped, saying why, without npm or the registry."""
+    folder = CLI_CACHE / f"{package.rpartition('/')[2]}-{version}"
+    found = folder / "node_modules" / ".bin" / binary
+    if found.exists():
+        return found
+    if shutil.which("npm") is None:
+        pytest.skip(f"npm is not installed: {package} cannot be installed")
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(
+            [
+                "npm",
+                "install",
+                "--prefix",
+                str(folder),
+                f"{package}@{version}",
+                "--no-audit",
+                "--no-fund",
+            ],
+            capture_output=True,
+            timeout=180,
+            check=True,
+        )
+    except (subprocess.SubprocessError, OSError) as exc:
+        pytest.skip(f"could not install {package}@{version} from npm: {exc}")
+    return found

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -19,32 +18,15 @@ from pathlib import Path
 import pytest
 
 from tests.chat_upstream import USAGE, ChatUpstream, chat_only_config
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import ProxyProcess, npm_cli, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-CLAUDE_CODE = "@anthropic-ai/claude-code@2.1.197"  # pinned, as every install is
-CACHE = Path.home() / ".cache" / "llm-proxy-tests" / "claude-code-2.1.197"
 CLIENT_KEY = "ck-claude-code-000000000"
 
 
 def claude_cli() -> Path:
-    binary = CACHE / "node_modules" / ".bin" / "claude"
-    if binary.exists():
-        return binary
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the Claude Code CLI cannot be installed")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(
-            ["npm", "install", "--prefix", str(CACHE), CLAUDE_CODE, "--no-audit", "--no-fund"],
-            capture_output=True,
-            timeout=180,
-            check=True,
-        )
-    except (subprocess.SubprocessError, OSError) as exc:
-        pytest.skip(f"could not install {CLAUDE_CODE} from npm: {exc}")
-    return binary
+    return npm_cli("@anthropic-ai/claude-code", "2.1.197", "claude")  # pinned, as every install is
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,32 +19,15 @@ from pathlib import Path
 import pytest
 
 from tests.chat_upstream import USAGE, ChatUpstream, chat_only_config
-from tests.conftest import ProxyProcess, start_proxy
+from tests.conftest import ProxyProcess, npm_cli, start_proxy
 
 pytestmark = pytest.mark.e2e
 
-CODEX = "@openai/codex@0.171.0"  # pinned, as every install is
-CACHE = Path.home() / ".cache" / "llm-proxy-tests" / "codex-0.171.0"
 CLIENT_KEY = "ck-codex-cli-00000000000"
 
 
 def codex_cli() -> Path:
-    binary = CACHE / "node_modules" / ".bin" / "codex"
-    if binary.exists():
-        return binary
-    if shutil.which("npm") is None:
-        pytest.skip("npm is not installed: the Codex CLI cannot be installed")
-    CACHE.mkdir(parents=True, exist_ok=True)
-    try:
-        subprocess.run(
-            ["npm", "install", "--prefix", str(CACHE), CODEX, "--no-audit", "--no-fund"],
-            capture_output=True,
-            timeout=180,
-            check=True,
-        )
-    except (subprocess.SubprocessError, OSError) as exc:
-        pytest.skip(f"could not install {CODEX} from npm: {exc}")
-    return binary
+    return npm_cli("@openai/codex", "0.171.0", "codex")  # pinned, as every install is
 
 
 @pytest.fixture(scope="module")

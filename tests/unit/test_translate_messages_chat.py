@@ -9,7 +9,6 @@ import json
 import time
 from typing import Any
 
-import orjson
 import pytest
 from anthropic.lib.streaming._messages import accumulate_event
 from hypothesis import given, settings
@@ -22,6 +21,7 @@ from proxy.dialects.translate.messages_chat import (
     request,
     response,
 )
+from tests.sse import events_of, sse
 
 
 def test_a_tool_loop_turn_maps_field_by_field():
@@ -216,10 +216,6 @@ def test_finish_reasons(finish, text, expected):
 # ------------------------------------------------------------------ streams
 
 
-def sse(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
 pieces = st.lists(
     st.one_of(
         st.tuples(st.just("text"), st.text(min_size=1, max_size=12)),
@@ -262,18 +258,6 @@ def chat_stream(plan: list[Any], finish: str) -> tuple[bytes, str, list[Any]]:
     out.append(sse({"choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 7}}))
     out.append(b"data: [DONE]\n\n")
     return b"".join(out), text, tools
-
-
-def events_of(data: bytes) -> list[dict[str, Any]]:
-    found = []
-    for block in data.split(b"\n\n"):
-        if not block:
-            continue
-        kind, payload = block.split(b"\n", 1)
-        event = orjson.loads(payload.removeprefix(b"data: "))
-        assert kind == b"event: " + event["type"].encode()
-        found.append(event)
-    return found
 
 
 @settings(max_examples=150, deadline=None)

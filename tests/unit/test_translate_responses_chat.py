@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -25,6 +24,7 @@ from proxy.dialects.translate.responses_chat import (
     response,
     with_history,
 )
+from tests.sse import events_of, sse
 
 CODEX_TOOLS = [
     {
@@ -299,10 +299,6 @@ def test_a_cut_off_answer_is_incomplete():
         response({"choices": []}, {"model": "m"}, "resp_z")
 
 
-def sse(chunk: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(chunk) + b"\n\n"
-
-
 pieces = st.lists(
     st.one_of(
         st.tuples(st.just("text"), st.text(min_size=1, max_size=12)),
@@ -358,18 +354,6 @@ def chat_stream(plan: list[Any], finish: str, interleave: bool) -> tuple[bytes, 
 
 
 EVENT = TypeAdapter(ResponseStreamEvent)
-
-
-def events_of(data: bytes) -> list[dict[str, Any]]:
-    found = []
-    for block in data.split(b"\n\n"):
-        if not block:
-            continue
-        kind, payload = block.split(b"\n", 1)
-        event = orjson.loads(payload.removeprefix(b"data: "))
-        assert kind == b"event: " + event["type"].encode()
-        found.append(event)
-    return found
 
 
 @settings(max_examples=150, deadline=None)

@@ -35,6 +35,8 @@ class ChatStreamReader:
         self.usage: dict[str, Any] | None = None
         self.done = False  # the chat stream's [DONE] came
         self._finish: Any = None  # the first choice's finish_reason, once it came
+        self._started = False  # the client's answer was opened (``on_first``)
+        self._output = 0  # text and argument characters seen: the estimate without usage
         self._pending: list[bytes] = []  # an event's start, until its end comes
         self._pending_size = 0
         self.call_ids: list[str] = []  # the answer's tool calls (their slots): each one's id
@@ -99,7 +101,7 @@ class ChatStreamReader:
             error = chunk["error"]
             message = error.get("message") if is_map(error) else None
             raise StreamBroken(str(message or "the upstream failed mid-stream"))
-        out = [self.on_first(chunk)] if not self._seen else []
+        out = [self.on_first(chunk)] if not self._started else []
         if is_map(chunk.get("usage")):
             self.usage = chunk["usage"]
         for choice in chunk.get("choices") or ():
@@ -147,12 +149,13 @@ class ChatStreamReader:
         return -2 - len(self.call_ids)
 
     @property
-    def _seen(self) -> bool:
-        """A first chunk came (``on_first`` was called)."""
-        raise NotImplementedError
+    def text_bytes(self) -> int:
+        """Characters of text and arguments seen: the estimate when no usage came."""
+        return self._output
 
     def on_first(self, chunk: Mapping[str, Any]) -> bytes:
-        """The events that open the client's answer, at the stream's first chunk."""
+        """The events that open the client's answer, at the stream's first chunk (it sets
+        ``_started``)."""
         raise NotImplementedError
 
     def on_choice(self, choice: Mapping[str, Any]) -> bytes:

@@ -472,12 +472,10 @@ class ChatToMessagesStream(ChatStreamReader):
         self.model = model
         self.stops = stops
         super().__init__()
-        self._started = False
         self._index = -1  # the open block's index, -1: none
         self._open: str | None = None  # its kind: text, thinking, tool_use
         self._tools: dict[int, int] = {}  # the answer's tool call (its slot) -> block index
         self._text = ""  # the answer's text so far (the tail, for the stop sequence)
-        self._output = 0  # text characters seen, for an estimate when no usage comes
 
     def end(self) -> bytes:
         """The closing events (after ``[DONE]``, or a clean end with a finish reason)."""
@@ -496,15 +494,6 @@ class ChatToMessagesStream(ChatStreamReader):
         )
         out.append(event("message_stop", {"type": "message_stop"}))
         return b"".join(out)
-
-    @property
-    def text_bytes(self) -> int:
-        """Characters of text and arguments seen: the estimate when no usage came."""
-        return self._output
-
-    @property
-    def _seen(self) -> bool:
-        return self._started
 
     def on_first(self, chunk: Mapping[str, Any]) -> bytes:
         return self._start(chunk.get("id"))

@@ -610,21 +610,11 @@ class ChatToResponsesStream(ChatStreamReader):
         self._response = shell(payload, rid, int(time.time()))
         self._namespaces = namespaces_of(payload)
         self._sequence = 0
-        self._started = False
         self._items: list[dict[str, Any]] = []  # output items, by output_index
         self._open: int | None = None  # the open reasoning or message item's index
         self._part: str | None = None  # the open message part's kind: output_text, refusal
         self._calls: dict[int, int] = {}  # the answer's tool call (its slot) -> output index
-        self._output = 0  # text characters seen, for an estimate when no usage comes
         self._held = 0  # characters held for the done events (MAX_HELD)
-
-    @property
-    def text_bytes(self) -> int:
-        return self._output
-
-    @property
-    def _seen(self) -> bool:
-        return self._started
 
     def _event(self, kind: str, data: dict[str, Any]) -> bytes:
         data = {"type": kind, **data, "sequence_number": self._sequence}
