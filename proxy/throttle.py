@@ -26,7 +26,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, TypeVar
 
@@ -43,6 +43,7 @@ from limits.aio.strategies import (
 
 from proxy.config import Config, ReconnectConfig
 from proxy.spend import MemoryLedger, RedisLedger
+from proxy.windows import Windows
 
 log = logging.getLogger("proxy.throttle")
 
@@ -160,6 +161,8 @@ class Store:
     # In memory, reconnect streaks live here: kept, like the storage, across reloads.
     streaks: MemoryStreaks | None = None
     ledger: MemoryLedger | RedisLedger | None = None  # budgets' windows (spend.py)
+    # In memory, the rate windows, by strategy (kept across reloads, like the streaks).
+    windows: dict[str, Windows] = field(default_factory=dict)
 
     async def call(
         self, make: Callable[[], Awaitable[T]], default: T, failed: Callable[[Exception], None]
@@ -387,7 +390,13 @@ class Throttle:
     def __init__(self, config: Config, storage: Store) -> None:
         self.storage = storage
         self.reconnect: ReconnectConfig = config.throttle.reconnect
-        self._limiter = _STRATEGIES[config.throttle.rate_limit_strategy](storage.limits)
+        strategy = config.throttle.rate_limit_strategy
+        self._limiter = _STRATEGIES[strategy](storage.limits)
+        # Without Redis, this process's own windows decide (limits' async layers cost
+        # 5-10 µs a request; these under 1).
+        self._windows: Windows | None = None
+        if storage.redis is None:
+            self._windows = storage.windows.setdefault(strategy, Windows(strategy))
         self._client_limits = {
             c.id: limits.parse_many(c.rate_limit) for c in config.clients if c.rate_limit
         }
@@ -461,6 +470,13 @@ class Throttle:
     async def _hit(
         self, items: list[limits.RateLimitItem], kind: str, name: str, cost: int = 1
     ) -> RateDecision:
+        windows = self._windows
+        if windows is not None:
+            for item in items:
+                wait = windows.hit((kind, name, item.amount, item.get_expiry()), cost)
+                if wait is not None:
+                    return RateDecision(False, item.amount, 0, min(wait, item.get_expiry()))
+            return RateDecision(True, items[0].amount, -1, 0.0)
         allowed = RateDecision(True, items[0].amount, -1, 0.0)
         return await self.storage.call(
             lambda: self._hit_all(items, kind, name, cost), allowed, self.storage_failed
