@@ -10,8 +10,9 @@ second over the minimal proxy's; CPU per chunk is for the 500-chunk streams.
 Environment: BENCH_SECONDS (per run, default 5), BENCH_CONCURRENCY (default "1,16,64"),
 BENCH_MODEL (default "bench"; "bench-pool" goes through a pool of three deployments),
 BENCH_TELEMETRY=1 (traces and GenAI metrics on, exported to an OTLP sink in this process),
-BENCH_TLS=1 (the upstream over https with a self-signed certificate both proxies are told
-to trust: the proxy through its backends' ``ca_file``).
+BENCH_LOADS (rows to run, e.g. "chat"; default all), BENCH_NO_EXTRAS=1 (no first-byte,
+RSS and two-worker figures), BENCH_TLS=1 (the upstream over https with a self-signed
+certificate both proxies are told to trust: the proxy through its backends' ``ca_file``).
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ STREAM = {
 }
 LONG_STREAM = {**STREAM, "mock": {"chunks": 500}}
 LOADS = (("chat", CHAT, 1), ("stream 20 chunks", STREAM, 20), ("stream 500", LONG_STREAM, 500))
+# BENCH_LOADS=chat (or "chat,stream 500"...): only these rows, for quick A/B runs.
+WANTED = os.environ.get("BENCH_LOADS")
+if WANTED:
+    LOADS = tuple(load for load in LOADS if load[0] in WANTED.split(","))
 
 
 def otlp_sink() -> str:
@@ -284,6 +289,10 @@ def main() -> int:
                     f"{cpu:.3f} | {per_chunk} | {p.errors + m.errors} |",
                     flush=True,
                 )
+        if os.environ.get("BENCH_NO_EXTRAS") == "1":
+            mock.terminate()
+            mock.wait(timeout=10)
+            return 0
         one_worker = wrk(through, CHAT, 64, lua_dir).rps
         minimal_fb = asyncio.run(first_byte_ms(floor, "bench-model"))
         proxy_fb = asyncio.run(first_byte_ms(through, "bench"))
