@@ -33,6 +33,7 @@ from pydantic.json_schema import SkipJsonSchema
 from proxy.config_yaml import MAX_CHARS, Document, Env, Path, YamlRefused, read_yaml
 from proxy.redact import fingerprint, redact_url
 from proxy.rewrite import NO_RULES, RewriteRules
+from proxy.routing import Router
 
 
 class Problem(NamedTuple):
@@ -795,8 +796,6 @@ def _backend_and_key(
 
 def _built_checks(config: Config) -> Iterator[tuple[Path, str]]:
     """Checks of values only known once parsed (durations, routing)."""
-    from proxy.routing import Router  # routing reads the config: imported late
-
     if config.server.admin_port == config.server.port:
         yield ("server", "admin_port"), "must differ from server.port"
     if config.throttle.reconnect.max < config.throttle.reconnect.base:

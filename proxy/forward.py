@@ -96,7 +96,7 @@ Send = Callable[[Message], Awaitable[None]]
 log = logging.getLogger("proxy")
 
 _EVENT_STREAM = "text/event-stream"
-ANTHROPIC_REQUEST_ID = b"request-id"  # Anthropic's name for it (its SDK reads this one)
+OTHER_REQUEST_ID = b"request-id"  # the name some providers (Anthropic) give it
 
 
 async def handle(
@@ -641,7 +641,7 @@ def _response_headers(
     upstream_id = header_value(headers, REQUEST_ID)
     if upstream_id is None:
         headers.append((REQUEST_ID, ctx.request_id.encode("latin-1")))
-        upstream_id = header_value(headers, ANTHROPIC_REQUEST_ID)
+        upstream_id = header_value(headers, OTHER_REQUEST_ID)
     if upstream_id is not None:  # the SDK shows it as `_request_id`: the provider's is useful
         ctx.upstream_identified(upstream_id.decode("latin-1"))
     if runtime.config.server.routing_headers:

@@ -14,12 +14,15 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from proxy.balance import Affinity, Strategy
-from proxy.config import Config, RouteConfig
 from proxy.dialects import DEFAULT, Dialect
 from proxy.dialects.translate import Translation, pick, reaches
 from proxy.rewrite import NO_RULES, RewriteRules
+
+if TYPE_CHECKING:  # the config is read, never imported at run time: it checks its aliases here
+    from proxy.config import Config, RouteConfig
 
 _CACHE_LIMIT = 4096  # client-sent ids are unbounded: never let the cache grow with them
 MAX_MODEL_LENGTH = 256

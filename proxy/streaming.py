@@ -23,7 +23,7 @@ from typing import Any, Protocol
 import aiohttp
 import orjson
 
-from proxy.dialects import anthropic, openai
+from proxy.dialects import stream_error_event
 from proxy.dialects.base import StreamKind as StreamKind
 from proxy.drain import DRAINED, cancelled_by_drain
 from proxy.redact import NO_SECRETS, Redactor
@@ -53,11 +53,7 @@ _RESPONSE_END_LONGEST = len(b'"type": "response.incomplete"')
 # an estimate, marked as one. One key per kind: a pattern that starts with a long literal
 # is searched at C speed (about 1 us a chunk), an alternation of keys is 5 times slower.
 _STRING = rb'": ?"([^"\\]*(?:\\.[^"\\]*)*)"'
-_TEXT = {
-    StreamKind.RESPONSES: re.compile(rb'"delta' + _STRING),
-    StreamKind.ANTHROPIC: re.compile(rb'"text' + _STRING),
-}
-_CONTENT = re.compile(rb'"content' + _STRING)  # chat (legacy completions: not estimated)
+_TEXT = {kind: re.compile(b'"' + kind.text_key + _STRING) for kind in StreamKind}
 CHARS_PER_TOKEN = 4  # the documented estimate: completion tokens = text bytes seen / 4
 
 
@@ -444,12 +440,12 @@ async def relay_stream(
     """
     if result is None:
         result = RelayResult()
-    anthropic_stream = kind is StreamKind.ANTHROPIC
-    responses_stream = kind is StreamKind.RESPONSES
+    stops_at_message_stop = kind.ends_with_stop_event
+    stops_at_response_end = kind.ends_with_response_end
     finished = _Seen(_RESPONSE_END, _RESPONSE_END_LONGEST, b"\n")
-    text_of = _TEXT.get(kind, _CONTENT).findall
+    text_of = _TEXT[kind].findall
     after_gone = 0
-    usage = _UsageReader(merge=anthropic_stream)
+    usage = _UsageReader(merge=kind.usage_in_parts)
     # An Anthropic stream is complete at message_stop, or over when the upstream sent its
     # own error event.
     stop = _Seen(_STOP, _STOP_LONGEST, b"\n")
@@ -468,14 +464,14 @@ async def relay_stream(
             result.usage = usage.usage  # known at once: a cancelled caller still has it
             if usage.usage is None:  # the estimate is needed only while no usage came
                 result.text_bytes += sum(map(len, text_of(chunk)))
-            if responses_stream and not finished.seen:
+            if stops_at_response_end and not finished.seen:
                 finished.feed(chunk)
             if gone is not None and gone():
                 after_gone += len(chunk)
                 if after_gone > grace_bytes:
                     result.grace_cut = True
                     break
-                if anthropic_stream and not stop.seen:
+                if stops_at_message_stop and not stop.seen:
                     stop.feed(chunk)
                 continue  # nobody to send to: read on for the usage only
             if stripper is not None:
@@ -483,7 +479,7 @@ async def relay_stream(
                 if not chunk:
                     continue
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if anthropic_stream and not stop.seen:
+            if stops_at_message_stop and not stop.seen:
                 stop.feed(chunk)
                 told.feed(chunk)
             previous, last = last, chunk
@@ -521,7 +517,7 @@ async def relay_stream(
     if gone is not None and gone():
         result.complete = not result.grace_cut and failure is None
         return result  # nobody to tell how it ended
-    if failure is not None and anthropic_stream and (stop.seen or stop.feed(held)):
+    if failure is not None and stops_at_message_stop and (stop.seen or stop.feed(held)):
         # message_stop went by: the answer is whole, however the upstream then left. An error
         # event after it would make the SDK raise on a complete message (and Claude Code pay
         # for it again).
@@ -532,17 +528,17 @@ async def relay_stream(
         return result
     if held:  # the stream ended: what was held back is not the start of a secret after all
         previous, last = last, held
-    if kind is StreamKind.DONE_TERMINATED and b"[DONE]" not in previous[-16:] + last:
+    if kind.ends_with_done and b"[DONE]" not in previous[-16:] + last:
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without [DONE]."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
-    if responses_stream and not finished.seen and not finished.feed(held):
+    if stops_at_response_end and not finished.seen and not finished.feed(held):
         result.error = "stream_broken"
         message = f"Backend '{backend}' ended the stream without response.completed."
         await send_stream_error(send, message, "upstream_stream_broken", last, kind, held)
         return result
-    if anthropic_stream and not stop.seen and not stop.feed(held):
+    if stops_at_message_stop and not stop.seen and not stop.feed(held):
         if told.seen or told.feed(held):  # the upstream's error event ended it: relayed as is
             result.error = "stream_broken"
             await send({"type": "http.response.body", "body": held, "more_body": False})
@@ -567,10 +563,7 @@ async def send_stream_error(
     """End the stream with one error event (after ``held``, bytes not yet passed on)."""
     # A half-sent event is closed first so the error is an event of its own.
     separator = held + (b"" if (held or last_chunk).endswith(_EVENT_ENDS) else b"\n\n")
-    if kind is StreamKind.ANTHROPIC:
-        event = anthropic.stream_error_event(message)
-    else:
-        event = openai.stream_error_event(message, code, last_chunk, kind)
+    event = stream_error_event(kind, message, code, last_chunk)
     await send(
         {"type": "http.response.body", "body": separator + event + b"\n\n", "more_body": False}
     )

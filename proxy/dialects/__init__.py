@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+from proxy.dialects import anthropic, openai
 from proxy.dialects.anthropic import ANTHROPIC, AnthropicDialect
 from proxy.dialects.base import Dialect, RawHeaders, StreamKind, bearer_token, header_value
 from proxy.dialects.openai import OPENAI, OpenAIDialect
@@ -28,7 +29,15 @@ __all__ = [
     "bearer_token",
     "for_request",
     "header_value",
+    "stream_error_event",
 ]
+
+
+def stream_error_event(kind: StreamKind, message: str, code: str, last_chunk: bytes) -> bytes:
+    """The event that tells a stream's SDK it broke, in the shape its kind's SDK raises on."""
+    if kind is StreamKind.ANTHROPIC:
+        return anthropic.stream_error_event(message)
+    return openai.stream_error_event(message, code, last_chunk, kind)
 
 
 def for_request(path: str, headers: RawHeaders) -> Dialect:

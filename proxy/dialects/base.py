@@ -22,12 +22,43 @@ RawHeaders = Iterable[tuple[bytes, bytes]]
 
 
 class StreamKind(Enum):
-    """How a stream says it is complete, and how a failure must be told to its SDK."""
+    """How a stream says it is complete, and how a failure must be told to its SDK: the
+    relay asks a kind its rules (below), never which dialect it is."""
 
     DONE_TERMINATED = "done"  # chat and text completions: must end with data: [DONE]
     RESPONSES = "responses"  # Responses API: typed events; a failure is `event: error`
     PLAIN = "plain"  # anything else: a clean end is an end
     ANTHROPIC = "anthropic"  # Messages: must reach `message_stop`; a failure is `event: error`
+
+    @property
+    def ends_with_done(self) -> bool:
+        """Complete only once ``data: [DONE]`` came."""
+        return self is StreamKind.DONE_TERMINATED
+
+    @property
+    def ends_with_response_end(self) -> bool:
+        """Complete only once ``response.completed`` (``failed``, ``incomplete``) came."""
+        return self is StreamKind.RESPONSES
+
+    @property
+    def ends_with_stop_event(self) -> bool:
+        """Complete once ``message_stop`` came, whatever follows (an error event after it
+        would make the SDK raise on a whole message); the upstream's own error event ends
+        it too."""
+        return self is StreamKind.ANTHROPIC
+
+    @property
+    def usage_in_parts(self) -> bool:
+        """Its usage comes in pieces to be merged (input at the start, output at the end)."""
+        return self is StreamKind.ANTHROPIC
+
+    @property
+    def text_key(self) -> bytes:
+        """The JSON key of a delta's text (the estimate of a cut stream without usage)."""
+        return _TEXT_KEYS.get(self, b"content")
+
+
+_TEXT_KEYS = {StreamKind.RESPONSES: b"delta", StreamKind.ANTHROPIC: b"text"}
 
 
 def header_value(raw: RawHeaders, wanted: bytes) -> bytes | None:
