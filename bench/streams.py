@@ -79,6 +79,7 @@ backends:
     base_url: {mock.url}/v1
     keys: [{{id: bench, key: sk-bench-000000000001}}]
 routes: [{{prefix: "", backend: mock}}]
+server: {{max_connections: {STREAMS + 100}}}
 """
     proxy = start_proxy(config, tmp, extra_args=("--log-level", "warning"))
     try:
