@@ -17,6 +17,7 @@ import math
 import os
 import re
 import ssl
+import stat
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import cache, partial
@@ -136,6 +137,9 @@ def _ca_file(path: str) -> str:
     """A PEM bundle the backend's certificate is checked against: it must load now, not
     at the first request."""
     try:
+        # A regular file only: opening a FIFO (or a device) would block the load for ever.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"not a regular file: {path}")
         ssl.create_default_context(cafile=path)
     except FileNotFoundError:
         raise ValueError(f"no such file: {path}") from None

@@ -287,8 +287,6 @@ async def forward(
         wire = client_wire(parts.dialect, parts.path)
         target = await stick_to_objects(runtime, ids, target, client, wire)
     ctx.routed(target)
-    if target.translation is not None and target.translation.keeps_conversations:
-        continue_conversation(runtime, parts, client, target)
     batch_file = batch_upload(parts)
     if batch_file is not None:
         # Every line checked as the request it is, line 1's model included.
@@ -296,12 +294,16 @@ async def forward(
     elif model:
         runtime.auth.check_model(client, model, target.model)
     cost = await batch_cost(runtime, client, parts) if parts.path == "/batches" else 1
-    if target.translation is not None and parts.path != target.translation.estimated:
-        translatable(target, parts)
 
     # throttle, then the client's budget and tpm
     await admit_client(runtime, ctx, client, target.model or parts.path, cost)
     translation = target.translation
+    if translation is not None:
+        # A kept conversation is rebuilt only for an admitted request (it may be 10 MiB).
+        if translation.keeps_conversations:
+            continue_conversation(runtime, parts, client, target)
+        if parts.path != translation.estimated:
+            translatable(target, parts)
     if translation is not None and parts.path == translation.estimated and all_translated(target):
         await _send_json(send, ctx, translation.estimate(parts.body), _ESTIMATE)
         return

@@ -520,6 +520,10 @@ def _probe_timeout(backend: BackendConfig) -> float:
 
 
 def _same_connection(a: BackendConfig, b: BackendConfig) -> bool:
+    # (ca_file too: trust removed by a reload must be gone at once, not at the restart)
     return (
-        a.base_url == b.base_url and a.timeout == b.timeout and dict(a.headers) == dict(b.headers)
+        a.base_url == b.base_url
+        and a.timeout == b.timeout
+        and dict(a.headers) == dict(b.headers)
+        and a.ca_file == b.ca_file
     )

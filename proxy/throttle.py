@@ -392,11 +392,6 @@ class Throttle:
         self.reconnect: ReconnectConfig = config.throttle.reconnect
         strategy = config.throttle.rate_limit_strategy
         self._limiter = _STRATEGIES[strategy](storage.limits)
-        # Without Redis, this process's own windows decide (limits' async layers cost
-        # 5-10 µs a request; these under 1).
-        self._windows: Windows | None = None
-        if storage.redis is None:
-            self._windows = storage.windows.setdefault(strategy, Windows(strategy))
         self._client_limits = {
             c.id: limits.parse_many(c.rate_limit) for c in config.clients if c.rate_limit
         }
@@ -405,6 +400,14 @@ class Throttle:
             for name, b in config.backends.items()
             if b.rate_limit
         }
+        # Without Redis, this process's own windows decide (limits' async layers cost
+        # 5-10 µs a request; these under 1).
+        self._windows: Windows | None = None
+        if storage.redis is None:
+            for other in [name for name in storage.windows if name != strategy]:
+                del storage.windows[other]  # a strategy no longer chosen: its windows go
+            self._windows = storage.windows.setdefault(strategy, Windows(strategy))
+            self._windows.retain(self._window_keys())
         self._memory = storage.streaks
         self._redis = RedisStreaks(storage.redis) if storage.redis is not None else None
         self._last_storage_error = 0.0
@@ -452,6 +455,15 @@ class Throttle:
 
     # ------------------------------------------------------------ rate limits
 
+    def _window_keys(self) -> set[tuple[str, str, int, float]]:
+        limited = [("client", self._client_limits), ("backend", self._backend_limits)]
+        return {
+            (kind, name, item.amount, item.get_expiry())
+            for kind, table in limited
+            for name, items in table.items()
+            for item in items
+        }
+
     async def hit_client(self, client: str, cost: int = 1) -> RateDecision | None:
         """Count ``cost`` requests of ``client`` (a batch: its lines); None when it has no
         limit."""
@@ -475,7 +487,9 @@ class Throttle:
             for item in items:
                 wait = windows.hit((kind, name, item.amount, item.get_expiry()), cost)
                 if wait is not None:
-                    return RateDecision(False, item.amount, 0, min(wait, item.get_expiry()))
+                    # (a sliding window's may reach into the next period: at most two)
+                    wait = min(wait, 2 * item.get_expiry())
+                    return RateDecision(False, item.amount, 0, wait)
             return RateDecision(True, items[0].amount, -1, 0.0)
         allowed = RateDecision(True, items[0].amount, -1, 0.0)
         return await self.storage.call(

@@ -90,8 +90,24 @@ class Windows:
             previous = window[1] if window[0] == index - 1 else 0
             window[0], window[1], window[2] = index, 0, previous
         into = (now / period) % 1  # how far into the current period
-        weighted = window[2] * (1 - into) + window[1]
-        if cost > amount or math.floor(weighted) + cost > amount:
-            return (1 - into) * period  # (the current period's end: the previous one is out)
+        previous, current = window[2], window[1]
+        weighted = previous * (1 - into) + current
+        if cost > amount:
+            return period  # never fits: a period, and the client is told so again
+        if math.floor(weighted) + cost > amount:
+            room = amount - cost - current  # what the previous period's share must fall to
+            if room >= 0 and previous > 0:
+                fits_at = 1 - (room + 1) / previous  # floor(previous * (1 - x)) <= room
+                return max(fits_at - into, 0.0) * period + 0.001
+            # This period alone is full: past its end, its count weighs as the previous one.
+            fits_at = max(0.0, 1 - (amount - cost + 1) / current) if current > 0 else 0.0
+            return (1 - into + fits_at) * period + 0.001
         window[1] += cost
         return None
+
+    def retain(self, keys: set[Key]) -> None:
+        """Only the windows of ``keys`` (the limits the config names now): a reload that
+        removes a client or changes a limit leaves nothing behind."""
+        for table in (self._fixed, self._moving, self._sliding):
+            for key in [k for k in table if k not in keys]:
+                del table[key]

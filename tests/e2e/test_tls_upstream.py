@@ -8,8 +8,10 @@ The certificate is made by ``openssl`` in the test (skipped, saying so, without 
 from __future__ import annotations
 
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -128,3 +130,25 @@ def test_a_ca_file_that_cannot_be_loaded_is_refused_at_start_naming_it(https_por
         assert "ca_file" in checked.stdout + checked.stderr
         assert wanted in checked.stdout + checked.stderr
         assert "Traceback" not in checked.stderr
+
+
+def test_a_reload_that_removes_ca_file_takes_the_trust_away_at_once(
+    https_port, certificate, tmp_path
+):
+    proxy = start_proxy(config(https_port, certificate[0]), tmp_path)
+    try:
+        request = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}]}
+        assert sdk(proxy).chat.completions.create(**request).choices
+        (tmp_path / "config.yaml").write_text(config(https_port, None))
+        proxy.process.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 10
+        status = 200
+        while status == 200 and time.monotonic() < deadline:
+            time.sleep(0.2)
+            try:
+                sdk(proxy).chat.completions.create(**request)
+            except openai.APIStatusError as refused:
+                status, body = refused.status_code, str(refused.body)
+        assert status == 502 and "ca_file" in body
+    finally:
+        proxy.stop()

@@ -42,6 +42,40 @@ def test_each_decision_is_limits_own(strategy, plan, amount):
             mine = ours.hit(("client", "c", item.amount, item.get_expiry()), cost)
             assert (mine is None) == theirs, (strategy, now[0], cost)
             if mine is not None:
-                assert 0 <= mine <= item.get_expiry()
+                assert 0 <= mine <= 2 * item.get_expiry()
     finally:
         limits_memory.time = real  # type: ignore[assignment]
+
+
+@pytest.mark.parametrize("strategy", ["fixed-window", "moving-window", "sliding-window-counter"])
+@settings(max_examples=120, deadline=None)
+@given(plan=steps, amount=st.integers(1, 6), cost=st.integers(1, 6))
+def test_the_wait_a_refusal_gives_is_when_the_hit_would_pass(strategy, plan, amount, cost):
+    """Retry-After: a client that waits what it was told gets in (and not much sooner)."""
+    import copy
+
+    now = [1_000_000.0]
+    windows = Windows(strategy, clock=lambda: now[0])
+    key = ("client", "c", amount, 5.0)
+    for pause, step_cost in plan:
+        now[0] += pause
+        windows.hit(key, step_cost)
+    if cost > amount:
+        return
+    probe = copy.deepcopy(windows)
+    wait = probe.hit(key, cost)
+    if wait is None:
+        return
+    assert 0 <= wait <= 10.0  # (sliding: into the next period at most)
+    later = copy.deepcopy(windows)
+    now[0] += wait
+    assert later.hit(key, cost) is None, (strategy, wait)
+
+
+def test_windows_of_limits_a_reload_removed_are_dropped():
+    windows = Windows("moving-window", clock=lambda: 1.0)
+    kept, gone = ("client", "a", 5, 60.0), ("client", "b", 5, 60.0)
+    windows.hit(kept)
+    windows.hit(gone)
+    windows.retain({kept})
+    assert list(windows._moving) == [kept]
