@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))  # the tests' mock upstream and its certificate helper
 SECONDS = int(os.environ.get("BENCH_SECONDS", "5"))
 CONCURRENCY = [int(c) for c in os.environ.get("BENCH_CONCURRENCY", "1,16,64").split(",")]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -91,20 +92,9 @@ def bench_config(ca_file: Path | None) -> str:
 
 
 def certificate() -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1 (and its key), made with openssl."""
-    folder = Path(tempfile.mkdtemp())
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return cert, key
+    from tests.mock_upstream import self_signed_certificate  # (bench/ runs from the root)
+
+    return self_signed_certificate(Path(tempfile.mkdtemp()))
 
 
 def free_port() -> int:

@@ -34,7 +34,7 @@ from proxy.classify import Verdict, classify, parse_seconds
 from proxy.config import BackendConfig
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect
-from proxy.dialects.translate import Untranslatable
+from proxy.dialects.translate import Untranslatable, client_wire
 from proxy.drain import DRAINED
 from proxy.errors import ProxyError
 from proxy.headers import forwarded_request_headers, kept_response_headers
@@ -61,6 +61,11 @@ class RequestParts:
     # A translated request whose answer the proxy keeps: (the response it continues, the
     # payload as the client sent it, before the kept conversation was put in front).
     conversation: tuple[str | None, dict[str, Any]] | None = None
+
+    @property
+    def wire(self) -> str:
+        """The wire it speaks, as translations tell them apart (``client_wire``)."""
+        return client_wire(self.dialect, self.path)
 
     @property
     def as_sent(self) -> dict[str, Any]:

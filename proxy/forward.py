@@ -42,7 +42,7 @@ from proxy.bodies import (
 from proxy.clients import Client
 from proxy.context import RequestContext
 from proxy.dialects import DEFAULT, Dialect, for_request
-from proxy.dialects.translate import Untranslatable, client_wire, pick, reaches
+from proxy.dialects.translate import Untranslatable, pick, reaches
 from proxy.drain import DRAIN, DRAINED, cancelled_by_drain
 from proxy.errors import ProxyError
 from proxy.failover import (
@@ -284,8 +284,7 @@ async def forward(
     # storage call, not even an await.
     ids = named_objects(parts) if parts.dialect.makes_objects else []
     if ids:
-        wire = client_wire(parts.dialect, parts.path)
-        target = await stick_to_objects(runtime, ids, target, client, wire)
+        target = await stick_to_objects(runtime, ids, target, client, parts.wire)
     ctx.routed(target)
     batch_file = batch_upload(parts)
     if batch_file is not None:
@@ -445,9 +444,8 @@ class _Relay:
                 _count_stream(ctx, result)
         if result.first_data_at is not None:
             ctx.first_data(result.first_data_at)
-        final = getattr(translator, "final", None)
-        if final is not None and result.complete:
-            self._keep(final)
+        if translator is not None and translator.final is not None and result.complete:
+            self._keep(translator.final)
         if ctx.client_gone and not result.complete:
             raise ClientGone()
         if result.error == DRAINED:
@@ -692,7 +690,7 @@ def route(runtime: Runtime, parts: RequestParts) -> Target:
     goes only to a backend that speaks it."""
     dialect = parts.dialect
     if parts.model:
-        return routed_model(runtime, parts.model, dialect, client_wire(dialect, parts.path))
+        return routed_model(runtime, parts.model, dialect, parts.wire)
     if not dialect.routes_by_path:  # each of its requests names its model
         raise errors.missing_model(parts.path)
     target = runtime.router.resolve_path(parts.path)

@@ -33,7 +33,9 @@ import asyncio
 import collections
 import random
 import ssl
+import subprocess
 import sys
+from pathlib import Path
 from typing import Any
 
 import httptools
@@ -457,6 +459,23 @@ async def serve(host: str, port: int, state: State, tls: ssl.SSLContext | None =
     print(f"LISTENING {bound}", flush=True)
     async with server:
         await server.serve_forever()
+
+
+def self_signed_certificate(folder: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 and its key, made with openssl, for
+    ``--cert``/``--key`` (the TLS tests and ``BENCH_TLS=1``)."""
+    cert, key = folder / "cert.pem", folder / "key.pem"
+    subprocess.run(
+        [
+            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
+            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+            "-keyout", str(key), "-out", str(cert),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )  # fmt: skip
+    return cert, key
 
 
 def main() -> None:

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from tests.conftest import MOCK, ProxyProcess, keep, read_listening_port, start_proxy
+from tests.mock_upstream import self_signed_certificate
 
 pytestmark = pytest.mark.e2e
 
@@ -29,19 +30,7 @@ CLIENT = "ck-tls-000000000000000000"
 def certificate(tmp_path_factory) -> tuple[Path, Path]:
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed: no certificate can be made for the test")
-    folder = tmp_path_factory.mktemp("tls")
-    cert, key = folder / "cert.pem", folder / "key.pem"
-    subprocess.run(
-        [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )  # fmt: skip
-    return cert, key
+    return self_signed_certificate(tmp_path_factory.mktemp("tls"))
 
 
 @pytest.fixture(scope="module")

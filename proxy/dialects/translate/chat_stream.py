@@ -33,6 +33,8 @@ class ChatStreamReader:
 
     def __init__(self) -> None:
         self.usage: dict[str, Any] | None = None
+        # The whole answer, once ended, for a pair whose answers the proxy keeps (Responses).
+        self.final: dict[str, Any] | None = None
         self.done = False  # the chat stream's [DONE] came
         self._finish: Any = None  # the first choice's finish_reason, once it came
         self._started = False  # the client's answer was opened (``on_first``)

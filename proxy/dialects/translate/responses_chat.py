@@ -606,7 +606,6 @@ class ChatToResponsesStream(ChatStreamReader):
     def __init__(self, payload: Mapping[str, Any], rid: str) -> None:
         super().__init__()
         self.payload = payload
-        self.final: dict[str, Any] | None = None
         self._response = shell(payload, rid, int(time.time()))
         self._namespaces = namespaces_of(payload)
         self._sequence = 0
