@@ -3,12 +3,20 @@
 Each stream sends one chunk every 100 ms for 10 s. Checks: every stream's bytes equal the
 upstream's, zero errors, and the proxy's peak resident memory (target: <= 150 MB).
 Bounded: the whole run stops after 60 s.
+
+``BENCH_STREAMS=10000``: each stream holds two of the proxy's fds and one of the load
+generator's and the mock's, so the open-file limit is raised (its hard limit too, which
+needs root) before the processes start; they inherit it. The streams open over
+``BENCH_RAMP`` seconds (default: 1 s per 2,000), as clients do: 10,000 connects in the
+same millisecond overflow the kernel's accept queues (``somaxconn``) and measure the SYN
+retry timer, not the proxy.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -21,6 +29,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.conftest import start_mock, start_proxy
 
 STREAMS = int(os.environ.get("BENCH_STREAMS", "1000"))
+RAMP = float(os.environ.get("BENCH_RAMP", str(STREAMS / 2000)))
+
+
+def raise_open_files(needed: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = max(soft, needed)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(hard, want)))
+    except (ValueError, OSError) as exc:
+        print(f"note: open files stay at {soft}/{hard} ({exc}): run as root for more streams")
+
+
 BODY = {"model": "slow", "stream": True, "mock": {"chunks": 100, "chunk_delay": 0.1}}
 
 
@@ -54,10 +74,14 @@ async def run(proxy_url: str, mock_url: str, pid: int) -> dict:
                 else:
                     errors.append(f"status {response.status}, {len(data)} of {len(expected)} bytes")
             except (aiohttp.ClientError, TimeoutError) as exc:
-                errors.append(type(exc).__name__)
+                errors.append(f"{type(exc).__name__}: {exc}"[:120])
 
         started = time.monotonic()
-        tasks = [asyncio.create_task(one()) for _ in range(STREAMS)]
+        tasks = []
+        for i in range(STREAMS):
+            tasks.append(asyncio.create_task(one()))
+            if RAMP and i % 100 == 99:
+                await asyncio.sleep(RAMP / STREAMS * 100)
         while not all(t.done() for t in tasks):
             peak = max(peak, rss_mb(pid))
             await asyncio.sleep(0.25)
@@ -71,6 +95,7 @@ async def run(proxy_url: str, mock_url: str, pid: int) -> dict:
 
 
 def main() -> int:
+    raise_open_files(2 * STREAMS + 2048)
     mock = start_mock("--no-record")
     tmp = Path(tempfile.mkdtemp(prefix="bench-streams-"))
     config = f"""
