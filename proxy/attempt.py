@@ -46,7 +46,7 @@ class KeyTurns:
     def take(self) -> KeyConfig:
         """The next key, its upstream call counted; raises ``NoUsableKey``."""
         ctx = self._ctx
-        key = self._pool.pick(self._target.pinned_key, self.tried, ctx.session)
+        key = self._pool.pick(self._target.pinned_key, self.tried, ctx.session, ctx.client)
         self.tried.append(key.id)
         ctx.key_chosen(key.id)
         ctx.attempt_started()
@@ -77,7 +77,7 @@ class KeyTurns:
         backend = self._target.backend
         if verdict is Verdict.KEY_LIMITED:
             self._ctx.attempt_failed(backend, key_id, "status_429")
-            self._pool.cool_down(key_id, retry_after, reason)
+            self._pool.cool_down(key_id, retry_after, reason, self._ctx.client)
         else:
             self._ctx.attempt_failed(backend, key_id, "status_4xx")
             self._runtime.suspect_key(backend, key_id, reason, dialect)  # out once confirmed

@@ -209,6 +209,17 @@ class RequestContext:
         self.status = status
         self.outcome = outcome_of(status)
 
+    def refused(self, status: int, code: str | None) -> None:
+        """The request ends with the proxy's error ``status``/``code``. It is a failure for
+        the reconnect throttle only when an upstream call of this request failed (no
+        answer, a 5xx, a 429). A refusal the proxy made without one (circuit open, every
+        key cooling down) already carries its Retry-After and costs the upstream nothing:
+        counting it would lock a client out past that wait, for a state others caused.
+        No usable key is the operator's to fix (and x-should-retry: false): no storm."""
+        upstream_failed = bool(self.attempt_errors) and code != "no_usable_key"
+        if upstream_failed and (status == 429 or status >= 500):
+            self.outcome = Outcome.FAILURE
+
     def judged(self, outcome: Outcome) -> None:
         """What the reconnect throttle learns, when the status alone does not say it."""
         self.outcome = outcome

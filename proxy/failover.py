@@ -242,7 +242,7 @@ def _healthy(runtime: Runtime, member: Target, client: str | None) -> bool:
     return (
         runtime.breakers[backend].would_admit(client)
         and runtime.model_circuits[backend].would_admit(member.upstream_model, client)
-        and runtime.pools[backend].has_usable(member.pinned_key)
+        and runtime.pools[backend].has_usable(member.pinned_key, client)
     )
 
 

@@ -85,7 +85,6 @@ from proxy.streaming import (
     translated,
     usage_of,
 )
-from proxy.throttle import Outcome
 from proxy.usage import NO_TOKENS, TokenCounts, token_counts
 
 Scope = MutableMapping[str, Any]
@@ -313,11 +312,7 @@ async def forward(
     try:
         result = await deliver(runtime, target, parts, ctx)
     except ProxyError as err:
-        # No usable key is the operator's to fix (and x-should-retry: false): no storm to damp.
-        if err.code == "upstream_rate_limited" or (
-            err.status >= 500 and err.code != "no_usable_key"
-        ):
-            ctx.judged(Outcome.FAILURE)
+        ctx.refused(err.status, err.code)
         raise
     if isinstance(result, FailedAnswer):
         await _send_failed(runtime, send, ctx, result)

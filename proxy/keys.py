@@ -9,6 +9,14 @@ are bounded per key: one in flight, with a deadline, and at most one per
 upstream or take a key out by itself. The pool only ever hands out ``KeyConfig`` objects;
 callers log and return ``key.id``, never ``key.value``.
 
+A 429 is attributed to the client whose request got it. With several tenants it cools the
+key down for that client only (its next requests try another key, or wait): one client's
+429 (a request over a per-minute token budget, a burst of its own) must not make the key
+unusable for everybody. The key cools down for everyone once a second client is limited by
+it before the key served anyone again: then its quota really is spent, and the upstream is
+not hammered. An open proxy, or one client, is one tenant: a 429 cools the key down at once.
+Per-client cooldowns are this replica's (another replica learns the key-wide ones).
+
 Every failure state leaves by time alone: ``cooldown`` lasts at most the backend's
 ``max_cooldown``, whatever retry-after the upstream (or another replica) sent; ``invalid``
 lasts until the background probe succeeds, and at most ``INVALID_MAX`` (then the key is
@@ -22,7 +30,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Collection, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 
 from proxy.balance import key_order
@@ -35,6 +43,7 @@ _COOLDOWN_MAX = 60.0  # ...up to this (or the backend's max_cooldown, when small
 INVALID_MAX = 24 * 3600.0  # an invalid key nobody re-validated is tried again after a day
 CONFIRM_TIMEOUT = 10.0  # a confirming probe's deadline (its slot frees by time alone)
 CONFIRM_INTERVAL = 10.0  # at most one confirming probe per key this often
+MAX_CLIENT_COOLDOWNS = 1024  # per key: clients come from the config, this is a backstop
 
 
 class KeyState(StrEnum):
@@ -62,12 +71,22 @@ class KeyHealth:
     cooldown_until: float = 0.0  # pool clock
     invalid_until: float = 0.0  # pool clock
     cooldown_streak: int = 0
+    # With several tenants: the clients this key limited (pool clock: until when, and when
+    # the 429 came), one per configured client; when it last served anyone.
+    client_until: dict[str, tuple[float, float]] = field(default_factory=dict)
+    served_at: float = 0.0
     confirm_free_at: float = 0.0  # pool clock: no confirming probe of this key before it
 
 
 class KeyPool:
-    def __init__(self, backend: BackendConfig, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        backend: BackendConfig,
+        clock: Callable[[], float] = time.monotonic,
+        multi_tenant: bool = False,
+    ) -> None:
         self.backend = backend.name
+        self.multi_tenant = multi_tenant  # a 429 is its client's until a second client's
         self.keys: tuple[KeyConfig, ...] = backend.keys
         self._ids = tuple(key.id for key in backend.keys)
         self.max_cooldown = backend.max_cooldown
@@ -81,10 +100,15 @@ class KeyPool:
     # ------------------------------------------------------------ picking
 
     def pick(
-        self, pinned: str | None = None, exclude: Collection[str] = (), session: str | None = None
+        self,
+        pinned: str | None = None,
+        exclude: Collection[str] = (),
+        session: str | None = None,
+        client: str | None = None,
     ) -> KeyConfig:
-        """The next usable key: round robin, or for a ``session`` the first usable in its
-        rendezvous order (the same on every replica: its prompt cache stays with it)."""
+        """The next key usable for ``client``: round robin, or for a ``session`` the first
+        usable in its rendezvous order (the same on every replica: its prompt cache stays
+        with it)."""
         now = self._clock()
         if pinned is not None:
             candidates: tuple[KeyConfig, ...] = (self._by_id[pinned],)
@@ -93,32 +117,32 @@ class KeyPool:
         count = len(candidates)
         if session is not None and count > 1:
             for key_id in key_order(session, self._ids):
-                if key_id not in exclude and self._usable(key_id, now):
+                if key_id not in exclude and self._usable(key_id, now, client):
                     self.health[key_id].last_used = time.time()
                     return self._by_id[key_id]
-            raise self._no_usable_key(candidates, now)
+            raise self._no_usable_key(candidates, now, client)
         for offset in range(count):
             index = (self._next + offset) % count
             key = candidates[index]
-            if key.id not in exclude and self._usable(key.id, now):
+            if key.id not in exclude and self._usable(key.id, now, client):
                 if pinned is None:
                     self._next = index + 1
                 self.health[key.id].last_used = time.time()
                 return key
-        raise self._no_usable_key(candidates, now)
+        raise self._no_usable_key(candidates, now, client)
 
     def states(self) -> list[tuple[KeyConfig, bool]]:
         now = self._clock()
         return [(k, self._usable(k.id, now)) for k in self.keys]
 
-    def has_usable(self, pinned: str | None = None) -> bool:
+    def has_usable(self, pinned: str | None = None, client: str | None = None) -> bool:
         ids = (pinned,) if pinned is not None else self._ids
         health = self.health
         for key_id in ids:  # the common case, with no clock read: a key that is ok
-            if health[key_id].state is KeyState.OK:
+            if health[key_id].state is KeyState.OK and not health[key_id].client_until:
                 return True
         now = self._clock()
-        return any(self._usable(key_id, now) for key_id in ids)
+        return any(self._usable(key_id, now, client) for key_id in ids)
 
     def usable(self) -> list[KeyConfig]:
         now = self._clock()
@@ -135,12 +159,28 @@ class KeyPool:
             return 0.0
         return min(max(0.0, health.cooldown_until - self._clock()), self.max_cooldown)
 
-    def _usable(self, key_id: str, now: float) -> bool:
+    def _usable(self, key_id: str, now: float, client: str | None = None) -> bool:
         health = self.health[key_id]
         state = self._current(health, now)
         if state is not health.state:  # its time is over: write it down once
             health.state = state
-        return state is KeyState.OK
+        if state is not KeyState.OK:
+            return False
+        return client is None or self._client_wait(health, client, now) == 0.0
+
+    @staticmethod
+    def _client_wait(health: KeyHealth, client: str | None, now: float) -> float:
+        """Seconds ``client`` still waits for this key after its own 429 (0: none)."""
+        if client is None or not health.client_until:
+            return 0.0
+        entry = health.client_until.get(client)
+        if entry is None:
+            return 0.0
+        until = entry[0]
+        if now >= until:
+            del health.client_until[client]
+            return 0.0
+        return until - now
 
     @staticmethod
     def _current(health: KeyHealth, now: float) -> KeyState:
@@ -159,6 +199,10 @@ class KeyPool:
             if before is not None and before.value == key.value and key.present:
                 health = previous.health[key.id]
                 health.cooldown_until = min(health.cooldown_until, latest)
+                health.client_until = {
+                    client: (min(until, latest), at)
+                    for client, (until, at) in health.client_until.items()
+                }
                 self.health[key.id] = health
 
     # ------------------------------------------------------------ what the upstream said
@@ -193,10 +237,13 @@ class KeyPool:
         health = self.health[key_id]
         health.confirm_free_at = min(health.confirm_free_at, self._clock() + CONFIRM_INTERVAL)
 
-    def cool_down(self, key_id: str, seconds: float | None, reason: str) -> None:
-        """A 429: out of rotation for ``seconds`` (the upstream's retry-after) or, when that is
-        absent, not a finite non-negative number, 1 s, 2 s, 4 s ... while 429s repeat; never
-        longer than the backend's ``max_cooldown``."""
+    def cool_down(
+        self, key_id: str, seconds: float | None, reason: str, client: str | None = None
+    ) -> None:
+        """A 429 (to ``client``'s request): out of rotation for ``seconds`` (the upstream's
+        retry-after) or, when that is absent, not a finite non-negative number, 1 s, 2 s,
+        4 s ... while 429s repeat; never longer than the backend's ``max_cooldown``. With
+        several tenants, for that client only until a second client is limited too."""
         health = self.health[key_id]
         if health.state is KeyState.MISSING:
             return
@@ -206,15 +253,41 @@ class KeyPool:
             seconds = min(seconds, _COOLDOWN_MAX)
         seconds = min(seconds, self.max_cooldown)
         health.last_error = reason
-        if self._current(health, self._clock()) is KeyState.INVALID:
+        now = self._clock()
+        if self._current(health, now) is KeyState.INVALID:
             return  # refused outright: a cooldown would only hide that
+        if self.multi_tenant and client is not None and not self._spent(health, client, now):
+            self._cool_for(health, client, now, seconds)
+            return
         health.state = KeyState.COOLDOWN
-        health.cooldown_until = self._clock() + seconds
+        health.cooldown_until = now + seconds
+
+    @staticmethod
+    def _spent(health: KeyHealth, client: str, now: float) -> bool:
+        """Whether another client is still cooling down after a 429 this key gave it since
+        it last served anyone: two clients limited, so the quota is everyone's."""
+        return any(
+            other != client and until > now and at > health.served_at
+            for other, (until, at) in health.client_until.items()
+        )
+
+    @staticmethod
+    def _cool_for(health: KeyHealth, client: str, now: float, seconds: float) -> None:
+        cooling = health.client_until
+        if client not in cooling and len(cooling) >= MAX_CLIENT_COOLDOWNS:
+            for other in [c for c, (until, _) in cooling.items() if until <= now]:
+                del cooling[other]
+            if len(cooling) >= MAX_CLIENT_COOLDOWNS:
+                return  # a backstop: clients come from the config
+        cooling[client] = (now + seconds, now)
 
     def mark_success(self, key_id: str) -> None:
+        """The key served a request: the 429s before say nothing about everyone's quota."""
         health = self.health[key_id]
         if health.cooldown_streak:
             health.cooldown_streak = 0
+        if health.client_until:
+            health.served_at = self._clock()
 
     def restore(self, key_id: str) -> None:
         """A background probe succeeded: the key serves again."""
@@ -235,23 +308,34 @@ class KeyPool:
     def missing_hint(self) -> str:
         return self._describe(self.keys, self._clock())
 
-    def _no_usable_key(self, candidates: tuple[KeyConfig, ...], now: float) -> NoUsableKey:
+    def _no_usable_key(
+        self, candidates: tuple[KeyConfig, ...], now: float, client: str | None = None
+    ) -> NoUsableKey:
         cooling = [
-            min(max(0.0, self.health[k.id].cooldown_until - now), self.max_cooldown)
+            min(self._wait(k.id, now, client), self.max_cooldown)
             for k in candidates
-            if self._current(self.health[k.id], now) is KeyState.COOLDOWN
+            if self._wait(k.id, now, client) > 0.0
         ]
         retry_after = min(cooling) if cooling else None
         if not candidates:
             return NoUsableKey(self.backend, "no keys are configured")
-        return NoUsableKey(self.backend, self._describe(candidates, now), retry_after)
+        return NoUsableKey(self.backend, self._describe(candidates, now, client), retry_after)
 
-    def _describe(self, keys: tuple[KeyConfig, ...], now: float) -> str:
+    def _wait(self, key_id: str, now: float, client: str | None) -> float:
+        """Seconds until a key that is only cooling down (for everyone, or after the
+        client's own 429) serves ``client`` again; 0 for one that is not cooling down."""
+        health = self.health[key_id]
+        state = self._current(health, now)
+        if state is KeyState.COOLDOWN:
+            return max(0.0, health.cooldown_until - now)
+        return self._client_wait(health, client, now) if state is KeyState.OK else 0.0
+
+    def _describe(self, keys: tuple[KeyConfig, ...], now: float, client: str | None = None) -> str:
         if not keys:
             return "no keys are configured"
-        return "; ".join(f"key '{k.id}' is {self._state_text(k, now)}" for k in keys)
+        return "; ".join(f"key '{k.id}' is {self._state_text(k, now, client)}" for k in keys)
 
-    def _state_text(self, key: KeyConfig, now: float) -> str:
+    def _state_text(self, key: KeyConfig, now: float, client: str | None = None) -> str:
         health = self.health[key.id]
         state = self._current(health, now)
         if state is KeyState.MISSING:
@@ -262,8 +346,15 @@ class KeyPool:
             return f"invalid ({health.last_error})"
         if state is KeyState.COOLDOWN:
             return f"cooling down for {health.cooldown_until - now:.0f} s ({health.last_error})"
+        wait = self._client_wait(health, client, now)
+        if wait > 0.0:
+            return (
+                f"cooling down for {wait:.0f} s after a 429 to your request ({health.last_error})"
+            )
         return "usable"
 
 
-def build_pools(backends: Mapping[str, BackendConfig]) -> dict[str, KeyPool]:
-    return {name: KeyPool(backend) for name, backend in backends.items()}
+def build_pools(
+    backends: Mapping[str, BackendConfig], multi_tenant: bool = False
+) -> dict[str, KeyPool]:
+    return {name: KeyPool(backend, multi_tenant=multi_tenant) for name, backend in backends.items()}

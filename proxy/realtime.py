@@ -57,7 +57,6 @@ from proxy.pricing import Prices
 from proxy.redact import Redactor
 from proxy.routing import MAX_MODEL_LENGTH, Target, usable_model_id
 from proxy.runtime import Runtime
-from proxy.throttle import Outcome
 from proxy.usage import TokenCounts
 
 log = logging.getLogger("proxy")
@@ -197,10 +196,7 @@ async def _open_upstream(runtime: Runtime, scope: Scope, ctx: RequestContext) ->
     try:
         return await _connect(runtime, scope, target, ctx)
     except ProxyError as err:
-        if err.code == "upstream_rate_limited" or (
-            err.status >= 500 and err.code != "no_usable_key"
-        ):
-            ctx.judged(Outcome.FAILURE)
+        ctx.refused(err.status, err.code)
         raise
 
 

@@ -393,12 +393,12 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         raise
     objects = _object_store(config, storage, previous if reuse_storage else None)
     conversations = _conversations(config, previous)
-    pools = build_pools(config.backends)
+    multi_tenant = len(config.clients) > 1  # one client's failures must not shut it for others
+    pools = build_pools(config.backends, multi_tenant)
     upstreams: dict[str, Upstream] = {}
     breakers: dict[str, Breaker] = {}
     model_circuits: dict[str, ModelCircuits] = {}
     unverified: set[str] = set()
-    multi_tenant = len(config.clients) > 1  # one client's failures must not shut it for others
     for name, backend in config.backends.items():
         before = old.backends.get(name) if old is not None else None
         if previous is not None and before is not None:

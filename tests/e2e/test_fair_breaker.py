@@ -62,3 +62,40 @@ def test_failures_from_two_clients_still_open_it(proxy):
     refused = post(proxy, TEAM_B)
     assert refused.status_code == 503
     assert refused.json()["error"]["code"] == "backend_unavailable"
+
+
+LIMITED = {
+    "status": 429,
+    "headers": {"retry-after": "20"},
+    "error": {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"},
+}
+
+
+def test_one_clients_429_cools_the_shared_key_down_for_that_client_only(proxy, upstream):
+    assert post(proxy, TEAM_A, **LIMITED).status_code == 429
+    # team-b is served on the very key that limited team-a, again and again.
+    assert [post(proxy, TEAM_B).status_code for _ in range(3)] == [200] * 3
+    # team-a waits out its retry-after: the proxy's 429, with the wait, nothing upstream.
+    sent = len(upstream.requests())
+    waiting = post(proxy, TEAM_A)
+    assert waiting.status_code == 429
+    assert waiting.json()["error"]["code"] == "upstream_rate_limited"
+    assert 18 <= int(waiting.headers["retry-after"]) <= 20
+    assert len(upstream.requests()) == sent
+
+
+def test_two_clients_limited_by_the_key_cool_it_down_for_everyone(upstream, tmp_path):
+    three = config(upstream).replace(
+        "clients:\n", 'clients:\n  - {id: team-c, key: "ck-team-c-0123456789"}\n'
+    )
+    process = start_proxy(three, tmp_path)
+    try:
+        assert post(process, TEAM_A, **LIMITED).status_code == 429
+        assert post(process, TEAM_B, **LIMITED).status_code == 429  # the quota is spent
+        sent = len(upstream.requests())
+        refused = post(process, "ck-team-c-0123456789")
+        assert refused.status_code == 429
+        assert refused.json()["error"]["code"] == "upstream_rate_limited"
+        assert len(upstream.requests()) == sent  # the upstream is not hammered
+    finally:
+        process.stop()

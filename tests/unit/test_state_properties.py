@@ -366,6 +366,74 @@ TestKeyPoolMachine = KeyPoolMachine.TestCase
 TestKeyPoolMachine.settings = SETTINGS
 
 
+CLIENTS = st.sampled_from(["a", "b", "c"])
+
+
+class TenantKeyPoolMachine(RuleBasedStateMachine):
+    """Several tenants on one key pool: one client's 429s, whatever their retry-after, never
+    take a key from another client; two clients' do (the quota is spent), for at most
+    ``max_cooldown``, as does a per-client cooldown, reload or not."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = Clock()
+        self.max_cooldown = 300.0
+        self.pool = self.fresh()
+        self.limited: set[str] = set()  # clients that ever got a 429
+
+    def fresh(self) -> KeyPool:
+        backend = dataclasses.replace(POOL_BACKEND, max_cooldown=self.max_cooldown)
+        return KeyPool(backend, clock=self.clock, multi_tenant=True)
+
+    @rule(
+        key=st.sampled_from(["one", "two"]),
+        client=CLIENTS,
+        seconds=st.one_of(st.none(), ANY_SECONDS),
+    )
+    def rate_limited(self, key: str, client: str, seconds: float | None) -> None:
+        self.pool.cool_down(key, seconds, "429", client)
+        self.limited.add(client)
+
+    @rule(key=st.sampled_from(["one", "two"]))
+    def served(self, key: str) -> None:
+        self.pool.mark_success(key)
+
+    @rule(client=CLIENTS)
+    def pick(self, client: str) -> None:
+        try:
+            self.pool.pick(client=client)
+        except NoUsableKey as exc:
+            assert exc.retry_after is not None and 0 <= exc.retry_after <= self.max_cooldown
+
+    @rule(max_cooldown=st.floats(min_value=0.5, max_value=3600.0))
+    def reload(self, max_cooldown: float) -> None:
+        self.max_cooldown = max_cooldown
+        fresh = self.fresh()
+        fresh.adopt_health(self.pool)
+        self.pool = fresh
+
+    @rule(step=CLOCK_STEPS)
+    def time_passes(self, step: float) -> None:
+        self.clock.now += step
+
+    @rule()
+    def only_time_passes_until_max_cooldown(self) -> None:
+        self.clock.now += self.max_cooldown
+        for client in ("a", "b", "c"):
+            assert {self.pool.pick(client=client).id for _ in range(2)} == {"one", "two"}
+
+    @invariant()
+    def one_clients_429s_take_nothing_from_the_others(self) -> None:
+        if len(self.limited) == 1:
+            for client in {"a", "b", "c"} - self.limited:
+                assert {self.pool.pick(client=client).id for _ in range(2)} == {"one", "two"}
+                assert self.pool.has_usable(client=client)
+
+
+TestTenantKeyPoolMachine = TenantKeyPoolMachine.TestCase
+TestTenantKeyPoolMachine.settings = SETTINGS
+
+
 # ---------------------------------------------------------------- reconnect throttle
 
 THROTTLE_BASE: Config = parse_config(
