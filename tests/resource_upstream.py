@@ -300,6 +300,64 @@ async def requests_log(request: web.Request) -> web.Response:
     return web.json_response(store.requests)
 
 
+# The other object types, kept the same way (per key) by one generic handler each:
+# collection path -> (object type, id prefix).
+COLLECTIONS = {
+    "vector_stores": ("vector_store", "vs"),
+    "conversations": ("conversation", "conv"),
+    "containers": ("container", "cntr"),
+    "fine_tuning/jobs": ("fine_tuning.job", "ftjob"),
+    "evals": ("eval", "eval"),
+    "uploads": ("upload", "upload"),
+}
+
+
+def _collection(request: web.Request) -> str:
+    path = request.path.removeprefix("/v1/")
+    return next(c for c in sorted(COLLECTIONS, key=len, reverse=True) if path.startswith(c))
+
+
+async def create_object(request: web.Request) -> web.Response:
+    body = await request.json() if request.can_read_body else {}
+    _record(request)
+    kind, prefix = COLLECTIONS[_collection(request)]
+    store: Store = request.app["store"]
+    obj: dict[str, Any] = {**body, "id": f"{prefix}_{_RUN}{len(store.objects)}", "object": kind}
+    obj["created_at"] = CREATED
+    if kind == "fine_tuning.job":
+        obj["fine_tuned_model"] = f"ft:{body.get('model', 'gpt-4o-mini')}:org::{obj['id']}"
+        obj["status"] = "succeeded"
+    return web.json_response(store.own(_key(request), obj))
+
+
+async def list_objects(request: web.Request) -> web.Response:
+    _record(request)
+    kind = COLLECTIONS[_collection(request)][0]
+    key = _key(request)
+    objects = request.app["store"].objects.values()
+    data = [o for k, o in objects if k == key and o["object"] == kind]
+    first, last = (data[0]["id"], data[-1]["id"]) if data else (None, None)
+    page = {"object": "list", "data": data, "first_id": first, "last_id": last}
+    return web.json_response({**page, "has_more": False})
+
+
+async def an_object(request: web.Request) -> web.Response:
+    await request.read()
+    _record(request)
+    store: Store = request.app["store"]
+    obj = store.get(_key(request), request.match_info["id"])
+    if obj is None:
+        return _not_found(COLLECTIONS[_collection(request)][0])
+    if request.method == "DELETE":
+        del store.objects[obj["id"]]
+        return web.json_response(
+            {"id": obj["id"], "object": obj["object"] + ".deleted", "deleted": True}
+        )
+    if request.path.endswith("/cancel"):
+        obj["status"] = "cancelled"
+    return web.json_response(obj)
+
+
 def make_app() -> web.Application:
     app = web.Application(client_max_size=1024**3)
     app["store"] = Store()
@@ -319,6 +377,11 @@ def make_app() -> web.Application:
     app.router.add_get("/v1/chat/completions/{id}", chat_object)
     app.router.add_get("/v1/models", lambda r: web.json_response({"data": []}))
     app.router.add_route("*", "/v1/models/{id}", model_object)
+    for collection in COLLECTIONS:
+        app.router.add_post(f"/v1/{collection}", create_object)
+        app.router.add_get(f"/v1/{collection}", list_objects)
+        app.router.add_route("*", f"/v1/{collection}/{{id}}", an_object)
+        app.router.add_post(f"/v1/{collection}/{{id}}/cancel", an_object)
     app.router.add_route("*", "/_mock/requests", requests_log)
     return app
 

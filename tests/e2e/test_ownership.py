@@ -234,3 +234,67 @@ def test_a_list_page_is_filled_from_further_upstream_pages_and_the_sdk_pages_on(
         assert not {f.id for f in b.files.list(limit=20)} & mine
     finally:
         proxy.stop()
+
+
+@pytest.mark.filterwarnings("ignore:The Evals API is deprecated:DeprecationWarning")
+def test_every_other_object_type_of_team_a_is_404_for_team_b(
+    proxies: tuple[ProxyProcess, ProxyProcess], resources: ResourceUpstream
+) -> None:
+    """Vector stores, conversations, containers, fine-tuning jobs and their models, evals,
+    uploads: made by team-a, each is a 404 for team-b (retrieve, delete, cancel, list), with
+    nothing sent upstream; team-a keeps them."""
+    made_on, asked_on = proxies
+    a, b = sdk(made_on, TEAM_A), sdk(asked_on, TEAM_B)
+    made = {
+        "vector store": a.vector_stores.create(name="a's store").id,
+        "conversation": a.conversations.create().id,
+        "container": a.containers.create(name="a's box").id,
+        "fine-tuning job": a.fine_tuning.jobs.create(model="gpt-4o-mini", training_file="f").id,
+        "eval": a.evals.create(
+            name="a's eval",
+            data_source_config={"type": "custom", "item_schema": {}},
+            testing_criteria=[],
+        ).id,
+        "upload": a.uploads.create(
+            purpose="batch", filename="a.jsonl", bytes=1, mime_type="text/jsonl"
+        ).id,
+    }
+    job = a.fine_tuning.jobs.retrieve(made["fine-tuning job"])
+    assert job.fine_tuned_model is not None
+    resources.forget()
+    refusals: dict[str, Callable[[], Any]] = {
+        "retrieve vector store": lambda: b.vector_stores.retrieve(made["vector store"]),
+        "delete vector store": lambda: b.vector_stores.delete(made["vector store"]),
+        "retrieve conversation": lambda: b.conversations.retrieve(made["conversation"]),
+        "delete conversation": lambda: b.conversations.delete(made["conversation"]),
+        "continue conversation": lambda: b.responses.create(
+            model="cheap-1", input="hi", conversation=made["conversation"]
+        ),
+        "retrieve container": lambda: b.containers.retrieve(made["container"]),
+        "delete container": lambda: b.containers.delete(made["container"]),
+        "retrieve job": lambda: b.fine_tuning.jobs.retrieve(made["fine-tuning job"]),
+        "cancel job": lambda: b.fine_tuning.jobs.cancel(made["fine-tuning job"]),
+        "retrieve eval": lambda: b.evals.retrieve(made["eval"]),
+        "delete eval": lambda: b.evals.delete(made["eval"]),
+        "cancel upload": lambda: b.uploads.cancel(made["upload"]),
+    }
+    for name, call in refusals.items():
+        assert not_found(call)["type"] == "invalid_request_error", name
+    # team-a's fine-tuned model is team-a's: team-b may not even name it.
+    with pytest.raises(openai.APIStatusError) as raised:
+        b.chat.completions.create(model=str(job.fine_tuned_model), messages=[])
+    assert raised.value.status_code in (403, 404)
+    assert resources.requests() == []  # none of them was sent upstream
+
+    assert [v.id for v in b.vector_stores.list()] == []
+    assert [c.id for c in b.containers.list()] == []
+    assert [j.id for j in b.fine_tuning.jobs.list()] == []
+    assert [e.id for e in b.evals.list()] == []
+    assert made["vector store"] in [v.id for v in a.vector_stores.list()]
+    assert made["eval"] in [e.id for e in a.evals.list()]
+    assert (
+        sdk(asked_on, TEAM_A).conversations.retrieve(made["conversation"]).id
+        == (made["conversation"])
+    )
+    a.containers.delete(made["container"])  # its own: allowed (a 404 would raise)
+    assert made["container"] not in [c.id for c in a.containers.list()]
