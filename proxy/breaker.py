@@ -391,7 +391,8 @@ class ModelCircuits:
     models. Connect errors and timeouts stay with the backend's own breaker.
 
     Bounded: at most ``MAX_MODEL_CIRCUITS``, made on a model's first request; past the
-    bound a closed circuit is dropped first (it holds nothing), else the oldest (dropping
+    bound a closed circuit with no failures is dropped first (it holds nothing), else the
+    least recently used (dropping
     an open one only lets that model be tried again: the breaker's purpose is protecting the
     upstream, which the backend's own breaker still does)."""
 
@@ -434,8 +435,13 @@ class ModelCircuits:
             self.multi_tenant,
         )
         if len(self._breakers) >= self._bound:  # before inserting: never the new one
-            closed = next((m for m, b in self._breakers.items() if not b.is_open), None)
-            del self._breakers[closed if closed is not None else next(iter(self._breakers))]
+            # A closed circuit with no failures holds nothing; else the least recently used
+            # (never one counting failures by LRU order alone, or two new broken models
+            # would evict each other's count, turn by turn, and neither would ever open).
+            idle = next(
+                (m for m, b in self._breakers.items() if not b.is_open and not b.failures), None
+            )
+            del self._breakers[idle if idle is not None else next(iter(self._breakers))]
         self._breakers[model] = breaker
         return breaker
 

@@ -418,6 +418,20 @@ def test_with_every_circuit_open_a_new_models_circuit_still_opens():
     assert list(models.open_models()) == ["m2", "m3", "m4"]  # the oldest open one dropped
 
 
+def test_two_new_broken_models_past_the_bound_do_not_evict_each_others_count():
+    """Review of issue 19: with every circuit open, two new failing models took turns
+    dropping each other's circuit (a closed one with failures), so neither ever opened."""
+    clock = Clock()
+    models = model_circuits(clock, bound=3)
+    for name in ("m1", "m2", "m3"):
+        for _ in range(3):
+            models.get(name).failure()
+    for _ in range(3):
+        models.get("x").failure()
+        models.get("y").failure()
+    assert models.is_open("x") and models.is_open("y")
+
+
 def test_a_models_5xx_leaves_the_backends_timeout_streak_alone():
     """Review of issue 19: team-x's model answering 500 reset the backend's streak, so
     timeouts from team-a and team-c never opened it."""
