@@ -443,6 +443,15 @@ class _Attempt:
             except ProxyError as err:  # an error body past the size cap
                 self.verdict = classify(status)
                 self.answered_5xx = status >= 500
+                # Still the upstream's failure (its status), for the log and the throttle.
+                kind = (
+                    "status_5xx"
+                    if status >= 500
+                    else "status_429"
+                    if status == 429
+                    else "status_4xx"
+                )
+                self._attempt_failed(key.id, kind)
                 return err
             self.verdict = last_answer.verdict
             if self.verdict is Verdict.CLIENT_ERROR or self.verdict is Verdict.KEY_LACKS_SCOPE:

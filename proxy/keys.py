@@ -247,16 +247,20 @@ class KeyPool:
         health = self.health[key_id]
         if health.state is KeyState.MISSING:
             return
-        health.cooldown_streak = min(health.cooldown_streak + 1, 64)
+        now = self._clock()
+        # One client's 429s leave the key's streak alone: else a burst of them would make
+        # the first 429 of another client a long cooldown for everyone.
+        own = self.multi_tenant and client is not None and not self._spent(health, client, now)
+        if not own:
+            health.cooldown_streak = min(health.cooldown_streak + 1, 64)
         if seconds is None or not math.isfinite(seconds) or seconds < 0:
-            seconds = _COOLDOWN_BASE * 2.0 ** (health.cooldown_streak - 1)
+            seconds = _COOLDOWN_BASE * 2.0 ** max(0, health.cooldown_streak - 1)
             seconds = min(seconds, _COOLDOWN_MAX)
         seconds = min(seconds, self.max_cooldown)
         health.last_error = reason
-        now = self._clock()
         if self._current(health, now) is KeyState.INVALID:
             return  # refused outright: a cooldown would only hide that
-        if self.multi_tenant and client is not None and not self._spent(health, client, now):
+        if own and client is not None:
             self._cool_for(health, client, now, seconds)
             return
         health.state = KeyState.COOLDOWN

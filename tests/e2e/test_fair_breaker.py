@@ -99,3 +99,19 @@ def test_two_clients_limited_by_the_key_cool_it_down_for_everyone(upstream, tmp_
         assert len(upstream.requests()) == sent  # the upstream is not hammered
     finally:
         process.stop()
+
+
+def test_an_upstream_failure_with_an_oversized_body_still_counts_for_the_throttle(
+    upstream, tmp_path
+):
+    """Review of issue 19: a 500 whose body was over the error-body cap (502 to the client)
+    was not counted as the upstream's failure, so the reconnect throttle never engaged."""
+    throttled = config(upstream).replace("throttle: {reconnect: {enabled: false}}\n", "")
+    process = start_proxy(throttled, tmp_path)
+    try:
+        big = {"message": "x" * (1100 * 1024), "type": "server_error"}
+        codes = [post(process, TEAM_A, status=500, error=big).status_code for _ in range(5)]
+        assert codes[:3] == [502] * 3
+        assert codes[3:] == [429, 429]  # reconnect_throttled: the upstream is spared
+    finally:
+        process.stop()

@@ -129,3 +129,21 @@ def test_exclude_skips_keys_already_tried_in_this_request():
     assert p.pick(exclude=["one"]).id == "two"
     with pytest.raises(NoUsableKey):
         p.pick(exclude=["one", "two"])
+
+
+def tenant_pool(clock: Clock) -> KeyPool:
+    backend = parse_config(CONFIG, "t.yaml", {"K1": "sk-1"}).backends["b"]
+    return KeyPool(backend, clock=clock, multi_tenant=True)
+
+
+def test_one_clients_429_burst_does_not_lengthen_the_cooldown_a_second_client_starts():
+    """Review of issue 19: eight 429s (no retry-after) to one client raised the key's
+    shared streak, so another client's first 429 cooled it down for everyone for 60 s."""
+    clock = Clock()
+    p = tenant_pool(clock)
+    for _ in range(8):
+        p.cool_down("one", None, "429", "attacker")
+    p.cool_down("one", None, "429", "victim")  # two clients: everyone's, for 1 s
+    assert p.cooldown_left("one") == pytest.approx(1.0)
+    clock.now += 1.0
+    assert p.pick(client="third").id == "one"
