@@ -259,9 +259,10 @@ def test_a_broken_deployments_sessions_move_and_come_back_the_others_stay(
     moved = [s for s in sessions if during[s] != before[s]]
     assert "sticky-b" not in during.values()
     assert all(before[s] == "sticky-b" for s in moved)  # only its own sessions moved
-    assert len(moved) / len(sessions) <= 1 / 3 + 0.02 or len(moved) == sum(
-        1 for s in sessions if before[s] == "sticky-b"
-    )
+    assert len(moved) == sum(1 for s in sessions if before[s] == "sticky-b")  # all of them
+    # Its share follows the weights (1 of 3): the rendezvous hash of these 90 fixed keys
+    # gives 31 (34 %); more than ~3 standard deviations off would be a broken hash.
+    assert 0.20 <= len(moved) / len(sessions) <= 0.47
     upstream.configure(by_model={})  # repaired: its circuit closes, its sessions return
     deadline = time.monotonic() + 30
     after = during
