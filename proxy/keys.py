@@ -138,8 +138,9 @@ class KeyPool:
     def has_usable(self, pinned: str | None = None, client: str | None = None) -> bool:
         ids = (pinned,) if pinned is not None else self._ids
         health = self.health
-        for key_id in ids:  # the common case, with no clock read: a key that is ok
-            if health[key_id].state is KeyState.OK and not health[key_id].client_until:
+        for key_id in ids:  # the common case, with no clock read: a key ok for everyone
+            entry = health[key_id]
+            if entry.state is KeyState.OK and not entry.client_until:
                 return True
         now = self._clock()
         return any(self._usable(key_id, now, client) for key_id in ids)
@@ -315,11 +316,8 @@ class KeyPool:
     def _no_usable_key(
         self, candidates: tuple[KeyConfig, ...], now: float, client: str | None = None
     ) -> NoUsableKey:
-        cooling = [
-            min(self._wait(k.id, now, client), self.max_cooldown)
-            for k in candidates
-            if self._wait(k.id, now, client) > 0.0
-        ]
+        waits = (self._wait(k.id, now, client) for k in candidates)
+        cooling = [min(wait, self.max_cooldown) for wait in waits if wait > 0.0]
         retry_after = min(cooling) if cooling else None
         if not candidates:
             return NoUsableKey(self.backend, "no keys are configured")
