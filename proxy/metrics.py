@@ -104,6 +104,12 @@ UPSTREAM_ERRORS = Counter(
     "status_429, status_5xx, body_broken, stream_broken.",
     ["backend", "key", "kind"],
 )
+STALE_CONNECTIONS = Counter(
+    "llm_proxy_upstream_stale_connections",
+    "Requests sent again on another connection because the pooled one was found closed by "
+    "the upstream before any byte of the request went out (its keep-alive ended first).",
+    ["backend"],
+)
 THROTTLED = Counter(
     "llm_proxy_throttled",
     "Requests the proxy refused itself, by reason: reconnect, client_rate_limit, "

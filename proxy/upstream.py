@@ -24,6 +24,7 @@ from proxy.errors import (
     upstream_timeout,
     upstream_unreachable,
 )
+from proxy.metrics import STALE_CONNECTIONS
 
 Body = bytes | AsyncIterator[bytes] | None  # an upload is sent as it arrives
 
@@ -158,11 +159,24 @@ class Upstream:
         deadlines = self._deadlines
         task = deadlines.enter(self._head_deadline)
         try:
-            # Redirects are never followed: a 307 would re-send the prompt and the
-            # backend's headers to another host, a 301 would turn a stream into a GET.
-            response = await self._session.request(
-                method, url, headers=headers, data=body, allow_redirects=False
-            )
+            try:
+                # Redirects are never followed: a 307 would re-send the prompt and the
+                # backend's headers to another host, a 301 would turn a stream into a GET.
+                response = await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False
+                )
+            except aiohttp.ClientOSError as exc:
+                if not (_never_sent(exc) and (body is None or isinstance(body, bytes))):
+                    raise
+                # The pooled connection was closed by the upstream (its keep-alive ended,
+                # or it closes after every answer) before this request's first byte went
+                # out: nothing reached the upstream, so sending it again is safe for any
+                # method. Once: the pool drops closed connections, so this one is fresh
+                # or newly opened. A streamed upload cannot be replayed and is not.
+                STALE_CONNECTIONS.labels(self.name).inc()
+                response = await self._session.request(
+                    method, url, headers=headers, data=body, allow_redirects=False
+                )
         except asyncio.CancelledError:
             if deadlines.expired(task):
                 raise self._failure(TimeoutError(), "waiting for the response") from None
@@ -322,6 +336,14 @@ def tls_context(backend: BackendConfig) -> ssl.SSLContext | bool:
 
 
 _CHECK_BODY_LIMIT = 64 * 1024  # a refusal's error body, read to classify it
+
+
+def _never_sent(exc: aiohttp.ClientOSError) -> bool:
+    """The request failed because its connection was already closing when the first write
+    was tried (aiohttp's writer raises ``ClientConnectionResetError`` then): the upstream
+    got nothing of it. A reset once bytes were out is another error, and may have been
+    applied (a POST is never sent twice for it)."""
+    return isinstance(exc.__cause__, aiohttp.ClientConnectionResetError)
 
 
 def _describe(exc: BaseException) -> str:

@@ -7,6 +7,7 @@ whatever a request's ``"hostile"`` plan scripts (``tests/hostile_upstream.py``).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import subprocess
@@ -579,3 +580,71 @@ routes:
     )
     assert serve.returncode == 2
     assert "Traceback" not in serve.stdout + serve.stderr
+
+
+# ---------------------------------------------------------------- pooled connections
+
+
+def _stats(hostile_url: str) -> dict[str, int]:
+    return dict(httpx.get(hostile_url + "/_hostile/stats", timeout=5).json())
+
+
+def test_a_pooled_connection_the_upstream_closed_is_not_a_502(hostile_proxy, hostile_url):
+    """An upstream that closes its connection after every answer (HTTP/1.1, no
+    ``connection: close``; a server whose keep-alive just ended looks the same) leaves a
+    closed connection in the pool, and the next request found it closed at its first write:
+    every second request was a 502 "Can not write request body". Nothing had reached the
+    upstream, so ``Upstream.send`` sends it again on another connection: all answered, each
+    one reached the upstream once, and the retries are counted per backend."""
+    answer = {
+        "status": 200,
+        "headers": [["content-type", "application/json"]],
+        "parts": [['{"id":"c1","object":"chat.completion","choices":[]}', 0]],
+    }
+    before = _stats(hostile_url)["plays_total"]
+
+    async def clients() -> list[int]:
+        # Concurrent clients: a connection goes back to the pool and out to the next
+        # request before the proxy's loop has read the upstream's FIN.
+        async with httpx.AsyncClient(timeout=10) as client:
+
+            async def one_client() -> list[int]:
+                statuses = []
+                for _ in range(25):
+                    r = await client.post(
+                        hostile_proxy.base_url + "/chat/completions",
+                        json={"model": "m", "hostile": answer},
+                    )
+                    statuses.append(r.status_code)
+                return statuses
+
+            return [
+                s for part in await asyncio.gather(*[one_client() for _ in range(8)]) for s in part
+            ]
+
+    statuses = asyncio.run(clients())
+    assert statuses == [200] * 200
+    assert _stats(hostile_url)["plays_total"] - before == 200  # none sent twice
+    metrics = httpx.get(hostile_proxy.url + "/metrics", timeout=5).text
+    retried = [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith('llm_proxy_upstream_stale_connections_total{backend="h"}')
+    ]
+    assert retried and 1 <= retried[0] <= 200
+
+
+def test_a_request_the_upstream_dropped_after_reading_it_is_not_sent_again(
+    hostile_proxy, hostile_url
+):
+    """The other side of that retry: a connection reset once the request was out (the
+    upstream read it, then dropped the connection without a head) may have been applied,
+    so a POST is never sent twice for it: one play upstream, one 502 to the client."""
+    before = _stats(hostile_url)["plays_total"]
+    r = httpx.post(
+        hostile_proxy.base_url + "/chat/completions",
+        json={"model": "m", "hostile": {"before_head": "abort"}},
+        timeout=10,
+    )
+    assert r.status_code == 502
+    assert _stats(hostile_url)["plays_total"] - before == 1
