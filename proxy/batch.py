@@ -41,6 +41,8 @@ BATCH_URLS = frozenset(
 _PURPOSE_LIMIT = 64  # bytes of a purpose field looked at; OpenAI's are a word
 
 Resolve = Callable[[str], Target]  # a line's model → its target; raises ProxyError
+# A checked line's target, body, size and url: added to the file's estimate (batch_spend.py).
+Measure = Callable[[Target, dict[str, Any], int, str], None]
 
 
 class BatchLines:
@@ -51,9 +53,16 @@ class BatchLines:
     line, rewrites those whose model the route changes, counts them, and collects the bytes
     to send (``take``)."""
 
-    def __init__(self, max_line: int, resolve: Resolve | None = None, backend: str = "") -> None:
+    def __init__(
+        self,
+        max_line: int,
+        resolve: Resolve | None = None,
+        backend: str = "",
+        measure: Measure | None = None,
+    ) -> None:
         self._max_line = max_line
         self._resolve = resolve
+        self._measure = measure
         self._backend = backend  # where the file goes: every line must route there
         self._out: list[bytes] = []
         self._field: bytearray | None = None  # the purpose field's value, being read
@@ -180,6 +189,8 @@ class BatchLines:
                 f"'{self._backend}': a batch runs on one backend, so all its lines must "
                 "route to the same one",
             )
+        if self._measure is not None:
+            self._measure(target, body, len(text), request["url"])
         return _rewritten(line, text, request, target)
 
 

@@ -20,6 +20,7 @@ from proxy.usage import NO_TOKENS, TokenCounts
 
 if TYPE_CHECKING:
     from proxy.balance import DeploymentStats
+    from proxy.batch_spend import FileEstimate
     from proxy.routing import Target
     from proxy.spend import Reservation
     from proxy.telemetry import RequestTrace
@@ -34,6 +35,9 @@ def outcome_of(status: int) -> Outcome:
     return Outcome.NEUTRAL
 
 
+ANONYMOUS = "anonymous"  # the client label of an open proxy's requests
+
+
 class RequestContext:
     """What one request has done so far: enough to answer an error, log it and learn from it."""
 
@@ -42,6 +46,7 @@ class RequestContext:
         "attempt_limit",
         "attempts",
         "backend",
+        "batch",
         "client",
         "client_gone",
         "client_label",
@@ -103,7 +108,7 @@ class RequestContext:
         self.backend: str | None = None  # the backend last tried
         self.key: str | None = None  # the key *id* last tried; the secret never reaches here
         self.client: str | None = None  # client key id, or address when the proxy is open
-        self.client_label = "anonymous"  # for metrics: the client id, never an address
+        self.client_label = ANONYMOUS  # for metrics: the client id, never an address
         # reconnect | client_rate_limit | backend_rate_limit | circuit_open
         self.throttle_reason: str | None = None
         # connect | timeout | redirect | bad_status | status_4xx | status_429 | status_5xx | ...
@@ -123,6 +128,7 @@ class RequestContext:
         self.tokens: TokenCounts = NO_TOKENS  # from the upstream's usage
         self.cost: float | None = None  # USD, from tokens and the price table; None: unpriced
         self.reservation: Reservation | None = None  # against the client's budget and tpm
+        self.batch: FileEstimate | None = None  # a batch file's estimate (batch_spend.py)
         # A client with limits: its x-ratelimit-*-tokens (none: not limited, the upstream's).
         self.limit_headers: list[tuple[bytes, bytes]] | None = None
         # Set once the request counts for the reconnect throttle (admitted), with what the

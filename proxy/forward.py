@@ -18,6 +18,7 @@ import os
 import re
 import time
 from collections.abc import Awaitable, Callable, Iterator, MutableMapping
+from functools import partial
 from typing import Any
 
 import aiohttp
@@ -26,6 +27,7 @@ import orjson
 from proxy import errors, metrics
 from proxy.access_log import AccessLog
 from proxy.batch import BatchFilter, BatchLines
+from proxy.batch_spend import FileEstimate
 from proxy.bodies import (
     FORM,
     JSON_TYPES,
@@ -56,6 +58,7 @@ from proxy.failover import (
 from proxy.headers import REQUEST_ID, header_value, kept_response_headers
 from proxy.objects import (
     MAX_IDS,
+    MAX_LIST_LIMIT,
     MAX_LIST_PAGES,
     Unknown,
     Viewer,
@@ -288,10 +291,10 @@ async def forward(
     batch_file = batch_upload(parts)
     if batch_file is not None:
         # Every line checked as the request it is, line 1's model included.
-        target = await check_batch_lines(runtime, client, batch_file, target)
+        target = await check_batch_lines(runtime, ctx, client, batch_file, target)
     elif model:
         runtime.auth.check_model(client, model, target.model)
-    cost = await batch_cost(runtime, client, parts) if parts.path == "/batches" else 1
+    cost = await batch_cost(runtime, ctx, client, parts) if parts.path == "/batches" else 1
 
     # throttle, then the client's budget and tpm
     await admit_client(runtime, ctx, client, target.model or parts.path, cost)
@@ -305,7 +308,10 @@ async def forward(
     if translation is not None and parts.path == translation.estimated and all_translated(target):
         await _send_json(send, ctx, translation.estimate(parts.body), _ESTIMATE)
         return
-    await reserve_spend(runtime, ctx, client, target, parts)
+    if ctx.batch is not None and parts.path == "/batches":
+        await reserve_batch(runtime, ctx, client)
+    elif batch_file is None:  # a batch file costs nothing until a batch runs it
+        await reserve_spend(runtime, ctx, client, target, parts)
     ctx.admitted(target)
 
     # key → upstream, with retries on another key and fallbacks
@@ -529,7 +535,7 @@ class _Relay:
         if response.status < 300 and self.delivery.target.dialect.makes_objects:
             # Before the client hears of it: its next call finds it.
             parts = self.parts
-            await record_created(
+            made = await record_created(
                 runtime.objects,
                 parts.path,
                 parts.method,
@@ -541,6 +547,8 @@ class _Relay:
                 self.owner,
                 lines=batch_requests(parts),
             )
+            if made and ctx.batch is not None:
+                await batch_made(runtime, ctx, parts, made[0])
             if self.client is not None and is_owned_list(parts.path, parts.method):
                 data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
         headers = self._headers()
@@ -548,6 +556,8 @@ class _Relay:
         await self._start(headers)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
         ctx.overhead_measured(time.perf_counter() - read_at)
+        if response.status < 300 and self.parts.path.startswith("/batches"):
+            await batches_seen(runtime, self.parts, data)
         if tokens is not None and _generates(self.parts):
             ctx.counted(tokens)
 
@@ -857,8 +867,12 @@ async def account(runtime: Runtime, ctx: RequestContext) -> None:
     reservation = ctx.reservation
     if reservation is not None and runtime.spend is not None:
         answered = 200 <= ctx.status < 300
-        floor = ctx.tokens_partial or (answered and ctx.client_gone and not ctx.tokens)
         call = runtime.throttle.guarded
+        if reservation.whole:  # a batch: once made upstream, its whole estimate is spent
+            used = TokenCounts(prompt=reservation.tokens) if answered else NO_TOKENS
+            await runtime.spend.settle(reservation, used, reservation.usd * answered, call)
+            return
+        floor = ctx.tokens_partial or (answered and ctx.client_gone and not ctx.tokens)
         await runtime.spend.settle(reservation, ctx.tokens, ctx.cost, call, floor)
 
 
@@ -992,7 +1006,7 @@ def batch_upload(parts: RequestParts) -> Upload | None:
 
 
 async def check_batch_lines(
-    runtime: Runtime, client: Client | None, upload: Upload, target: Target
+    runtime: Runtime, ctx: RequestContext, client: Client | None, upload: Upload, target: Target
 ) -> Target:
     """Check (and rewrite) every line of a batch file on its way out: each line's model
     routed and allowed as a single request's would be, all of them on ``target``'s backend
@@ -1003,7 +1017,12 @@ async def check_batch_lines(
         runtime.auth.check_model(client, model, line_target.model)
         return line_target
 
-    lines = BatchLines(runtime.config.server.max_body_size, resolve, target.backend)
+    measure = None
+    batches = runtime.batches
+    if batches is not None:
+        file = ctx.batch = FileEstimate()
+        measure = partial(batches.line, file)
+    lines = BatchLines(runtime.config.server.max_body_size, resolve, target.backend, measure)
     assert upload.boundary is not None
     upload.peek = lines  # from here on, its count is the file's
     await upload.filter_with(BatchFilter(upload.boundary, lines), runtime.router.renames)
@@ -1022,10 +1041,13 @@ def batch_requests(parts: RequestParts) -> int | None:
     )
 
 
-async def batch_cost(runtime: Runtime, client: Client | None, parts: RequestParts) -> int:
-    """What creating a batch costs against the client's rate limit: its file's requests.
-    A client with a limit or model globs may only run files the proxy checked."""
-    if parts.method != "POST" or client is None:
+async def batch_cost(
+    runtime: Runtime, ctx: RequestContext, client: Client | None, parts: RequestParts
+) -> int:
+    """What creating a batch costs against the client's rate limit: its file's requests
+    (and its file's estimate, in ``ctx.batch``, for its budget and its usage). A client
+    with a limit or model globs may only run files the proxy checked."""
+    if parts.method != "POST":
         return 1
     file_id = parts.payload.get("input_file_id")
     placement = (
@@ -1034,13 +1056,20 @@ async def batch_cost(runtime: Runtime, client: Client | None, parts: RequestPart
         else None
     )
     lines = placement.lines if placement is not None else None
+    batches = runtime.batches
+    if lines is not None and batches is not None and isinstance(file_id, str):
+        ctx.batch = await batches.file_estimate(file_id, runtime.throttle.guarded)
+    if client is None:
+        return 1
     capacity = runtime.throttle.client_capacity(client.id)
-    if lines is None:
-        if capacity is None and client.models is None:
+    budget = runtime.spend is not None and runtime.spend.has_budget(client.id)
+    if lines is None or (budget and ctx.batch is None):
+        if capacity is None and client.models is None and not budget:
             return 1
         raise errors.bad_request(
             "The batch's input_file_id must name a file uploaded through this proxy with "
-            "purpose 'batch' (its lines are checked and counted there).",
+            "purpose 'batch' (its lines are checked, counted and estimated there; an "
+            "estimate lasts as long as the file's record): upload it again.",
             param="input_file_id",
             code="unchecked_batch_file",
         )
@@ -1052,6 +1081,58 @@ async def batch_cost(runtime: Runtime, client: Client | None, parts: RequestPart
             code="batch_exceeds_rate_limit",
         )
     return max(lines, 1)
+
+
+async def reserve_batch(runtime: Runtime, ctx: RequestContext, client: Client | None) -> None:
+    """A batch's estimate reserved against its client's budget, or 429 ``budget_exceeded``
+    (403 ``unpriced_model`` with a USD budget and a line whose model has no price).
+    Settled to the whole estimate in ``account`` once the upstream made the batch."""
+    spend, batches, file = runtime.spend, runtime.batches, ctx.batch
+    if spend is None or batches is None or file is None or client is None:
+        return
+    if not spend.has_budget(client.id):
+        return
+    if file.usd is None and spend.needs_a_price(client.id):
+        model = file.model or "(one of its lines' models)"
+        raise errors.unpriced_for_budget(client.id, model, file.backend)
+    found = await batches.reserve(client.id, file, runtime.throttle.guarded)
+    if isinstance(found, Refusal):
+        ctx.throttled("budget")
+        limit = found.limit
+        used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
+        raise errors.budget_exceeded(client.id, limit.describe(), used, found.reset, True)
+    ctx.reservation = found
+
+
+async def batch_made(runtime: Runtime, ctx: RequestContext, parts: RequestParts, made: str) -> None:
+    """The upstream made a batch file (its estimate noted under its id) or a batch (its
+    charge noted, to be corrected to its usage when it ends)."""
+    batches, file, call = runtime.batches, ctx.batch, runtime.throttle.guarded
+    if batches is None or file is None:
+        return
+    if parts.path == "/batches":
+        await batches.made(made, ctx.client_label, file, ctx.reservation, call)
+    elif batch_requests(parts) is not None:
+        await batches.file_made(made, ctx.client_label, file, call)
+
+
+async def batches_seen(runtime: Runtime, parts: RequestParts, data: bytes) -> None:
+    """Batches in an answer (one retrieved, or a page of the caller's): those that ended
+    with a usage have their charge corrected to it and their tokens counted, once."""
+    batches = runtime.batches
+    if batches is None or parts.method != "GET" or b'"usage"' not in data:
+        return
+    try:
+        document = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(document, dict):
+        return
+    items = document.get("data") if parts.path == "/batches" else [document]
+    for item in items[:MAX_LIST_LIMIT] if isinstance(items, list) else ():
+        batch_id = item.get("id") if isinstance(item, dict) else None
+        if isinstance(batch_id, str) and batch_id.startswith("batch_"):
+            await batches.ended(batch_id, item, runtime.throttle.guarded)
 
 
 FINE_TUNED = "ft:"  # OpenAI's fine-tuned model ids

@@ -23,10 +23,12 @@ from dataclasses import dataclass, field
 
 from proxy import metrics
 from proxy.balance import DeploymentStats
+from proxy.batch_spend import BatchSpend
 from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
 from proxy.classify import Verdict, classify
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
+from proxy.context import ANONYMOUS
 from proxy.conversations import Conversations
 from proxy.dialects import DEFAULT, Dialect
 from proxy.keys import KeyPool, build_pools
@@ -103,6 +105,7 @@ class Runtime:
     session_headers: Mapping[bytes, int] = field(default_factory=dict)
     prices: Prices = field(default_factory=lambda: Prices({}))
     spend: Spend | None = None  # the clients' budgets and tpm (None: no client has any)
+    batches: BatchSpend | None = None  # batches' estimates, charges and usage (batch_spend.py)
     telemetry: Telemetry | None = None  # OpenTelemetry's exporters (None: off)
     loaded_at: float = field(default_factory=time.time)
     state: RuntimeState = field(default_factory=RuntimeState)  # the one mutable part
@@ -442,6 +445,7 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
         telemetry=_telemetry(config, previous),
         prices=prices,
         spend=spend if spend is not None and spend.limits else None,
+        batches=_batches(config, spend),
         deployments=deployments,
         session_headers={
             name.lower().encode("latin-1"): rank
@@ -462,6 +466,13 @@ def build_runtime(config: Config, previous: Runtime | None = None) -> Runtime:
             {name: [key.id for key in backend.keys] for name, backend in config.backends.items()}
         ),
     )
+
+
+def _batches(config: Config, spend: Spend | None) -> BatchSpend | None:
+    if spend is None:
+        return None
+    labels = frozenset(c.id for c in config.clients) | {ANONYMOUS}
+    return BatchSpend(spend, config.objects.ttl, labels, frozenset(config.backends))
 
 
 def _telemetry(config: Config, previous: Runtime | None) -> Telemetry | None:

@@ -39,6 +39,7 @@ from proxy.usage import MAX_TOKENS, TokenCounts
 
 REDIS_PREFIX = "llm-proxy:spend:"
 MAX_ESTIMATE = 10_000_000  # tokens one request may reserve, at most
+MAX_NOTES = 10_000  # notes (batch estimates and charges) kept per client in memory
 _ids = itertools.count(1)
 _PROCESS = os.urandom(4).hex()  # reservation ids unique across replicas
 
@@ -135,6 +136,7 @@ class Reservation:
     prompt: int = 0  # the estimate's prompt part: the least a request that was answered costs
     price: Price | None = None  # its model's, to price that floor
     settled: bool = False
+    whole: bool = False  # a batch's: once the upstream made it, the estimate is spent
 
     def token_headers(self) -> dict[str, str]:
         """OpenAI's ``x-ratelimit-*-tokens`` for the client's own tpm (none without one)."""
@@ -173,6 +175,10 @@ class MemoryLedger:
 
     def __init__(self) -> None:
         self._windows: dict[str, _Window] = {}
+        # Notes (batch_spend.py): per owner, name -> (value, monotonic expiry); the owner of
+        # each name, to find it.
+        self._notes: dict[str, dict[str, tuple[bytes, float]]] = {}
+        self._owners: dict[str, str] = {}
 
     async def reserve(
         self, holds: Sequence[Hold], rid: str, until: float, now: float
@@ -205,6 +211,47 @@ class MemoryLedger:
             return 0.0, 0.0
         held = sum(amount for amount, until in w.held.values() if until > now)
         return w.used, held
+
+    async def adjust(self, key: str, delta: float) -> None:
+        """Correct a window's spend after the fact (a batch's estimate to its usage); a
+        window already over is left alone, and spend never goes below nothing."""
+        w = self._windows.get(key)
+        if w is not None and math.isfinite(delta):
+            w.used = max(0.0, w.used + delta)
+
+    async def put_note(self, name: str, value: bytes, ttl: float, owner: str) -> None:
+        """Keep ``value`` under ``name`` for ``ttl`` seconds. At most ``MAX_NOTES`` per
+        ``owner`` (its oldest dropped first): no client's notes push out another's."""
+        now = time.monotonic()
+        self._drop(name)
+        notes = self._notes.setdefault(owner, {})
+        while notes:  # oldest first: the expired, and one past the bound
+            old = next(iter(notes))
+            if notes[old][1] > now and len(notes) < MAX_NOTES:
+                break
+            del notes[old]
+            del self._owners[old]
+        notes[name] = (value, now + ttl)
+        self._owners[name] = owner
+
+    async def get_note(self, name: str, take: bool = False) -> bytes | None:
+        """The note under ``name`` (None: never kept, expired or dropped); ``take``: and
+        gone, so that of two callers only one gets it."""
+        owner = self._owners.get(name)
+        if owner is None:
+            return None
+        value, until = self._notes[owner][name]
+        if until <= time.monotonic():
+            self._drop(name)
+            return None
+        if take:
+            self._drop(name)
+        return value
+
+    def _drop(self, name: str) -> None:
+        owner = self._owners.pop(name, None)
+        if owner is not None:
+            del self._notes[owner][name]
 
     def _window(self, hold: Hold, now: float) -> _Window:
         w = self._windows.get(hold.key)
@@ -269,6 +316,19 @@ return 1
 """
 
 
+_ADJUST = """
+local delta = tonumber(ARGV[1])
+if delta == nil or delta ~= delta or delta < -1e15 or delta > 1e15 then return 0 end
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end  -- the window is over
+local used = tonumber(redis.call('HGET', KEYS[1], 'used') or '0')
+if used == nil or used ~= used or used < 0 or used > 1e15 then used = 0 end  -- garbage
+used = used + delta
+if used < 0 then used = 0 end
+redis.call('HSET', KEYS[1], 'used', string.format('%.17g', used))
+return 1
+"""
+
+
 class RedisLedger:
     """Windows in Redis, shared by every replica; times are wall-clock milliseconds."""
 
@@ -276,6 +336,19 @@ class RedisLedger:
         self._client = client
         self._reserve = client.register_script(_RESERVE)
         self._settle = client.register_script(_SETTLE)
+        self._adjust = client.register_script(_ADJUST)
+
+    async def adjust(self, key: str, delta: float) -> None:
+        await self._adjust(keys=[key], args=[repr(delta)])
+
+    async def put_note(self, name: str, value: bytes, ttl: float, owner: str) -> None:
+        # Bounded by the TTLs, as the object records are: Redis evicts nobody's to make room.
+        await self._client.set(REDIS_PREFIX + name, value, ex=max(1, int(ttl)))
+
+    async def get_note(self, name: str, take: bool = False) -> bytes | None:
+        key = REDIS_PREFIX + name
+        raw = await (self._client.getdel(key) if take else self._client.get(key))
+        return raw if isinstance(raw, bytes) else None
 
     async def reserve(
         self, holds: Sequence[Hold], rid: str, until: float, now: float
@@ -349,9 +422,13 @@ class Spend:
         self.timeout = config.spend.reservation_timeout
         self.default_max_tokens = config.spend.default_max_tokens
 
-    def holds(self, client: str, tokens: int, usd: float, now: float) -> list[Hold]:
+    def holds(
+        self, client: str, tokens: int, usd: float, now: float, only: tuple[str, ...] = ()
+    ) -> list[Hold]:
         holds = []
         for limit in self.limits.get(client, ()):
+            if only and limit.name not in only:
+                continue
             start, end = limit.window(now)
             amount = usd if limit.meter is Meter.USD else float(tokens)
             key = f"{REDIS_PREFIX}{client}:{limit.name}:{int(start)}"
@@ -366,19 +443,23 @@ class Spend:
         usd = price.cost(TokenCounts(prompt=prompt, completion=output)) if price else 0.0
         return Estimate(prompt, output, usd, price)
 
+    def has_budget(self, client: str) -> bool:
+        return any(limit.name == "budget" for limit in self.limits.get(client, ()))
+
     def needs_a_price(self, client: str) -> bool:
         """Whether ``client`` has a budget in USD (a model without a price cannot be held
         to it)."""
         return any(limit.meter is Meter.USD for limit in self.limits.get(client, ()))
 
     async def reserve(
-        self, client: str, estimate: Estimate, call: Caller
+        self, client: str, estimate: Estimate, call: Caller, only: tuple[str, ...] = ()
     ) -> Reservation | Refusal | None:
         """A reservation, a refusal naming the limit that does not fit, or None (no limits,
-        or the storage failed: open)."""
+        or the storage failed: open). ``only``: against those limits alone (a batch:
+        ``budget``)."""
         now = time.time()
         tokens, usd = estimate.prompt + estimate.output, estimate.usd
-        holds = self.holds(client, tokens, usd, now)
+        holds = self.holds(client, tokens, usd, now, only)
         if not holds:
             return None
         rid = new_reservation_id()

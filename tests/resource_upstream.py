@@ -4,7 +4,8 @@ project): any other key gets a 404 for them, so a request routed with the wrong 
 
 Run: ``python tests/resource_upstream.py --port 0`` prints ``LISTENING <port>``.
 Control: ``GET /_mock/requests`` lists what came in (method, path, key, model, sha256 of
-uploaded files, sizes); ``DELETE /_mock/requests`` forgets it.
+uploaded files, sizes); ``DELETE /_mock/requests`` forgets it. ``POST /_mock/batches/{id}``
+with ``{"status", "usage"}`` ends a batch as the upstream would once it ran.
 """
 
 from __future__ import annotations
@@ -383,7 +384,17 @@ def make_app() -> web.Application:
         app.router.add_route("*", f"/v1/{collection}/{{id}}", an_object)
         app.router.add_post(f"/v1/{collection}/{{id}}/cancel", an_object)
     app.router.add_route("*", "/_mock/requests", requests_log)
+    app.router.add_post("/_mock/batches/{id}", end_batch)
     return app
+
+
+async def end_batch(request: web.Request) -> web.Response:
+    store: Store = request.app["store"]
+    found = store.objects.get(request.match_info["id"])
+    if found is None:
+        return _not_found("batch")
+    found[1].update(await request.json())
+    return web.json_response(found[1])
 
 
 async def main(port: int) -> None:
