@@ -60,6 +60,11 @@ RECORDED_HEADERS = (
     b"traceparent",
     b"tracestate",
     b"x-stainless-lang",
+    # Session headers (affinity): read by the proxy, never forwarded.
+    b"x-claude-code-session-id",
+    b"session-id",
+    b"thread-id",
+    b"x-my-session",
 )
 
 

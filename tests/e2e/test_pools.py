@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
+import orjson
 import pytest
 
 from tests.conftest import MockUpstream, ProxyProcess, free_port, start_proxy
@@ -22,7 +23,7 @@ from tests.conftest import MockUpstream, ProxyProcess, free_port, start_proxy
 pytestmark = pytest.mark.e2e
 
 
-def pool_config(mock: MockUpstream) -> str:
+def pool_config(mock: MockUpstream, top: str = "") -> str:
     keys = "\n".join(
         f"""  {name}:
     base_url: {mock.url}/v1
@@ -32,6 +33,7 @@ def pool_config(mock: MockUpstream) -> str:
         for name in ("moonshot", "openrouter", "groq")
     )
     return f"""
+{top}
 server:
   routing_headers: true
   admin_key: "ak-admin-000000000000"
@@ -135,6 +137,7 @@ def test_a_session_stays_on_one_deployment_and_key_on_two_replicas(
             ({"prompt_cache_key": "{s}"}, {}),
             ({}, {"x-claude-code-session-id": "{s}"}),
             ({}, {"session-id": "{s}"}),
+            ({}, {"thread-id": "{s}"}),
         ]
         for extra, headers in sources:
             homes: dict[str, set[tuple[str, str]]] = {}
@@ -284,3 +287,62 @@ def test_a_deployment_that_fails_fast_loses_its_traffic_and_costs_no_client_an_e
     assert {a.status_code for a in answers} == {200}
     retried = sum(int(a.headers["x-proxy-attempts"]) > 1 for a in answers)
     assert retried <= 40, retried  # it is tried now and then, not most of the time
+
+
+def test_the_session_headers_are_the_configs_and_are_read_never_forwarded(
+    upstream: MockUpstream, tmp_path: Path
+) -> None:
+    """``session_headers`` replaces the defaults: a header it names keeps a session on one
+    (deployment, key); one it no longer names is nobody's session (balanced); none of them
+    reaches an upstream."""
+    proxy = start_proxy(pool_config(upstream, "session_headers: [x-my-session]"), tmp_path)
+    try:
+        upstream.reset()
+        homes: dict[int, set[tuple[str, str]]] = {}
+        for s in range(12):
+            answers = asyncio.run(many(proxy.url, [chat("sticky")] * 5, {"x-my-session": f"m{s}"}))
+            homes[s] = {(a.headers["x-proxy-backend"], a.headers["x-proxy-key"]) for a in answers}
+        assert all(len(h) == 1 for h in homes.values())
+        assert len(set().union(*homes.values())) >= 3  # sessions spread
+        old = {"x-claude-code-session-id": "one-session", "session-id": "one-session"}
+        spread = asyncio.run(many(proxy.url, [chat("sticky")] * 60, old))
+        assert len({a.headers["x-proxy-backend"] for a in spread}) == 3
+        seen = [r["headers"] for r in upstream.requests() if str(r["model"]).startswith("sticky")]
+        assert len(seen) == 12 * 5 + 60
+        names = {"x-my-session", "x-claude-code-session-id", "session-id", "thread-id"}
+        assert not [h for h in seen if names & set(h)]
+    finally:
+        proxy.stop()
+
+
+def access_lines(proxy: ProxyProcess) -> dict[str, dict[str, object]]:
+    time.sleep(0.2)  # the access log is flushed every 50 ms
+    lines = [orjson.loads(t) for t in proxy.log().splitlines() if t.startswith('{"time"')]
+    return {str(line["request_id"]): line for line in lines if "attempts" in line}
+
+
+def test_the_fallback_waits_until_the_pool_is_spent_and_the_log_counts_every_attempt(
+    upstream: MockUpstream, pool_proxy: ProxyProcess
+) -> None:
+    upstream.configure(by_model={m: {"status": 500} for m in ("flaky-a", "flaky-b")})
+    with httpx.Client(base_url=pool_proxy.url, timeout=10) as client:
+        ids = [f"fallback-test-{i}" for i in range(40)]
+        answers = [
+            client.post("/v1/chat/completions", json=chat("flaky"), headers={"x-request-id": i})
+            for i in ids
+        ]
+        assert {a.status_code for a in answers} == {200}
+        assert {a.headers["x-proxy-model"] for a in answers} == {"flaky-c"}  # no fallback
+        logged = access_lines(pool_proxy)
+        for i, a in zip(ids, answers, strict=True):  # the log's attempts are the header's
+            line = logged[i]
+            assert line["attempts"] == int(a.headers["x-proxy-attempts"])
+            assert line["deployment"] == "groq/flaky-c"
+        assert max(int(a.headers["x-proxy-attempts"]) for a in answers) > 1
+        # Every deployment failing: once their circuits are open, the fallback serves.
+        upstream.configure(by_model={m: {"status": 500} for m in ("flaky-a", "flaky-b", "flaky-c")})
+        later = [client.post("/v1/chat/completions", json=chat("flaky")) for _ in range(30)]
+    assert all(int(a.headers.get("x-proxy-attempts", "0")) <= 3 for a in later)
+    served = [a for a in later if a.status_code == 200]
+    assert served and {a.headers["x-proxy-model"] for a in served} == {"flaky-fallback"}
+    assert later[-1].status_code == 200
