@@ -29,7 +29,10 @@ def print_table(config: Config, out: TextIO) -> None:
         out.write("  (none)\n")
     for alias in config.aliases:
         target = router.resolve(alias)
-        where = f"{target.backend} as {target.upstream_model}" if target else "NOT ROUTED"
+        members = target.pool.members if target and target.pool else (target,) if target else ()
+        where = ", ".join(f"{t.backend} as {t.upstream_model}" for t in members) or "NOT ROUTED"
+        if len(members) > 1:
+            where = f"pool of {len(members)}: {where}"
         out.write(f"  {alias} -> {config.aliases[alias]}  ({where})\n")
     out.write("\nroutes (first match wins):\n")
     if not config.routes:
@@ -41,7 +44,12 @@ def print_table(config: Config, out: TextIO) -> None:
         if route.key:
             extras.append(f"key {route.key}")
         if route.fallback:
-            extras.append("fallback " + ", ".join(f.backend for f in route.fallback))
+            extras.append(
+                "fallback "
+                + ", ".join(
+                    f.backend + (f" as {f.model}" if f.model else "") for f in route.fallback
+                )
+            )
         extras += [f"rewrite: {rule}" for rule in route.request_rewrite.describe()]
         suffix = f"  ({', '.join(extras)})" if extras else ""
         if len(route.deployments) == 1:

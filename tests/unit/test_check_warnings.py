@@ -62,3 +62,36 @@ def test_a_clean_config_has_no_warnings(tmp_path):
     clean = clean.replace("  - {id: plain-client, key: sk-client-in-the-file-0001}\n", "")
     clean = clean.replace("  kimi-typo: kimi-k2-0711-previw\n", "")
     assert "warnings:" not in table(tmp_path, clean)
+
+
+POOL = """
+backends:
+  moonshot: {base_url: "http://127.0.0.1:1/v1", keys: [{id: m1, key: "${CHECK_TEST_KEY}"}]}
+  groq:
+    base_url: http://127.0.0.1:2/v1
+    keys: [{id: g1, key: "${CHECK_TEST_KEY}"}, {id: g2, key: "${CHECK_TEST_KEY}"}]
+routes:
+  - prefix: kimi-k2
+    deployments:
+      - {backend: moonshot, model: kimi-k2-0711-preview, weight: 3}
+      - {backend: groq, model: moonshotai/kimi-k2-instruct, key: g2}
+    strategy: latency
+    max_attempts: 2
+    fallback: [{backend: moonshot, model: kimi-latest}]
+aliases:
+  k2: kimi-k2
+"""
+
+
+def test_check_shows_each_pool_its_deployments_and_an_alias_onto_it(tmp_path: Path) -> None:
+    shown = table(tmp_path, POOL)
+    assert (
+        "  0. 'kimi-k2*' -> pool (latency, at most 2 attempts, affinity session)"
+        "  (fallback moonshot as kimi-latest)\n"
+        "       - moonshot as kimi-k2-0711-preview (weight 3)\n"
+        "       - groq as moonshotai/kimi-k2-instruct (weight 1, key g2)\n"
+    ) in shown
+    assert (
+        "  k2 -> kimi-k2  (pool of 2: moonshot as kimi-k2-0711-preview,"
+        " groq as moonshotai/kimi-k2-instruct)\n"
+    ) in shown

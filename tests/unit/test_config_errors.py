@@ -335,3 +335,44 @@ def test_nul_bytes_in_a_value_are_a_problem_not_a_traceback():
     assert [p.message for p in caught.value.problems] == ["must not contain control characters"]
     doc = Document({"V": "a\x000\x00"})
     assert doc.interpolate("${V}\x007\x00", ("v",), 1) == "a\x000\x00\x007\x00"
+
+
+POOL = """\
+backends:
+  a: {base_url: "http://127.0.0.1:1/v1", keys: [{id: ka, key: sk-a-000000000}]}
+  b: {base_url: "http://127.0.0.1:2/v1", keys: [{id: kb, key: sk-b-000000000}]}
+routes:
+  - prefix: kimi
+%s
+"""
+
+
+@pytest.mark.parametrize(
+    ("route", "place"),
+    [
+        ("    deployments: [{backend: a, weight: 0}]", "routes[0].deployments[0].weight"),
+        ("    deployments: [{backend: a, weight: -1}]", "routes[0].deployments[0].weight"),
+        ("    deployments: [{backend: a, weight: true}]", "routes[0].deployments[0].weight"),
+        ("    deployments: [{backend: a, weight: 2000000}]", "routes[0].deployments[0].weight"),
+        ("    deployments: [{backend: a}]\n    max_attempts: 0", "routes[0].max_attempts"),
+        ("    deployments: [{backend: a}]\n    max_attempts: 1000", "routes[0].max_attempts"),
+        ("    deployments: [{backend: a}]\n    max_attempts: 2.5", "routes[0].max_attempts"),
+        ("    deployments: [{backend: a}]\n    strategy: random", "routes[0].strategy"),
+        ("    deployments: [{backend: a}]\n    affinity: sticky", "routes[0].affinity"),
+        ("    deployments: [{backend: nowhere}]", "routes[0].deployments[0]"),
+        ("    deployments: [{backend: a, key: kb}]", "routes[0].deployments[0].key"),
+        ("    deployments: []", "routes[0]"),
+        ("    backend: a\n    deployments: [{backend: b}]", "routes[0]"),
+        (
+            "    deployments: [{backend: a, model: m}, {backend: a, model: m}]",
+            "routes[0]",
+        ),
+    ],
+)
+def test_a_pool_out_of_range_is_refused_naming_its_place(route: str, place: str) -> None:
+    found = problems(POOL % route)
+    assert len(found) == 1, found
+    assert f": {place}: " in found[0] or f": {place}.backend: " in found[0], found
+    parse_config(
+        POOL % "    deployments: [{backend: a, weight: 3}, {backend: b, key: kb}]", "c", {}
+    )
