@@ -46,6 +46,8 @@ backends:
     keys: [{{id: dead-1, key: "sk-dead-1-000000000000"}}]
     timeout: {{connect: 1}}
     breaker: {{failures: 5, min_open: 60, max_open: 60}}  # no probe during a test
+aliases:
+  k2: kimi-k2
 routes:
   - prefix: kimi-k2
     deployments:
@@ -346,3 +348,33 @@ def test_the_fallback_waits_until_the_pool_is_spent_and_the_log_counts_every_att
     served = [a for a in later if a.status_code == 200]
     assert served and {a.headers["x-proxy-model"] for a in served} == {"flaky-fallback"}
     assert later[-1].status_code == 200
+
+
+def test_an_alias_onto_a_pool_is_balanced_and_the_deployment_metrics_name_only_the_config(
+    pool_proxy: ProxyProcess,
+) -> None:
+    """Requests for ``k2`` (an alias of ``kimi-k2``) are the pool's; the per-deployment
+    series are one per configured deployment, whatever model ids the clients send."""
+    answers = asyncio.run(many(pool_proxy.url, [chat("k2")] * 200))
+    assert {a.status_code for a in answers} == {200}
+    assert {a.headers["x-proxy-backend"] for a in answers} == {"moonshot", "openrouter", "groq"}
+    junk = [chat(f"kimi-k2-{n}-junk") for n in range(50)] + [chat("kimi-k2\u00e9")]
+    asyncio.run(many(pool_proxy.url, junk))
+    time.sleep(1.2)  # the deployment gauges are set by the metrics loop, every second
+    admin = {"authorization": "Bearer ak-admin-000000000000"}
+    text = httpx.get(f"{pool_proxy.url}/metrics", headers=admin).text
+    labels = set()
+    for line in text.splitlines():
+        if line.startswith("llm_proxy_deployment_"):
+            labels.add(line.split('deployment="', 1)[1].split('"', 1)[0])
+    configured = {
+        f"{backend}/{model}"
+        for backend, model in [
+            ("moonshot", "kimi-k2-0711-preview"),
+            ("openrouter", "moonshotai/kimi-k2"),
+            ("groq", "moonshotai/kimi-k2-instruct"),
+        ]
+    }
+    assert configured <= labels
+    assert all(label.count("/") >= 1 and "junk" not in label for label in labels)
+    assert len(labels) <= 17  # the pools' deployments in pool_config, no more
