@@ -108,3 +108,32 @@ def test_wrong_domain_hint_for_moonshot_keys_is_data():
         "https://api.moonshot.cn/v1"
     )
     assert _key_hint("http://127.0.0.1:9/v1") is None
+
+
+def test_each_deployment_of_a_pool_is_checked_on_its_own_backend(upstream, tmp_path):
+    """A pool's deployments send their own ids to their own backends: each is checked
+    there, and a moved id gets the closest real one."""
+    upstream.configure(models=SERVED)
+    path = tmp_path / "pool.yaml"
+    path.write_text(f"""
+backends:
+  moonshot:
+    base_url: {upstream.url}/v1
+    keys: [{{id: good, key: "{GOOD}"}}]
+  mirror:
+    base_url: {upstream.url}/v1
+    keys: [{{id: good2, key: "{GOOD}"}}]
+routes:
+  - prefix: kimi-k2
+    deployments:
+      - {{backend: moonshot, model: kimi-k2-0711-preview}}
+      - {{backend: mirror, model: kimi-k2-turbo}}
+""")
+    result = run_check(str(path), "--json")
+    assert result.returncode == 1, result.stdout
+    found = {(f["backend"], f["subject"]): f for f in json.loads(result.stdout)["findings"]}
+    assert found[("moonshot", "model kimi-k2-0711-preview")]["level"] == "ok"
+    wrong = found[("mirror", "model kimi-k2-turbo")]
+    assert wrong["level"] == "error"
+    assert wrong["message"] == "is not served by mirror (deployment of routes[0] 'kimi-k2*')"
+    assert wrong["hint"] == "did you mean kimi-k2-turbo-preview?"
