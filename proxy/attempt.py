@@ -12,22 +12,33 @@ is left. ``sending()`` and ``answered()`` tell the request's trace about each ca
 span, the ``traceparent`` it carries). The callers send (an HTTP request, a WebSocket
 handshake) and classify the answer (``classify``); they never pick keys or count attempts
 themselves.
+
+``probe()`` is the proxy's own call at a backend (the start-up check, a refused key's
+confirmation, the invalid keys' re-probes, the circuit's probe): ``GET /models`` with one
+key alone, classified as a request's answer is. What each caller does with the verdict is
+its own; how the call is made and judged is here.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from yarl import URL
 
 from proxy import errors
 from proxy.breaker import Admission
-from proxy.classify import Verdict
-from proxy.config import KeyConfig
+from proxy.classify import Verdict, classify
+from proxy.config import BackendConfig, KeyConfig
 from proxy.context import RequestContext
-from proxy.dialects import Dialect
+from proxy.dialects import DEFAULT, Dialect
 from proxy.errors import ProxyError
 from proxy.keys import NoUsableKey
 from proxy.routing import Target
-from proxy.runtime import Runtime
+from proxy.upstream import Upstream
+
+if TYPE_CHECKING:
+    from proxy.runtime import Runtime
 
 KEY_RETRIES = 1  # one more key after a refused or limited one: never a storm of them
 
@@ -121,3 +132,22 @@ def report(
         admission.released()
     elif verdict is not Verdict.OK:
         admission.answered()
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeAnswer:
+    status: int | str  # the upstream's status, or why none came
+    verdict: Verdict | None  # ``classify``'s; None: no answer
+
+    @property
+    def backend_up(self) -> bool:
+        """The backend answered as a server does (a refused key is about the key)."""
+        return self.verdict not in (None, Verdict.BACKEND_FAILED, Verdict.BAD_STATUS)
+
+
+async def probe(
+    upstream: Upstream, backend: BackendConfig, key: KeyConfig, dialect: Dialect = DEFAULT
+) -> ProbeAnswer:
+    """``GET /models`` with ``key`` alone (in ``dialect``'s auth header), and its verdict."""
+    status, body = await upstream.check_key(dialect.upstream_auth(backend, key.value))
+    return ProbeAnswer(status, classify(status, body) if isinstance(status, int) else None)

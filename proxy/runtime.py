@@ -22,15 +22,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from proxy import metrics
+from proxy.attempt import probe
 from proxy.balance import DeploymentStats
 from proxy.batch_spend import BatchSpend
 from proxy.breaker import PROBE_TIMEOUT, Breaker, ModelCircuits
-from proxy.classify import Verdict, classify
+from proxy.classify import Verdict
 from proxy.clients import ClientAuth
 from proxy.config import BackendConfig, Config
 from proxy.context import ANONYMOUS
 from proxy.conversations import Conversations
-from proxy.dialects import DEFAULT, Dialect
+from proxy.dialects import Dialect
 from proxy.keys import KeyPool, build_pools
 from proxy.objects import (
     MemoryObjects,
@@ -180,17 +181,15 @@ class Runtime:
         pool, upstream = self.pools[backend], self.upstreams[backend]
         key = next(k for k in pool.keys if k.id == key_id)
         try:
-            auth = dialect.upstream_auth(self.config.backends[backend], key.value)
-            status, body = await upstream.check_key(auth)
-            verdict = classify(status, body) if isinstance(status, int) else None
-            if verdict is Verdict.KEY_REFUSED:
-                pool.mark_invalid(key_id, f"{reason}; confirmed by GET /models ({status})")
+            answer = await probe(upstream, self.config.backends[backend], key, dialect)
+            if answer.verdict is Verdict.KEY_REFUSED:
+                pool.mark_invalid(key_id, f"{reason}; confirmed by GET /models ({answer.status})")
             else:  # it answers (or the check could not tell): the key stays
                 log.info(
                     "backend %s: key %s refused once, but GET /models with it got %s: kept",
                     backend,
                     key_id,
-                    status,
+                    answer.status,
                 )
         except Exception:  # a bug must not leave the slot taken (it frees by time anyway)
             log.exception("backend %s: confirming probe of key %s failed", backend, key_id)
@@ -205,8 +204,8 @@ class Runtime:
             await asyncio.sleep(interval)
             try:
                 for key in pool.invalid_keys():
-                    status, _ = await upstream.list_models(key.value)
-                    if status == 200:
+                    answer = await probe(upstream, self.config.backends[backend], key)
+                    if answer.verdict is Verdict.OK:
                         pool.restore(key.id)
             except Exception:  # a bug must not end the probing for good
                 log.exception("backend %s: invalid-key probe failed; trying again", backend)
@@ -239,11 +238,10 @@ class Runtime:
             usable = pool.usable()
             if not usable:
                 return
-            status, _ = await upstream.list_models(usable[0].value)
-            # Any answer below 500 means the backend is up (a 401 is about the key).
-            verdict = isinstance(status, int) and status < 500
+            answer = await probe(upstream, self.config.backends[backend], usable[0])
+            verdict = answer.backend_up  # a 401 is about the key, not the backend
             if not verdict:
-                log.warning("backend %s: circuit probe GET /models got %s", backend, status)
+                log.warning("backend %s: circuit probe GET /models got %s", backend, answer.status)
         finally:
             if verdict is None:
                 breaker.release(ticket)
@@ -263,16 +261,14 @@ class Runtime:
                 usable = pool.usable()
                 if usable:
                     key = usable[0]
-                    auth = DEFAULT.upstream_auth(self.config.backends[backend], key.value)
-                    status, body = await upstream.check_key(auth)  # a probe with that key alone
-                    verdict = classify(status, body) if isinstance(status, int) else None
-                    if verdict is Verdict.KEY_REFUSED:
-                        reason = f"{status} from upstream on GET /models"
+                    answer = await probe(upstream, self.config.backends[backend], key)
+                    if answer.verdict is Verdict.KEY_REFUSED:
+                        reason = f"{answer.status} from upstream on GET /models"
                         pool.mark_invalid(key.id, reason)
-                    if verdict is not None and verdict is not Verdict.BACKEND_FAILED:
+                    if answer.backend_up:
                         self.state.verified(backend)
                         return
-                    log.warning("backend %s: not answering (%s)", backend, status)
+                    log.warning("backend %s: not answering (%s)", backend, answer.status)
                     self.state.unanswering.add(backend)
             except Exception:
                 log.exception("backend %s: start-up check failed", backend)

@@ -32,7 +32,15 @@ def test_the_invalid_key_probe_and_discovery_survive_an_exception_and_go_on():
                 raise RuntimeError("a bug somewhere below")
             return 200, ["m1"]
 
+        async def flaky_check_key(auth: tuple[str, str]) -> tuple[int | str, bytes]:
+            nonlocal calls
+            calls += 1
+            if calls <= 4:
+                raise RuntimeError("a bug somewhere below")
+            return 200, b""
+
         runtime.upstreams["b"].list_models = flaky_list_models  # type: ignore[method-assign]
+        runtime.upstreams["b"].check_key = flaky_check_key  # type: ignore[method-assign]
         runtime.pools["b"].mark_invalid("k", "401")
         tasks = [
             asyncio.create_task(runtime._probe_invalid_keys("b")),
@@ -64,7 +72,13 @@ def test_a_cancelled_breaker_probe_frees_the_probe_slot():
             await asyncio.sleep(60)
             return 200, []
 
+        async def hanging_check_key(auth: tuple[str, str]) -> tuple[int | str, bytes]:
+            started.set()
+            await asyncio.sleep(60)
+            return 200, b""
+
         runtime.upstreams["b"].list_models = hanging_list_models  # type: ignore[method-assign]
+        runtime.upstreams["b"].check_key = hanging_check_key  # type: ignore[method-assign]
         breaker.failure()  # open for 10 ms
         task = asyncio.create_task(runtime._probe_breaker("b"))
         await asyncio.wait_for(started.wait(), 5)  # the probe holds the slot...
