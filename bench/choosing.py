@@ -1,4 +1,4 @@
-"""What choosing a deployment costs per request: ``failover._candidates`` (health of each
+"""What choosing a deployment costs per request: ``failover.candidates`` (health of each
 deployment, the strategy's order, session affinity) on a real runtime with a pool of three,
 for each strategy, with and without a session key. No I/O: the figure is pure CPU.
 
@@ -11,7 +11,7 @@ import timeit
 
 from proxy.config import parse_config
 from proxy.context import RequestContext
-from proxy.failover import _candidates
+from proxy.failover import candidates
 from proxy.runtime import build_runtime
 
 CONFIG = """
@@ -36,7 +36,7 @@ def per_call_us(strategy: str, session: str | None, n: int = 50_000) -> float:
     ctx = RequestContext("POST", "/v1/chat/completions")
     ctx.session = session
     return (
-        min(timeit.repeat(lambda: _candidates(runtime, target, ctx), number=n, repeat=5)) / n * 1e6
+        min(timeit.repeat(lambda: candidates(runtime, target, ctx), number=n, repeat=5)) / n * 1e6
     )
 
 

@@ -198,7 +198,7 @@ async def deliver(
             target.affinity,
         )
     last: Result | ProxyError | None = None
-    for candidate in _candidates(runtime, target, ctx):
+    for candidate in candidates(runtime, target, ctx):
         if not ctx.attempts_left:
             break
         ctx.routed(candidate)
@@ -219,8 +219,9 @@ _CLIENT_WIRE_HEADERS = ("anthropic-version", "anthropic-beta")
 _NO_ANSWER = (Verdict.BACKEND_FAILED, Verdict.BAD_STATUS, Verdict.REDIRECT)
 
 
-def _candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequence[Target]:
-    """The route's deployments in the order this request tries them, then its fallbacks."""
+def candidates(runtime: Runtime, target: Target, ctx: RequestContext) -> Sequence[Target]:
+    """The route's deployments in the order this request (or Realtime session) tries
+    them, then its fallbacks."""
     pool = target.pool
     if pool is None:
         return (target, *target.fallbacks)

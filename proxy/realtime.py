@@ -41,7 +41,7 @@ from proxy.classify import Verdict, classify, parse_seconds
 from proxy.context import RequestContext
 from proxy.dialects import for_request
 from proxy.errors import ProxyError
-from proxy.failover import backend_limited
+from proxy.failover import backend_limited, candidates
 from proxy.forward import (
     Receive,
     Scope,
@@ -193,11 +193,23 @@ async def _open_upstream(runtime: Runtime, scope: Scope, ctx: RequestContext) ->
 
     await admit_client(runtime, ctx, client, target.model)
     ctx.admitted(target)
-    try:
-        return await _connect(runtime, scope, target, ctx)
-    except ProxyError as err:
-        ctx.refused(err.status, err.code)
-        raise
+    # The route's deployments in the pool's order, as for a POST: the next one when one is
+    # down, its circuit open, its keys spent; all of them together within max_attempts.
+    ctx.attempt_limit = ctx.attempts + target.max_attempts
+    last: ProxyError | None = None
+    for candidate in candidates(runtime, target, ctx):
+        if not ctx.attempts_left:
+            break
+        ctx.routed(candidate)
+        try:
+            return await _connect(runtime, scope, candidate, ctx)
+        except ProxyError as err:
+            last = err
+            if err.status < 500 and err.status != 429:
+                break  # about the session asked for: another deployment would say the same
+    assert last is not None  # the first candidate always has its turn
+    ctx.refused(last.status, last.code)
+    raise last
 
 
 def _auth_headers(scope: Scope) -> list[tuple[bytes, bytes]]:
@@ -281,7 +293,6 @@ async def _connect(runtime: Runtime, scope: Scope, target: Target, ctx: RequestC
         upstream = runtime.upstreams[backend]
         query = upstream_query(scope["query_string"], target.upstream_model)
         protocols = upstream_protocols(scope.get("subprotocols") or [])
-        ctx.attempt_limit = ctx.attempts + target.max_attempts
         turns = KeyTurns(runtime, target, ctx)
         while True:
             try:

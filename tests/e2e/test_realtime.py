@@ -417,3 +417,40 @@ def test_the_admin_listener_and_the_main_ports_http_side_refuse_realtime(
     plain = httpx.get(f"{rt_proxy.url}/v1/realtime?model=gpt-realtime-2025", headers=auth)
     assert plain.status_code == 404
     assert upstream.log() == []
+
+
+def test_a_realtime_session_fails_over_within_the_routes_pool(
+    upstream: RealtimeUpstream, tmp_path: Path
+) -> None:
+    """A pool route: a session is opened on the next deployment when the one its order
+    puts first is down, within max_attempts, as a POST would be."""
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    text = f"""
+throttle: {{reconnect: {{enabled: false}}}}
+clients: [{{id: team, key: "{CLIENT_KEY}"}}]
+backends:
+  down: {{base_url: {dead}, keys: [{{id: d, key: "{KEY_OTHER}"}}], timeout: {{connect: 1}}}}
+  rt: {{base_url: {upstream.url}/v1, keys: [{{id: key-b, key: "{KEY_B}"}}]}}
+routes:
+  - prefix: pooled-rt
+    affinity: none
+    max_attempts: 2
+    deployments:
+      - {{backend: down, model: gpt-realtime-down, weight: 50}}
+      - {{backend: rt, model: gpt-realtime-2025}}
+"""
+    proxy = start_proxy(text, tmp_path)
+    auth = {"Authorization": f"Bearer {CLIENT_KEY}"}
+
+    async def session() -> str:
+        async with connect(ws_url(proxy, "pooled-rt"), additional_headers=auth) as ws:
+            return str(await ws.recv())
+
+    try:
+        for _ in range(6):
+            assert "session.created" in asyncio.run(session())
+    finally:
+        proxy.stop()
+    opened = [e for e in upstream.log() if e["status"] == 101]
+    assert len(opened) == 6
+    assert {e["query"] for e in opened} == {"model=gpt-realtime-2025"}  # the deployment's id
