@@ -551,13 +551,15 @@ class _Relay:
                 await batch_made(runtime, ctx, parts, made[0])
             if self.client is not None and is_owned_list(parts.path, parts.method):
                 data = await _owned_page(runtime, self.client, data, self.delivery, parts, ctx)
+        if response.status < 300 and self.parts.path.startswith("/batches"):
+            # Before the body goes: once it is sent the client may close, and the request
+            # be cancelled half-way through the correction (seen with Redis).
+            await batches_seen(runtime, self.parts, data)
         headers = self._headers()
         headers.append((b"content-length", str(len(data)).encode()))
         await self._start(headers)
         await self.send({"type": "http.response.body", "body": data, "more_body": False})
         ctx.overhead_measured(time.perf_counter() - read_at)
-        if response.status < 300 and self.parts.path.startswith("/batches"):
-            await batches_seen(runtime, self.parts, data)
         if tokens is not None and _generates(self.parts):
             ctx.counted(tokens)
 
