@@ -16,7 +16,8 @@ proxy one by one, so its cost is taken in three steps.
    windows charged, and the tokens and cost are counted in the metrics. Once: the note is
    taken (Redis ``GETDEL``), so two replicas, or two polls, never count it twice.
 
-Notes live in the throttle's storage (memory: at most ``MAX_NOTES`` per client; Redis:
+Notes live in the throttle's storage (memory: at most ``MAX_NOTES`` file estimates and as
+many charges per client, so its uploads never push out its charges; Redis:
 shared by the replicas, bounded by their TTLs), and what is read back is validated.
 """
 
@@ -40,6 +41,7 @@ from proxy.spend import (
     Refusal,
     Reservation,
     Spend,
+    shown_usd,
 )
 from proxy.usage import MAX_TOKENS, TokenCounts
 
@@ -123,12 +125,24 @@ class BatchSpend:
     async def file_made(self, file_id: str, owner: str, file: FileEstimate, call: Caller) -> None:
         ledger = self.spend.ledger
         value = orjson.dumps(file.dump())
-        await call(lambda: ledger.put_note(_file_note(file_id), value, self.file_ttl, owner), None)
+        note = _file_note(file_id)
+        await call(lambda: ledger.put_note(note, value, self.file_ttl, "file:" + owner), None)
 
     async def file_estimate(self, file_id: str, call: Caller) -> FileEstimate | None:
         ledger = self.spend.ledger
         raw = await call(lambda: ledger.get_note(_file_note(file_id)), None)
         return _estimate_of(_json(raw))
+
+    def beyond_budget(self, client: str, file: FileEstimate) -> str | None:
+        """The estimate, shown, when it is more than the client's whole budget window (a
+        single request that big goes alone; a batch of 50,000 must not); else None."""
+        for limit in self.spend.limits.get(client, ()):
+            if limit.name != "budget":
+                continue
+            amount = (file.usd or 0.0) if limit.meter is Meter.USD else float(file.tokens)
+            if amount > limit.cap:
+                return shown_usd(amount) if limit.meter is Meter.USD else f"{file.tokens} tokens"
+        return None
 
     async def reserve(
         self, client: str, file: FileEstimate, call: Caller
@@ -157,7 +171,8 @@ class BatchSpend:
                 windows.append([hold.key, str(meter), amount])
         value = orjson.dumps({"c": client, "e": file.dump(), "w": windows})
         ledger = self.spend.ledger
-        await call(lambda: ledger.put_note(_batch_note(batch_id), value, CHARGE_TTL, client), None)
+        note = _batch_note(batch_id)
+        await call(lambda: ledger.put_note(note, value, CHARGE_TTL, "batch:" + client), None)
 
     async def ended(self, batch_id: str, document: Any, call: Caller) -> None:
         """A batch answer seen on its way to the client: when it is final and says what it

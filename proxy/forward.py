@@ -847,18 +847,21 @@ async def reserve_spend(
         raise errors.unpriced_for_budget(client.id, target.upstream_model, target.backend)
     found = await spend.reserve(client.id, estimate, runtime.throttle.guarded)
     if isinstance(found, Refusal):
-        ctx.throttled("budget")
-        limit = found.limit
-        used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
-        calendar = limit.name == "budget"
-        headers = token_headers(limit.cap, 0, found.reset) if limit.name == "tpm" else {}
-        raise errors.budget_exceeded(
-            client.id, limit.describe(), used, found.reset, calendar, headers
-        )
+        raise _over_budget(ctx, client, found)
     if found is None:
         return
     ctx.reservation = found
     ctx.limit_headers = [(k.encode(), v.encode()) for k, v in found.token_headers().items()]
+
+
+def _over_budget(ctx: RequestContext, client: Client, found: Refusal) -> ProxyError:
+    """429 ``budget_exceeded`` naming the limit with no room (a request's, a batch's)."""
+    ctx.throttled("budget")
+    limit = found.limit
+    used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
+    calendar = limit.name == "budget"
+    headers = token_headers(limit.cap, 0, found.reset) if limit.name == "tpm" else {}
+    return errors.budget_exceeded(client.id, limit.describe(), used, found.reset, calendar, headers)
 
 
 async def account(runtime: Runtime, ctx: RequestContext) -> None:
@@ -1097,12 +1100,17 @@ async def reserve_batch(runtime: Runtime, ctx: RequestContext, client: Client | 
     if file.usd is None and spend.needs_a_price(client.id):
         model = file.model or "(one of its lines' models)"
         raise errors.unpriced_for_budget(client.id, model, file.backend)
+    too_big = batches.beyond_budget(client.id, file)
+    if too_big is not None:
+        raise errors.bad_request(
+            f"The batch's estimate ({too_big}) is more than client '{client.id}' may spend in "
+            "a whole budget window: it can never fit. Split the file.",
+            param="input_file_id",
+            code="batch_exceeds_budget",
+        )
     found = await batches.reserve(client.id, file, runtime.throttle.guarded)
     if isinstance(found, Refusal):
-        ctx.throttled("budget")
-        limit = found.limit
-        used = shown_usd(found.used) if limit.meter is Meter.USD else f"{found.used:g} tokens"
-        raise errors.budget_exceeded(client.id, limit.describe(), used, found.reset, True)
+        raise _over_budget(ctx, client, found)
     ctx.reservation = found
 
 

@@ -217,3 +217,22 @@ def test_a_usd_budget_refuses_a_batch_with_an_unpriced_model_before_it_is_made(
     prompt = estimate(data) - 2 * MAX_TOKENS
     usd = (prompt * PRICE_IN + 2 * MAX_TOKENS * PRICE_OUT) / 1e6  # each line at its price
     assert used(proxy, "team-c") == pytest.approx(usd, abs=1e-6)
+
+
+def test_a_batch_bigger_than_the_whole_budget_is_refused_before_it_is_sent(
+    proxy: ProxyProcess, resources: ResourceUpstream
+) -> None:
+    """Review: the hold is capped at its limit (a single request that big goes alone), so
+    a 2,000-line batch went through a 900-token budget (279,900 spent)."""
+    api = openai.OpenAI(base_url=proxy.base_url, api_key=TEAM_A, max_retries=0)
+    data = b"".join(line(n) for n in range(8))
+    assert estimate(data) > BUDGET
+    uploaded = api.files.create(file=("big.jsonl", data), purpose="batch")
+    sent, before = batch_posts(resources), used(proxy, "team-a")
+    with pytest.raises(openai.BadRequestError) as raised:
+        api.batches.create(
+            input_file_id=uploaded.id, endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert raised.value.response.json()["error"]["code"] == "batch_exceeds_budget"
+    assert batch_posts(resources) == sent
+    assert used(proxy, "team-a") == before

@@ -191,3 +191,24 @@ def test_a_note_is_taken_once_and_ends_by_time_alone(monkeypatch):
         return [first, second, await ledger.get_note("batch:y")]
 
     assert asyncio.run(run()) == [b"1", None, None]
+
+
+def test_a_clients_uploads_never_push_out_its_batch_charges():
+    """Review: 10,001 free batch-file uploads evicted the client's own charge note, so
+    its batch was never corrected to a usage 35 times its estimate."""
+    ledger = MemoryLedger()
+    batches = batch_spend(ledger)
+
+    async def run() -> float:
+        file = a_file(batches)
+        found = await batches.reserve("team-a", file, direct)
+        assert isinstance(found, Reservation)
+        await batches.spend.settle(found, found_tokens(found), found.usd, direct)
+        await batches.made("batch_kept", "team-a", file, found, direct)
+        for n in range(MAX_NOTES + 1):
+            await batches.file_made(f"file-{n}", "team-a", file, direct)
+        document = {"id": "batch_kept", "status": "completed", "usage": USAGE}
+        await batches.ended("batch_kept", document, direct)
+        return (await ledger.taken(found.holds[0].key, time.time()))[0]
+
+    assert asyncio.run(run()) == 500
